@@ -1,0 +1,5 @@
+import sys
+
+from gptfast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""Hugging Face GPT-2 checkpoints: load a local directory into gptfast, write one back.
+
+HF's GPT-2 stores the four projection weights as Conv1D, i.e. (in, out): transposed
+relative to nn.Linear. Attention-mask buffers (``attn.bias``, ``attn.masked_bias``) of
+older checkpoints are not weights and are ignored. Everything is local: nothing here
+downloads.
+"""
+import json
+import os
+
+import torch
+
+from gptfast.config import GPTConfig
+
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # the leading dot keeps c_attn.bias out
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing a file or does not match the model."""
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in TANH_GELUS:
+        raise CheckpointError(f"config.json: activation_function {act!r} is not GPT-2's tanh GELU {TANH_GELUS}")
+    try:
+        return GPTConfig(
+            vocab_size=hf["vocab_size"],
+            block_size=hf["n_positions"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            n_inner=hf.get("n_inner"),
+            dropout=hf.get("resid_pdrop", 0.0),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            pos_embedding=hf.get("gptfast_pos_embedding", "learned"),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"config.json: missing key {e.args[0]!r}") from None
+
+
+def config_to_hf(config: GPTConfig) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": config.n_inner,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
+        "gptfast_pos_embedding": config.pos_embedding,
+        # GPT-2's <|endoftext|> closes its 50257-token vocabulary; other vocabularies name none.
+        **({"bos_token_id": 50256, "eos_token_id": 50256} if config.vocab_size == 50257 else {}),
+    }
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _load_file(path):
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or truncated file: name it
+        raise CheckpointError(f"could not read checkpoint file {path}: {type(e).__name__}: {e}") from None
+
+
+def load_state_dict(path: str) -> dict:
+    """The raw tensors of a checkpoint directory (safetensors, sharded safetensors, or .bin)."""
+    if os.path.exists(os.path.join(path, SAFETENSORS)):
+        return _load_file(os.path.join(path, SAFETENSORS))
+    if os.path.exists(os.path.join(path, SAFETENSORS_INDEX)):
+        index = _read_json(os.path.join(path, SAFETENSORS_INDEX))
+        state = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            shard_path = os.path.join(path, shard)
+            if not os.path.exists(shard_path):
+                raise CheckpointError(f"checkpoint shard {shard_path} named by {SAFETENSORS_INDEX} is missing")
+            state.update(_load_file(shard_path))
+        return state
+    if os.path.exists(os.path.join(path, TORCH_BIN)):
+        return _load_file(os.path.join(path, TORCH_BIN))
+    raise CheckpointError(f"{path}: no weights file found (expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_BIN})")
+
+
+def hf_to_gptfast(hf_state: dict, model) -> dict:
+    """Map HF GPT-2 tensor names onto ``model``'s, transposing Conv1D weights; check every key and shape."""
+    expected = model.state_dict()
+    converted = {}
+    for name, tensor in hf_state.items():
+        if name.endswith(IGNORED_SUFFIXES) or name == "lm_head.weight":  # buffers; the head is tied to wte
+            continue
+        key = name if name.startswith("transformer.") else "transformer." + name
+        if key not in expected:
+            raise CheckpointError(f"unexpected tensor {name!r} in checkpoint (no such parameter in a {model.config.n_layer}-layer GPT)")
+        if key.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)} but the model expects {tuple(expected[key].shape)}"
+            )
+        converted[key] = tensor
+    missing = [k for k in expected if k not in converted and k != "lm_head.weight"]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    converted["lm_head.weight"] = converted["transformer.wte.weight"]
+    return converted
+
+
+def load_pretrained(cls, path, backend=None, device=None, dtype=None):
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{path}: missing config.json")
+    config = config_from_hf(_read_json(config_path))
+    model = cls(config, backend=backend)
+    hf_state = load_state_dict(path)
+    if config.pos_embedding == "sinusoidal":  # the fixed table was exported as wpe; it is not a parameter here
+        hf_state = {k: v for k, v in hf_state.items() if not k.endswith("wpe.weight")}
+    model.load_state_dict(hf_to_gptfast(hf_state, model))
+    model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def save_pretrained(model, path) -> None:
+    """Write config.json + model.safetensors in HF GPT-2 layout (tied head stored once)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        if key.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        state[key] = tensor.detach().to("cpu").contiguous()
+    if model.config.pos_embedding == "sinusoidal":  # HF has only learned positions: export the fixed table
+        state["transformer.wpe.weight"] = model.pos_table.detach().to("cpu", state["transformer.wte.weight"].dtype).contiguous()
+    tmp = os.path.join(path, SAFETENSORS + ".tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(path, SAFETENSORS))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_hf(model.config), f, indent=2)

@@ -1,0 +1,37 @@
+"""Where a fused op runs: the Triton kernel on CUDA (or on the CPU under the Triton
+interpreter), otherwise the torch path."""
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernel serves a tensor on ``t``'s device."""
+    if not triton_available():
+        return False
+    if t.device.type == "cuda":
+        return not interpreting()
+    return t.device.type == "cpu" and interpreting()
+
+
+def check_same_device_dtype(name: str, **tensors) -> None:
+    """Raise a clear error when the given tensors do not share one device and one dtype."""
+    items = [(k, t) for k, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for other_name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name}: {other_name} is on {t.device} but {first_name} is on {first.device}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name}: {other_name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}")

@@ -1,0 +1,4 @@
+"""Reference twins: pure PyTorch, one for every fused op (and, in ``sampling``, for the sampler)."""
+from gptfast.reference.functional import causal_attention, decode_attention, gelu, layer_norm
+
+__all__ = ["causal_attention", "decode_attention", "gelu", "layer_norm"]
