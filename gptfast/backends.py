@@ -8,6 +8,7 @@ Choose per model (``GPT(config, backend=...)``, ``model.set_backend``) or throug
 ``GPTFAST_BACKEND`` environment variable; the default is ``fused`` on CUDA and ``torch``
 on CPU.
 """
+import functools
 import os
 
 import torch
@@ -81,31 +82,36 @@ class ReferenceOps:
         return reference.gelu(x)
 
 
-class FusedOps:
-    """gptfast.ops: Triton layernorm and attention kernels (imported on first use)."""
+@functools.lru_cache(maxsize=None)
+def _fused_ops():
+    """gptfast.ops: Triton layernorm and attention kernels. Imported on first use of the
+    backend, so that choosing another backend never imports them."""
+    from gptfast.ops.attention import causal_attention
+    from gptfast.ops.decode import decode_attention
+    from gptfast.ops.layernorm import layer_norm
 
-    name = "fused"
+    class FusedOps:
+        name = "fused"
 
-    @staticmethod
-    def layer_norm(x, weight, bias, eps, residual=None):
-        from gptfast.ops.layernorm import layer_norm
+        @staticmethod
+        def layer_norm(x, weight, bias, eps, residual=None):
+            return layer_norm(x, weight, bias, eps, residual=residual)
 
-        return layer_norm(x, weight, bias, eps, residual=residual)
+        @staticmethod
+        def causal_attention(q, k, v, q_offset=0):
+            return causal_attention(q, k, v, q_offset=q_offset)
 
-    @staticmethod
-    def causal_attention(q, k, v, q_offset=0):
-        from gptfast.ops.attention import causal_attention
+        @staticmethod
+        def decode_attention(q, k_cache, v_cache, cache_lens):
+            return decode_attention(q, k_cache, v_cache, cache_lens)
 
-        return causal_attention(q, k, v, q_offset=q_offset)
+        gelu = TorchOps.gelu
 
-    @staticmethod
-    def decode_attention(q, k_cache, v_cache, cache_lens):
-        from gptfast.ops.decode import decode_attention
-
-        return decode_attention(q, k_cache, v_cache, cache_lens)
-
-    gelu = TorchOps.gelu
+    return FusedOps
 
 
 def get_ops(name=None):
-    return {"reference": ReferenceOps, "torch": TorchOps, "fused": FusedOps}[resolve_backend(name)]
+    name = resolve_backend(name)
+    if name == "fused":
+        return _fused_ops()
+    return {"reference": ReferenceOps, "torch": TorchOps}[name]
