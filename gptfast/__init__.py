@@ -27,6 +27,7 @@ def _mount_kernels() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules["gptfast.kernels"] = module
     spec.loader.exec_module(module)
+    globals()["kernels"] = module  # attribute access (gptfast.kernels.X), as a regular import would set
 
 
 _mount_kernels()

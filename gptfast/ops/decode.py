@@ -1,0 +1,149 @@
+"""``decode_attention``: one new query per row against a KV cache (generation's attention).
+
+    out = decode_attention(q, k_cache, v_cache, cache_lens, scale=None)
+
+q (B, H, D); k_cache, v_cache (B, H, S, D) with any strides (typically ``cache[:B]`` of a
+bigger static buffer); cache_lens (B,) int32/int64 on the same device, the number of valid
+positions of each row, in [1, S] (the new token's key already written). Cache positions at
+or past a row's length may hold anything, even NaN (an uninitialised cache): they are never
+read. Returns (B, H, D) in q's dtype. Head sizes up to 256; fp16, bf16, fp32.
+
+Runs the split-KV Triton kernel (``gptfast.kernels.decode_attention``) on CUDA or under the
+Triton interpreter, otherwise a torch path (SDPA with a mask built from cache_lens). The op
+is registered as ``torch.ops.gptfast.decode_attention`` with a fake implementation, so
+``torch.compile(fullgraph=True)`` sees one opaque op and CUDA graphs can capture it (no host
+synchronisation, allocations that depend only on shapes).
+
+Decode is inference-only: the op has no derivative, and calling ``backward`` through it
+raises a RuntimeError that says so (use ``causal_attention`` for training).
+
+Checking cache_lens values. Shapes, dtypes and devices are always checked. The *values*
+of cache_lens are checked (ValueError when outside [1, S]) whenever that costs no device
+synchronisation: always for CPU tensors; for CUDA tensors only when the environment sets
+``GPTFAST_CHECK_CACHE_LENS=1`` and the current stream is not capturing a CUDA graph (the
+check copies a flag to the host). Unchecked out-of-range lengths are clamped into [1, S]
+by the kernel and the torch path alike, so they can never read outside the cache.
+"""
+import math
+import os
+
+import torch
+
+from gptfast.ops._dispatch import check_same_device_dtype, use_triton
+
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CHECK_CUDA_LENS_ENV = "GPTFAST_CHECK_CACHE_LENS"
+
+
+def _validate(q, k_cache, v_cache, cache_lens) -> None:
+    """Shape, dtype and device checks: static facts only, so torch.compile traces them."""
+    name = "decode_attention"
+    for arg, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_lens", cache_lens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3:
+        raise ValueError(f"{name}: q must have shape (B, H, D), got {tuple(q.shape)}")
+    if k_cache.dim() != 4 or v_cache.dim() != 4:
+        raise ValueError(
+            f"{name}: k_cache and v_cache must have shape (B, H, S, D), "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{name}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
+    batch, heads, head_dim = q.shape
+    if (k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]) != (batch, heads, head_dim):
+        raise ValueError(
+            f"{name}: caches of shape {tuple(k_cache.shape)} do not match q of shape {tuple(q.shape)}: "
+            f"expected ({batch}, {heads}, S, {head_dim})"
+        )
+    if head_dim > MAX_HEAD_DIM or head_dim < 1:
+        raise ValueError(f"{name}: head size {head_dim} is not supported (1 to {MAX_HEAD_DIM})")
+    if k_cache.shape[2] < 1:
+        raise ValueError(f"{name}: the cache has no positions (S = 0)")
+    check_same_device_dtype(name, q=q, k_cache=k_cache, v_cache=v_cache)
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    if cache_lens.device != q.device:
+        raise ValueError(f"{name}: cache_lens is on {cache_lens.device} but q is on {q.device}")
+    if cache_lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: cache_lens must be int32 or int64, got {cache_lens.dtype}")
+    if cache_lens.dim() != 1 or cache_lens.shape[0] != batch:
+        raise ValueError(f"{name}: cache_lens must have shape ({batch},), got {tuple(cache_lens.shape)}")
+
+
+def _should_check_lens(cache_lens: torch.Tensor) -> bool:
+    if cache_lens.device.type == "cpu":
+        return True
+    if cache_lens.device.type == "cuda" and os.environ.get(CHECK_CUDA_LENS_ENV, "0") == "1":
+        return not torch.cuda.is_current_stream_capturing()
+    return False
+
+
+def _check_lens_values(cache_lens: torch.Tensor, seq_len: int) -> None:
+    if cache_lens.numel() == 0 or not _should_check_lens(cache_lens):
+        return
+    bad = (cache_lens < 1) | (cache_lens > seq_len)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"decode_attention: cache_lens[{row}] = {int(cache_lens[row])} is outside [1, {seq_len}] "
+            f"(the cache holds {seq_len} positions)"
+        )
+
+
+def _decode_attention_torch(q, k_cache, v_cache, cache_lens, scale: float) -> torch.Tensor:
+    """Torch path: SDPA of the one query against the whole cache, masked by cache_lens."""
+    seq_len = k_cache.shape[2]
+    lens = cache_lens.clamp(1, seq_len)  # as the kernel: never look past the cache
+    valid = torch.arange(seq_len, device=q.device)[None, :] < lens[:, None]  # (B, S)
+    valid = valid[:, None, :, None]  # (B, 1, S, 1)
+    # Zero the stale positions: the mask alone would still let a NaN there through (0 * NaN).
+    k = torch.where(valid, k_cache, 0)
+    v = torch.where(valid, v_cache, 0)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=valid.transpose(-1, -2), scale=scale
+    )
+    return out.squeeze(2)
+
+
+@torch.library.custom_op("gptfast::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         cache_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    _check_lens_values(cache_lens, k_cache.shape[2])
+    if use_triton(q):
+        from gptfast.kernels import decode_attention as kernel  # imports triton: only on this path
+
+        return kernel.decode_attention(q, k_cache, v_cache, cache_lens, scale)
+    return _decode_attention_torch(q, k_cache, v_cache, cache_lens, scale)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_lens, scale):
+    return q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    pass
+
+
+def _backward(ctx, grad_out):
+    raise RuntimeError(
+        "decode_attention is inference-only and has no backward; "
+        "use gptfast.ops.causal_attention (with q_offset) for attention that needs gradients"
+    )
+
+
+_decode_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def decode_attention(q, k_cache, v_cache, cache_lens, *, scale=None):
+    """Attention of one query per row over the first ``cache_lens[b]`` cache positions.
+
+    q (B, H, D); k_cache, v_cache (B, H, S, D), any strides; cache_lens (B,) int32/int64
+    in [1, S]. ``scale`` defaults to 1/sqrt(D). Returns (B, H, D) in q's dtype.
+    Inference-only (no backward). See the module docstring for how cache_lens is checked.
+    """
+    _validate(q, k_cache, v_cache, cache_lens)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _decode_attention_op(q, k_cache, v_cache, cache_lens, scale)

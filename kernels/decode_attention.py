@@ -1,0 +1,305 @@
+"""Decode attention over a KV cache, split along the cache length (flash-decoding).
+
+At decode time each (batch row, head) has ONE query and a cache of up to S keys/values.
+A kernel with one program per (row, head) launches only B*H programs: at batch 1 that is
+a dozen programs for a GPU with 132 SMs, each streaming tens of MB of cache alone. So the
+cache length is cut into ``num_splits`` contiguous chunks and each chunk gets its own
+program (grid ``(B*H, num_splits)``):
+
+1. ``_decode_split_kernel``: the program for chunk ``c`` of row ``b``, head ``h`` runs
+   the online softmax (in fp32, base 2) over the keys of its chunk that are valid for that
+   row (positions ``< cache_lens[b]``), and writes its normalised partial output
+   ``o_c = sum_j p_j v_j / sum_j p_j`` (fp32) and its log-sum-exp ``lse_c`` (base 2).
+   A chunk that starts at or past the row's cache length reads no cache and writes
+   ``o_c = 0``, ``lse_c = -inf``.
+2. ``_decode_reduce_kernel``: one program per (row, head) merges the splits:
+   ``out = sum_c 2^(lse_c - M) o_c / sum_c 2^(lse_c - M)`` with ``M = max_c lse_c``.
+   Split 0 always holds at least one valid key, so ``M`` is finite.
+
+Scores use an elementwise product and a row sum, ``sum(q[None, :] * k, axis=1)``, rather
+than ``tl.dot``: with a single query ``tl.dot`` would need M padded to 16 (15/16 of the
+tensor-core work wasted) and decode is bound by reading the cache from memory (one
+multiply-add per loaded element), not by arithmetic. It also keeps the kernel exact in the
+Triton CPU interpreter, whose ``tl.dot`` mishandles bf16.
+
+Cache lengths are read from device memory by the kernels (no host synchronisation), and
+every allocation depends only on shapes, so the launch can be captured in a CUDA graph.
+Lengths outside ``[1, S]`` are clamped into it in the kernel, so the kernel never reads
+outside the cache; the op layer (``gptfast.ops.decode``) reports such lengths as errors
+where checking them is cheap.
+
+Launchers assume validated inputs; ``gptfast.ops.decode_attention`` is the public face.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # scores are taken in base 2: exp(x) == exp2(x * log2(e))
+
+# Split heuristic (see ``choose_num_splits``).
+PROGRAMS_PER_SM = 4  # target total programs per SM: enough cache reads in flight to hide DRAM latency
+MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
+MAX_SPLITS = 64  # bounds the reduction kernel's tile (BLOCK_SPLITS x BLOCK_D registers)
+# The key loop's loads feed no tl.dot, so Triton's software pipeliner leaves them alone
+# (num_stages 1, 2 and 3 give identical PTX); DRAM latency is hidden by running several
+# programs per SM instead (PROGRAMS_PER_SM).
+NUM_STAGES = 1
+DEFAULT_NUM_SMS = 132  # H200 / H100 SXM; used when the device cannot be asked (CPU, interpreter)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, LENS, O_PART, LSE_PART,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_lens,
+    H, S, CHUNK,
+    qk_scale,  # softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM; the extra lanes are masked
+    BLOCK_N: tl.constexpr,  # keys per loop iteration; CHUNK is a multiple of it
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    # int64 so that b * stride_kb cannot overflow for a large (max_batch, H, max_seq, D) cache.
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+
+    # This row's valid length, clamped into [1, S] so that no load leaves the cache.
+    # (Clamped before narrowing, so a huge int64 length cannot wrap around to a small one.)
+    cache_len = tl.load(LENS + b * stride_lens)
+    cache_len = tl.minimum(tl.maximum(cache_len, 1), S).to(tl.int32)
+    # This program's keys: [lo, hi). Empty (hi <= lo) when the chunk starts past cache_len.
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, cache_len)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    offs_n = tl.arange(0, BLOCK_N)
+
+    # The query, pre-multiplied by scale * log2(e) so that scores feed exp2 directly.
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=d_mask, other=0.0)
+    q = q.to(tl.float32) * qk_scale
+
+    # Loop-invariant offsets inside one (BLOCK_N, BLOCK_D) block; the scalar base pointers
+    # advance instead (64-bit pointer arithmetic, so long caches with big strides are safe).
+    k_offs = offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+    v_offs = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    k_block = K + b * stride_kb + h * stride_kh + lo.to(tl.int64) * stride_ks
+    v_block = V + b * stride_vb + h * stride_vh + lo.to(tl.int64) * stride_vs
+
+    # Online softmax state: running max m_i (base 2), running sum l_i, running sum of p*v.
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        n_mask = (start_n + offs_n) < hi
+        # Masked loads never touch positions >= hi: stale entries (even NaN) stay unread.
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_block + k_offs, mask=kv_mask, other=0.0)
+        s = tl.sum(q[None, :] * k.to(tl.float32), axis=1)  # (BLOCK_N,) scores, base 2
+        s = tl.where(n_mask, s, float("-inf"))
+        # Every block in the loop holds at least one valid key, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        v = tl.load(v_block + v_offs, mask=kv_mask, other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m_i = m_new
+        k_block += BLOCK_N * stride_ks
+        v_block += BLOCK_N * stride_vs
+
+    # An empty chunk has l_i == 0: it writes o = 0 and lse = -inf, i.e. weight 0 in the merge.
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    part = pid_bh.to(tl.int64) * num_splits + split
+    tl.store(O_PART + part * HEAD_DIM + offs_d, o, mask=d_mask)
+    tl.store(LSE_PART + part, lse)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    O_PART, LSE_PART, OUT,
+    stride_ob, stride_oh, stride_od,
+    H, NUM_SPLITS,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,  # next power of two >= NUM_SPLITS
+):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    part = pid_bh.to(tl.int64) * NUM_SPLITS + offs_s
+
+    lse = tl.load(LSE_PART + part, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)  # finite: split 0 always covers position 0
+    weight = tl.exp2(lse - lse_max)  # 0 for empty and padding splits
+    # Only splits that saw keys are read, so an empty split can never inject NaN.
+    o_mask = (lse > float("-inf"))[:, None] & d_mask[None, :]
+    o = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)
+    out = tl.sum(weight[:, None] * o, axis=0) / tl.sum(weight, axis=0)
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d * stride_od,
+             out.to(OUT.dtype.element_ty), mask=d_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return DEFAULT_NUM_SMS
+
+
+def block_sizes(head_dim: int):
+    """(BLOCK_D, BLOCK_N, num_warps) of the split kernel for a head size.
+
+    A key block holds 4096 elements (BLOCK_N x BLOCK_D), 32 per thread of 4 warps for K and
+    as many for V: 64 x 64 for D=64, 32 x 128 for D=128. That leaves the sm_90 build at
+    64 registers with no spills, and 8 KB of cache per load per program in flight.
+    """
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = min(128, max(16, 4096 // block_d))
+    return block_d, block_n, 4
+
+
+def reduce_num_warps(block_d: int) -> int:
+    """The reduction holds a (BLOCK_SPLITS, BLOCK_D) fp32 tile: 8 warps past D=128."""
+    return 4 if block_d <= 128 else 8
+
+
+def choose_num_splits(batch_heads: int, seq_len: int, sms: int = DEFAULT_NUM_SMS) -> int:
+    """How many chunks to cut the cache length into.
+
+    Aim for about PROGRAMS_PER_SM programs per SM in total (B*H*splits ~= 4 * SMs). At 64
+    registers a thread, 8 programs of 4 warps fit on an SM, so all of them run at once,
+    each with a K and a V block load in flight: about 4 x 16 KB per SM, above the ~30 KB
+    that 4.8 TB/s x ~1 us of DRAM latency spread over 132 SMs asks for. So batch 1 with 12
+    heads at 32k context runs 12 x 43 programs on 132 SMs (44 asked, 43 after rounding the
+    chunk to BLOCK_N), while a batch with B*H >= 4 * SMs needs no split at all. Each
+    split keeps at least MIN_KEYS_PER_SPLIT keys, and there are at most MAX_SPLITS.
+    Depends on shapes only (CUDA-graph safe).
+    """
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, max(batch_heads, 1))
+    return max(1, min(wanted, MAX_SPLITS, triton.cdiv(seq_len, MIN_KEYS_PER_SPLIT)))
+
+
+def split_plan(seq_len: int, num_splits: int, block_n: int):
+    """(chunk, num_splits): chunk = ceil(S / num_splits) rounded up to block_n, and the
+    number of chunks that then covers S (can be fewer than asked after the rounding)."""
+    chunk = triton.cdiv(triton.cdiv(seq_len, num_splits), block_n) * block_n
+    return chunk, triton.cdiv(seq_len, chunk)
+
+
+def allocate_workspace(batch_heads: int, num_splits: int, head_dim: int, device):
+    """Partial outputs (B*H, splits, D) and log-sum-exps (B*H, splits), both fp32. Every
+    element is written by the split kernel, empty splits included."""
+    o_part = torch.empty((batch_heads, num_splits, head_dim), device=device, dtype=torch.float32)
+    lse_part = torch.empty((batch_heads, num_splits), device=device, dtype=torch.float32)
+    return o_part, lse_part
+
+
+def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, out=None, num_splits=None, block_n=None):
+    """Launch split + reduce. q (B, H, D); caches (B, H, S, D), any strides; cache_lens (B,)
+    int32/int64. Writes and returns ``out`` (B, H, D), a new tensor in q's dtype by default.
+
+    ``num_splits`` and ``block_n`` override the heuristics (tests use them to exercise
+    several splits on tiny caches).
+    """
+    batch, heads, head_dim = q.shape
+    seq_len = k_cache.shape[2]
+    if out is None:
+        out = torch.empty((batch, heads, head_dim), device=q.device, dtype=q.dtype)
+    if out.numel() == 0:
+        return out
+    block_d, default_block_n, num_warps = block_sizes(head_dim)
+    block_n = default_block_n if block_n is None else block_n
+    if num_splits is None:
+        num_splits = choose_num_splits(batch * heads, seq_len, num_sms(q.device))
+    chunk, num_splits = split_plan(seq_len, num_splits, block_n)
+
+    o_part, lse_part = allocate_workspace(batch * heads, num_splits, head_dim, q.device)
+    _decode_split_kernel[(batch * heads, num_splits)](
+        q, k_cache, v_cache, cache_lens, o_part, lse_part,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), cache_lens.stride(0),
+        heads, seq_len, chunk, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=NUM_STAGES,
+    )
+    _decode_reduce_kernel[(batch * heads,)](
+        o_part, lse_part, out, *out.stride(), heads, num_splits,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)),
+        num_warps=reduce_num_warps(block_d),
+    )
+    return out
+
+
+def _aligned_strides(signature):
+    """Integer strides that Triton's JIT specialises as multiples of 16 at a launch on a
+    cache with 16-aligned rows (it does so for every integer argument divisible by 16, and
+    for 16-byte-aligned pointers). With them the loads vectorise to 128 bits."""
+    return [name for name, kind in signature.items() if kind == "i32" and name.startswith("stride")]
+
+
+def static_configs():
+    """Shipped configurations (bf16, head sizes 64 and 128) of both kernels for
+    ``gptfast.compile_report``: ``triton.compile(ASTSource(fn, signature, constexprs))``
+    plus ``divisible_by_16``, the integer arguments to specialise as multiples of 16.
+
+    They describe the launch on a cache whose last dimension is contiguous: the head
+    dimension's stride 1 is a constexpr, as Triton's JIT specialises integer arguments
+    equal to 1, and the other strides are multiples of 16 (``_aligned_strides``). The
+    reduction is given its largest tile (MAX_SPLITS splits), its worst case for registers.
+    """
+    split_sig = {
+        "Q": "*bf16", "K": "*bf16", "V": "*bf16", "LENS": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32",
+        "stride_qb": "i32", "stride_qh": "i32", "stride_qd": "constexpr",
+        "stride_kb": "i32", "stride_kh": "i32", "stride_ks": "i32", "stride_kd": "constexpr",
+        "stride_vb": "i32", "stride_vh": "i32", "stride_vs": "i32", "stride_vd": "constexpr",
+        "stride_lens": "constexpr",
+        "H": "i32", "S": "i32", "CHUNK": "i32", "qk_scale": "fp32",
+        "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_N": "constexpr",
+    }
+    reduce_sig = {
+        "O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": "*bf16",
+        "stride_ob": "i32", "stride_oh": "i32", "stride_od": "constexpr",
+        "H": "i32", "NUM_SPLITS": "i32",
+        "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_SPLITS": "constexpr",
+    }
+    unit_strides = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_lens": 1}
+    configs = []
+    for head_dim in (64, 128):
+        block_d, block_n, num_warps = block_sizes(head_dim)
+        configs.append({
+            "name": f"decode_attention_split_d{head_dim}_bf16",
+            "fn": _decode_split_kernel,
+            "signature": dict(split_sig),
+            "constexprs": {**unit_strides, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_N": block_n},
+            "divisible_by_16": _aligned_strides(split_sig),
+            "num_warps": num_warps,
+            "num_stages": NUM_STAGES,
+            "require_hgmma": False,
+        })
+        configs.append({
+            "name": f"decode_attention_reduce_d{head_dim}_bf16",
+            "fn": _decode_reduce_kernel,
+            "signature": dict(reduce_sig),
+            "constexprs": {"stride_od": 1, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
+                           "BLOCK_SPLITS": triton.next_power_of_2(MAX_SPLITS)},
+            "divisible_by_16": _aligned_strides(reduce_sig),
+            "num_warps": reduce_num_warps(block_d),
+            "num_stages": 1,
+            "require_hgmma": False,
+        })
+    return configs

@@ -1,0 +1,352 @@
+"""Decode attention (flash-decoding over a KV cache): the Triton kernel (interpreted on a
+CPU) and the torch path against the float64 reference, per-row cache lengths, forced
+splits, strided caches, stale garbage, poisoned buffers, bad inputs, torch.library
+registration, and the sm_90 build of the shipped configurations."""
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptfast import reference
+from gptfast.ops import _dispatch
+from gptfast.ops import decode as decode_op
+from gptfast.ops import decode_attention
+from gptfast.testing import assert_error_ratio, poison_
+
+# Triton's interpreter converts 1-element arrays to loop bounds in a way NumPy deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_ON_DEVICE = _dispatch.use_triton(torch.empty(0, device=DEVICE))
+needs_triton = pytest.mark.skipif(not TRITON_ON_DEVICE, reason="Triton (or its CPU interpreter) not available")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def kernel_module():
+    return importlib.import_module("gptfast.kernels.decode_attention")
+
+
+def make_inputs(batch, heads, seq_len, head_dim, lens, dtype, device=DEVICE, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, head_dim, generator=gen)
+    k = torch.randn(batch, heads, seq_len, head_dim, generator=gen)
+    v = torch.randn(batch, heads, seq_len, head_dim, generator=gen)
+    cache_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), cache_lens
+
+
+def exact(q, k, v, cache_lens, scale=None):
+    return reference.decode_attention(q.double(), k.double(), v.double(), cache_lens, scale=scale)
+
+
+def check_against_reference(out, q, k, v, cache_lens, scale=None, what=""):
+    """Error-ratio rule: fused vs float64, against the reference run in q's dtype."""
+    assert out.shape == q.shape and out.dtype == q.dtype
+    plain = reference.decode_attention(q, k, v, cache_lens, scale=scale)
+    assert_error_ratio(out, plain, exact(q, k, v, cache_lens, scale), what=what)
+
+
+def blank_stale_positions(cache, cache_lens, fill):
+    """A copy of ``cache`` with every position at or past its row's length set to ``fill``."""
+    positions = torch.arange(cache.shape[2], device=cache.device)
+    stale = positions[None, :] >= cache_lens[:, None].to(cache.device)
+    return cache.masked_fill(stale[:, None, :, None], fill)
+
+
+# A covering set, not a cartesian product: each case adds something (B=1, H=3, head sizes
+# 32/64/80/128, per-row lengths including 1 and S, S not a multiple of BLOCK_N, S=1).
+CASES = [
+    # (batch, heads, seq_len, head_dim, cache_lens, dtype)
+    (1, 3, 37, 32, [37], torch.float32),
+    (2, 3, 37, 64, [1, 37], torch.float16),
+    (3, 2, 70, 80, [1, 70, 33], torch.float32),
+    (2, 1, 20, 128, [20, 7], torch.float16),
+    (2, 2, 1, 64, [1, 1], torch.float32),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("batch,heads,seq_len,head_dim,lens,dtype", CASES)
+def test_matches_float64_reference(batch, heads, seq_len, head_dim, lens, dtype):
+    q, k, v, cache_lens = make_inputs(batch, heads, seq_len, head_dim, lens, dtype)
+    out = decode_attention(q, k, v, cache_lens)
+    check_against_reference(out, q, k, v, cache_lens, what=f"decode {dtype} D={head_dim}")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forced_splits_with_per_row_lengths(dtype):
+    """Several splits per row: some rows end inside the first split, one mid-split, one at
+    S (not a multiple of the block), so empty splits and partial blocks all occur."""
+    kernel = kernel_module()
+    q, k, v, cache_lens = make_inputs(4, 2, 61, 32, [1, 61, 17, 40], dtype)
+    for num_splits in (2, 4, 64):  # 64 is more than the cache has blocks: the plan trims it
+        out = kernel.decode_attention(q, k, v, cache_lens, 0.3, num_splits=num_splits, block_n=16)
+        check_against_reference(out, q, k, v, cache_lens, scale=0.3, what=f"{num_splits} splits")
+
+
+@needs_triton
+def test_heuristic_splits_long_cache():
+    """A cache long enough that the default heuristic itself splits it."""
+    kernel = kernel_module()
+    seq_len = 2 * kernel.MIN_KEYS_PER_SPLIT + 5
+    assert kernel.choose_num_splits(2, seq_len) > 1
+    q, k, v, cache_lens = make_inputs(2, 1, seq_len, 16, [seq_len, kernel.MIN_KEYS_PER_SPLIT + 1], torch.float32)
+    check_against_reference(decode_attention(q, k, v, cache_lens), q, k, v, cache_lens, what="long cache")
+
+
+@needs_triton
+def test_strided_inputs_and_int64_lengths():
+    """Caches sliced out of a bigger static buffer, one in (B, S, H, D) layout; q taken
+    from a fused qkv projection; int64 cache lengths."""
+    batch, heads, seq_len, head_dim = 2, 3, 29, 64
+    gen = torch.Generator().manual_seed(1)
+    k_buffer = torch.randn(5, heads, seq_len + 11, head_dim, generator=gen).to(DEVICE)
+    k = k_buffer[:batch, :, :seq_len]  # non-contiguous batch and sequence
+    v = torch.randn(5, seq_len, heads, head_dim, generator=gen).to(DEVICE)[:batch].transpose(1, 2)
+    qkv = torch.randn(batch, 3 * heads * head_dim, generator=gen).to(DEVICE)
+    q = qkv.view(batch, 3, heads, head_dim)[:, 1]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    cache_lens = torch.tensor([seq_len, 3], dtype=torch.int64, device=DEVICE)
+    out = decode_attention(q, k, v, cache_lens)
+    check_against_reference(out, q, k, v, cache_lens, what="strided")
+
+
+@needs_triton
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), 3e4])
+def test_stale_cache_entries_are_ignored(garbage):
+    """Whatever sits past a row's length (NaN from an uninitialised cache, inf, huge
+    values) leaves the output bit-for-bit unchanged."""
+    kernel = kernel_module()
+    q, k, v, cache_lens = make_inputs(3, 2, 45, 32, [1, 45, 20], torch.float16)
+    clean = kernel.decode_attention(q, k, v, cache_lens, 0.2, num_splits=3, block_n=16)
+    dirty_k = blank_stale_positions(k, cache_lens, garbage)
+    dirty_v = blank_stale_positions(v, cache_lens, garbage)
+    dirty = kernel.decode_attention(q, dirty_k, dirty_v, cache_lens, 0.2, num_splits=3, block_n=16)
+    assert torch.isfinite(dirty).all()
+    assert torch.equal(dirty, clean)
+
+
+@needs_triton
+def test_poisoned_output_and_workspace_are_fully_written(monkeypatch):
+    kernel = kernel_module()
+    allocate = kernel.allocate_workspace
+    monkeypatch.setattr(kernel, "allocate_workspace", lambda *args: tuple(poison_(t) for t in allocate(*args)))
+    q, k, v, cache_lens = make_inputs(2, 2, 50, 80, [1, 50], torch.float32)
+    out = poison_(torch.empty_like(q))
+    result = kernel.decode_attention(q, k, v, cache_lens, 0.1, out=out, num_splits=4, block_n=16)
+    assert result is out
+    check_against_reference(out, q, k, v, cache_lens, scale=0.1, what="poisoned")
+
+
+@needs_triton
+def test_kernel_clamps_out_of_range_lengths():
+    """Unchecked lengths (CUDA without the opt-in check) are clamped into [1, S]: the kernel
+    never reads outside the cache."""
+    kernel = kernel_module()
+    q, k, v, _ = make_inputs(3, 1, 24, 32, [1, 1, 1], torch.float32)
+    lens = torch.tensor([0, 24 + 9, 2**40], dtype=torch.int64, device=DEVICE)
+    out = kernel.decode_attention(q, k, v, lens, 0.5, num_splits=2, block_n=16)
+    check_against_reference(out, q, k, v, lens.clamp(1, 24), scale=0.5, what="clamped")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_path(monkeypatch, dtype):
+    """The fallback path (no Triton) meets the same contract, stale NaN included."""
+    monkeypatch.setattr(decode_op, "use_triton", lambda t: False)
+    q, k, v, cache_lens = make_inputs(3, 2, 21, 80, [1, 21, 8], dtype)
+    out = decode_attention(q, blank_stale_positions(k, cache_lens, float("nan")),
+                           blank_stale_positions(v, cache_lens, float("nan")), cache_lens)
+    check_against_reference(out, q, k, v, cache_lens, what=f"torch path {dtype}")
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_empty_batch(monkeypatch, use_kernel):
+    if use_kernel and not TRITON_ON_DEVICE:
+        pytest.skip("Triton (interpreter) not available")
+    if not use_kernel:
+        monkeypatch.setattr(decode_op, "use_triton", lambda t: False)
+    q, k, v, cache_lens = make_inputs(0, 2, 5, 16, [], torch.float32)
+    assert decode_attention(q, k, v, cache_lens).shape == (0, 2, 16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 128, 80])
+def test_bf16_on_gpu(head_dim):
+    q, k, v, cache_lens = make_inputs(2, 3, 300, head_dim, [1, 300], torch.bfloat16)
+    check_against_reference(decode_attention(q, k, v, cache_lens), q, k, v, cache_lens, what="bf16")
+
+
+@needs_cuda
+def test_cuda_graph_capture_reads_lengths_at_replay(monkeypatch):
+    """Captured once, replayed with new cache lengths: lengths are read on the device
+    (the opt-in host check stands aside while capturing)."""
+    monkeypatch.setenv(decode_op.CHECK_CUDA_LENS_ENV, "1")
+    q, k, v, cache_lens = make_inputs(2, 3, 300, 64, [5, 300], torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton compilation) outside the capture
+        decode_attention(q, k, v, cache_lens)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, cache_lens)
+    cache_lens.copy_(torch.tensor([300, 1], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_against_reference(out, q, k, v, cache_lens, what="graph replay")
+
+
+@needs_cuda
+def test_cuda_length_check_is_opt_in(monkeypatch):
+    q, k, v, _ = make_inputs(2, 1, 8, 16, [1, 1], torch.float16)
+    bad = torch.tensor([4, 9], dtype=torch.int32, device="cuda")
+    monkeypatch.setenv(decode_op.CHECK_CUDA_LENS_ENV, "1")
+    with pytest.raises(ValueError, match=re.escape("cache_lens[1] = 9 is outside [1, 8]")):
+        decode_attention(q, k, v, bad)
+    monkeypatch.setenv(decode_op.CHECK_CUDA_LENS_ENV, "0")  # unchecked: clamped to the cache
+    check_against_reference(decode_attention(q, k, v, bad), q, k, v, bad.clamp(1, 8), what="clamped on CUDA")
+
+
+def _bad_inputs():
+    """(description, builder of (q, k, v, cache_lens), exception type, message fragment)."""
+    def base(**over):
+        q, k, v, lens = make_inputs(2, 3, 8, 16, [8, 4], torch.float32, device="cpu")
+        args = {"q": q, "k": k, "v": v, "lens": lens}
+        args.update(over)
+        return args["q"], args["k"], args["v"], args["lens"]
+
+    def cache(*shape, **kw):
+        return torch.randn(*shape, **kw)
+
+    def lens(*values, **kw):
+        return torch.tensor(values, **kw)
+
+    return [
+        ("q not 3-d", lambda: base(q=cache(2, 3, 1, 16)), ValueError, "(B, H, D)"),
+        ("cache not 4-d", lambda: base(k=cache(2, 3, 16)), ValueError, "(B, H, S, D)"),
+        ("k/v shapes differ", lambda: base(v=cache(2, 3, 9, 16)), ValueError, "differ in shape"),
+        ("batch mismatch", lambda: base(k=cache(3, 3, 8, 16), v=cache(3, 3, 8, 16)), ValueError, "do not match q"),
+        ("head count mismatch", lambda: base(k=cache(2, 4, 8, 16), v=cache(2, 4, 8, 16)), ValueError, "do not match q"),
+        ("head size mismatch", lambda: base(k=cache(2, 3, 8, 32), v=cache(2, 3, 8, 32)), ValueError, "do not match q"),
+        ("head size > 256", lambda: base(q=cache(2, 3, 257), k=cache(2, 3, 8, 257), v=cache(2, 3, 8, 257)),
+         ValueError, "head size 257"),
+        ("empty cache", lambda: base(k=cache(2, 3, 0, 16), v=cache(2, 3, 0, 16)), ValueError, "S = 0"),
+        ("mixed dtypes", lambda: base(k=cache(2, 3, 8, 16, dtype=torch.float16)), TypeError, "dtype"),
+        ("float64", lambda: base(q=cache(2, 3, 16, dtype=torch.float64), k=cache(2, 3, 8, 16, dtype=torch.float64),
+                                  v=cache(2, 3, 8, 16, dtype=torch.float64)), TypeError, "not supported"),
+        ("mixed devices", lambda: base(v=cache(2, 3, 8, 16, device="meta")), ValueError, "meta"),
+        ("cache_lens on another device", lambda: base(lens=torch.ones(2, dtype=torch.int32, device="meta")),
+         ValueError, "cache_lens is on"),
+        ("cache_lens float", lambda: base(lens=lens(8.0, 4.0)), TypeError, "int32 or int64"),
+        ("cache_lens wrong shape", lambda: base(lens=torch.ones(2, 1, dtype=torch.int32)), ValueError, "shape (2,)"),
+        ("cache_lens wrong batch", lambda: base(lens=lens(8, 4, 2)), ValueError, "shape (2,)"),
+        ("cache_lens not a tensor", lambda: base(lens=[8, 4]), TypeError, "torch.Tensor"),
+        ("cache length beyond the cache", lambda: base(lens=lens(8, 9, dtype=torch.int32)), ValueError,
+         "cache_lens[1] = 9 is outside [1, 8]"),
+        ("cache length 0", lambda: base(lens=lens(0, 4)), ValueError, "cache_lens[0] = 0"),
+    ]
+
+
+@pytest.mark.parametrize("what,build,exc,match", _bad_inputs(), ids=[case[0] for case in _bad_inputs()])
+def test_bad_inputs_raise_clear_errors(what, build, exc, match):
+    q, k, v, cache_lens = build()
+    with pytest.raises(exc, match=re.escape(match)):
+        decode_attention(q, k, v, cache_lens)
+
+
+def test_backward_is_refused_clearly():
+    q, k, v, cache_lens = make_inputs(1, 1, 4, 16, [4], torch.float32, device="cpu")
+    q.requires_grad_(True)
+    out = decode_attention(q, k, v, cache_lens)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        out.sum().backward()
+
+
+def test_opcheck():
+    q, k, v, cache_lens = make_inputs(2, 2, 5, 16, [5, 2], torch.float32)
+    torch.library.opcheck(torch.ops.gptfast.decode_attention.default, (q, k, v, cache_lens, 0.25))
+
+
+def test_compiles_without_graph_break():
+    q, k, v, cache_lens = make_inputs(2, 2, 6, 16, [6, 1], torch.float32)
+
+    def step(q, k, v, cache_lens):  # the op between two ordinary ones, in one graph
+        return decode_attention(q * 2.0, k, v, cache_lens) + 1.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    check_against_reference(compiled(q, k, v, cache_lens) - 1.0, q * 2.0, k, v, cache_lens, what="compiled")
+
+
+def test_split_heuristic_fills_the_gpu():
+    kernel = kernel_module()
+    sms = kernel.DEFAULT_NUM_SMS
+    # Batch 1, GPT-2's 12 heads, 32k context: several programs per SM.
+    splits = kernel.choose_num_splits(12, 32768, sms)
+    _, splits = kernel.split_plan(32768, splits, kernel.block_sizes(64)[1])
+    assert 2 * sms <= 12 * splits <= 4 * sms
+    assert kernel.choose_num_splits(16 * 12 * 4, 32768, sms) == 1  # a big batch needs no split
+    assert kernel.choose_num_splits(1, 100, sms) == 1  # a short cache is not worth splitting
+    for seq_len in (1, 15, 16, 17, 1000, 32768):
+        for asked in (1, 3, 64):
+            chunk, n = kernel.split_plan(seq_len, asked, 16)
+            assert chunk % 16 == 0 and 1 <= n <= asked and (n - 1) * chunk < seq_len <= n * chunk
+
+
+def test_static_configs_describe_the_kernels():
+    kernel = kernel_module()
+    configs = kernel.static_configs()
+    assert {c["name"] for c in configs} == {
+        f"decode_attention_{part}_d{d}_bf16" for part in ("split", "reduce") for d in (64, 128)}
+    for c in configs:
+        assert set(c) >= {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "require_hgmma"}
+        assert list(c["signature"]) == c["fn"].arg_names, c["name"]
+        assert {n for n, t in c["signature"].items() if t == "constexpr"} == set(c["constexprs"]), c["name"]
+        assert c["require_hgmma"] is False
+        assert set(c["divisible_by_16"]) <= {n for n, t in c["signature"].items() if t == "i32"}, c["name"]
+
+
+_COMPILE_SCRIPT = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+import gptfast
+from gptfast.kernels import decode_attention as kernel
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+report = []
+for c in kernel.static_configs():
+    # As a launch on 16-aligned tensors: pointers and the listed strides divisible by 16.
+    aligned = [n for n, t in c["signature"].items() if t.startswith("*")] + list(c["divisible_by_16"])
+    attrs = {(c["fn"].arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = triton.compiler.ASTSource(c["fn"], c["signature"], c["constexprs"], attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": c["num_warps"], "num_stages": c["num_stages"]})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    log = subprocess.run([ptxas, "-v", "-arch=sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    report.append({"name": c["name"], "shared": compiled.metadata.shared, "ptxas": log.stderr, "rc": log.returncode})
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_shipped_configs_build_for_sm90_without_spills():
+    """Compile in a fresh process (no interpreter) for sm_90: no spills, shared memory in budget."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(report) == 4
+    for entry in report:
+        assert entry["rc"] == 0, entry
+        assert "0 bytes spill stores, 0 bytes spill loads" in entry["ptxas"], entry
+        assert entry["shared"] <= 232448, entry
