@@ -33,6 +33,11 @@ class LayerNorm(nn.Module):
         self.ops = get_ops("torch")
 
     def forward(self, x, residual=None):
+        if residual is not None and x.dtype != residual.dtype:
+            # Under autocast a sublayer's output comes in the autocast dtype while the
+            # residual stream keeps the parameters' dtype: add in the stream's dtype, as
+            # the type promotion of `x + residual` would.
+            x = x.to(residual.dtype)
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
 
 
@@ -282,36 +287,9 @@ class GPT(nn.Module):
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k=None, seed=None):
         """Continue ``prompt_ids`` ((B, T) tensor or list of ids) by ``max_new_tokens`` tokens
         over the KV cache; returns (B, T + max_new_tokens) ids. ``temperature=0`` is greedy."""
-        idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.transformer.wte.weight.device)
-        idx = idx[None] if idx.dim() == 1 else idx
-        B, T = idx.shape
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if T + max_new_tokens > self.config.block_size:
-            raise ValueError(
-                f"context overflow: prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the context of "
-                f"{self.config.block_size} tokens"
-            )
-        generator = torch.Generator(device=idx.device)
-        generator.manual_seed(0 if seed is None else seed)
-        self.setup_cache(B, T + max_new_tokens)
-        logits = self(idx, input_pos=torch.arange(T, device=idx.device))[:, -1]
-        out = [idx]
-        for step in range(max_new_tokens):
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits.float() / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
-            out.append(next_id)
-            if step + 1 < max_new_tokens:
-                pos = torch.full((B, 1), T + step, dtype=torch.long, device=idx.device)
-                logits = self(next_id, input_pos=pos)[:, -1]
-        self.clear_cache()
-        return torch.cat(out, dim=1)
+        from gptfast.generation import generate_ids  # the C++ decode loop (or its Python twin)
+
+        return generate_ids(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
 
     @classmethod
     def from_pretrained(cls, path, backend=None, device=None, dtype=None) -> "GPT":
