@@ -1,15 +1,17 @@
 """Where a fused op runs: the Triton kernel on CUDA (or on the CPU under the Triton
 interpreter), otherwise the torch path."""
-import functools
 import importlib.util
 import os
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import (a plain constant keeps torch.compile free of cache wrappers).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:

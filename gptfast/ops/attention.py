@@ -1,0 +1,141 @@
+"""``causal_attention``: fused causal attention for prefill and training.
+
+A drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` that also takes
+a cache offset: queries may start at absolute position ``q_offset`` of a key sequence of
+length ``q_offset + Tq`` (chunked prefill against a KV cache, verification of several
+draft tokens).
+
+On CUDA (or on the CPU under ``TRITON_INTERPRET=1``) it runs the Triton kernels of
+``gptfast.kernels.attention`` through two registered ops:
+
+- ``gptfast::causal_attention_fwd(q, k, v, scale, q_offset) -> (out, lse)``
+- ``gptfast::causal_attention_bwd(grad_out, q, k, v, out, lse, scale, q_offset) -> (dq, dk, dv)``
+
+with fake (meta) implementations and an autograd formula tying the two together, so
+``torch.compile(fullgraph=True)`` sees single opaque ops and training works. Elsewhere it
+runs ``F.scaled_dot_product_attention`` (the torch path).
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gptfast.ops._dispatch import check_same_device_dtype, use_triton
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _validate(q, k, v, q_offset) -> None:
+    """Raise a clear exception for anything the kernels (or the torch path) cannot take."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"causal_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"causal_attention: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+    check_same_device_dtype("causal_attention", q=q, k=k, v=v)
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"causal_attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+    if k.shape != v.shape:
+        raise ValueError(f"causal_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"causal_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, heads and head size "
+            "(B, H, *, D)"
+        )
+    batch, heads, q_len, head_dim = q.shape
+    if batch == 0 or heads == 0 or q_len == 0 or head_dim == 0:
+        raise ValueError(f"causal_attention: empty input, q has shape {tuple(q.shape)}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"causal_attention: head size D={head_dim} is larger than the supported maximum {MAX_HEAD_DIM}")
+    if isinstance(q_offset, bool) or not isinstance(q_offset, (int, torch.SymInt)):
+        raise TypeError(f"causal_attention: q_offset must be an int, got {type(q_offset).__name__}")
+    if q_offset < 0:
+        raise ValueError(f"causal_attention: q_offset must be >= 0, got {q_offset}")
+    if k.shape[2] != q_offset + q_len:
+        raise ValueError(
+            f"causal_attention: q_offset with the wrong T: keys length Tk={k.shape[2]} must equal "
+            f"q_offset ({q_offset}) + queries length Tq ({q_len})"
+        )
+
+
+def _kernels():
+    # Imported here so that the torch path never imports triton.
+    from gptfast.kernels import attention
+
+    return attention
+
+
+# ----------------------------------------------------------------------------- registered ops
+
+
+@torch.library.custom_op("gptfast::causal_attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, q_offset: int) -> Tuple[Tensor, Tensor]:
+    """Fused forward. Returns out (B, H, Tq, D) and the fp32 base-2 log-sum-exp (B, H, Tq)."""
+    out, lse = _kernels().attention_forward(q, k, v, scale, q_offset)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, scale, q_offset):
+    batch, heads, q_len, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, q_len), dtype=torch.float32)
+
+
+@torch.library.custom_op("gptfast::causal_attention_bwd", mutates_args=())
+def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   scale: float, q_offset: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused backward: (dq, dk, dv), contiguous, shaped like q, k, v."""
+    return _kernels().attention_backward(grad_out, q, k, v, out, lse, scale, q_offset)
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, scale, q_offset):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, q_offset = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.q_offset = scale, q_offset
+    ctx.mark_non_differentiable(lse)  # an internal statistic, not part of the public result
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.q_offset)
+    return dq, dk, dv, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def _torch_attention(q, k, v, scale: float, q_offset: int) -> Tensor:
+    """The torch path: SDPA, with an explicit mask when queries start at an offset (SDPA's
+    ``is_causal`` aligns the mask to the top-left corner, which is wrong for Tq < Tk)."""
+    if q_offset == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    q_len, kv_len = q.shape[2], k.shape[2]
+    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(diagonal=q_offset)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, q_offset: int = 0) -> Tensor:
+    """Causal attention, a drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``.
+
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with ``Tk == q_offset + Tq``; query ``i`` sees
+    keys ``0 .. q_offset + i``. D <= 256; float16, bfloat16 or float32; any strides (a
+    q/k/v split of a fused qkv projection is read in place). ``scale`` defaults to
+    1/sqrt(D). Differentiable in q, k and v. Returns (B, H, Tq, D).
+    """
+    _validate(q, k, v, q_offset)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if use_triton(q):
+        return _attention_fwd(q, k, v, scale, q_offset)[0]
+    return _torch_attention(q, k, v, scale, q_offset)

@@ -1,0 +1,276 @@
+"""Fused causal attention (gptfast.ops.causal_attention, kernels/attention.py) against
+float64 and plain PyTorch, forward and backward.
+
+On the CPU the kernels run under the Triton interpreter (fp32 and fp16; tiny shapes,
+since every launch takes seconds); bf16 and longer sequences run on CUDA only. Every
+buffer the launchers allocate is filled with NaN first (see ``poisoned_buffers``), so a
+finite result proves each element was written.
+"""
+import math
+
+import pytest
+import torch
+
+from gptfast import reference
+from gptfast.ops import _dispatch
+from gptfast.ops import attention as attention_op
+from gptfast.ops.attention import causal_attention
+from gptfast.testing import assert_error_ratio, poison_
+
+attention_kernels = pytest.importorskip("gptfast.kernels.attention")
+
+# The Triton interpreter itself converts 1-element arrays to Python ints (loop bounds).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every output / scratch buffer of the launchers starts as NaN."""
+
+    def empty(shape, dtype, device):
+        return poison_(torch.empty(shape, dtype=dtype, device=device))
+
+    monkeypatch.setattr(attention_kernels, "_empty", empty)
+
+
+def _randn(*shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
+
+
+def _qkv(batch, heads, q_len, head_dim, dtype, q_offset=0, seed=0):
+    kv_len = q_offset + q_len
+    return (_randn(batch, heads, q_len, head_dim, dtype=dtype, seed=seed),
+            _randn(batch, heads, kv_len, head_dim, dtype=dtype, seed=seed + 1),
+            _randn(batch, heads, kv_len, head_dim, dtype=dtype, seed=seed + 2))
+
+
+def _attention_and_grads(fn, q, k, v, grad_out, **kwargs):
+    """fn(q, k, v) and its gradients wrt q, k, v, on fresh leaves that keep the inputs' strides."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, **kwargs)
+    out.backward(grad_out)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def check_against_float64(q, k, v, q_offset=0, scale=None, max_ratio=3.0, **launch_kwargs):
+    """The error-ratio rule for out, dq, dk, dv: the fused op vs float64, relative to the
+    reference twin run in the inputs' dtype (plain PyTorch)."""
+    assert q.device.type == "cuda" or _dispatch.use_triton(q), "the Triton path must serve this test"
+    grad_out = _randn(*q.shape, dtype=q.dtype, seed=99)
+    fused = _attention_and_grads(causal_attention, q, k, v, grad_out, scale=scale, q_offset=q_offset)
+    plain = _attention_and_grads(reference.causal_attention, q, k, v, grad_out, scale=scale, q_offset=q_offset)
+    exact = _attention_and_grads(reference.causal_attention, q.double(), k.double(), v.double(), grad_out.double(),
+                                 scale=scale, q_offset=q_offset)
+    for name, f, p, e, inp in zip(("out", "dq", "dk", "dv"), fused, plain, exact, (q, q, k, v)):
+        assert f.shape == inp.shape and f.dtype == inp.dtype, f"{name}: {f.dtype} {tuple(f.shape)}"
+        assert_error_ratio(f, p, e, max_ratio=max_ratio, what=f"{name} {q.dtype} q{tuple(q.shape)} q_offset={q_offset}")
+
+
+# ----------------------------------------------------------------------------- numerics
+
+# A covering set rather than a product: every T in {1, 17, 130}, every D in {32, 64, 80,
+# 128} (80 exercises the padded head dimension), both CPU dtypes, B=1, H=3.
+@pytest.mark.parametrize(
+    "q_len,head_dim,dtype",
+    [
+        (1, 32, torch.float32),
+        (1, 80, torch.float16),
+        (17, 64, torch.float16),
+        (17, 128, torch.float32),
+        (130, 80, torch.float16),
+        (130, 32, torch.float32),
+    ],
+)
+def test_matches_float64(q_len, head_dim, dtype):
+    check_against_float64(*_qkv(1, 3, q_len, head_dim, dtype))
+
+
+@pytest.mark.parametrize(
+    "q_len,q_offset,head_dim,dtype",
+    [
+        (5, 12, 64, torch.float32),  # a chunk of queries after a cached prefix
+        (1, 16, 32, torch.float16),  # a single query: the decode shape through the prefill kernel
+        (17, 40, 80, torch.float16),  # offset and length both off the block grid
+    ],
+)
+def test_query_offset(q_len, q_offset, head_dim, dtype):
+    check_against_float64(*_qkv(1, 3, q_len, head_dim, dtype, q_offset=q_offset), q_offset=q_offset)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_non_contiguous_qkv_split(dtype):
+    """q, k, v as views of one fused projection (B, T, 3, H, D), read without copies."""
+    batch, seq, heads, head_dim = 2, 17, 3, 64
+    qkv = _randn(batch, seq, 3 * heads * head_dim, dtype=dtype, seed=5)
+    q, k, v = qkv.view(batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    check_against_float64(q, k, v)
+
+
+def test_kv_cache_slice():
+    """Chunked prefill as the model does it: k, v are the first q_offset + Tq positions of
+    a larger static cache (a strided view), the queries a fresh chunk."""
+    q_len, q_offset, head_dim = 5, 12, 32
+    q = _randn(1, 3, q_len, head_dim, dtype=torch.float16, seed=21)
+    k_cache = _randn(1, 3, 64, head_dim, dtype=torch.float16, seed=22)
+    v_cache = _randn(1, 3, 64, head_dim, dtype=torch.float16, seed=23)
+    k, v = k_cache[:, :, : q_offset + q_len], v_cache[:, :, : q_offset + q_len]
+    assert not k.is_contiguous()
+    check_against_float64(q, k, v, q_offset=q_offset)
+
+
+def test_custom_scale():
+    q, k, v = _qkv(1, 3, 17, 32, torch.float32)
+    check_against_float64(q, k, v, scale=0.3)
+
+
+def test_grad_output_non_contiguous():
+    """The backward reads dO through its strides (here: a transposed gradient)."""
+    q, k, v = _qkv(1, 3, 17, 32, torch.float32)
+    grad_out = _randn(1, 17, 3, 32, dtype=torch.float32, seed=7).transpose(1, 2)
+    fused = _attention_and_grads(causal_attention, q, k, v, grad_out)
+    exact = _attention_and_grads(reference.causal_attention, q.double(), k.double(), v.double(), grad_out.double())
+    plain = _attention_and_grads(reference.causal_attention, q, k, v, grad_out)
+    for f, p, e in zip(fused, plain, exact):
+        assert_error_ratio(f, p, e, what="non-contiguous grad_out")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_shipped_gpu_tiles_under_interpreter(head_dim):
+    """The sm_90 fp16/bf16 tile configurations (blocks of 32..128, unequal BLOCK_M and
+    BLOCK_N) run their causal split logic here too, on the GPU-tuned tile sizes."""
+    key = (head_dim, 2)
+    q, k, v = _qkv(1, 1, 130, head_dim, torch.float32, q_offset=7)
+    grad_out = _randn(*q.shape, dtype=q.dtype, seed=3)
+    scale = 1 / math.sqrt(head_dim)
+    out, lse = attention_kernels.attention_forward(q, k, v, scale, 7, config=attention_kernels._GPU_FWD[key])
+    dq, dk, dv = attention_kernels.attention_backward(grad_out, q, k, v, out, lse, scale, 7,
+                                                      dkdv_cfg=attention_kernels._GPU_DKDV[key],
+                                                      dq_cfg=attention_kernels._GPU_DQ[key])
+    exact = _attention_and_grads(reference.causal_attention, q.double(), k.double(), v.double(), grad_out.double(),
+                                 q_offset=7)
+    plain = _attention_and_grads(reference.causal_attention, q, k, v, grad_out, q_offset=7)
+    for name, f, p, e in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), plain, exact):
+        assert_error_ratio(f, p, e, what=f"{name} with the D={head_dim} GPU tiles")
+
+
+def test_saved_log_sum_exp():
+    """lse is the base-2 log-sum-exp of scale * log2(e) * q.k over each query's visible keys."""
+    q, k, v = _qkv(1, 3, 17, 32, torch.float32, q_offset=3)
+    scale = 0.2
+    _, lse = attention_kernels.attention_forward(q, k, v, scale, 3)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    visible = torch.ones(17, 20, dtype=torch.bool, device=q.device).tril(diagonal=3)
+    expected = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1) / math.log(2)
+    assert lse.shape == (1, 3, 17) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_preallocated_buffers_are_checked():
+    q, k, v = _qkv(1, 1, 5, 16, torch.float32)
+    with pytest.raises(ValueError, match="out: expected"):
+        attention_kernels.attention_forward(q, k, v, 0.25, 0, out=torch.empty(1, 1, 4, 16))
+    with pytest.raises(ValueError, match="lse: expected"):
+        attention_kernels.attention_forward(q, k, v, 0.25, 0, lse=torch.empty(1, 1, 5, dtype=torch.float16))
+
+
+def test_torch_path_matches_reference(monkeypatch):
+    """Without Triton (CPU, no interpreter) the op runs SDPA, with a mask for q_offset."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _qkv(1, 3, 6, 16, torch.float32, q_offset=4)
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
+    assert not _dispatch.use_triton(q)
+    for q_offset, (qq, kk, vv) in ((4, (q, k, v)), (0, (q, k[:, :, :6], v[:, :, :6]))):
+        grad_out = torch.randn_like(qq)
+        got = _attention_and_grads(causal_attention, qq, kk, vv, grad_out, q_offset=q_offset)
+        want = _attention_and_grads(reference.causal_attention, qq, kk, vv, grad_out, q_offset=q_offset)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _bad(message, *args, error=ValueError, **kwargs):
+    with pytest.raises(error, match=message):
+        causal_attention(*args, **kwargs)
+
+
+def test_bad_inputs():
+    q, k, v = _qkv(1, 2, 4, 16, torch.float32)
+    _bad("must be 4-D", q[0], k, v)
+    _bad("k and v must have the same shape", q, k, v[:, :, :3])
+    _bad("must agree on batch, heads and head size", q, k[:, :1], v[:, :1])
+    _bad("must agree on batch, heads and head size", q[..., :8], k, v)
+    _bad("dtype torch.float16", q, k.half(), v.half(), error=TypeError)
+    _bad("dtype torch.float64 is not supported", q.double(), k.double(), v.double(), error=TypeError)
+    _bad("on meta", q, k.to("meta"), v)
+    _bad("must be a torch.Tensor", q, k, v.tolist(), error=TypeError)
+    _bad("q_offset with the wrong T", q, k, v, q_offset=2)
+    _bad("q_offset with the wrong T", q[:, :, :3], k, v)
+    _bad("q_offset must be >= 0", q, k, v, q_offset=-1)
+    _bad("q_offset must be an int", q, k, v, q_offset=1.0, error=TypeError)
+    _bad("empty input", q[:, :, :0], k[:, :, :0], v[:, :, :0])
+
+
+def test_head_size_limit():
+    q, k, v = _qkv(1, 1, 2, 257, torch.float32)
+    _bad("head size D=257 is larger than the supported maximum 256", q, k, v)
+
+
+# ----------------------------------------------------------------------------- torch integration
+
+
+def test_opcheck():
+    """Schema, fake tensor, autograd registration and AOT dispatch of both registered ops."""
+    q, k, v = _qkv(1, 2, 5, 16, torch.float32, q_offset=3)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.25, 3)
+    torch.library.opcheck(torch.ops.gptfast.causal_attention_fwd.default, args)
+    out, lse = torch.ops.gptfast.causal_attention_fwd(q.detach(), k.detach(), v.detach(), 0.25, 3)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, 3)
+    torch.library.opcheck(torch.ops.gptfast.causal_attention_bwd.default, bwd_args)
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    torch._dynamo.reset()
+    q, k, v = _qkv(1, 2, 5, 16, torch.float32, q_offset=2)
+
+    def loss_fn(q, k, v):
+        return causal_attention(q, k, v, q_offset=2).square().sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    loss = compiled(*leaves)
+    loss.backward()
+    eager_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    eager = loss_fn(*eager_leaves)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    for a, b in zip(leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# ----------------------------------------------------------------------------- CUDA only
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "q_len,q_offset,head_dim",
+    [(1, 0, 64), (17, 0, 128), (130, 0, 80), (1000, 0, 64), (1000, 0, 128), (300, 700, 64), (513, 0, 256)],
+)
+def test_cuda_16bit(dtype, q_len, q_offset, head_dim):
+    check_against_float64(*_qkv(2, 3, q_len, head_dim, dtype, q_offset=q_offset), q_offset=q_offset)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_bf16_qkv_split():
+    batch, seq, heads, head_dim = 2, 257, 4, 64
+    qkv = _randn(batch, seq, 3 * heads * head_dim, dtype=torch.bfloat16, seed=11)
+    check_against_float64(*qkv.view(batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0))
