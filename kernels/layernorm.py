@@ -1,0 +1,428 @@
+"""Fused LayerNorm in Triton: forward, backward and the residual-add variant.
+
+LayerNorm over the last dimension of a row-major ``(n_rows, n_cols)`` matrix::
+
+    h    = x (+ residual)                    # the fused variant also writes h
+    mean = sum(h) / N
+    var  = sum((h - mean)^2) / N             # biased, as torch.nn.LayerNorm
+    rstd = 1 / sqrt(var + eps)
+    xhat = (h - mean) * rstd
+    y    = xhat * weight + bias
+
+Forward: each program owns ``BLOCK_ROWS`` whole rows (one row for wide rows, a few for
+narrow ones), so the row is read once, its statistics are taken in float32 in
+registers, and ``y`` (and ``h``) are written once. ``mean`` and ``rstd`` are saved in
+float32 for the backward pass.
+
+Backward, with ``g = dy * weight`` and ``N`` the row length::
+
+    dh = rstd * (g - (xhat * mean(g * xhat) + mean(g)))    (+ the incoming grad of h)
+    dweight = sum over rows of dy * xhat
+    dbias   = sum over rows of dy
+
+``dh`` is a per-row computation. ``dweight`` and ``dbias`` are reductions across rows:
+rather than serialising programs on a lock, each of ``G`` programs walks a strided set
+of rows (``pid, pid + G, pid + 2G, ...``), accumulates its own float32 partial sums in
+registers and writes them to row ``pid`` of a ``(G, N)`` buffer; the launcher then sums
+the ``G`` partials (a small second pass over ``G * N`` floats).
+
+Widths: a row of up to ``MAX_HIDDEN`` elements fits one program's registers when its
+length and row strides are multiples of 16 (Triton then specialises the launch for
+16-byte vector loads with few predicates); other lengths are served up to
+``MAX_HIDDEN_UNALIGNED``. ``check_hidden_size`` raises a clear error beyond that; the ops
+layer calls it before reaching these launchers.
+
+Launchers expect validated inputs: 2-D tensors whose last dimension is contiguous
+(any row stride), on one device, floating dtypes.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Widest row one program holds (in elements). The backward keeps about five float32
+# values per column live (h, dy, xhat, and the two partial sums); at 8192 columns and 16
+# warps that fits sm_90's 128 registers a thread (512 threads) only with vectorised,
+# 16-aligned rows; an unaligned row length spills there, so it stops at 4096. Wider rows
+# would spill: gptfast.compile_report compiles both widths among the shipped configs
+# and fails on any spill.
+MAX_HIDDEN = 8192
+MAX_HIDDEN_UNALIGNED = 4096
+
+# Elements a forward program aims to hold: narrow rows are packed several per program.
+_FWD_ELEMS_PER_PROGRAM = 4096
+_MAX_BLOCK_ROWS = 16
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X, RES, Y, H, W, B, MEAN, RSTD,  # pointers
+    stride_x_row, stride_res_row, stride_y_row, stride_h_row,
+    n_rows, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr,  # also write h = x + residual and normalise h
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # next power of two >= n_cols
+):
+    pid = tl.program_id(0)
+    # int64 row indices: row * stride overflows int32 beyond 2**31 elements.
+    rows = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+
+    x = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        res = tl.load(RES + rows[:, None] * stride_res_row + cols[None, :], mask=mask, other=0.0)
+        # h is rounded to the input dtype (it is the residual stream the next block reads)
+        # and the statistics are taken of the rounded value, exactly like x + residual
+        # followed by a plain layernorm.
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + rows[:, None] * stride_h_row + cols[None, :], x, mask=mask)
+    x = x.to(tl.float32)
+
+    # Two-pass statistics in float32: subtracting the mean before squaring avoids the
+    # cancellation of E[x^2] - E[x]^2. Masked columns are zero and must stay out of var.
+    mean = tl.sum(x, axis=1) / n_cols
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(centered * centered, axis=1) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+    y = centered * rstd[:, None]
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    if HAS_BIAS:
+        b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y + b[None, :]
+    tl.store(Y + rows[:, None] * stride_y_row + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY, H, W, MEAN, RSTD, DH_IN, DX, DW_PARTIAL, DB_PARTIAL,  # pointers
+    stride_dy_row, stride_h_row, stride_dh_row, stride_dx_row,
+    n_rows, n_cols,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_DH_IN: tl.constexpr,  # residual variant: add the incoming gradient of h
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+    # This program's rows: pid, pid + G, pid + 2G, ... (G = number of programs).
+    for row in range(pid, n_rows, num_programs):
+        row64 = tl.cast(row, tl.int64)  # row * stride may pass 2**31
+        h = tl.load(H + row64 * stride_h_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dy_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        # Masked columns load dy == 0, so g == 0 there and they add nothing to the sums
+        # below, whatever xhat holds in them.
+        xhat = (h - mean) * rstd
+        if COMPUTE_DW:
+            dw_acc += dy * xhat
+        if COMPUTE_DB:
+            db_acc += dy
+        if HAS_WEIGHT:
+            g = dy * w
+        else:
+            g = dy
+        c_xhat = tl.sum(g * xhat, axis=0) / n_cols
+        c_one = tl.sum(g, axis=0) / n_cols
+        dx = (g - (xhat * c_xhat + c_one)) * rstd
+        if HAS_DH_IN:
+            dx += tl.load(DH_IN + row64 * stride_dh_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+        tl.store(DX + row64 * stride_dx_row + cols, dx.to(DX.dtype.element_ty), mask=col_mask)
+
+    if COMPUTE_DW:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
+    if COMPUTE_DB:
+        tl.store(DB_PARTIAL + pid * n_cols + cols, db_acc, mask=col_mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launch configuration: one place decides block sizes and warps, for the launchers and
+# for static_configs() alike, so the compile report checks what actually ships.
+# --------------------------------------------------------------------------------------
+
+
+def block_n_for(n_cols: int) -> int:
+    return triton.next_power_of_2(n_cols)
+
+
+def fwd_config(n_cols: int) -> dict:
+    """BLOCK_N, BLOCK_ROWS and num_warps of the forward kernel for rows of ``n_cols``."""
+    block_n = block_n_for(n_cols)
+    block_rows = max(1, min(_MAX_BLOCK_ROWS, _FWD_ELEMS_PER_PROGRAM // block_n))
+    # About 16 elements per thread (at most 16 warps: 32 warps would cap a thread at 64 registers).
+    num_warps = max(4, min(16, (block_n * block_rows) // 512))
+    return {"BLOCK_N": block_n, "BLOCK_ROWS": block_rows, "num_warps": num_warps}
+
+
+def bwd_config(n_cols: int) -> dict:
+    """BLOCK_N and num_warps of the backward kernel (one row at a time per program)."""
+    block_n = block_n_for(n_cols)
+    # About 8 columns per thread (h, dy, weight and two accumulators each), at most 16 warps.
+    num_warps = max(4, min(16, block_n // 256))
+    return {"BLOCK_N": block_n, "num_warps": num_warps}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def bwd_num_programs(n_rows: int, device: torch.device, num_warps: int) -> int:
+    """How many backward programs (= dweight/dbias partial rows) to launch."""
+    if device.type != "cuda":
+        return max(1, min(n_rows, 4))  # interpreter: few programs, each loops over rows
+    # Enough programs to fill every SM (up to 64 resident warps each), few enough that
+    # the (G, N) partials stay small next to the activations.
+    programs_per_sm = max(1, min(8, 32 // num_warps))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(n_rows, _sm_count(index) * programs_per_sm))
+
+
+def check_hidden_size(n_cols: int) -> None:
+    """Raise ValueError when rows of ``n_cols`` elements do not fit one program."""
+    if n_cols > MAX_HIDDEN:
+        raise ValueError(
+            f"layer_norm: hidden size {n_cols} exceeds the fused kernel's maximum of {MAX_HIDDEN} "
+            "elements per row (one program holds a whole row)"
+        )
+    if n_cols > MAX_HIDDEN_UNALIGNED and n_cols % 16:
+        raise ValueError(
+            f"layer_norm: hidden size {n_cols} is not a multiple of 16; the fused kernel serves such "
+            f"rows up to {MAX_HIDDEN_UNALIGNED} elements (multiples of 16 up to {MAX_HIDDEN})"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Every buffer the launchers allocate comes from here (tests fill them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    # A single row has no meaningful row stride (row index 0); report the row length so a
+    # one-row launch specialises like a contiguous one.
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def _is_16_aligned(t: torch.Tensor) -> bool:
+    """Whether Triton specialises ``t`` for 16-byte vector access: 16-byte aligned data
+    and, for a matrix, a row stride that is a multiple of 16 elements."""
+    return t.data_ptr() % 16 == 0 and (t.dim() == 1 or _row_stride(t) % 16 == 0)
+
+
+def _wide_rows_aligned(t, n_cols: int):
+    """Rows wider than MAX_HIDDEN_UNALIGNED are only compiled spill-free for 16-aligned
+    tensors (see MAX_HIDDEN): copy a misaligned view into a fresh, aligned tensor."""
+    if t is None or n_cols <= MAX_HIDDEN_UNALIGNED or _is_16_aligned(t):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _vector(t, n_cols: int):
+    """A weight or bias as the kernels read it: contiguous (and aligned for wide rows)."""
+    return None if t is None else _wide_rows_aligned(t.contiguous(), n_cols)
+
+
+def _check_out(name: str, out: torch.Tensor, shape, dtype, device) -> None:
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"layer_norm: {name} must have shape {tuple(shape)}, dtype {dtype} and device {device}; "
+            f"got {tuple(out.shape)}, {out.dtype}, {out.device}"
+        )
+    if out.dim() == 2 and out.shape[1] > 1 and out.stride(1) != 1:
+        raise ValueError(f"layer_norm: {name} must be contiguous along its last dimension")
+    if out.dim() == 1 and out.shape[0] > 1 and out.stride(0) != 1:
+        raise ValueError(f"layer_norm: {name} must be contiguous")
+    if out.dim() == 2 and shape[1] > MAX_HIDDEN_UNALIGNED and not _is_16_aligned(out):
+        raise ValueError(f"layer_norm: {name} must be 16-byte aligned with a row stride that is a multiple of 16")
+
+
+def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None, mean_out=None, rstd_out=None):
+    """Forward of ``layer_norm(x (+ residual)) * weight + bias`` over the rows of a 2-D ``x``.
+
+    Returns ``(y, h, mean, rstd)``: ``y`` and ``h`` in ``x.dtype`` (``h`` is None without
+    ``residual``), ``mean`` and ``rstd`` float32 of shape ``(n_rows,)``. Buffers passed
+    as ``out``/``h_out``/``mean_out``/``rstd_out`` are written in place.
+    """
+    n_rows, n_cols = x.shape
+    check_hidden_size(n_cols)
+    dev = x.device
+    x, residual = _wide_rows_aligned(x, n_cols), _wide_rows_aligned(residual, n_cols)
+    weight, bias = _vector(weight, n_cols), _vector(bias, n_cols)
+    for name, buf, shape, dtype in (
+        ("out", out, (n_rows, n_cols), x.dtype),
+        ("h_out", h_out if residual is not None else None, (n_rows, n_cols), x.dtype),
+        ("mean_out", mean_out, (n_rows,), torch.float32),
+        ("rstd_out", rstd_out, (n_rows,), torch.float32),
+    ):
+        if buf is not None:
+            _check_out(name, buf, shape, dtype, dev)
+    y = _empty((n_rows, n_cols), x.dtype, dev) if out is None else out
+    mean = _empty((n_rows,), torch.float32, dev) if mean_out is None else mean_out
+    rstd = _empty((n_rows,), torch.float32, dev) if rstd_out is None else rstd_out
+    h = None
+    if residual is not None:
+        h = _empty((n_rows, n_cols), x.dtype, dev) if h_out is None else h_out
+    if n_rows == 0:
+        return y, h, mean, rstd
+
+    cfg = fwd_config(n_cols)
+    grid = (triton.cdiv(n_rows, cfg["BLOCK_ROWS"]),)
+    # Absent optional tensors are passed as x: the constexpr flags keep the kernel off them.
+    _layer_norm_fwd_kernel[grid](
+        x, residual if residual is not None else x, y, h if h is not None else y,
+        weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
+        _row_stride(x), _row_stride(residual) if residual is not None else 0,
+        _row_stride(y), _row_stride(h) if h is not None else 0,
+        n_rows, n_cols, float(eps),
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_ROWS=cfg["BLOCK_ROWS"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+    )
+    return y, h, mean, rstd
+
+
+def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, compute_db=True,
+                   dw_dtype=torch.float32, db_dtype=torch.float32, dx_out=None):
+    """Backward of :func:`layer_norm_fwd`.
+
+    ``h`` is the normalised input (``x``, or ``x + residual`` in the fused variant) and
+    ``dh_in`` the incoming gradient of the ``h`` output in the fused variant (None when
+    unused). Returns ``(dx, dweight, dbias)``: ``dx`` (``h.dtype``) is the gradient of
+    ``h``, hence of ``x`` and of ``residual`` alike; ``dweight`` (needs a weight) and
+    ``dbias`` are None unless requested, else in ``dw_dtype``/``db_dtype``.
+    """
+    n_rows, n_cols = h.shape
+    check_hidden_size(n_cols)
+    dev = h.device
+    compute_dw = compute_dw and weight is not None
+    dy, h, dh_in = (_wide_rows_aligned(t, n_cols) for t in (dy, h, dh_in))
+    weight = _vector(weight, n_cols)
+    if dx_out is not None:
+        _check_out("dx_out", dx_out, (n_rows, n_cols), h.dtype, dev)
+    dx = _empty((n_rows, n_cols), h.dtype, dev) if dx_out is None else dx_out
+    cfg = bwd_config(n_cols)
+    programs = bwd_num_programs(n_rows, dev, cfg["num_warps"]) if n_rows else 0
+    dw_partial = _empty((programs, n_cols), torch.float32, dev) if compute_dw else None
+    db_partial = _empty((programs, n_cols), torch.float32, dev) if compute_db else None
+    if n_rows > 0:
+        _layer_norm_bwd_kernel[(programs,)](
+            dy, h, weight if weight is not None else h, mean, rstd,
+            dh_in if dh_in is not None else dy, dx,
+            dw_partial if compute_dw else dx, db_partial if compute_db else dx,
+            _row_stride(dy), _row_stride(h), _row_stride(dh_in) if dh_in is not None else 0, _row_stride(dx),
+            n_rows, n_cols,
+            HAS_WEIGHT=weight is not None, HAS_DH_IN=dh_in is not None,
+            COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        )
+    # Second pass of the dweight/dbias reduction: sum the G float32 partial rows
+    # (with no rows at all, the sum over zero partials is the correct zero gradient).
+    dw = dw_partial.sum(0).to(dw_dtype) if compute_dw else None
+    db = db_partial.sum(0).to(db_dtype) if compute_db else None
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------
+# Shipped configurations for the static compile report (gptfast.compile_report)
+# --------------------------------------------------------------------------------------
+
+# Row lengths whose launch configs the report compiles: tiny test models, GPT-2
+# small/medium/large/xl, wider models, and the widest rows served.
+_REPORT_HIDDEN = (64, 256, 768, 1024, 1280, 1600, 4096, 5120, MAX_HIDDEN)
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+_FWD_SIGNATURE = {
+    "X": "{p}", "RES": "{p}", "Y": "{p}", "H": "{p}", "W": "{p}", "B": "{p}", "MEAN": "*fp32", "RSTD": "*fp32",
+    "stride_x_row": "i32", "stride_res_row": "i32", "stride_y_row": "i32", "stride_h_row": "i32",
+    "n_rows": "i32", "n_cols": "i32", "eps": "fp32",
+    "HAS_RESIDUAL": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
+    "BLOCK_ROWS": "constexpr", "BLOCK_N": "constexpr",
+}
+_BWD_SIGNATURE = {
+    "DY": "{p}", "H": "{p}", "W": "{p}", "MEAN": "*fp32", "RSTD": "*fp32", "DH_IN": "{p}", "DX": "{p}",
+    "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
+    "stride_dy_row": "i32", "stride_h_row": "i32", "stride_dh_row": "i32", "stride_dx_row": "i32",
+    "n_rows": "i32", "n_cols": "i32",
+    "HAS_WEIGHT": "constexpr", "HAS_DH_IN": "constexpr", "COMPUTE_DW": "constexpr",
+    "COMPUTE_DB": "constexpr", "BLOCK_N": "constexpr",
+}
+
+
+def static_configs(dtype: torch.dtype = torch.bfloat16) -> list:
+    """The kernel configurations this module launches, for compiling ahead of time.
+
+    Per distinct launch config over the report's row lengths: the forward (plain and
+    residual) and the heaviest backward variant (weight, incoming dh, both parameter
+    gradients), each in two specialisations: rows and strides multiples of 16 ("a16",
+    what GPT models launch) and arbitrary ("any", served up to MAX_HIDDEN_UNALIGNED).
+    ``dtype`` is bf16 by default: the GPU's training and inference dtype.
+    """
+    p = _PTR[dtype]
+    fwd_sig = {k: v.format(p=p) for k, v in _FWD_SIGNATURE.items()}
+    bwd_sig = {k: v.format(p=p) for k, v in _BWD_SIGNATURE.items()}
+    configs, seen = [], set()
+
+    def add(name, fn, signature, constexprs, num_warps, aligned):  # skips duplicates
+        entry = {"name": name + ("_a16" if aligned else "_any"), "fn": fn, "signature": signature,
+                 "constexprs": constexprs, "num_warps": num_warps, "num_stages": 1, "require_hgmma": False}
+        if aligned:  # what Triton specialises for a row length and row strides divisible by 16
+            entry["divisible_by_16"] = [k for k in signature if k.startswith("stride_") or k == "n_cols"]
+        if entry["name"] not in seen:
+            seen.add(entry["name"])
+            configs.append(entry)
+
+    for hidden in _REPORT_HIDDEN:
+        f, b = fwd_config(hidden), bwd_config(hidden)
+        for aligned in (True, False):
+            if not aligned and hidden > MAX_HIDDEN_UNALIGNED:
+                continue
+            for residual in (False, True):
+                variant = "fwd_residual" if residual else "fwd"
+                add(f"layer_norm_{variant}_N{f['BLOCK_N']}_R{f['BLOCK_ROWS']}_w{f['num_warps']}",
+                    _layer_norm_fwd_kernel, fwd_sig,
+                    {"HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True,
+                     "BLOCK_ROWS": f["BLOCK_ROWS"], "BLOCK_N": f["BLOCK_N"]},
+                    f["num_warps"], aligned)
+            add(f"layer_norm_bwd_N{b['BLOCK_N']}_w{b['num_warps']}", _layer_norm_bwd_kernel, bwd_sig,
+                {"HAS_WEIGHT": True, "HAS_DH_IN": True, "COMPUTE_DW": True, "COMPUTE_DB": True,
+                 "BLOCK_N": b["BLOCK_N"]},
+                b["num_warps"], aligned)
+
+    # float32 parameters with low-precision activations (autocast-style training), at the
+    # widest rows, where register pressure is highest.
+    if dtype != torch.float32:
+        f, b = fwd_config(MAX_HIDDEN), bwd_config(MAX_HIDDEN)
+        fp32_params = {"W": "*fp32", "B": "*fp32"}
+        add(f"layer_norm_fwd_residual_N{f['BLOCK_N']}_R{f['BLOCK_ROWS']}_w{f['num_warps']}_fp32params",
+            _layer_norm_fwd_kernel, {**fwd_sig, **fp32_params},
+            {"HAS_RESIDUAL": True, "HAS_WEIGHT": True, "HAS_BIAS": True,
+             "BLOCK_ROWS": f["BLOCK_ROWS"], "BLOCK_N": f["BLOCK_N"]},
+            f["num_warps"], True)
+        add(f"layer_norm_bwd_N{b['BLOCK_N']}_w{b['num_warps']}_fp32params", _layer_norm_bwd_kernel,
+            {**bwd_sig, "W": "*fp32"},
+            {"HAS_WEIGHT": True, "HAS_DH_IN": True, "COMPUTE_DW": True, "COMPUTE_DB": True, "BLOCK_N": b["BLOCK_N"]},
+            b["num_warps"], True)
+    return configs

@@ -1,0 +1,104 @@
+"""The static compile report (gptfast.compile_report): every shipped kernel configuration
+compiles for sm_90 without spills and within the H200's shared memory, and the checks
+really flag what they claim to."""
+import json
+import os
+import textwrap
+
+import pytest
+
+from gptfast import compile_report as report
+from gptfast.kernels import KERNEL_MODULES
+
+
+@pytest.mark.parametrize("module", KERNEL_MODULES)
+def test_shipped_configs_compile_cleanly_for_sm90(module):
+    rows = report.compile_report([module])
+    if len(rows) == 1 and rows[0].get("skipped"):
+        pytest.skip(f"gptfast.kernels.{module}: {rows[0]['skipped']}")
+    assert rows, f"{module}.static_configs() returned no configurations"
+    report.check_report(rows)
+    for row in rows:
+        assert row["registers"] > 0 and row["shared"] <= report.SHARED_MEMORY_LIMIT, row
+
+
+def _row(**fields):
+    clean = {"module": "m", "name": "cfg", "num_warps": 4, "num_stages": 1, "registers": 64, "spill_stores": 0,
+             "spill_loads": 0, "stack_frame": 0, "shared": 1024, "hgmma": None, "require_hgmma": False}
+    return {**clean, **fields}
+
+
+@pytest.mark.parametrize(
+    "fields,problem",
+    [
+        ({"spill_stores": 8, "spill_loads": 8}, "register spills"),
+        ({"spill_loads": 4}, "register spills"),
+        ({"shared": report.SHARED_MEMORY_LIMIT + 1}, "shared memory 232449 bytes exceeds"),
+        ({"require_hgmma": True, "hgmma": 0}, "no HGMMA"),
+        ({"error": "CompilationError: boom"}, "compile error: CompilationError: boom"),
+    ],
+)
+def test_checker_flags_bad_rows(fields, problem):
+    bad = _row(name="bad", **fields)
+    assert any(problem in p for p in report.row_problems(bad))
+    rows = [_row(), bad, _row(name=None, skipped="module not present")]
+    assert report.report_failures(rows) == [f"m.bad: {p}" for p in report.row_problems(bad)]
+    with pytest.raises(report.CompileReportError, match="m.bad"):
+        report.check_report(rows)
+
+
+def test_checker_passes_clean_rows():
+    rows = [_row(), _row(shared=report.SHARED_MEMORY_LIMIT), _row(require_hgmma=True, hgmma=24),
+            _row(name=None, skipped="module not present")]
+    assert report.report_failures(rows) == []
+    report.check_report(rows)
+
+
+# A kernel module with deliberately bad configurations, compiled for real.
+_BAD_KERNELS = textwrap.dedent('''
+    import triton
+    import triton.language as tl
+
+
+    @triton.jit
+    def scale_by_sum(X, Y, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(X + offs)
+        tl.store(Y + offs, x * tl.sum(x, axis=0))  # every element stays live across the sum
+
+
+    def static_configs():
+        sig = {"X": "*fp32", "Y": "*fp32", "BLOCK": "constexpr"}
+        return [
+            # 8192 floats on one warp: 256 values a thread cannot fit 255 registers.
+            {"name": "spills", "fn": scale_by_sum, "signature": sig, "constexprs": {"BLOCK": 8192},
+             "num_warps": 1, "num_stages": 1, "require_hgmma": False},
+            {"name": "no_tensor_cores", "fn": scale_by_sum, "signature": sig, "constexprs": {"BLOCK": 128},
+             "num_warps": 4, "num_stages": 1, "require_hgmma": True},
+            {"name": "fine", "fn": scale_by_sum, "signature": sig, "constexprs": {"BLOCK": 128},
+             "num_warps": 4, "num_stages": 1, "require_hgmma": False},
+            {"name": "broken", "fn": scale_by_sum, "signature": {"X": "*fp32", "BLOCK": "constexpr"},
+             "constexprs": {"BLOCK": 128}, "num_warps": 4, "num_stages": 1, "require_hgmma": False},
+        ]
+''')
+
+
+def test_report_flags_real_compiles_and_skips_missing_modules(tmp_path, monkeypatch, capsys):
+    package = tmp_path / "report_test_kernels"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "bad.py").write_text(_BAD_KERNELS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "report.json"
+    # A dotted name is a full module path; a plain one is looked up in gptfast.kernels.
+    status = report.main(["--modules", "report_test_kernels.bad,no_such_kernels", "--json", str(out)])
+    assert status == 1
+    printed = capsys.readouterr().out
+    assert "FAIL" in printed and "skipped: module not present" in printed
+
+    rows = {row["name"] or row["module"]: row for row in json.loads(out.read_text())}
+    assert rows["spills"]["spill_stores"] > 0 and any("register spills" in p for p in rows["spills"]["problems"])
+    assert rows["no_tensor_cores"]["hgmma"] == 0 and any("HGMMA" in p for p in rows["no_tensor_cores"]["problems"])
+    assert rows["fine"]["problems"] == [] and rows["fine"]["registers"] > 0 and rows["fine"]["spill_stores"] == 0
+    assert "error" in rows["broken"] and rows["broken"]["problems"]
+    assert rows["no_such_kernels"]["skipped"] == "module not present" and rows["no_such_kernels"]["problems"] == []
