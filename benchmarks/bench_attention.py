@@ -1,0 +1,13 @@
+"""pytest-benchmark: the causal_attention cases of `gptfast bench` (see gptfast/bench/suites/attention.py)."""
+import pytest
+
+from conftest import bench_device, case_id, quick, run_case
+from gptfast.bench.suites import attention
+
+DEVICE = bench_device()
+CASES, _ = attention.cases(DEVICE, quick=quick())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_attention(benchmark, case):
+    run_case(benchmark, case, DEVICE)

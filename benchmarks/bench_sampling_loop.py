@@ -1,0 +1,240 @@
+"""The sampling loop's cost: C++ loop vs its Python twin vs Hugging Face ``generate``.
+
+Random weights, built as a ``transformers.GPT2LMHeadModel`` and loaded into gptfast via
+``save_pretrained`` / ``GPT.from_pretrained`` in a temporary directory, so every engine
+runs the same weights. Reports, per model shape and batch size:
+
+- end-to-end tokens/s (prefill included, median of ``--repeats`` runs after a warm-up);
+- per-token overhead: wall time minus the time spent inside the model's forward
+  (measured by wrapping ``forward``), divided by the tokens generated (so it includes
+  setup, prefill bookkeeping and detokenisation-free result building); on CUDA this
+  decomposition is meaningless (asynchronous kernels) and is skipped;
+- per-token overhead with a stub model step (a fixed logits tensor: no model at all),
+  C++ loop vs Python loop, for greedy and for sampled decoding.
+
+Greedy tokens must be identical across the three engines (asserted).
+
+CPU:   python benchmarks/bench_sampling_loop.py
+H200:  python benchmarks/bench_sampling_loop.py --device cuda --dtype bfloat16 --configs gpt2-124M \
+           --batch 1 --new-tokens 256 --compile-baseline --count-syncs
+       (adds a torch.compile(mode="reduce-overhead") static-cache greedy decode and the
+       profiler's count of host syncs per generated token)
+"""
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+CONFIGS = {  # GPT-2's vocabulary unless said otherwise
+    "4x256": dict(n_layer=4, n_embd=256, n_head=4),
+    "4x256-bytes": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=256),  # the loop's cost dominates
+    "gpt2-124M": dict(n_layer=12, n_embd=768, n_head=12),
+}
+VOCAB, CONTEXT = 50257, 1024
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def build_models(shape, device, dtype):
+    """The same random weights as an HF GPT2LMHeadModel and a gptfast GPT."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptfast.model import GPT
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(**{"vocab_size": VOCAB, "n_positions": CONTEXT, **CONFIGS[shape]})).eval()
+    hf.generation_config.eos_token_id = None  # every engine runs the full length
+    hf.generation_config.pad_token_id = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = GPT.from_pretrained(tmp, device=device, dtype=dtype).eval()
+    return hf.to(device=device, dtype=dtype), ours
+
+
+class ForwardClock:
+    """Accumulates the wall time spent inside ``module.forward``."""
+
+    def __init__(self, module):
+        self.seconds, inner = 0.0, module.forward
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        module.forward = timed
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_runs(fn, device, repeats, clock=None):
+    """``repeats`` runs after one warm-up: (median seconds, median seconds outside the
+    model's forward (when a ForwardClock is given), last output)."""
+    out = fn()
+    times, outside = [], []
+    for _ in range(repeats):
+        sync(device)
+        inside_before = clock.seconds if clock else 0.0
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        outside.append(times[-1] - ((clock.seconds - inside_before) if clock else 0.0))
+    return statistics.median(times), statistics.median(outside), out
+
+
+def measure_end_to_end(hf, ours, batch, prompt_len, new_tokens, device, repeats):
+    from gptfast.generation import generate
+    from gptfast.sampling import SamplingParams
+
+    torch.manual_seed(1)
+    prompts = torch.randint(0, ours.config.vocab_size, (batch, prompt_len))
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    hf_clock, our_clock = ForwardClock(hf), ForwardClock(ours)
+    rows, tokens = [], {}
+
+    def ours_run(engine):
+        return lambda: [r.token_ids for r in generate(ours, prompts.tolist(), params, engine=engine)]
+
+    def hf_run():
+        out = hf.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
+                          max_new_tokens=new_tokens, do_sample=False)
+        return out[:, prompt_len:].tolist()
+
+    for name, fn, clock in (("gptfast C++ loop", ours_run("cpp"), our_clock),
+                            ("gptfast Python loop", ours_run("python"), our_clock),
+                            ("HF generate", hf_run, hf_clock)):
+        seconds, outside, out = timed_runs(fn, device, repeats, clock)
+        tokens[name] = out
+        overhead = outside / new_tokens * 1e6 if device.type == "cpu" else float("nan")
+        rows.append((name, batch * new_tokens / seconds, seconds / new_tokens * 1e3, overhead))
+    reference = tokens["gptfast C++ loop"]
+    for name, out in tokens.items():
+        assert out == reference, f"greedy tokens differ between gptfast C++ loop and {name}"
+    return rows
+
+
+def measure_stub_overhead(engine_name, batch, new_tokens, device, sampled, repeats):
+    """Per-token loop cost with a stub model step that returns fixed logits."""
+    from gptfast.generation import _HostRows, get_engine
+    from gptfast.sampling import SamplingParams, build_sampling_tensors, new_decode_state, resolve_seeds
+
+    engine = get_engine(engine_name)
+    kwargs = dict(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1) if sampled else dict(temperature=0.0)
+    params = [SamplingParams(max_new_tokens=new_tokens, seed=row, **kwargs) for row in range(batch)]
+    prompts = [[1, 2, 3]] * batch
+    logits = torch.randn(batch, 1, VOCAB, device=device) * 3
+
+    def run():
+        seeds = resolve_seeds(params)
+        p = build_sampling_tensors(params, VOCAB, seeds, device, token_table=engine.token_table)
+        s = new_decode_state(prompts, params, p, VOCAB, device)
+        engine.sample_step(logits, p, s)
+        host = _HostRows(prompts, params, seeds, s, None, None)
+        sync(device)
+        start = time.perf_counter()
+        engine.decode_loop(p, s, lambda tokens, positions: logits, False, host.on_sync, new_tokens - 1, 16, 1)
+        sync(device)
+        return time.perf_counter() - start
+
+    run()
+    return statistics.median(run() for _ in range(max(repeats, 5))) / (new_tokens - 1) * 1e6
+
+
+def compile_baseline(ours, prompt_len, new_tokens, device):
+    """Greedy decode over gptfast's static KV cache with the step compiled by
+    torch.compile(mode="reduce-overhead") (CUDA graphs through cudagraph trees)."""
+    step = torch.compile(lambda tok, pos: ours(tok, input_pos=pos)[:, -1].argmax(-1, keepdim=True),
+                         mode="reduce-overhead")
+    prompt = torch.randint(0, VOCAB, (1, prompt_len), device=device)
+
+    def run():
+        ours.setup_cache(1, prompt_len + new_tokens)
+        tok = ours(prompt, input_pos=torch.arange(prompt_len, device=device))[:, -1].argmax(-1, keepdim=True)
+        pos = torch.full((1, 1), prompt_len, device=device, dtype=torch.long)
+        out = [tok]
+        for _ in range(new_tokens - 1):
+            tok = step(tok, pos).clone()
+            pos = pos + 1
+            out.append(tok)
+        return torch.cat(out, 1)
+
+    run()  # compile and record
+    seconds, _, _ = timed_runs(run, device, 3)
+    return new_tokens / seconds
+
+
+def count_syncs(ours, prompt_len, new_tokens, device):
+    from gptfast.generation import generate
+    from gptfast.sampling import SamplingParams
+
+    prompt = torch.randint(0, VOCAB, (1, prompt_len)).tolist()
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    generate(ours, prompt, params)  # warm: graph captured and cached
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        generate(ours, prompt, params)
+    syncs = sum(1 for e in prof.events() if e.name in SYNC_EVENTS)
+    return syncs / new_tokens
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--compile-baseline", action="store_true", help="CUDA: add torch.compile reduce-overhead decode")
+    parser.add_argument("--count-syncs", action="store_true", help="CUDA: profiler host syncs per generated token")
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+    import transformers
+
+    from gptfast.sampling import extension_status
+
+    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {platform.platform()}  "
+          f"{torch.get_num_threads()} threads  torch {torch.__version__}  transformers {transformers.__version__}")
+    print(f"# sampler: {extension_status()}")
+    print(f"# {' '.join(sys.argv)}")
+    print("\n| model | batch | engine | tokens/s | ms per step | loop overhead µs/token |")
+    print("|---|---|---|---|---|---|")
+    for shape in args.configs:
+        hf, ours = build_models(shape, device, dtype)
+        for batch in args.batch:
+            for name, tps, ms, overhead in measure_end_to_end(hf, ours, batch, args.prompt_len, args.new_tokens,
+                                                               device, args.repeats):
+                print(f"| {shape} | {batch} | {name} | {tps:.1f} | {ms:.2f} | {overhead:.0f} |", flush=True)
+        if device.type == "cuda" and args.compile_baseline:
+            print(f"| {shape} | 1 | torch.compile reduce-overhead greedy | "
+                  f"{compile_baseline(ours, args.prompt_len, args.new_tokens, device):.1f} | | |", flush=True)
+        if device.type == "cuda" and args.count_syncs:
+            print(f"\nhost syncs per token ({shape}, batch 1, {args.new_tokens} tokens): "
+                  f"{count_syncs(ours, args.prompt_len, args.new_tokens, device):.3f}")
+        del hf, ours
+
+    print("\nStub model step (fixed logits, vocabulary 50257): loop cost per token, µs")
+    print("\n| batch | decoding | C++ loop | Python loop | ratio |")
+    print("|---|---|---|---|---|")
+    for batch in args.batch:
+        for sampled in (False, True):
+            cpp = measure_stub_overhead("cpp", batch, args.new_tokens, device, sampled, args.repeats)
+            py = measure_stub_overhead("python", batch, args.new_tokens, device, sampled, args.repeats)
+            label = "top-k 50, top-p 0.95, T 0.8, rep. 1.1" if sampled else "greedy"
+            print(f"| {batch} | {label} | {cpp:.0f} | {py:.0f} | {py / cpp:.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

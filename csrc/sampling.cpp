@@ -1,0 +1,686 @@
+// gptfast's sampling loop in C++: logits processors, seeded sampling, stop checks and
+// the decode loop that drives them.
+//
+// The general path is device-agnostic ATen, so one build serves CPU and CUDA tensors,
+// and every op is CUDA-graph capturable (no host syncs, fixed shapes). On CPU tensors,
+// where per-op overhead and index-tracking reductions dominate a decode step, plain C++
+// loops replace the parts that allow it bit for bit: one fused pass per row for the
+// penalties / bias / min-new mask / max / argmax / temperature, the hash noise, and the
+// per-row bookkeeping. `force_aten` selects the general path on CPU too (tests compare
+// all three: twin, CPU fast path, ATen path).
+//
+// The Python twin, gptfast/reference/sampling.py, runs the same torch operations in the
+// same order: for one seed both pick identical tokens. Read it first: its docstring
+// gives the processor order and the exponential-race sampling rule; the comments here
+// only note where C++ differs in form.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+using at::Tensor;
+
+namespace {
+
+// Bumped whenever the Python <-> C++ interface changes; the loader rejects a stale build.
+constexpr int64_t kApiVersion = 2;
+
+// ---- counter-based noise (see the twin's mix32 / row_keys / uniform_noise) -------------
+
+constexpr int64_t kMask32 = 0xFFFFFFFFLL;
+constexpr int64_t kMixMul1 = 0x7FEB352DLL;
+constexpr int64_t kMixMul2 = 0x68E31DA5LL;
+constexpr int64_t kSaltSeed = 0x9E3779B9LL;
+constexpr int64_t kSaltToken = 0x85EBCA77LL;
+constexpr int64_t kSaltOuter = 0x27D4EB2FLL;
+constexpr double kInv2Pow32 = 1.0 / 4294967296.0;
+constexpr int64_t kFinishStopToken = 1, kFinishLength = 2;
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// Scalar form for the CPU loop: values < 2**32 and multipliers < 2**31 never overflow.
+inline uint64_t mix32_scalar(uint64_t x) {
+  x ^= x >> 16;
+  x = (x * static_cast<uint64_t>(kMixMul1)) & static_cast<uint64_t>(kMask32);
+  x ^= x >> 15;
+  x = (x * static_cast<uint64_t>(kMixMul2)) & static_cast<uint64_t>(kMask32);
+  return x ^ (x >> 16);
+}
+
+// Tensor form (int64 tensors holding values in [0, 2**32)): runs on any device.
+Tensor mix32(const Tensor& x0) {
+  Tensor x = x0.bitwise_xor(at::bitwise_right_shift(x0, 16));
+  x = x.mul(kMixMul1).bitwise_and_(kMask32);
+  x = x.bitwise_xor(at::bitwise_right_shift(x, 15));
+  x = x.mul(kMixMul2).bitwise_and_(kMask32);
+  return x.bitwise_xor(at::bitwise_right_shift(x, 16));
+}
+
+Tensor token_table(int64_t vocab_size, at::Device device) {
+  TORCH_CHECK(vocab_size >= 1, "token_table: vocab_size must be >= 1, got ", vocab_size);
+  return mix32(at::arange(vocab_size, at::TensorOptions().dtype(at::kLong).device(device)).bitwise_xor(kSaltToken));
+}
+
+std::pair<Tensor, Tensor> row_keys(const Tensor& seed, const Tensor& step) {
+  Tensor k = mix32(seed.bitwise_and(kMask32).bitwise_xor(kSaltSeed));
+  k = mix32(k.bitwise_xor(at::bitwise_right_shift(seed, 32)));
+  k = mix32(k.bitwise_xor(step.bitwise_and(kMask32)));
+  return {k, mix32(k.bitwise_xor(kSaltOuter))};
+}
+
+Tensor uniform_noise_aten(const Tensor& seed, const Tensor& step, const Tensor& table, const Tensor& token_ids) {
+  auto [k1, k2] = row_keys(seed, step);
+  Tensor per_token = token_ids.defined() ? at::take(table, token_ids) : table.unsqueeze(0);
+  Tensor h = mix32(mix32(k1.unsqueeze(1).bitwise_xor(per_token)).bitwise_xor(k2.unsqueeze(1)));
+  return h.to(at::kDouble).add(0.5).mul(kInv2Pow32);
+}
+
+// The same bits as uniform_noise_aten, in one pass over a CPU output buffer (the per-token
+// hash comes from the table, as there).
+Tensor uniform_noise_cpu(const Tensor& seed, const Tensor& step, const Tensor& table, const Tensor& token_ids) {
+  const int64_t rows = seed.size(0);
+  const int64_t cols = token_ids.defined() ? token_ids.size(1) : table.size(0);
+  Tensor seed_c = seed.contiguous(), step_c = step.expand({rows}).contiguous(), table_c = table.contiguous();
+  const int64_t* table_p = table_c.data_ptr<int64_t>();
+  Tensor ids = token_ids.defined() ? token_ids.contiguous() : Tensor();
+  const int64_t* seed_p = seed_c.data_ptr<int64_t>();
+  const int64_t* step_p = step_c.data_ptr<int64_t>();
+  const int64_t* ids_p = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+  std::vector<uint64_t> key1(rows), key2(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t s = static_cast<uint64_t>(seed_p[r]);
+    uint64_t k = mix32_scalar((s & kMask32) ^ kSaltSeed);
+    k = mix32_scalar(k ^ (s >> 32));
+    k = mix32_scalar(k ^ (static_cast<uint64_t>(step_p[r]) & kMask32));
+    key1[r] = k;
+    key2[r] = mix32_scalar(k ^ kSaltOuter);
+  }
+  Tensor out = at::empty({rows, cols}, seed.options().dtype(at::kDouble));
+  double* out_p = out.data_ptr<double>();
+  at::parallel_for(0, rows * cols, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / cols;
+      const uint64_t per_token = static_cast<uint64_t>(table_p[ids_p ? ids_p[i] : i % cols]);
+      const uint64_t h = mix32_scalar(mix32_scalar(key1[r] ^ per_token) ^ key2[r]);
+      out_p[i] = (static_cast<double>(h) + 0.5) * kInv2Pow32;
+    }
+  });
+  return out;
+}
+
+// ---- per-row parameters and loop state, read once from the Python dataclasses ---------
+
+Tensor tensor_attr(py::handle obj, const char* name) {
+  py::object value = obj.attr(name);
+  return value.is_none() ? Tensor() : value.cast<Tensor>();
+}
+
+struct Params {  // mirrors gptfast.reference.sampling.SamplingTensors
+  Tensor greedy, temperature, top_k, top_p, log_min_p, repetition_penalty, presence_penalty, frequency_penalty,
+      min_new_tokens, max_new_tokens, seed, table, logit_bias, stop_mask;
+  bool all_greedy, use_repetition, use_presence_frequency, use_min_new, use_top_k, use_top_p, use_min_p;
+  int64_t num_candidates, num_logprobs;
+
+  static Params from(py::handle o) {
+    Params p;
+    p.greedy = tensor_attr(o, "greedy");
+    p.temperature = tensor_attr(o, "temperature");
+    p.top_k = tensor_attr(o, "top_k");
+    p.top_p = tensor_attr(o, "top_p");
+    p.log_min_p = tensor_attr(o, "log_min_p");
+    p.repetition_penalty = tensor_attr(o, "repetition_penalty");
+    p.presence_penalty = tensor_attr(o, "presence_penalty");
+    p.frequency_penalty = tensor_attr(o, "frequency_penalty");
+    p.min_new_tokens = tensor_attr(o, "min_new_tokens");
+    p.max_new_tokens = tensor_attr(o, "max_new_tokens");
+    p.seed = tensor_attr(o, "seed");
+    p.table = tensor_attr(o, "token_table");
+    p.logit_bias = tensor_attr(o, "logit_bias");
+    p.stop_mask = tensor_attr(o, "stop_mask");
+    p.all_greedy = o.attr("all_greedy").cast<bool>();
+    p.use_repetition = o.attr("use_repetition").cast<bool>();
+    p.use_presence_frequency = o.attr("use_presence_frequency").cast<bool>();
+    p.use_min_new = o.attr("use_min_new").cast<bool>();
+    p.use_top_k = o.attr("use_top_k").cast<bool>();
+    p.use_top_p = o.attr("use_top_p").cast<bool>();
+    p.use_min_p = o.attr("use_min_p").cast<bool>();
+    p.num_candidates = o.attr("num_candidates").cast<int64_t>();
+    p.num_logprobs = o.attr("num_logprobs").cast<int64_t>();
+    TORCH_CHECK(!p.use_min_new || p.stop_mask.defined(), "sampling: min_new_tokens needs stop_mask");
+    return p;
+  }
+};
+
+struct State {  // mirrors gptfast.reference.sampling.DecodeState
+  Tensor tokens, positions, step, generated, finished, finish_reason, bad_step, out_tokens, counts, prompt_seen,
+      out_logprobs, out_top_ids, out_top_logprobs;
+
+  static State from(py::handle o) {
+    State s;
+    s.tokens = tensor_attr(o, "tokens");
+    s.positions = tensor_attr(o, "positions");
+    s.step = tensor_attr(o, "step");
+    s.generated = tensor_attr(o, "generated");
+    s.finished = tensor_attr(o, "finished");
+    s.finish_reason = tensor_attr(o, "finish_reason");
+    s.bad_step = tensor_attr(o, "bad_step");
+    s.out_tokens = tensor_attr(o, "out_tokens");
+    s.counts = tensor_attr(o, "counts");
+    s.prompt_seen = tensor_attr(o, "prompt_seen");
+    s.out_logprobs = tensor_attr(o, "out_logprobs");
+    s.out_top_ids = tensor_attr(o, "out_top_ids");
+    s.out_top_logprobs = tensor_attr(o, "out_top_logprobs");
+    return s;
+  }
+};
+
+void check_consistent(const Params& p, const State& s) {
+  TORCH_CHECK(!(p.use_repetition || p.use_presence_frequency) || s.counts.defined(),
+              "sampling: penalties are on but the decode state has no counts");
+  TORCH_CHECK(p.num_logprobs < 0 || s.out_logprobs.defined(), "sampling: logprobs requested but no buffer");
+}
+
+Tensor uniform_noise(const Params& p, const State& s, const Tensor& token_ids, bool force_aten) {
+  if (!force_aten && p.seed.device().is_cpu()) {
+    return uniform_noise_cpu(p.seed, s.step, p.table, token_ids);
+  }
+  return uniform_noise_aten(p.seed, s.step, p.table, token_ids);
+}
+
+// ---- one step (twin: process_logits, choose_tokens, sample_step) -----------------------
+
+Tensor process_logits(const Tensor& logits, const Params& p, const State& s) {
+  Tensor x = logits.to(at::kFloat);
+  if (p.use_repetition) {
+    Tensor seen = s.counts.gt(0);
+    if (s.prompt_seen.defined()) seen = seen.bitwise_or(s.prompt_seen);
+    Tensor penalized = at::where(x.lt(0), x.mul(p.repetition_penalty), x.div(p.repetition_penalty));
+    x = at::where(seen, penalized, x);
+  }
+  if (p.use_presence_frequency) {
+    x = x.sub(s.counts.to(at::kFloat).mul(p.frequency_penalty))
+            .sub(s.counts.gt(0).to(at::kFloat).mul(p.presence_penalty));
+  }
+  if (p.logit_bias.defined()) x = x.add(p.logit_bias);
+  if (p.use_min_new) {
+    Tensor too_early = s.step.lt(p.min_new_tokens);
+    x = x.masked_fill(p.stop_mask.bitwise_and(too_early.unsqueeze(1)), kNegInf);
+  }
+  return x;
+}
+
+Tensor sample_candidates(const Tensor& z, const Params& p, const State& s, bool force_aten);
+Tensor race(Tensor cand, const Tensor& cand_ids, const Params& p, const State& s, bool force_aten);
+
+std::pair<Tensor, Tensor> choose_tokens(const Tensor& x, const Params& p, const State& s, bool force_aten) {
+  auto [xmax, greedy_tokens] = at::max(x, -1);
+  Tensor bad = at::isnan(xmax).bitwise_or(xmax.eq(kNegInf));
+  if (p.all_greedy) return {greedy_tokens, bad};
+  Tensor z = x.sub(xmax.unsqueeze(1)).div(p.temperature);
+  return {at::where(p.greedy, greedy_tokens, sample_candidates(z, p, s, force_aten)), bad};
+}
+
+// Steps 8-9 on temperature-scaled logits z (B, V): candidates, filters, exponential race.
+Tensor sample_candidates(const Tensor& z, const Params& p, const State& s, bool force_aten) {
+  Tensor cand, cand_ids;
+  if (p.num_candidates > 0) {
+    if (p.num_candidates < z.size(-1)) {
+      std::tie(cand, cand_ids) = at::topk(z, p.num_candidates, -1, /*largest=*/true, /*sorted=*/true);
+    } else {
+      std::tie(cand, cand_ids) = at::sort(z, /*stable=*/true, -1, /*descending=*/true);
+    }
+  } else {
+    cand = z;
+  }
+  return race(cand, cand_ids, p, s, force_aten);
+}
+
+// Steps 8-9 after candidate selection: top-k / top-p / min-p masks and the exponential
+// race. cand_ids undefined means cand covers the whole vocabulary in token order.
+Tensor race(Tensor cand, const Tensor& cand_ids, const Params& p, const State& s, bool force_aten) {
+  if (cand_ids.defined()) {
+    if (p.use_top_k) {
+      Tensor rank = at::arange(cand.size(-1), cand.options().dtype(at::kLong));
+      cand = cand.masked_fill(rank.unsqueeze(0).ge(p.top_k), kNegInf);
+    }
+    if (p.use_top_p) {
+      Tensor probs = at::softmax(cand.to(at::kDouble), -1);
+      Tensor mass_before = probs.cumsum(-1).sub(probs);
+      cand = cand.masked_fill(mass_before.ge(p.top_p), kNegInf);
+    }
+  }
+  if (p.use_min_p) cand = cand.masked_fill(cand.lt(p.log_min_p), kNegInf);
+  Tensor u = uniform_noise(p, s, cand_ids, force_aten);
+  Tensor score = cand.to(at::kDouble).sub(at::log(at::log(u).neg()));
+  Tensor winner = score.argmax(-1);
+  return cand_ids.defined() ? cand_ids.gather(1, winner.unsqueeze(1)).squeeze(1) : winner;
+}
+
+void record_logprobs(const Tensor& logits, const Tensor& tokens, const Tensor& column, int64_t n, State& s) {
+  Tensor logprobs = at::log_softmax(logits.to(at::kFloat), -1);
+  s.out_logprobs.scatter_(1, column, logprobs.gather(1, tokens.unsqueeze(1)));
+  if (n > 0) {
+    auto [top_values, top_ids] = at::topk(logprobs, n, -1);
+    Tensor top_column = column.unsqueeze(2).expand({-1, 1, n});
+    s.out_top_logprobs.scatter_(1, top_column, top_values.unsqueeze(1));
+    s.out_top_ids.scatter_(1, top_column, top_ids.unsqueeze(1));
+  }
+}
+
+Tensor sample_step_aten(const Tensor& logits, const Params& p, State& s, bool force_aten) {
+  const int64_t batch = s.tokens.size(0);
+  auto [tokens, bad] = choose_tokens(process_logits(logits, p, s), p, s, force_aten);
+  Tensor active = s.finished.logical_not();
+  s.bad_step.copy_(at::where(bad.bitwise_and(active).bitwise_and(s.bad_step.lt(0)), s.step, s.bad_step));
+  tokens = at::where(active, tokens, s.tokens.select(1, 0));
+  Tensor column = s.step.expand({batch}).unsqueeze(1);
+  s.out_tokens.scatter_(1, column, at::where(active, tokens, -1).unsqueeze(1));
+  if (p.num_logprobs >= 0) record_logprobs(logits, tokens, column, p.num_logprobs, s);
+  Tensor active_long = active.to(at::kLong);
+  s.generated.add_(active_long);
+  Tensor done = active.bitwise_and(s.generated.ge(p.max_new_tokens));
+  Tensor reason = at::where(done, kFinishLength, s.finish_reason);
+  if (p.stop_mask.defined()) {
+    Tensor hit_stop = active.bitwise_and(p.stop_mask.gather(1, tokens.unsqueeze(1)).squeeze(1));
+    reason = at::where(hit_stop, kFinishStopToken, reason);
+    done = done.bitwise_or(hit_stop);
+  }
+  s.finish_reason.copy_(reason);
+  s.finished.logical_or_(done);
+  if (s.counts.defined()) s.counts.scatter_add_(1, tokens.unsqueeze(1), active.to(at::kInt).unsqueeze(1));
+  s.positions.add_(active_long.unsqueeze(1));
+  s.tokens.copy_(tokens.unsqueeze(1));
+  s.step.add_(1);
+  return tokens;
+}
+
+// ---- CPU fast path ----------------------------------------------------------------------
+//
+// Same arithmetic as the ATen path, element by element: IEEE float +, -, *, / round the
+// same whether vectorised or not (the ISO C++ mode keeps the compiler from contracting
+// them into FMAs), and the max / argmax keeps torch.max's rules: the first maximum wins,
+// and the first NaN wins over everything.
+
+template <typename T>
+const T* ptr_or_null(const Tensor& t, bool wanted) {
+  return wanted && t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+bool all_on_cpu_contiguous(std::initializer_list<Tensor> tensors) {
+  for (const Tensor& t : tensors) {
+    if (t.defined() && (!t.device().is_cpu() || !t.is_contiguous())) return false;
+  }
+  return true;
+}
+
+bool cpu_fast_path_applies(const Tensor& logits, const Params& p, const State& s) {
+  return logits.device().is_cpu() &&
+         all_on_cpu_contiguous({p.greedy, p.temperature, p.repetition_penalty, p.presence_penalty,
+                                p.frequency_penalty, p.min_new_tokens, p.max_new_tokens, p.logit_bias, p.stop_mask,
+                                s.tokens, s.positions, s.step, s.generated, s.finished, s.finish_reason, s.bad_step,
+                                s.out_tokens, s.counts, s.prompt_seen});
+}
+
+// torch.max(dim)'s index on one row, given the row's amax (which propagates NaN): the
+// first position holding the maximum (ties, and -0.0 == 0.0, resolve as in torch), or
+// the first NaN.
+inline int64_t first_index_of_max(const float* x, int64_t n, float max_value) {
+  int64_t index = 0;
+  if (std::isnan(max_value)) {
+    while (!std::isnan(x[index])) ++index;
+    return index;
+  }
+  // Eight at a time without a branch per element, then the exact position in the chunk.
+  for (; index + 8 <= n; index += 8) {
+    bool hit = false;
+    for (int k = 0; k < 8; ++k) hit |= x[index + k] == max_value;
+    if (hit) break;
+  }
+  while (!(x[index] == max_value)) ++index;
+  return index;
+}
+
+// torch.max(dim) on one row in a single pass (for logits read straight from memory, where
+// a second pass would cost as much as the first): the first maximum's value and index, or
+// the first NaN. Eight lanes keep independent running maxima and where each first
+// occurred; the best lane wins, ties going to the smallest index.
+inline std::pair<float, int64_t> row_max_one_pass(const float* x, int64_t n) {
+  constexpr int kLanes = 8;
+  float best[kLanes];
+  int64_t where[kLanes];
+  for (int k = 0; k < kLanes; ++k) {
+    best[k] = -std::numeric_limits<float>::infinity();
+    where[k] = -1;
+  }
+  bool has_nan = false;
+  int64_t v = 0;
+  for (; v + kLanes <= n; v += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const float value = x[v + k];
+      has_nan |= value != value;
+      if (value > best[k]) {
+        best[k] = value;
+        where[k] = v + k;
+      }
+    }
+  }
+  for (; v < n; ++v) {
+    has_nan |= x[v] != x[v];
+    if (x[v] > best[0]) {
+      best[0] = x[v];
+      where[0] = v;
+    }
+  }
+  int64_t index = -1;
+  if (has_nan) {
+    index = 0;
+    while (!std::isnan(x[index])) ++index;
+    return {x[index], index};
+  }
+  float top = -std::numeric_limits<float>::infinity();
+  for (int k = 0; k < kLanes; ++k) {
+    if (where[k] >= 0 && (index < 0 || best[k] > top || (best[k] == top && where[k] < index))) {
+      top = best[k];
+      index = where[k];
+    }
+  }
+  if (index < 0) index = 0;  // every value is -inf: the first one
+  return {x[index], index};
+}
+
+// Rows per task so that each task covers at least ~64k logits (smaller work stays serial).
+inline int64_t row_grain(int64_t vocab) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(vocab, 1));
+}
+
+// at::topk(z, k) (largest, sorted) of one CPU row, where the answer is unique. A size-k
+// min-heap finds the k-th largest value in one pass; when the k largest values are all
+// distinct and finite and the k-th is not tied with the next, the sorted top k is the
+// only possible answer, so it equals torch.topk's. Returns false otherwise (ties, NaN),
+// and the caller asks at::topk itself.
+bool unique_topk_row(const float* z, int64_t vocab, int64_t k, float* values, int64_t* indices,
+                     std::vector<float>& heap, std::vector<std::pair<float, int64_t>>& top) {
+  heap.assign(z, z + k);
+  bool no_nan = true;  // torch.topk ranks NaN above everything
+  for (float value : heap) no_nan = no_nan && !std::isnan(value);
+  std::make_heap(heap.begin(), heap.end(), std::greater<float>());
+  for (int64_t v = k; v < vocab; ++v) {
+    if (z[v] > heap.front()) {
+      std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
+      heap.back() = z[v];
+      std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+    }
+    no_nan = no_nan && !std::isnan(z[v]);
+  }
+  const float threshold = heap.front();
+  if (!no_nan || !std::isfinite(threshold)) return false;
+  top.clear();
+  for (int64_t v = 0; v < vocab; ++v) {
+    if (z[v] >= threshold) top.emplace_back(z[v], v);
+  }
+  if (static_cast<int64_t>(top.size()) != k) return false;
+  std::sort(top.begin(), top.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (int64_t i = 1; i < k; ++i) {
+    if (top[i].first == top[i - 1].first) return false;
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    values[i] = top[i].first;
+    indices[i] = top[i].second;
+  }
+  return true;
+}
+
+// Steps 1-4 of the twin on one row, one simple loop per active processor.
+template <typename scalar_t>
+void process_row_cpu(const scalar_t* in, float* x, int64_t b, int64_t vocab, const Params& p, const State& s,
+                     int64_t step) {
+  for (int64_t v = 0; v < vocab; ++v) x[v] = static_cast<float>(in[v]);
+  const int64_t row = b * vocab;
+  const int32_t* counts = s.counts.defined() ? s.counts.data_ptr<int32_t>() + row : nullptr;
+  if (p.use_repetition) {
+    const float penalty = p.repetition_penalty.data_ptr<float>()[b];
+    const bool* prompt_seen = s.prompt_seen.defined() ? s.prompt_seen.data_ptr<bool>() + row : nullptr;
+    for (int64_t v = 0; v < vocab; ++v) {
+      if (counts[v] > 0 || (prompt_seen != nullptr && prompt_seen[v])) {
+        x[v] = x[v] < 0 ? x[v] * penalty : x[v] / penalty;
+      }
+    }
+  }
+  if (p.use_presence_frequency) {
+    const float frequency = p.frequency_penalty.data_ptr<float>()[b];
+    const float presence = p.presence_penalty.data_ptr<float>()[b];
+    for (int64_t v = 0; v < vocab; ++v) {
+      const float count = static_cast<float>(counts[v]);
+      const float present = counts[v] > 0 ? 1.0f : 0.0f;
+      x[v] = x[v] - count * frequency - present * presence;
+    }
+  }
+  if (p.logit_bias.defined()) {
+    const float* bias = p.logit_bias.data_ptr<float>() + row;
+    for (int64_t v = 0; v < vocab; ++v) x[v] = x[v] + bias[v];
+  }
+  if (p.use_min_new && step < p.min_new_tokens.data_ptr<int64_t>()[b]) {
+    const bool* stop = p.stop_mask.data_ptr<bool>() + row;
+    for (int64_t v = 0; v < vocab; ++v) {
+      if (stop[v]) x[v] = -std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+// choose_tokens on the CPU, row by row while the row is in cache: processors, max and
+// argmax, z = (x - max) / T, and (when the batch samples from a top-K list) the row's top
+// K; then the filters and the race through ATen as in the general path.
+std::pair<Tensor, Tensor> choose_tokens_cpu(const Tensor& logits, const Params& p, const State& s) {
+  const int64_t rows = logits.size(0), vocab = logits.size(1), k = p.num_candidates;
+  const int64_t step = s.step.data_ptr<int64_t>()[0];
+  Tensor src = logits.contiguous();
+  const bool any_processor = p.use_repetition || p.use_presence_frequency || p.logit_bias.defined() || p.use_min_new;
+  const bool own_x = any_processor || src.scalar_type() != at::kFloat;
+  const bool row_topk = !p.all_greedy && k > 0 && k * 4 <= vocab;  // top K found per row here
+  const bool full_z = !p.all_greedy && !row_topk;                 // z for sample_candidates
+  const auto f32 = src.options().dtype(at::kFloat);
+  Tensor x = own_x ? at::empty({rows, vocab}, f32) : src;  // with no processor, the logits themselves
+  Tensor z = full_z ? at::empty({rows, vocab}, f32) : Tensor();
+  Tensor cand = row_topk ? at::zeros({rows, k}, f32) : Tensor();
+  Tensor cand_ids = row_topk ? at::arange(k, src.options().dtype(at::kLong)).repeat({rows, 1}) : Tensor();
+  Tensor greedy_tokens = at::empty({rows}, src.options().dtype(at::kLong));
+  Tensor bad = at::empty({rows}, src.options().dtype(at::kBool));
+  std::vector<float> xmax(rows);
+  std::vector<char> topk_fallback(rows, 0);
+  const bool* greedy_rows = p.greedy.data_ptr<bool>();
+  const float* temperature = p.temperature.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "choose_tokens_cpu", [&] {
+    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t row_begin, int64_t row_end) {
+      std::vector<float> z_row, heap;
+      std::vector<std::pair<float, int64_t>> top;
+      for (int64_t b = row_begin; b < row_end; ++b) {
+        float* xr = x.data_ptr<float>() + b * vocab;
+        if (own_x) process_row_cpu<scalar_t>(src.data_ptr<scalar_t>() + b * vocab, xr, b, vocab, p, s, step);
+        int64_t index;
+        if (own_x) {  // the row was just written and is in cache: vectorised amax, then its index
+          const float row_amax = at::amax(x.select(0, b)).item<float>();  // propagates NaN
+          index = first_index_of_max(xr, vocab, row_amax);
+        } else {
+          index = row_max_one_pass(xr, vocab).second;
+        }
+        const float m = xr[index];  // torch.max's value: the first maximum's own bits
+        xmax[b] = m;
+        greedy_tokens.data_ptr<int64_t>()[b] = index;
+        bad.data_ptr<bool>()[b] = std::isnan(m) || m == -std::numeric_limits<float>::infinity();
+        if (p.all_greedy || (row_topk && greedy_rows[b])) continue;  // greedy rows need no candidates
+        float* zr = full_z ? z.data_ptr<float>() + b * vocab : (z_row.resize(vocab), z_row.data());
+        for (int64_t v = 0; v < vocab; ++v) zr[v] = (xr[v] - m) / temperature[b];
+        if (row_topk) {
+          topk_fallback[b] = !unique_topk_row(zr, vocab, k, cand.data_ptr<float>() + b * k,
+                                               cand_ids.data_ptr<int64_t>() + b * k, heap, top);
+        }
+      }
+    });
+  });
+  if (p.all_greedy) return {greedy_tokens, bad};
+  if (!row_topk) return {at::where(p.greedy, greedy_tokens, sample_candidates(z, p, s, false)), bad};
+  for (int64_t b = 0; b < rows; ++b) {
+    if (!topk_fallback[b]) continue;
+    Tensor z_row = x.select(0, b).sub(xmax[b]).div(temperature[b]);  // the twin's z, for at::topk
+    auto [values, indices] = at::topk(z_row, k, -1, /*largest=*/true, /*sorted=*/true);
+    cand.select(0, b).copy_(values);
+    cand_ids.select(0, b).copy_(indices);
+  }
+  return {at::where(p.greedy, greedy_tokens, race(cand, cand_ids, p, s, false)), bad};
+}
+
+// The twin's bookkeeping after the choice, as a loop over rows.
+Tensor advance_state_cpu(const Tensor& logits, Tensor tokens, const Tensor& bad, const Params& p, State& s) {
+  const int64_t rows = s.tokens.size(0), width = s.out_tokens.size(1);
+  const int64_t step = s.step.data_ptr<int64_t>()[0];
+  TORCH_CHECK(step < width, "decode step ", step, " is past the output buffer of ", width, " tokens");
+  const int64_t vocab = p.table.size(0);
+  int64_t* token_p = tokens.data_ptr<int64_t>();
+  const bool* bad_p = bad.data_ptr<bool>();
+  const bool* finished_p = s.finished.data_ptr<bool>();
+  int64_t* last_p = s.tokens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < rows; ++b) {
+    const bool active = !finished_p[b];
+    if (bad_p[b] && active && s.bad_step.data_ptr<int64_t>()[b] < 0) s.bad_step.data_ptr<int64_t>()[b] = step;
+    if (!active) token_p[b] = last_p[b];
+    s.out_tokens.data_ptr<int64_t>()[b * width + step] = active ? token_p[b] : -1;
+  }
+  if (p.num_logprobs >= 0) {
+    record_logprobs(logits, tokens, s.step.expand({rows}).unsqueeze(1), p.num_logprobs, s);
+  }
+  const int64_t* max_new = p.max_new_tokens.data_ptr<int64_t>();
+  const bool* stop = ptr_or_null<bool>(p.stop_mask, true);
+  int32_t* counts = s.counts.defined() ? s.counts.data_ptr<int32_t>() : nullptr;
+  for (int64_t b = 0; b < rows; ++b) {
+    const bool active = !finished_p[b];
+    const int64_t token = token_p[b];
+    int64_t& generated = s.generated.data_ptr<int64_t>()[b];
+    generated += active ? 1 : 0;
+    bool done = active && generated >= max_new[b];
+    int64_t reason = done ? kFinishLength : s.finish_reason.data_ptr<int64_t>()[b];
+    if (stop != nullptr && active && stop[b * vocab + token]) {
+      reason = kFinishStopToken;
+      done = true;
+    }
+    s.finish_reason.data_ptr<int64_t>()[b] = reason;
+    if (done) s.finished.data_ptr<bool>()[b] = true;
+    if (counts != nullptr && active) counts[b * vocab + token] += 1;
+    if (active) s.positions.data_ptr<int64_t>()[b] += 1;
+    last_p[b] = token;
+  }
+  s.step.data_ptr<int64_t>()[0] += 1;
+  return tokens;
+}
+
+Tensor sample_step_cpu(const Tensor& logits, const Params& p, State& s) {
+  auto [tokens, bad] = choose_tokens_cpu(logits, p, s);
+  return advance_state_cpu(logits, tokens.contiguous(), bad, p, s);
+}
+
+// ---- Python entry points -------------------------------------------------------------
+
+Tensor sample_step_impl(const Tensor& logits_in, const Params& p, State& s, bool force_aten) {
+  const int64_t batch = s.tokens.size(0);
+  TORCH_CHECK(logits_in.numel() == batch * p.table.size(0), "sample_step: logits of shape ", logits_in.sizes(),
+              " do not hold ", batch, " rows of the vocabulary size ", p.table.size(0));
+  TORCH_CHECK(logits_in.is_floating_point(), "sample_step: logits must be floating point, got ",
+              logits_in.scalar_type());
+  Tensor logits = logits_in.reshape({batch, -1});
+  if (!force_aten && cpu_fast_path_applies(logits, p, s)) return sample_step_cpu(logits, p, s);
+  return sample_step_aten(logits, p, s, force_aten);
+}
+
+Tensor sample_step(const Tensor& logits, py::handle params, py::handle state, bool force_aten) {
+  Params p = Params::from(params);
+  State s = State::from(state);
+  check_consistent(p, s);
+  return sample_step_impl(logits, p, s, force_aten);
+}
+
+// The decode loop. Each iteration runs one model step and one sampling step: either
+// `model_step(tokens, positions) -> logits` followed by sample_step here, or, with
+// `graph_replay`, `model_step()` alone, which replays a CUDA graph that captured both.
+// The host looks at the device only every `sync_every` generated tokens (and when the
+// loop ends): `on_sync(tokens_generated)` reads the finished flags and the new tokens in
+// one transfer, streams, checks stop strings, and returns True when every row is done.
+// On CPU tensors a host read costs nothing, so the loop also checks for finished rows
+// and bad logits after every step and syncs at once when it finds either.
+bool any_row_needs_the_host(const State& s) {  // CPU state: all rows finished, or bad logits
+  const int64_t rows = s.finished.numel();
+  const bool* finished = s.finished.data_ptr<bool>();
+  const int64_t* bad_step = s.bad_step.data_ptr<int64_t>();
+  bool all_finished = true;
+  for (int64_t b = 0; b < rows; ++b) {
+    if (bad_step[b] >= 0) return true;
+    all_finished = all_finished && finished[b];
+  }
+  return all_finished;
+}
+
+int64_t decode_loop(py::handle params, py::handle state, py::function model_step, bool graph_replay,
+                    py::function on_sync, int64_t num_steps, int64_t sync_every, int64_t first_step, bool force_aten) {
+  TORCH_CHECK(sync_every >= 1, "decode_loop: sync_every must be >= 1, got ", sync_every);
+  TORCH_CHECK(num_steps >= 0, "decode_loop: num_steps must be >= 0, got ", num_steps);
+  Params p = Params::from(params);
+  State s = State::from(state);
+  check_consistent(p, s);
+  const bool host_reads_are_free = all_on_cpu_contiguous({s.finished, s.bad_step});
+  for (int64_t i = 0; i < num_steps; ++i) {
+    if (graph_replay) {
+      model_step();
+    } else {
+      Tensor logits = model_step(s.tokens, s.positions).cast<Tensor>();
+      sample_step_impl(logits, p, s, force_aten);
+    }
+    const int64_t generated = first_step + i + 1;
+    bool sync = generated % sync_every == 0 || i + 1 == num_steps;
+    if (!sync && host_reads_are_free) sync = any_row_needs_the_host(s);
+    if (sync && on_sync(generated).cast<bool>()) return i + 1;
+  }
+  return num_steps;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gptfast C++ sampling loop (see gptfast/reference/sampling.py for the algorithm)";
+  m.attr("API_VERSION") = kApiVersion;
+  m.def("mix32", &mix32, "32-bit hash mixer on int64 tensors in [0, 2**32)", py::arg("x"));
+  m.def(
+      "token_table", [](int64_t vocab_size, py::object device) {
+        return token_table(vocab_size, device.is_none() ? at::Device(at::kCPU) : device.cast<at::Device>());
+      },
+      "per-token hash inputs (V,) int64", py::arg("vocab_size"), py::arg("device") = py::none());
+  m.def(
+      "uniform_noise",
+      [](const Tensor& seed, const Tensor& step, const Tensor& table, std::optional<Tensor> token_ids, bool force_aten) {
+        Tensor ids = token_ids.has_value() ? *token_ids : Tensor();
+        TORCH_CHECK(seed.dim() == 1 && seed.scalar_type() == at::kLong, "uniform_noise: seed must be (B,) int64");
+        TORCH_CHECK(step.scalar_type() == at::kLong && (step.numel() == 1 || step.numel() == seed.numel()),
+                    "uniform_noise: step must be int64 of shape (1,) or (B,)");
+        TORCH_CHECK(!ids.defined() || (ids.dim() == 2 && ids.size(0) == seed.size(0) && ids.scalar_type() == at::kLong),
+                    "uniform_noise: token_ids must be (B, K) int64");
+        TORCH_CHECK(table.dim() == 1 && table.scalar_type() == at::kLong && table.device() == seed.device(),
+                    "uniform_noise: table must be token_table(V) on the seed's device");
+        TORCH_CHECK(!ids.defined() || ids.numel() == 0 ||
+                        (ids.min().item<int64_t>() >= 0 && ids.max().item<int64_t>() < table.size(0)),
+                    "uniform_noise: token_ids must lie in [0, ", table.size(0), ")");
+        if (!force_aten && seed.device().is_cpu()) return uniform_noise_cpu(seed, step, table, ids);
+        return uniform_noise_aten(seed, step, table, ids);
+      },
+      "uniforms in (0, 1) from (seed, step, token id)", py::arg("seed"), py::arg("step"), py::arg("table"),
+      py::arg("token_ids") = py::none(), py::arg("force_aten") = false);
+  m.def("sample_step", &sample_step, "process logits, sample and advance the decode state in place", py::arg("logits"),
+        py::arg("params"), py::arg("state"), py::arg("force_aten") = false);
+  m.def("decode_loop", &decode_loop, "run decode steps until done, syncing with the host every sync_every tokens",
+        py::arg("params"), py::arg("state"), py::arg("model_step"), py::arg("graph_replay"), py::arg("on_sync"),
+        py::arg("num_steps"), py::arg("sync_every"), py::arg("first_step"), py::arg("force_aten") = false);
+}

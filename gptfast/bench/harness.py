@@ -1,0 +1,195 @@
+"""Timing: warm-up, then repeated measurements summarised as median, p20 and p80.
+
+Three ways to time one call of ``fn(inputs)``:
+
+* **CUDA events + L2 flush** (the default on a GPU). Before every repetition a buffer
+  twice the size of the L2 cache is overwritten, so no repetition finds its inputs in
+  L2; each repetition is bracketed by its own pair of CUDA events and all are read
+  after a single synchronisation at the end (no host sync between repetitions).
+* **CUDA-graph replay** (``cuda_graph=True``, for kernels of a few microseconds, whose
+  launch overhead would otherwise dominate): ``graph_calls`` calls are captured into
+  one CUDA graph, each replay is timed with events and divided by ``graph_calls``.
+  If capture fails (an op that syncs with the host), the events method is used and
+  the result says so.
+* **Wall clock** on the CPU: ``time.perf_counter`` around each call.
+
+Repetitions rotate over several input sets, so that a later repetition does not find
+data an earlier one left in a cache. The number of repetitions adapts to the speed of
+the call: enough to fill ``target_ms`` of measurement, within ``[min_reps, max_reps]``.
+"""
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+
+# Methods, as recorded in each result row.
+WALL_CLOCK = "wall-clock"
+CUDA_EVENTS = "cuda-events+l2-flush"
+CUDA_GRAPH = "cuda-graph"
+
+
+@dataclass
+class Timing:
+    """Per-call times of one benchmark, in milliseconds."""
+
+    samples_ms: List[float]
+    method: str
+    note: str = ""
+    median_ms: float = field(init=False)
+    p20_ms: float = field(init=False)
+    p80_ms: float = field(init=False)
+
+    def __post_init__(self):
+        if not self.samples_ms:
+            raise ValueError("Timing needs at least one sample")
+        self.median_ms = percentile(self.samples_ms, 50)
+        self.p20_ms = percentile(self.samples_ms, 20)
+        self.p80_ms = percentile(self.samples_ms, 80)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between order statistics."""
+    if not values:
+        raise ValueError("percentile of an empty sequence")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile q must be in [0, 100], got {q}")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _as_device(device) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def _rep_count(estimate_ms: float, target_ms: float, min_reps: int, max_reps: int) -> int:
+    if estimate_ms <= 0:
+        return max_reps
+    return int(min(max_reps, max(min_reps, round(target_ms / estimate_ms))))
+
+
+def time_call(
+    fn: Callable[[Any], Any],
+    input_sets: Optional[Sequence[Any]] = None,
+    *,
+    device="cpu",
+    warmup: int = 3,
+    target_ms: float = 200.0,
+    min_reps: int = 5,
+    max_reps: int = 100,
+    flush_l2: bool = True,
+    cuda_graph: bool = False,
+    graph_calls: int = 20,
+) -> Timing:
+    """Time ``fn(input_set)``, rotating over ``input_sets`` (``[None]`` when omitted).
+
+    ``warmup`` calls come first (they also absorb JIT compilation and autotuning).
+    """
+    input_sets = list(input_sets) if input_sets is not None else [None]
+    if not input_sets:
+        raise ValueError("time_call: input_sets must not be empty")
+    if warmup < 1 or min_reps < 1 or max_reps < min_reps:
+        raise ValueError(f"time_call: need warmup >= 1 and 1 <= min_reps <= max_reps (got {warmup}, {min_reps}, {max_reps})")
+    device = _as_device(device)
+    if device.type == "cuda":
+        if cuda_graph:
+            try:
+                return _time_cuda_graph(fn, input_sets, device, warmup, target_ms, min_reps, max_reps, flush_l2, graph_calls)
+            except Exception as exc:  # capture is not possible for every callable
+                torch.cuda.synchronize(device)
+                timing = _time_cuda_events(fn, input_sets, device, warmup, target_ms, min_reps, max_reps, flush_l2)
+                timing.note = f"graph capture failed ({type(exc).__name__}); timed with events"
+                return timing
+        return _time_cuda_events(fn, input_sets, device, warmup, target_ms, min_reps, max_reps, flush_l2)
+    return _time_wall_clock(fn, input_sets, warmup, target_ms, min_reps, max_reps)
+
+
+def _time_wall_clock(fn, input_sets, warmup, target_ms, min_reps, max_reps) -> Timing:
+    n = len(input_sets)
+    start = time.perf_counter()
+    for i in range(warmup):
+        fn(input_sets[i % n])
+    estimate_ms = (time.perf_counter() - start) * 1e3 / warmup
+    samples = []
+    for i in range(_rep_count(estimate_ms, target_ms, min_reps, max_reps)):
+        t0 = time.perf_counter()
+        fn(input_sets[i % n])
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return Timing(samples, WALL_CLOCK)
+
+
+def l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    """A buffer twice the L2 size (at least 64 MiB): writing it evicts everything from L2."""
+    props = torch.cuda.get_device_properties(device)
+    l2_bytes = getattr(props, "L2_cache_size", 0) or 128 * 2**20
+    return torch.empty(max(2 * l2_bytes, 64 * 2**20), dtype=torch.int8, device=device)
+
+
+def _time_cuda_events(fn, input_sets, device, warmup, target_ms, min_reps, max_reps, flush_l2) -> Timing:
+    n = len(input_sets)
+    flush = l2_flush_buffer(device) if flush_l2 else None
+    with torch.cuda.device(device):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(warmup):
+            fn(input_sets[i % n])
+        end.record()
+        torch.cuda.synchronize()
+        reps = _rep_count(start.elapsed_time(end) / warmup, target_ms, min_reps, max_reps)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            if flush is not None:
+                flush.zero_()
+            starts[i].record()
+            fn(input_sets[i % n])
+            ends[i].record()
+        torch.cuda.synchronize()
+    return Timing([s.elapsed_time(e) for s, e in zip(starts, ends)], CUDA_EVENTS)
+
+
+def _time_cuda_graph(fn, input_sets, device, warmup, target_ms, min_reps, max_reps, flush_l2, graph_calls) -> Timing:
+    n = len(input_sets)
+    flush = l2_flush_buffer(device) if flush_l2 else None
+    with torch.cuda.device(device):
+        # Capture needs the callable warmed up on a side stream first (lazy init, JIT).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(warmup):
+                fn(input_sets[i % n])
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(graph_calls):
+                fn(input_sets[i % n])
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        reps = _rep_count(start.elapsed_time(end), target_ms, min_reps, max_reps)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            if flush is not None:
+                flush.zero_()
+            starts[i].record()
+            graph.replay()
+            ends[i].record()
+        torch.cuda.synchronize()
+    del graph
+    return Timing([s.elapsed_time(e) / graph_calls for s, e in zip(starts, ends)], CUDA_GRAPH)
+
+
+def synchronize(device) -> None:
+    """Wait for the device (a no-op on the CPU)."""
+    device = _as_device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,136 @@
+"""Run benchmark cases one by one, within a time budget, never letting one failure stop the rest.
+
+A ``Case`` describes one row before it is measured. Its ``build()`` allocates the
+inputs and returns the callable to time, so memory is held for one case at a time; it
+raises ``SkipCase`` when the provider cannot run here (not installed, GPU only ...).
+
+Cases carry a priority: when the budget runs out, the least important cases (higher
+numbers: optional providers, torch.compile with its long compile times) are the ones
+left unmeasured. Rows come back in the order the suite listed the cases.
+"""
+import gc
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from gptfast.bench.harness import time_call
+from gptfast.bench.results import Row, Skipped, fill_rates
+
+# Priorities: the rows issue targets are judged on, the other providers, then the
+# providers that compile for a long time.
+CORE, EXTRA, SLOW = 0, 1, 2
+
+
+class SkipCase(Exception):
+    """Raised by ``Case.build`` when the case cannot run here; the message says why."""
+
+
+@dataclass
+class Case:
+    op: str
+    provider: str
+    mode: str
+    shape: str
+    dtype: str
+    build: Callable[[], Tuple[Callable[[Any], Any], Sequence[Any]]]
+    group: str = ""
+    size: Optional[float] = None
+    size_name: str = ""
+    flops: Optional[float] = None
+    bytes: Optional[float] = None
+    tokens: Optional[float] = None
+    peak: Optional[str] = None
+    priority: int = CORE
+    cuda_graph: bool = False
+    warmup: int = 3
+    target_ms: float = 100.0
+    min_reps: int = 5
+    max_reps: int = 100
+    note: str = ""
+    timing_options: Dict[str, Any] = field(default_factory=dict)
+
+    def label(self) -> str:
+        return f"{self.op} {self.mode} {self.provider} [{self.shape}] {self.dtype}"
+
+    def skipped(self, reason: str) -> Skipped:
+        return Skipped(self.op, self.provider, self.mode, self.shape, reason)
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def run_cases(
+    cases: Sequence[Case],
+    device,
+    meta: Dict,
+    *,
+    budget_s: Optional[float] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> Tuple[List[Row], List[Skipped]]:
+    """Measure every case (most important first) until ``budget_s`` seconds have passed.
+
+    ``meta`` (see ``environment.run_metadata``) supplies the device, versions, commit,
+    timestamp and peaks stamped on every row. Fractions of peak are reported on CUDA
+    only: on a CPU small inputs live in caches and the measured peaks say little. Ctrl-C (or SIGTERM turned into
+    KeyboardInterrupt by the caller) stops the run and returns what was measured.
+    """
+    device = torch.device(device)
+    start = time.monotonic()
+    order = sorted(range(len(cases)), key=lambda i: (cases[i].priority, i))
+    measured: Dict[int, Row] = {}
+    skipped: List[Skipped] = []
+    interrupted = False
+    for done, index in enumerate(order):
+        case = cases[index]
+        if interrupted:
+            skipped.append(case.skipped("run interrupted"))
+            continue
+        if budget_s is not None and time.monotonic() - start > budget_s:
+            skipped.append(case.skipped(f"time budget of {budget_s:.0f} s spent"))
+            continue
+        fn = inputs = None
+        try:
+            fn, inputs = case.build()
+            timing = time_call(
+                fn, inputs, device=device, warmup=case.warmup, target_ms=case.target_ms,
+                min_reps=case.min_reps, max_reps=case.max_reps, cuda_graph=case.cuda_graph,
+                **case.timing_options,
+            )
+            row = Row(
+                op=case.op, provider=case.provider, mode=case.mode, shape=case.shape, dtype=case.dtype,
+                time_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                group=case.group, size=case.size, size_name=case.size_name,
+                flops=case.flops, bytes=case.bytes, tokens=case.tokens, peak=case.peak,
+                method=timing.method, note="; ".join(n for n in (case.note, timing.note) if n),
+                device=meta["device"], versions=meta["versions"], git_commit=meta["git_commit"],
+                timestamp=meta["timestamp"],
+            )
+            measured[index] = fill_rates(row, meta.get("peaks", {}) if meta.get("device_type") == "cuda" else {})
+            if log:
+                log(f"[{done + 1}/{len(cases)}] {case.label()}: {timing.median_ms:.4g} ms")
+        except SkipCase as exc:
+            skipped.append(case.skipped(str(exc)))
+        except KeyboardInterrupt:
+            interrupted = True
+            skipped.append(case.skipped("run interrupted"))
+        except torch.cuda.OutOfMemoryError:
+            skipped.append(case.skipped("out of memory"))
+        except Exception as exc:  # one broken provider must not lose the other rows
+            skipped.append(case.skipped(f"error: {_short(exc)}"))
+            if log:
+                log(f"[{done + 1}/{len(cases)}] {case.label()}: FAILED {_short(exc)}")
+        finally:
+            del fn, inputs
+            _release_memory(device)
+    return [measured[i] for i in sorted(measured)], skipped

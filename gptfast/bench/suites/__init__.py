@@ -1,0 +1,29 @@
+"""The benchmark suites. Each module's ``cases(device, quick)`` returns the cases to
+measure and the rows it skips outright (with the reason)."""
+import importlib
+from typing import List, Tuple
+
+from gptfast.bench.results import Skipped
+from gptfast.bench.runner import Case
+
+SUITES = {
+    "kernels": ("attention", "decode", "layernorm", "sampler"),
+    "e2e": ("e2e",),
+}
+SUITES["all"] = SUITES["kernels"] + SUITES["e2e"]
+
+# Speedups are reported against these providers (see results.fill_speedups).
+BASELINES = {"*": "torch", "decode": "hf", "sampler_step": "python-twin"}
+
+
+def collect(suite: str, device, quick: bool = False) -> Tuple[List[Case], List[Skipped]]:
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose one of {sorted(SUITES)}")
+    cases: List[Case] = []
+    skipped: List[Skipped] = []
+    for name in SUITES[suite]:
+        module = importlib.import_module(f"gptfast.bench.suites.{name}")
+        more_cases, more_skipped = module.cases(device, quick)
+        cases += more_cases
+        skipped += more_skipped
+    return cases, skipped

@@ -1,0 +1,136 @@
+"""The H200 targets of issues 3-6, checked against measured rows.
+
+Each target names the row(s) it reads; where those rows were not measured (a CPU run,
+a budget cut, an error) the status is "not measured", never a guess.
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from gptfast.bench.results import Row
+
+MET, MISSED, NOT_MEASURED = "met", "missed", "not measured"
+
+
+def _find(rows: Sequence[Row], **fields) -> List[Row]:
+    return [r for r in rows if all(getattr(r, k) == v for k, v in fields.items())]
+
+
+def _one(rows, **fields) -> Optional[Row]:
+    found = _find(rows, **fields)
+    return found[0] if found else None
+
+
+def _ratio(rows, numerator: str, denominator: str, **fields) -> Optional[float]:
+    a, b = _one(rows, provider=numerator, **fields), _one(rows, provider=denominator, **fields)
+    return None if a is None or b is None else b.time_ms / a.time_ms
+
+
+def _at_least(value: Optional[float], goal: float, fmt: str) -> Tuple[str, str]:
+    if value is None:
+        return "", NOT_MEASURED
+    return fmt.format(value), MET if value >= goal else MISSED
+
+
+def _at_most(value: Optional[float], goal: float, fmt: str) -> Tuple[str, str]:
+    if value is None:
+        return "", NOT_MEASURED
+    return fmt.format(value), MET if value <= goal else MISSED
+
+
+@dataclass
+class Target:
+    issue: int
+    text: str
+    check: Callable[[Sequence[Row], Dict], Tuple[str, str]]
+
+
+def _ln_fraction(mode, hidden, goal):
+    def check(rows, extra):
+        r = _one(rows, op="layer_norm", provider="gptfast", mode=mode, shape=f"16384x{hidden}", dtype="bfloat16")
+        return _at_least(None if r is None else r.fraction_of_peak, goal, "{:.0%} of copy bandwidth")
+    return check
+
+
+def _ln_speedup(rows, extra):
+    ratio = _ratio(rows, "gptfast", "torch", op="layer_norm", mode="fwd+bwd", shape="16384x768", dtype="bfloat16")
+    return _at_least(ratio, 1.5, "{:.2f}× F.layer_norm")
+
+
+def _attn_fwd_16k(rows, extra):
+    r = _one(rows, op="causal_attention", provider="gptfast", mode="fwd", shape="B=1,H=32,T=16384,D=64", dtype="bfloat16")
+    return _at_least(None if r is None else r.tflops, 400, "{:.0f} TFLOP/s")
+
+
+def _attn_vs_sdpa(mode, goal):
+    def check(rows, extra):
+        ratios = []
+        for t in (2048, 4096, 8192, 16384):
+            ratio = _ratio(rows, "gptfast", "torch", op="causal_attention", mode=mode,
+                           shape=f"B={16384 // t},H=32,T={t},D=64", dtype="bfloat16")
+            if ratio is not None:
+                ratios.append((t, ratio))
+        if not ratios:
+            return "", NOT_MEASURED
+        worst_t, worst = min(ratios, key=lambda p: p[1])
+        text = f"min {worst:.2f}× SDPA (at T={worst_t}, over T={','.join(str(t) for t, _ in ratios)})"
+        return text, MET if worst >= goal else MISSED
+    return check
+
+
+def _decode_bandwidth(rows, extra):
+    found = [r for r in _find(rows, op="decode_attention", provider="gptfast", dtype="bfloat16") if ",L=32768," in r.shape]
+    if not found or any(r.fraction_of_peak is None for r in found):
+        return "", NOT_MEASURED
+    worst = min(found, key=lambda r: r.fraction_of_peak)
+    text = ", ".join(f"{r.shape.split(',')[0]}: {r.fraction_of_peak:.0%}" for r in found)
+    return text, MET if worst.fraction_of_peak >= 0.8 else MISSED
+
+
+def _decode_tokens(rows, extra):
+    r = _one(rows, op="decode", provider="gptfast", shape="gpt2-124M B=1 new=256", dtype="bfloat16")
+    return _at_least(None if r is None else r.tokens_per_s, 8000, "{:,.0f} tokens/s")
+
+
+def _decode_vs_compile(rows, extra):
+    ratio = _ratio(rows, "gptfast", "torch.compile", op="decode", shape="gpt2-124M B=1 new=256", dtype="bfloat16")
+    return _at_least(ratio, 1.3, "{:.2f}× torch.compile(reduce-overhead)")
+
+
+def _host_syncs(rows, extra):
+    profile = extra.get("profile") or {}
+    if profile.get("device_type") != "cuda":
+        return "", NOT_MEASURED
+    return _at_most(profile.get("host_syncs_per_token"), 0.1, "{:.3f} syncs/token")
+
+
+def _train_mfu(rows, extra):
+    r = _one(rows, op="train_step", provider="gptfast", shape="gpt2-124M B=8 T=1024")
+    return _at_least(None if r is None else r.mfu, 0.5, "MFU {:.0%}")
+
+
+TARGETS = [
+    Target(3, "layernorm fwd ≥ 85% of copy bandwidth, hidden 4096", _ln_fraction("fwd", 4096, 0.85)),
+    Target(3, "layernorm fwd ≥ 70% of copy bandwidth, hidden 768", _ln_fraction("fwd", 768, 0.70)),
+    Target(3, "layernorm bwd ≥ 70% of copy bandwidth, hidden 4096", _ln_fraction("bwd", 4096, 0.70)),
+    Target(3, "layernorm fwd+bwd ≥ 1.5× F.layer_norm, hidden 768", _ln_speedup),
+    Target(4, "causal fwd D=64 T=16k ≥ 400 TFLOP/s", _attn_fwd_16k),
+    Target(4, "causal fwd D=64 ≥ 1.3× SDPA default at every T ≥ 2k", _attn_vs_sdpa("fwd", 1.3)),
+    Target(4, "causal bwd D=64 ≥ 1.2× SDPA default (T ≥ 2k)", _attn_vs_sdpa("bwd", 1.2)),
+    Target(4, "decode ≥ 80% of copy bandwidth at cache 32k", _decode_bandwidth),
+    Target(5, "decode GPT-2 124M B=1, 256 tokens ≥ 8,000 tokens/s", _decode_tokens),
+    Target(5, "decode ≥ 1.3× torch.compile(reduce-overhead), same run", _decode_vs_compile),
+    Target(5, "host syncs per generated token ≤ 0.1 (profiler, CUDA)", _host_syncs),
+    Target(6, "training GPT-2 124M T=1024 fused MFU ≥ 50%", _train_mfu),
+]
+
+
+def evaluate(rows: Sequence[Row], extra: Optional[Dict] = None) -> List[Tuple[Target, str, str]]:
+    extra = extra or {}
+    return [(t, *t.check(rows, extra)) for t in TARGETS]
+
+
+def markdown(rows: Sequence[Row], extra: Optional[Dict] = None) -> str:
+    lines = ["| issue | target (H200) | measured | status |", "|---|---|---|---|"]
+    for target, measured, status in evaluate(rows, extra):
+        lines.append(f"| {target.issue} | {target.text} | {measured} | {status} |")
+    return "\n".join(lines)

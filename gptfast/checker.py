@@ -1,0 +1,430 @@
+"""``gptfast check``: every fused op against its reference twin on this device.
+
+For each op, dtype and shape of a grid, forward and backward:
+
+    fused  = gptfast.ops.<op>(inputs in dtype)             the op under test
+    plain  = gptfast.reference.<op>(inputs in dtype)       plain PyTorch in the same dtype
+    exact  = gptfast.reference.<op>(inputs in float64)     the answer
+
+and the error-ratio rule of ``gptfast.testing``: ``max|fused - exact|`` may be at most
+``max_ratio`` times ``max|plain - exact|`` (per output and per gradient; the worst one is
+reported). The float64 inputs are the dtype inputs widened, so all three see the same
+numbers. Gradients use the same random output gradient for all three.
+
+The sampler is checked differently: the C++ extension and its Python twin must choose
+identical tokens for the same seed over a few parameter mixes.
+
+On a machine without CUDA the ops run through the Triton interpreter (``TRITON_INTERPRET=1``
+must be set before triton is imported; ``gptfast check`` does that) on small shapes.
+"""
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from gptfast.testing import error_ratio, max_abs_error
+
+OPS = ("layer_norm", "causal_attention", "decode_attention", "sampler")
+DEFAULT_MAX_RATIO = 3.0
+
+
+@dataclass
+class CheckResult:
+    op: str
+    variant: str
+    shape: str
+    dtype: str
+    direction: str  # fwd | bwd | tokens
+    path: str  # triton | triton-interpreter | torch | cpp | python
+    passed: bool
+    ratio: Optional[float] = None
+    fused_error: Optional[float] = None
+    plain_error: Optional[float] = None
+    worst: str = ""  # which output or gradient gave the worst ratio
+    detail: str = ""
+    seconds: float = 0.0
+    skipped: bool = False  # nothing to compare here (e.g. no C++ extension); not a failure
+
+
+@dataclass
+class CheckCase:
+    op: str
+    variant: str
+    shape: str
+    dtype: torch.dtype
+    run: Callable[[], List[CheckResult]]
+
+
+# ---------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def kernel_path(t: torch.Tensor) -> str:
+    from gptfast.ops._dispatch import interpreting, use_triton
+
+    if not use_triton(t):
+        return "torch"
+    return "triton-interpreter" if interpreting() else "triton"
+
+
+def _randn(shape, dtype, device, generator, scale=1.0, shift=0.0):
+    """Random values drawn in float64 on the CPU (reproducible), rounded to ``dtype``."""
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale + shift).to(device=device, dtype=dtype)
+
+
+def _compare(names: Sequence[str], fused, plain, exact, max_ratio: float):
+    """Worst error ratio over matching tensors: (passed, ratio, fused err, plain err, name)."""
+    worst = (-1.0, 0.0, 0.0, "")
+    for name, f, p, e in zip(names, fused, plain, exact):
+        ratio = error_ratio(f, p, e)  # the project's rule, with its default floor
+        if ratio > worst[0] or math.isnan(ratio):
+            worst = (ratio, max_abs_error(f, e) if torch.isfinite(f.double()).all() else float("inf"),
+                     max_abs_error(p, e), name)
+    ratio, fused_error, plain_error, name = worst
+    return ratio <= max_ratio, ratio, fused_error, plain_error, name
+
+
+def _leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A fresh leaf with the same values (and the same strides pattern where possible)."""
+    return (t.detach().to(dtype) if dtype is not None else t.detach().clone()).requires_grad_(True)
+
+
+def _fwd_bwd(op_name, variant, shape, dtype, path, fn_fused, fn_reference, inputs, out_names, grad_names,
+             max_ratio, generator, backward=True) -> List[CheckResult]:
+    """Forward (and backward) of the fused op against the reference in ``dtype`` and in float64.
+
+    ``fn_*`` take the input tensors and return a tuple of outputs; ``inputs`` are in
+    ``dtype`` (possibly non-contiguous views); gradients are taken for the inputs named
+    in ``grad_names`` (the first ``len(grad_names)`` inputs).
+    """
+    n_grad = len(grad_names) if backward else 0
+    # The fused op gets the inputs themselves (views keep their strides: it must read them in place).
+    fused_in = [t.requires_grad_(True) if i < n_grad else t for i, t in enumerate(inputs)]
+    plain_in = [_leaf(t) if i < n_grad else t.detach().clone() for i, t in enumerate(inputs)]
+    exact_in = [_leaf(t, torch.float64) if i < n_grad else _to64(t) for i, t in enumerate(inputs)]
+
+    started = time.perf_counter()
+    fused_out = fn_fused(*fused_in)
+    plain_out = fn_reference(*plain_in)
+    exact_out = fn_reference(*exact_in)
+    ok, ratio, f_err, p_err, worst = _compare(out_names, fused_out, plain_out, exact_out, max_ratio)
+    results = [CheckResult(op_name, variant, shape, dtype_name(dtype), "fwd", path, ok, ratio, f_err, p_err, worst,
+                           seconds=time.perf_counter() - started)]
+    if not backward:
+        return results
+
+    started = time.perf_counter()
+    seeds = [_randn(o.shape, dtype, o.device, generator) for o in fused_out]
+    fused_grads = torch.autograd.grad(fused_out, fused_in[:n_grad], seeds)
+    plain_grads = torch.autograd.grad(plain_out, plain_in[:n_grad], seeds)
+    exact_grads = torch.autograd.grad(exact_out, exact_in[:n_grad], [s.double() for s in seeds])
+    ok, ratio, f_err, p_err, worst = _compare(["d" + n for n in grad_names], fused_grads, plain_grads, exact_grads,
+                                              max_ratio)
+    results.append(CheckResult(op_name, variant, shape, dtype_name(dtype), "bwd", path, ok, ratio, f_err, p_err, worst,
+                               seconds=time.perf_counter() - started))
+    return results
+
+
+def _to64(t):
+    return t.detach().to(torch.float64) if t.is_floating_point() else t
+
+
+# ---------------------------------------------------------------------------------
+# layer_norm
+# ---------------------------------------------------------------------------------
+
+
+def check_layer_norm(shape, dtype, device, residual: bool, non_contiguous: bool, max_ratio: float,
+                     eps: float = 1e-5) -> List[CheckResult]:
+    import gptfast.ops
+    from gptfast import reference
+
+    g = torch.Generator().manual_seed(1234)
+    hidden = shape[-1]
+    if non_contiguous:  # every other row of a wider buffer: a strided view
+        x = _randn((*shape[:-1], 2 * hidden), dtype, device, g)[..., ::2]
+    else:
+        x = _randn(shape, dtype, device, g)
+    weight = _randn((hidden,), dtype, device, g, scale=0.1, shift=1.0)
+    bias = _randn((hidden,), dtype, device, g, scale=0.1)
+    variant = ("residual" if residual else "plain") + (", non-contiguous" if non_contiguous else "")
+    shape_text = "x".join(str(s) for s in shape)
+    if residual:
+        r = _randn(shape, dtype, device, g)
+
+        def fused(x, r, w, b):
+            return tuple(gptfast.ops.layer_norm(x, w, b, eps, residual=r))
+
+        def ref(x, r, w, b):
+            return tuple(reference.layer_norm(x, w, b, eps, residual=r))
+
+        return _fwd_bwd("layer_norm", variant, shape_text, dtype, kernel_path(x), fused, ref, [x, r, weight, bias],
+                        ["y", "h"], ["x", "residual", "weight", "bias"], max_ratio, g)
+
+    def fused(x, w, b):
+        return (gptfast.ops.layer_norm(x, w, b, eps),)
+
+    def ref(x, w, b):
+        return (reference.layer_norm(x, w, b, eps),)
+
+    return _fwd_bwd("layer_norm", variant, shape_text, dtype, kernel_path(x), fused, ref, [x, weight, bias],
+                    ["y"], ["x", "weight", "bias"], max_ratio, g)
+
+
+# ---------------------------------------------------------------------------------
+# causal_attention
+# ---------------------------------------------------------------------------------
+
+
+def check_causal_attention(batch, heads, q_len, head_dim, q_offset, dtype, device, non_contiguous: bool,
+                           max_ratio: float) -> List[CheckResult]:
+    import gptfast.ops
+    from gptfast import reference
+
+    g = torch.Generator().manual_seed(4321)
+    kv_len = q_offset + q_len
+    if non_contiguous:  # q, k, v split out of one fused qkv projection, as in the model
+        if q_offset:
+            raise ValueError("non-contiguous attention check is defined for q_offset=0")
+        qkv = _randn((batch, q_len, 3, heads, head_dim), dtype, device, g)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))
+    else:
+        q = _randn((batch, heads, q_len, head_dim), dtype, device, g)
+        k = _randn((batch, heads, kv_len, head_dim), dtype, device, g)
+        v = _randn((batch, heads, kv_len, head_dim), dtype, device, g)
+    variant = f"q_offset={q_offset}" + (", non-contiguous" if non_contiguous else "")
+
+    def fused(q, k, v):
+        return (gptfast.ops.causal_attention(q, k, v, q_offset=q_offset),)
+
+    def ref(q, k, v):
+        return (reference.causal_attention(q, k, v, q_offset=q_offset),)
+
+    return _fwd_bwd("causal_attention", variant, f"B={batch},H={heads},Tq={q_len},D={head_dim}", dtype,
+                    kernel_path(q), fused, ref, [q, k, v], ["out"], ["q", "k", "v"], max_ratio, g)
+
+
+# ---------------------------------------------------------------------------------
+# decode_attention
+# ---------------------------------------------------------------------------------
+
+
+def check_decode_attention(batch, heads, cache_len, head_dim, lens, dtype, device, max_ratio: float) -> List[CheckResult]:
+    """Forward only (decode has no backward). The caches are a slice of a bigger buffer whose
+    stale positions (at or past each row's length) hold NaN: the op must never read them."""
+    import gptfast.ops
+    from gptfast import reference
+
+    g = torch.Generator().manual_seed(99)
+    q = _randn((batch, heads, head_dim), dtype, device, g)
+    big_k = _randn((batch + 1, heads, cache_len + 5, head_dim), dtype, device, g)
+    big_v = _randn((batch + 1, heads, cache_len + 5, head_dim), dtype, device, g)
+    cache_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    stale = torch.arange(cache_len + 5, device=device)[None, :] >= torch.tensor(lens + [0], device=device)[:, None]
+    clean_k, clean_v = big_k[:batch, :, :cache_len].clone(), big_v[:batch, :, :cache_len].clone()
+    big_k[stale[:, None, :, None].expand_as(big_k)] = float("nan")
+    big_v[stale[:, None, :, None].expand_as(big_v)] = float("nan")
+    k_view, v_view = big_k[:batch, :, :cache_len], big_v[:batch, :, :cache_len]
+    shape = f"B={batch},H={heads},S={cache_len},D={head_dim},lens={lens}"
+
+    started = time.perf_counter()
+    with torch.no_grad():
+        fused = gptfast.ops.decode_attention(q, k_view, v_view, cache_lens)
+        plain = reference.decode_attention(q, clean_k, clean_v, cache_lens)
+        exact = reference.decode_attention(q.double(), clean_k.double(), clean_v.double(), cache_lens)
+    ok, ratio, f_err, p_err, worst = _compare(["out"], [fused], [plain], [exact], max_ratio)
+    return [CheckResult("decode_attention", "cache view, NaN past lens", shape, dtype_name(dtype), "fwd",
+                        kernel_path(q), ok, ratio, f_err, p_err, worst, seconds=time.perf_counter() - started)]
+
+
+# ---------------------------------------------------------------------------------
+# the grid
+# ---------------------------------------------------------------------------------
+
+
+def default_dtypes(device) -> Tuple[torch.dtype, ...]:
+    """fp32 and fp16 everywhere; bf16 on CUDA, first (what GPUs run; the interpreter's bf16
+    is not faithful, so not on the CPU)."""
+    if torch.device(device).type == "cuda":
+        return (torch.bfloat16, torch.float16, torch.float32)
+    return (torch.float32, torch.float16)
+
+
+def _shapes(device, quick: bool) -> Dict[str, list]:
+    """Shapes per op. On CUDA: awkward sizes (not multiples of a block, T=1, batch 1,
+    hidden sizes that are not powers of two). Under the interpreter each launch costs
+    seconds, so the CPU grid is tiny."""
+    if torch.device(device).type == "cuda":
+        full = {
+            "layer_norm": [((1, 768), False), ((3, 7, 1000), False), ((64, 1600), True), ((257, 4096), False),
+                           ((33, 8192), False)],
+            "causal_attention": [(1, 3, 1, 64, 0, False), (1, 3, 130, 64, 0, False), (2, 4, 257, 128, 0, True),
+                                 (1, 3, 17, 80, 0, False), (1, 2, 70, 64, 100, False), (1, 2, 33, 256, 0, False)],
+            "decode_attention": [(4, 12, 1000, 64, [1, 333, 999, 1000]), (2, 8, 4100, 128, [4100, 17]),
+                                 (1, 3, 130, 80, [130])],
+        }
+        if quick:  # still one non-contiguous input and D=128 per op
+            full = {"layer_norm": full["layer_norm"][1:3], "causal_attention": full["causal_attention"][1:3],
+                    "decode_attention": full["decode_attention"][:2]}
+        return full
+    full = {
+        "layer_norm": [((1, 768), False), ((3, 7, 100), False), ((5, 64), True)],
+        "causal_attention": [(1, 2, 17, 32, 0, False), (1, 2, 5, 64, 12, False), (1, 2, 9, 16, 0, True)],
+        "decode_attention": [(3, 2, 40, 64, [1, 17, 40]), (1, 2, 9, 80, [9])],
+    }
+    if quick:
+        full = {k: v[:1] for k, v in full.items()}
+        full["causal_attention"] = [(1, 2, 5, 32, 4, False)]  # quick still covers q_offset
+    return full
+
+
+def build_cases(device, quick: bool = False, ops: Optional[Sequence[str]] = None,
+                dtypes: Optional[Sequence[torch.dtype]] = None, max_ratio: float = DEFAULT_MAX_RATIO) -> List[CheckCase]:
+    device = torch.device(device)
+    ops = list(ops) if ops else list(OPS)
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise ValueError(f"unknown op(s) {sorted(unknown)}; choose from {OPS}")
+    dtypes = list(dtypes) if dtypes else list(default_dtypes(device))
+    shapes = _shapes(device, quick)
+    cases: List[CheckCase] = []
+    for dtype in dtypes:
+        if "layer_norm" in ops:
+            for shape, non_contiguous in shapes["layer_norm"]:
+                for residual in (False, True):
+                    cases.append(CheckCase("layer_norm", "residual" if residual else "plain", str(shape), dtype,
+                                           _bind(check_layer_norm, shape, dtype, device, residual, non_contiguous,
+                                                 max_ratio)))
+        if "causal_attention" in ops:
+            for b, h, t, d, offset, non_contiguous in shapes["causal_attention"]:
+                cases.append(CheckCase("causal_attention", f"q_offset={offset}", f"B={b},H={h},Tq={t},D={d}", dtype,
+                                       _bind(check_causal_attention, b, h, t, d, offset, dtype, device, non_contiguous,
+                                             max_ratio)))
+        if "decode_attention" in ops:
+            for b, h, s, d, lens in shapes["decode_attention"]:
+                cases.append(CheckCase("decode_attention", "", f"B={b},H={h},S={s},D={d}", dtype,
+                                       _bind(check_decode_attention, b, h, s, d, lens, dtype, device, max_ratio)))
+    if "sampler" in ops:
+        cases.append(CheckCase("sampler", "C++ vs twin", "", torch.float32, _bind(check_sampler, device)))
+    return cases
+
+
+def _bind(fn, *args):
+    return lambda: fn(*args)
+
+
+def run_checks(cases: Sequence[CheckCase], log: Optional[Callable[[str], None]] = None) -> List[CheckResult]:
+    """Run every case; an exception is a failed row (with its message), never a lost run.
+    Ctrl-C (or SIGTERM turned into KeyboardInterrupt) ends the run with a failed
+    "interrupted" row after the results so far."""
+    results: List[CheckResult] = []
+    for i, case in enumerate(cases):
+        started = time.perf_counter()
+        try:
+            rows = case.run()
+        except KeyboardInterrupt:
+            results.append(CheckResult(case.op, case.variant, case.shape, dtype_name(case.dtype), "fwd", "?", False,
+                                       detail=f"interrupted: {len(cases) - i} case(s) not run"))
+            break
+        except Exception as exc:
+            message = str(exc).strip().splitlines()
+            rows = [CheckResult(case.op, case.variant, case.shape, dtype_name(case.dtype), "fwd", "?", False,
+                                detail=f"{type(exc).__name__}: {message[0][:160] if message else ''}",
+                                seconds=time.perf_counter() - started)]
+        results += rows
+        if log:
+            for r in rows:
+                log(f"[{i + 1}/{len(cases)}] {format_line(r)}")
+    return results
+
+
+# ---------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------
+
+
+def _verdict(r: CheckResult) -> str:
+    return "SKIP" if r.skipped else "PASS" if r.passed else "**FAIL**"
+
+
+def format_line(r: CheckResult) -> str:
+    ratio = "" if r.ratio is None else f"ratio {r.ratio:.2f}"
+    return f"{_verdict(r).strip('*')} {r.op} {r.variant} [{r.shape}] {r.dtype} {r.direction} {ratio} {r.detail}"
+
+
+def _num(value, spec=".2e") -> str:
+    if value is None:
+        return ""
+    if math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+def format_table(results: Sequence[CheckResult], max_ratio: float = DEFAULT_MAX_RATIO) -> str:
+    header = ("op", "variant", "shape", "dtype", "dir", "path", "max err fused", "max err plain", "ratio",
+              "worst", "result")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        cells = (r.op, r.variant, r.shape, r.dtype, r.direction, r.path, _num(r.fused_error), _num(r.plain_error),
+                 _num(r.ratio, ".2f"), r.worst, _verdict(r) + (f" {r.detail}" if r.detail else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = sum(not r.passed for r in results)
+    skipped = sum(r.skipped for r in results)
+    lines.append("")
+    lines.append(f"{len(results) - failed - skipped}/{len(results)} passed, {failed} failed, {skipped} skipped "
+                 f"(error ratio limit {max_ratio:g}: fused error vs float64 at most that multiple of plain "
+                 "PyTorch's error in the same dtype; the sampler must pick identical tokens)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------
+# the sampler: C++ extension against its Python twin
+# ---------------------------------------------------------------------------------
+
+# Parameter mixes: each list is one batch (rows may differ).
+SAMPLER_MIXES = {
+    "greedy": [dict(temperature=0.0)],
+    "top-k": [dict(temperature=0.8, top_k=20, seed=1), dict(temperature=1.2, top_k=5, seed=2)],
+    "top-p + repetition": [dict(temperature=0.9, top_p=0.8, repetition_penalty=1.3, seed=3)],
+    "min-p + presence/frequency": [dict(temperature=1.0, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.3,
+                                        seed=4)],
+    "mixed rows": [dict(temperature=0.0), dict(temperature=0.7, top_k=40, top_p=0.9, seed=5),
+                   dict(temperature=1.0, logit_bias={7: 5.0}, seed=6)],
+}
+
+
+def check_sampler(device, new_tokens: int = 12) -> List[CheckResult]:
+    """Generate with the C++ loop and with the Python twin loop on a tiny random model:
+    every row must get identical tokens. Skipped (not failed) when the extension cannot
+    be loaded here: gptfast then generates with the twin itself."""
+    import gptfast
+    from gptfast.config import GPTConfig
+    from gptfast.model import GPT
+    from gptfast.sampling import extension_status, load_extension
+
+    device = torch.device(device)
+    started = time.perf_counter()
+    if load_extension() is None:
+        return [CheckResult("sampler", "C++ vs twin", "", "float32", "tokens", "python", True, skipped=True,
+                            detail=f"SKIPPED: {extension_status()}", seconds=time.perf_counter() - started)]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny"), backend="torch").to(device).eval()
+    results = []
+    for name, mix in SAMPLER_MIXES.items():
+        params = [gptfast.SamplingParams(max_new_tokens=new_tokens, **p) for p in mix]
+        prompts = [[(7 * row + 3 * i) % 256 for i in range(4 + row)] for row in range(len(mix))]
+        cpp = gptfast.generate(model, prompts, params, engine="cpp")
+        twin = gptfast.generate(model, prompts, params, engine="python")
+        same = sum(a.token_ids == b.token_ids for a, b in zip(cpp, twin))
+        detail = f"{same}/{len(mix)} rows identical"
+        results.append(CheckResult("sampler", name, f"B={len(mix)}, {new_tokens} tokens", "float32", "tokens", "cpp",
+                                   same == len(mix), detail=detail, seconds=time.perf_counter() - started))
+        started = time.perf_counter()
+    return results

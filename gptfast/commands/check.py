@@ -1,0 +1,88 @@
+"""``gptfast check``: every fused op against its reference on this device; non-zero exit on failure.
+
+The first thing to run on a new GPU. Without CUDA the Triton kernels run through the
+CPU interpreter on small shapes (slow, but the same kernel code).
+"""
+import os
+import signal
+import sys
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "check", help="check every fused op against its reference (forward and backward)",
+        description="Run layer_norm (with/without residual), causal_attention (with/without q_offset), "
+                    "decode_attention and the sampler against their reference twins on this device, "
+                    "in fp32/fp16 (+bf16 on CUDA), and print a pass/fail table of error ratios.",
+    )
+    p.add_argument("--quick", action="store_true", help="a smaller grid of shapes")
+    p.add_argument("--ops", help="comma-separated subset of: layer_norm,causal_attention,decode_attention,sampler")
+    p.add_argument("--dtypes", help="comma-separated subset of: float32,float16,bfloat16")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--max-ratio", type=float, default=None,
+                   help="allowed fused/plain error ratio (default 3.0)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each result as it comes")
+    p.set_defaults(func=run)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _prepare_interpreter(device_type: str) -> None:
+    """The Triton interpreter must be chosen before triton is first imported."""
+    if device_type != "cpu" or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if "triton" in sys.modules:
+        print("gptfast check: triton was imported before TRITON_INTERPRET could be set; "
+              "the fused ops will take their torch path on this CPU", file=sys.stderr)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def run(args) -> int:
+    import torch
+
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but CUDA is not available")
+    _prepare_interpreter(device.type)
+
+    import json
+    from dataclasses import asdict
+
+    from gptfast import checker
+
+    max_ratio = args.max_ratio if args.max_ratio is not None else checker.DEFAULT_MAX_RATIO
+    if max_ratio <= 0:
+        raise ValueError(f"--max-ratio must be positive, got {max_ratio}")
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
+    dtypes = None
+    if args.dtypes:
+        names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        bad = [d for d in names if d not in DTYPES]
+        if bad:
+            raise ValueError(f"unknown dtype(s) {bad}; choose from float32, float16, bfloat16")
+        dtypes = [getattr(torch, DTYPES[d]) for d in names]
+    cases = checker.build_cases(device, quick=args.quick, ops=ops, dtypes=dtypes, max_ratio=max_ratio)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    print(f"gptfast check: {len(cases)} cases on {where}", file=sys.stderr)
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `timeout`: print what was checked
+    try:
+        results = checker.run_checks(cases, log=log)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(checker.format_table(results, max_ratio))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": where, "max_ratio": max_ratio, "results": [asdict(r) for r in results]}, f, indent=1)
+    failed = [r for r in results if not r.passed]
+    if failed:
+        print(f"\ngptfast check: {len(failed)} FAILED", file=sys.stderr)
+        return 1
+    print("\ngptfast check: all passed", file=sys.stderr)
+    return 0

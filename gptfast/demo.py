@@ -1,0 +1,199 @@
+"""``gptfast demo``: the whole engine in one command.
+
+1. **Train** a small byte-level code model on the embedded corpus (the Python standard
+   library's own sources) for a fixed time budget: seconds on a GPU (fused Triton
+   kernels, bf16 autocast), about two minutes on two CPU cores.
+2. **Generate** a continuation of a code prompt with the C++ sampling loop
+   (``gptfast.generate``; its Python twin if the extension cannot be built here).
+3. **Benchmark** fused against reference paths on this device: the Triton kernels on a
+   GPU; on a CPU (where the kernels would only run through the interpreter) the C++
+   sampler and loop against their Python twins and the torch backend against the reference.
+"""
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import List, Optional
+
+import torch
+
+from gptfast.bench.runner import CORE, Case
+
+
+@dataclass
+class DemoPlan:
+    """Sizes of one demo run on one device."""
+
+    train_seconds: float
+    max_steps: int
+    batch_size: int
+    overrides: dict  # model shape on top of the "tiny" preset
+    corpus_max_bytes: int
+    sample_tokens: int
+    bench_target_ms: float
+
+
+def plan_for(device: torch.device, quick: bool) -> DemoPlan:
+    if device.type == "cuda":
+        return DemoPlan(train_seconds=5 if quick else 30, max_steps=3000, batch_size=32,
+                        overrides=dict(n_layer=4, n_head=4, n_embd=256, block_size=256),
+                        corpus_max_bytes=4_000_000, sample_tokens=64 if quick else 200, bench_target_ms=100)
+    if quick:  # the test suite's budget: everything in well under a minute
+        return DemoPlan(train_seconds=6, max_steps=300, batch_size=8, overrides={}, corpus_max_bytes=300_000,
+                        sample_tokens=24, bench_target_ms=20)
+    return DemoPlan(train_seconds=100, max_steps=2000, batch_size=16, overrides={}, corpus_max_bytes=2_000_000,
+                    sample_tokens=160, bench_target_ms=100)
+
+
+# ---------------------------------------------------------------------------------
+# 1. training
+# ---------------------------------------------------------------------------------
+
+
+def train_model(device: torch.device, plan: DemoPlan, out_dir: str, log=print):
+    """Train until the time budget is spent (or ``plan.max_steps``); returns the TrainResult."""
+    from gptfast.training import TrainConfig, train
+
+    cfg = TrainConfig(
+        model="tiny", **plan.overrides, batch_size=plan.batch_size, max_steps=plan.max_steps,
+        warmup_steps=min(20, plan.max_steps // 10), corpus_max_bytes=plan.corpus_max_bytes,
+        eval_interval=0, eval_batches=4, ckpt_interval=0, sample_prompts=[], out_dir=out_dir, overwrite=True,
+        device=device.type, log_interval=25,
+    )
+    started = time.perf_counter()
+    losses: List[float] = []
+
+    def stop_when_out_of_time(info) -> bool:
+        if info.loss is not None:
+            losses.append(info.loss)
+        return time.perf_counter() - started > plan.train_seconds
+
+    result = train(cfg, callback=stop_when_out_of_time)
+    elapsed = time.perf_counter() - started
+    trend = f"training loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no training loss reported"
+    val = "" if result.val_loss is None else f", validation loss {result.val_loss:.3f}"
+    log(f"trained {result.step} steps in {elapsed:.1f} s: {trend}{val}")
+    return result
+
+
+# ---------------------------------------------------------------------------------
+# 2. generation
+# ---------------------------------------------------------------------------------
+
+
+def generate_sample(model, tokenizer, plan: DemoPlan, prompt: str = "def ") -> str:
+    import gptfast
+    from gptfast.sampling import extension_status
+
+    params = gptfast.SamplingParams(max_new_tokens=plan.sample_tokens, temperature=0.8, top_k=40, seed=0)
+    result = gptfast.generate(model.eval(), [prompt], params, tokenizer=tokenizer)[0]
+    return f"sampler: {extension_status()}\n--- sample ---\n{prompt}{result.text}\n--------------"
+
+
+# ---------------------------------------------------------------------------------
+# 3. benchmark
+# ---------------------------------------------------------------------------------
+
+
+def _model_forward(model, backend, batch, seq_len, device):
+    model.set_backend(backend)
+    idx = [torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device) for _ in range(2)]
+
+    def run(x):
+        with torch.no_grad():
+            return model(x)
+
+    return run, idx
+
+
+def _generation(model, engine, new_tokens, device):
+    import gptfast
+
+    params = gptfast.SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.0)
+    if engine == "cpp":
+        from gptfast.sampling import load_extension
+
+        if load_extension() is None:
+            from gptfast.bench.runner import SkipCase
+
+            raise SkipCase("C++ sampling extension unavailable")
+    return (lambda _: gptfast.generate(model, [[10, 11, 12, 13]], params, engine=engine)), [None]
+
+
+def benchmark_cases(model, device: torch.device, plan: DemoPlan) -> List[Case]:
+    """A short list of fused-vs-reference comparisons that mean something on ``device``."""
+    from gptfast.bench.suites import attention, decode, layernorm, sampler
+
+    timing = dict(target_ms=plan.bench_target_ms, min_reps=3, max_reps=50, warmup=2)
+    cases: List[Case] = []
+
+    def add(op, provider, shape, dtype, build, mode="fwd", **extra):
+        cases.append(Case(op=op, provider=provider, mode=mode, shape=shape, dtype=dtype, build=build, priority=CORE,
+                          **{**timing, **extra}))
+
+    if device.type == "cuda":
+        bf16 = torch.bfloat16
+        for provider in ("gptfast", "reference", "torch"):
+            add("layer_norm", provider, "16384x768", "bfloat16",
+                partial(layernorm._build, provider, "fwd+bwd", 16384, 768, bf16, device), mode="fwd+bwd")
+        for provider in ("gptfast", "reference", "torch"):
+            add("causal_attention", provider, "B=8,H=12,T=1024,D=64", "bfloat16",
+                partial(attention._build, provider, "fwd+bwd", 8, 12, 1024, 64, bf16, device), mode="fwd+bwd")
+        for provider in ("gptfast", "reference", "torch"):
+            add("decode_attention", provider, "B=8,H=12,L=4096,D=64", "bfloat16",
+                partial(decode._build, provider, 8, 12, 4096, 64, bf16, device), cuda_graph=True)
+        model_backends = ("fused", "reference", "torch")
+    else:
+        model_backends = ("torch", "reference")
+    for provider in ("cpp", "python-twin"):
+        add("sampler_step", provider, "B=1,V=50257,sampled", "float32",
+            partial(sampler._build, provider, 1, "sampled", device), mode="step", cuda_graph=True)
+    seq_len = min(128, model.config.block_size)
+    for backend in model_backends:
+        add("model forward", backend, f"B=4,T={seq_len}", str(next(model.parameters()).dtype).replace("torch.", ""),
+            partial(_model_forward, model, backend, 4, seq_len, device))
+    for engine, name in (("cpp", "cpp-loop"), ("python", "python-twin")):
+        add("generate 32 tokens", name, "B=1", "-", partial(_generation, model, engine, 32, device), mode="e2e",
+            warmup=1, max_reps=5)
+    return cases
+
+
+def benchmark_table(rows, skipped) -> str:
+    """Op, shape, provider, median time and the speedup of each row against the slowest of its op."""
+    lines = ["| op | shape | provider | median ms | vs slowest |", "|---|---|---|---|---|"]
+    slowest = {}
+    for r in rows:
+        slowest[r.op] = max(slowest.get(r.op, 0.0), r.time_ms)
+    for r in rows:
+        lines.append(f"| {r.op} {r.mode} | {r.shape} | {r.provider} | {r.time_ms:.3g} | "
+                     f"{slowest[r.op] / r.time_ms:.2f}× |")
+    for s in skipped:
+        lines.append(f"| {s.op} {s.mode} | {s.shape} | {s.provider} | skipped: {s.reason} | |")
+    return "\n".join(lines)
+
+
+def run_demo(device: Optional[torch.device] = None, quick: bool = False, out_dir: str = "runs/demo", log=print) -> int:
+    from gptfast.bench import environment, runner
+
+    device = device or environment.default_device()
+    plan = plan_for(device, quick)
+    log(f"gptfast demo on {environment.device_name(device)}{' (quick)' if quick else ''}")
+    log(f"\n[1/3] training a small code model on the Python standard library for ~{plan.train_seconds:.0f} s")
+    result = train_model(device, plan, out_dir, log=log)
+    model = result.model.eval()
+
+    log("\n[2/3] generating with the C++ sampling loop (gptfast.generate)")
+    log(generate_sample(model, result.tokenizer, plan))
+
+    log("\n[3/3] fused vs reference paths on this device")
+    if device.type != "cuda":
+        log("(no GPU: the Triton kernels would only run through the interpreter, whose speed means nothing;\n"
+            " this table compares the C++ sampler and loop with their Python twins and the torch backend with\n"
+            " the reference. `gptfast bench` and `gptfast check` do more.)")
+    peaks = {}  # the demo reports times and speedups, not fractions of peak
+    meta = {"device": environment.device_name(device), "versions": environment.versions(),
+            "git_commit": environment.git_commit(), "timestamp": environment.timestamp(), "peaks": peaks}
+    rows, skipped = runner.run_cases(benchmark_cases(model, device, plan), device, meta)
+    log(benchmark_table(rows, skipped))
+    log(f"\nthe trained model is in {result.out_dir} (Hugging Face format); try:\n"
+        f"  gptfast generate --model {result.out_dir} --prompt 'import '")
+    return 0
