@@ -348,54 +348,6 @@ inline int64_t first_index_of_max(const float* x, int64_t n, float max_value) {
   return index;
 }
 
-// torch.max(dim) on one row in a single pass (for logits read straight from memory, where
-// a second pass would cost as much as the first): the first maximum's value and index, or
-// the first NaN. Eight lanes keep independent running maxima and where each first
-// occurred; the best lane wins, ties going to the smallest index.
-inline std::pair<float, int64_t> row_max_one_pass(const float* x, int64_t n) {
-  constexpr int kLanes = 8;
-  float best[kLanes];
-  int64_t where[kLanes];
-  for (int k = 0; k < kLanes; ++k) {
-    best[k] = -std::numeric_limits<float>::infinity();
-    where[k] = -1;
-  }
-  bool has_nan = false;
-  int64_t v = 0;
-  for (; v + kLanes <= n; v += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      const float value = x[v + k];
-      has_nan |= value != value;
-      if (value > best[k]) {
-        best[k] = value;
-        where[k] = v + k;
-      }
-    }
-  }
-  for (; v < n; ++v) {
-    has_nan |= x[v] != x[v];
-    if (x[v] > best[0]) {
-      best[0] = x[v];
-      where[0] = v;
-    }
-  }
-  int64_t index = -1;
-  if (has_nan) {
-    index = 0;
-    while (!std::isnan(x[index])) ++index;
-    return {x[index], index};
-  }
-  float top = -std::numeric_limits<float>::infinity();
-  for (int k = 0; k < kLanes; ++k) {
-    if (where[k] >= 0 && (index < 0 || best[k] > top || (best[k] == top && where[k] < index))) {
-      top = best[k];
-      index = where[k];
-    }
-  }
-  if (index < 0) index = 0;  // every value is -inf: the first one
-  return {x[index], index};
-}
-
 // Rows per task so that each task covers at least ~64k logits (smaller work stays serial).
 inline int64_t row_grain(int64_t vocab) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(vocab, 1));
@@ -504,13 +456,8 @@ std::pair<Tensor, Tensor> choose_tokens_cpu(const Tensor& logits, const Params& 
       for (int64_t b = row_begin; b < row_end; ++b) {
         float* xr = x.data_ptr<float>() + b * vocab;
         if (own_x) process_row_cpu<scalar_t>(src.data_ptr<scalar_t>() + b * vocab, xr, b, vocab, p, s, step);
-        int64_t index;
-        if (own_x) {  // the row was just written and is in cache: vectorised amax, then its index
-          const float row_amax = at::amax(x.select(0, b)).item<float>();  // propagates NaN
-          index = first_index_of_max(xr, vocab, row_amax);
-        } else {
-          index = row_max_one_pass(xr, vocab).second;
-        }
+        const float row_amax = at::amax(x.select(0, b)).item<float>();  // vectorised; propagates NaN
+        const int64_t index = first_index_of_max(xr, vocab, row_amax);
         const float m = xr[index];  // torch.max's value: the first maximum's own bits
         xmax[b] = m;
         greedy_tokens.data_ptr<int64_t>()[b] = index;

@@ -84,7 +84,8 @@ def generate_sample(model, tokenizer, plan: DemoPlan, prompt: str = "def ") -> s
     import gptfast
     from gptfast.sampling import extension_status
 
-    params = gptfast.SamplingParams(max_new_tokens=plan.sample_tokens, temperature=0.8, top_k=40, seed=0)
+    room = model.config.block_size - len(tokenizer.encode(prompt))  # the sample must fit the context
+    params = gptfast.SamplingParams(max_new_tokens=min(plan.sample_tokens, room), temperature=0.8, top_k=40, seed=0)
     result = gptfast.generate(model.eval(), [prompt], params, tokenizer=tokenizer)[0]
     return f"sampler: {extension_status()}\n--- sample ---\n{prompt}{result.text}\n--------------"
 
