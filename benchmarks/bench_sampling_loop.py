@@ -4,7 +4,8 @@ Random weights, built as a ``transformers.GPT2LMHeadModel`` and loaded into gptf
 ``save_pretrained`` / ``GPT.from_pretrained`` in a temporary directory, so every engine
 runs the same weights. Reports, per model shape and batch size:
 
-- end-to-end tokens/s (prefill included, median of ``--repeats`` runs after a warm-up);
+- end-to-end tokens/s (prefill included; best of ``--repeats`` runs after a warm-up, the
+  engines timed round-robin so that load on a shared machine hits them alike);
 - per-token overhead: wall time minus the time spent inside the model's forward
   (measured by wrapping ``forward``), divided by the tokens generated (so it includes
   setup, prefill bookkeeping and detokenisation-free result building); on CUDA this
@@ -23,7 +24,6 @@ H200:  python benchmarks/bench_sampling_loop.py --device cuda --dtype bfloat16 -
 import argparse
 import datetime
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -76,20 +76,24 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed_runs(fn, device, repeats, clock=None):
-    """``repeats`` runs after one warm-up: (median seconds, median seconds outside the
-    model's forward (when a ForwardClock is given), last output)."""
-    out = fn()
-    times, outside = [], []
+def interleaved_runs(fns, device, repeats):
+    """Warm each callable up once, then time them round-robin ``repeats`` times (so load
+    drifts on a shared machine hit every engine alike). ``fns``: {name: (callable, clock or
+    None)}. Returns {name: (best seconds, seconds outside forward in that run, output)}."""
+    outputs = {name: fn() for name, (fn, _) in fns.items()}
+    best = {}
     for _ in range(repeats):
-        sync(device)
-        inside_before = clock.seconds if clock else 0.0
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-        outside.append(times[-1] - ((clock.seconds - inside_before) if clock else 0.0))
-    return statistics.median(times), statistics.median(outside), out
+        for name, (fn, clock) in fns.items():
+            sync(device)
+            inside_before = clock.seconds if clock else 0.0
+            start = time.perf_counter()
+            outputs[name] = fn()
+            sync(device)
+            seconds = time.perf_counter() - start
+            outside = seconds - ((clock.seconds - inside_before) if clock else 0.0)
+            if name not in best or seconds < best[name][0]:
+                best[name] = (seconds, outside)
+    return {name: (*best[name], outputs[name]) for name in fns}
 
 
 def measure_end_to_end(hf, ours, batch, prompt_len, new_tokens, device, repeats):
@@ -110,10 +114,10 @@ def measure_end_to_end(hf, ours, batch, prompt_len, new_tokens, device, repeats)
                           max_new_tokens=new_tokens, do_sample=False)
         return out[:, prompt_len:].tolist()
 
-    for name, fn, clock in (("gptfast C++ loop", ours_run("cpp"), our_clock),
-                            ("gptfast Python loop", ours_run("python"), our_clock),
-                            ("HF generate", hf_run, hf_clock)):
-        seconds, outside, out = timed_runs(fn, device, repeats, clock)
+    runs = interleaved_runs({"gptfast C++ loop": (ours_run("cpp"), our_clock),
+                             "gptfast Python loop": (ours_run("python"), our_clock),
+                             "HF generate": (hf_run, hf_clock)}, device, repeats)
+    for name, (seconds, outside, out) in runs.items():
         tokens[name] = out
         overhead = outside / new_tokens * 1e6 if device.type == "cpu" else float("nan")
         rows.append((name, batch * new_tokens / seconds, seconds / new_tokens * 1e3, overhead))
@@ -123,31 +127,38 @@ def measure_end_to_end(hf, ours, batch, prompt_len, new_tokens, device, repeats)
     return rows
 
 
-def measure_stub_overhead(engine_name, batch, new_tokens, device, sampled, repeats):
-    """Per-token loop cost with a stub model step that returns fixed logits."""
+def measure_stub_overhead(batch, new_tokens, device, sampled, repeats):
+    """Per-token loop cost with a stub model step that returns fixed logits: {engine: µs}."""
     from gptfast.generation import _HostRows, get_engine
     from gptfast.sampling import SamplingParams, build_sampling_tensors, new_decode_state, resolve_seeds
 
-    engine = get_engine(engine_name)
     kwargs = dict(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1) if sampled else dict(temperature=0.0)
     params = [SamplingParams(max_new_tokens=new_tokens, seed=row, **kwargs) for row in range(batch)]
     prompts = [[1, 2, 3]] * batch
     logits = torch.randn(batch, 1, VOCAB, device=device) * 3
 
-    def run():
-        seeds = resolve_seeds(params)
-        p = build_sampling_tensors(params, VOCAB, seeds, device, token_table=engine.token_table)
-        s = new_decode_state(prompts, params, p, VOCAB, device)
-        engine.sample_step(logits, p, s)
-        host = _HostRows(prompts, params, seeds, s, None, None)
-        sync(device)
-        start = time.perf_counter()
-        engine.decode_loop(p, s, lambda tokens, positions: logits, False, host.on_sync, new_tokens - 1, 16, 1)
-        sync(device)
-        return time.perf_counter() - start
+    def loop(engine):
+        def run():
+            seeds = resolve_seeds(params)
+            p = build_sampling_tensors(params, VOCAB, seeds, device, token_table=engine.token_table)
+            s = new_decode_state(prompts, params, p, VOCAB, device)
+            engine.sample_step(logits, p, s)
+            host = _HostRows(prompts, params, seeds, s, None, None)
+            sync(device)
+            start = time.perf_counter()
+            engine.decode_loop(p, s, lambda tokens, positions: logits, False, host.on_sync, new_tokens - 1, 16, 1)
+            sync(device)
+            return time.perf_counter() - start
+        return run
 
-    run()
-    return statistics.median(run() for _ in range(max(repeats, 5))) / (new_tokens - 1) * 1e6
+    loops = {name: loop(get_engine(name)) for name in ("cpp", "python")}
+    best = {}
+    for name, run in loops.items():
+        run()  # warm-up
+    for _ in range(repeats):
+        for name, run in loops.items():
+            best[name] = min(best.get(name, float("inf")), run())
+    return {name: seconds / (new_tokens - 1) * 1e6 for name, seconds in best.items()}
 
 
 def compile_baseline(ours, prompt_len, new_tokens, device):
@@ -168,8 +179,7 @@ def compile_baseline(ours, prompt_len, new_tokens, device):
             out.append(tok)
         return torch.cat(out, 1)
 
-    run()  # compile and record
-    seconds, _, _ = timed_runs(run, device, 3)
+    seconds, _, _ = interleaved_runs({"compiled": (run, None)}, device, 3)["compiled"]  # warm-up compiles
     return new_tokens / seconds
 
 
@@ -193,7 +203,7 @@ def main(argv=None):
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--compile-baseline", action="store_true", help="CUDA: add torch.compile reduce-overhead decode")
@@ -225,13 +235,13 @@ def main(argv=None):
                   f"{count_syncs(ours, args.prompt_len, args.new_tokens, device):.3f}")
         del hf, ours
 
-    print("\nStub model step (fixed logits, vocabulary 50257): loop cost per token, µs")
+    print("\nStub model step (fixed logits, vocabulary 50257): loop cost per token, µs (best of 5+)")
     print("\n| batch | decoding | C++ loop | Python loop | ratio |")
     print("|---|---|---|---|---|")
     for batch in args.batch:
         for sampled in (False, True):
-            cpp = measure_stub_overhead("cpp", batch, args.new_tokens, device, sampled, args.repeats)
-            py = measure_stub_overhead("python", batch, args.new_tokens, device, sampled, args.repeats)
+            cost = measure_stub_overhead(batch, args.new_tokens, device, sampled, max(args.repeats, 5))
+            cpp, py = cost["cpp"], cost["python"]
             label = "top-k 50, top-p 0.95, T 0.8, rep. 1.1" if sampled else "greedy"
             print(f"| {batch} | {label} | {cpp:.0f} | {py:.0f} | {py / cpp:.1f}x |", flush=True)
 
