@@ -582,6 +582,10 @@ class _Run:
                 self.save_checkpoint()
             if cfg.export:
                 self.export()
+            # Leave together: when train() returns on any rank, rank 0's checkpoint and
+            # export are on disk, and no rank tears the process group down while
+            # another is still writing.
+            ctx.barrier()
         finally:
             if self.bar is not None:
                 self.bar.close()
