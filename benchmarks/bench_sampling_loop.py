@@ -22,13 +22,17 @@ H200:  python benchmarks/bench_sampling_loop.py --device cuda --dtype bfloat16 -
        profiler's count of host syncs per generated token)
 """
 import argparse
+import contextlib
 import datetime
+import os
 import platform
 import sys
 import tempfile
 import time
 
 import torch
+
+from gptfast import cpu_linear
 
 CONFIGS = {  # GPT-2's vocabulary unless said otherwise
     "4x256": dict(n_layer=4, n_embd=256, n_head=4),
@@ -96,6 +100,20 @@ def interleaved_runs(fns, device, repeats):
     return {name: (*best[name], outputs[name]) for name in fns}
 
 
+@contextlib.contextmanager
+def packed_linear_setting(on):
+    """gptfast.generate with (default) or without prepacked CPU linear weights."""
+    saved = os.environ.get(cpu_linear.ENV_VAR)
+    os.environ[cpu_linear.ENV_VAR] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(cpu_linear.ENV_VAR)
+        else:
+            os.environ[cpu_linear.ENV_VAR] = saved
+
+
 def measure_end_to_end(hf, ours, batch, prompt_len, new_tokens, device, repeats):
     from gptfast.generation import generate
     from gptfast.sampling import SamplingParams
@@ -106,17 +124,23 @@ def measure_end_to_end(hf, ours, batch, prompt_len, new_tokens, device, repeats)
     hf_clock, our_clock = ForwardClock(hf), ForwardClock(ours)
     rows, tokens = [], {}
 
-    def ours_run(engine):
-        return lambda: [r.token_ids for r in generate(ours, prompts.tolist(), params, engine=engine)]
+    def ours_run(engine, packed=True):
+        def run():
+            with packed_linear_setting(packed):
+                return [r.token_ids for r in generate(ours, prompts.tolist(), params, engine=engine)]
+        return run
 
     def hf_run():
         out = hf.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
                           max_new_tokens=new_tokens, do_sample=False)
         return out[:, prompt_len:].tolist()
 
-    runs = interleaved_runs({"gptfast C++ loop": (ours_run("cpp"), our_clock),
-                             "gptfast Python loop": (ours_run("python"), our_clock),
-                             "HF generate": (hf_run, hf_clock)}, device, repeats)
+    engines = {"gptfast C++ loop": (ours_run("cpp"), our_clock),
+               "gptfast Python loop": (ours_run("python"), our_clock)}
+    if device.type == "cpu" and cpu_linear.applies_to(ours):  # what the packed weights add
+        engines["gptfast C++ loop, F.linear"] = (ours_run("cpp", packed=False), our_clock)
+    engines["HF generate"] = (hf_run, hf_clock)
+    runs = interleaved_runs(engines, device, repeats)
     for name, (seconds, outside, out) in runs.items():
         tokens[name] = out
         overhead = outside / new_tokens * 1e6 if device.type == "cpu" else float("nan")

@@ -17,6 +17,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -329,23 +333,87 @@ bool cpu_fast_path_applies(const Tensor& logits, const Params& p, const State& s
                                 s.out_tokens, s.counts, s.prompt_seen});
 }
 
-// torch.max(dim)'s index on one row, given the row's amax (which propagates NaN): the
-// first position holding the maximum (ties, and -0.0 == 0.0, resolve as in torch), or
-// the first NaN.
-inline int64_t first_index_of_max(const float* x, int64_t n, float max_value) {
+// torch.max(dim)'s index on one row: the first position holding the maximum (ties, and
+// -0.0 == 0.0, resolve to the earliest, as in torch), or the first NaN when there is one.
+inline int64_t first_nan(const float* x, int64_t n) {
   int64_t index = 0;
-  if (std::isnan(max_value)) {
-    while (!std::isnan(x[index])) ++index;
-    return index;
-  }
-  // Eight at a time without a branch per element, then the exact position in the chunk.
-  for (; index + 8 <= n; index += 8) {
-    bool hit = false;
-    for (int k = 0; k < 8; ++k) hit |= x[index + k] == max_value;
-    if (hit) break;
-  }
-  while (!(x[index] == max_value)) ++index;
+  while (index < n && !std::isnan(x[index])) ++index;
   return index;
+}
+
+inline int64_t argmax_row_scalar(const float* x, int64_t n) {
+  int64_t best = 0;
+  float m = x[0];
+  if (std::isnan(m)) return 0;
+  for (int64_t i = 1; i < n; ++i) {
+    const float v = x[i];
+    if (v > m) {
+      m = v;
+      best = i;
+    } else if (std::isnan(v)) {
+      return i;
+    }
+  }
+  return best;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GPTFAST_HAVE_AVX2_ARGMAX 1
+// One pass, eight lanes: each lane keeps its largest value and the first index where it
+// saw it (a strict > never replaces an equal earlier value); a NaN anywhere sends the
+// row to first_nan. The answer is the smallest index among the lanes holding the overall
+// maximum, then the scalar tail continues from there. Compiled for AVX2 whatever the
+// build flags, and called only on CPUs that have it.
+__attribute__((target("avx2"))) int64_t argmax_row_avx2(const float* x, int64_t n) {
+  __m256 lane_max = _mm256_loadu_ps(x);
+  __m256i lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256i index = lane_index;
+  const __m256i eight = _mm256_set1_epi32(8);
+  __m256 any_nan = _mm256_cmp_ps(lane_max, lane_max, _CMP_UNORD_Q);
+  int64_t i = 8;
+  for (; i + 8 <= n; i += 8) {
+    index = _mm256_add_epi32(index, eight);
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 greater = _mm256_cmp_ps(v, lane_max, _CMP_GT_OQ);
+    any_nan = _mm256_or_ps(any_nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    lane_max = _mm256_blendv_ps(lane_max, v, greater);
+    lane_index = _mm256_blendv_epi8(lane_index, index, _mm256_castps_si256(greater));
+  }
+  if (_mm256_movemask_ps(any_nan) != 0) return first_nan(x, n);
+  alignas(32) float values[8];
+  alignas(32) int32_t indices[8];
+  _mm256_store_ps(values, lane_max);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(indices), lane_index);
+  float m = values[0];
+  int64_t best = indices[0];
+  for (int k = 1; k < 8; ++k) {
+    if (values[k] > m || (values[k] == m && indices[k] < best)) {
+      m = values[k];
+      best = indices[k];
+    }
+  }
+  for (; i < n; ++i) {  // the tail; no NaN before it
+    if (x[i] > m) {
+      m = x[i];
+      best = i;
+    } else if (std::isnan(x[i])) {
+      return i;
+    }
+  }
+  return best;
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+inline int64_t argmax_row(const float* x, int64_t n) {
+#ifdef GPTFAST_HAVE_AVX2_ARGMAX
+  if (n >= 64 && n < (int64_t{1} << 31) && cpu_has_avx2()) return argmax_row_avx2(x, n);
+#endif
+  return argmax_row_scalar(x, n);
 }
 
 // Rows per task so that each task covers at least ~64k logits (smaller work stays serial).
@@ -353,39 +421,63 @@ inline int64_t row_grain(int64_t vocab) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(vocab, 1));
 }
 
-// at::topk(z, k) (largest, sorted) of one CPU row, where the answer is unique. A size-k
-// min-heap finds the k-th largest value in one pass; when the k largest values are all
-// distinct and finite and the k-th is not tied with the next, the sorted top k is the
-// only possible answer, so it equals torch.topk's. Returns false otherwise (ties, NaN),
-// and the caller asks at::topk itself.
-bool unique_topk_row(const float* z, int64_t vocab, int64_t k, float* values, int64_t* indices,
+// at::topk(z, k) (largest, sorted) of one CPU row, z = (x - m) / t with t > 0, where the
+// answer is unique, found without computing z for the whole row. z is a non-decreasing
+// function of x, so the k largest z are among the k + 1 largest x: a size-(k+1) min-heap
+// finds those in one pass over x (eight logits at a time against the heap's minimum,
+// which skips most of the row). Their z, in order, must then be strictly decreasing:
+// then every other token has z <= the (k+1)-th's < the k-th's, the top k is the only
+// possible answer, and it equals torch.topk's. Returns false otherwise (ties, NaN, or
+// the (k+1)-th x tied with another), and the caller asks at::topk itself.
+bool unique_topk_row(const float* x, int64_t vocab, int64_t k, float m, float t, float* values, int64_t* indices,
                      std::vector<float>& heap, std::vector<std::pair<float, int64_t>>& top) {
-  heap.assign(z, z + k);
-  bool no_nan = true;  // torch.topk ranks NaN above everything
-  for (float value : heap) no_nan = no_nan && !std::isnan(value);
+  const int64_t keep = k + 1;  // callers guarantee 4 * k <= vocab
+  heap.assign(x, x + keep);
+  for (float value : heap) {
+    if (std::isnan(value)) return false;  // torch.topk ranks NaN above everything
+  }
   std::make_heap(heap.begin(), heap.end(), std::greater<float>());
-  for (int64_t v = k; v < vocab; ++v) {
-    if (z[v] > heap.front()) {
+  auto offer = [&](float value) {
+    if (value > heap.front()) {
       std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
-      heap.back() = z[v];
+      heap.back() = value;
       std::push_heap(heap.begin(), heap.end(), std::greater<float>());
     }
-    no_nan = no_nan && !std::isnan(z[v]);
+  };
+  int64_t v = keep;
+  for (; v + 8 <= vocab; v += 8) {
+    const float threshold = heap.front();
+    bool above = false, nan = false;
+    for (int j = 0; j < 8; ++j) {
+      above |= x[v + j] > threshold;
+      nan |= x[v + j] != x[v + j];
+    }
+    if (nan) return false;
+    if (above) {
+      for (int j = 0; j < 8; ++j) offer(x[v + j]);
+    }
+  }
+  for (; v < vocab; ++v) {
+    if (std::isnan(x[v])) return false;
+    offer(x[v]);
   }
   const float threshold = heap.front();
-  if (!no_nan || !std::isfinite(threshold)) return false;
   top.clear();
-  for (int64_t v = 0; v < vocab; ++v) {
-    if (z[v] >= threshold) top.emplace_back(z[v], v);
+  for (int64_t i = 0; i < vocab; ++i) {
+    if (x[i] >= threshold) {
+      if (static_cast<int64_t>(top.size()) == keep) return false;  // the (k+1)-th x is tied
+      top.emplace_back(x[i], i);
+    }
   }
-  if (static_cast<int64_t>(top.size()) != k) return false;
+  if (static_cast<int64_t>(top.size()) != keep) return false;
   std::sort(top.begin(), top.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
-  for (int64_t i = 1; i < k; ++i) {
-    if (top[i].first == top[i - 1].first) return false;
-  }
+  float previous = (top[0].first - m) / t;
   for (int64_t i = 0; i < k; ++i) {
-    values[i] = top[i].first;
+    const float next = (top[i + 1].first - m) / t;
+    if (!(previous > next)) return false;  // a tie in z (or NaN): torch.topk's order decides
+    values[i] = previous;
     indices[i] = top[i].second;
+    previous = next;
   }
   return true;
 }
@@ -451,23 +543,23 @@ std::pair<Tensor, Tensor> choose_tokens_cpu(const Tensor& logits, const Params& 
   const float* temperature = p.temperature.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "choose_tokens_cpu", [&] {
     at::parallel_for(0, rows, row_grain(vocab), [&](int64_t row_begin, int64_t row_end) {
-      std::vector<float> z_row, heap;
+      std::vector<float> heap;
       std::vector<std::pair<float, int64_t>> top;
       for (int64_t b = row_begin; b < row_end; ++b) {
         float* xr = x.data_ptr<float>() + b * vocab;
         if (own_x) process_row_cpu<scalar_t>(src.data_ptr<scalar_t>() + b * vocab, xr, b, vocab, p, s, step);
-        const float row_amax = at::amax(x.select(0, b)).item<float>();  // vectorised; propagates NaN
-        const int64_t index = first_index_of_max(xr, vocab, row_amax);
+        const int64_t index = argmax_row(xr, vocab);
         const float m = xr[index];  // torch.max's value: the first maximum's own bits
         xmax[b] = m;
         greedy_tokens.data_ptr<int64_t>()[b] = index;
         bad.data_ptr<bool>()[b] = std::isnan(m) || m == -std::numeric_limits<float>::infinity();
         if (p.all_greedy || (row_topk && greedy_rows[b])) continue;  // greedy rows need no candidates
-        float* zr = full_z ? z.data_ptr<float>() + b * vocab : (z_row.resize(vocab), z_row.data());
-        for (int64_t v = 0; v < vocab; ++v) zr[v] = (xr[v] - m) / temperature[b];
         if (row_topk) {
-          topk_fallback[b] = !unique_topk_row(zr, vocab, k, cand.data_ptr<float>() + b * k,
+          topk_fallback[b] = !unique_topk_row(xr, vocab, k, m, temperature[b], cand.data_ptr<float>() + b * k,
                                                cand_ids.data_ptr<int64_t>() + b * k, heap, top);
+        } else {
+          float* zr = z.data_ptr<float>() + b * vocab;
+          for (int64_t v = 0; v < vocab; ++v) zr[v] = (xr[v] - m) / temperature[b];
         }
       }
     });

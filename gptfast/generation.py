@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Union
 
 import torch
 
+from gptfast import cpu_linear
 from gptfast.reference import sampling as twin
 from gptfast.sampling import (
     SamplingParams,
@@ -456,16 +457,25 @@ def generate(
     p = build_sampling_tensors(params, vocab_size, seeds, device, eos_token_id, token_table=eng.token_table)
     s = new_decode_state(prompts, params, p, vocab_size, device)
 
-    # Prefill: right padding; each row's logits at its own last prompt token.
     _ensure_cache(model, B, length, device, dtype)
+    # On CPU float32 the linear layers run on prepacked weights (gptfast.cpu_linear).
+    with cpu_linear.packed_linears(model):
+        return _prefill_and_decode(model, eng, prompts, params, seeds, p, s, tokenizer, stream, sync_every,
+                                   cuda_graph, max_new, device)
+
+
+def _prefill_and_decode(model, eng, prompts, params, seeds, p, s, tokenizer, stream, sync_every, cuda_graph,
+                        max_new, device):
+    # Prefill: right padding; each row's logits at its own last prompt token only.
+    B, longest = len(prompts), max(len(t) for t in prompts)
     lens = torch.tensor([len(t) for t in prompts], device=device)
     idx = torch.zeros(B, longest, dtype=torch.long)
     for row, tokens in enumerate(prompts):
         idx[row, : len(tokens)] = torch.tensor(tokens)
     with torch.profiler.record_function("prefill"):  # named ranges for `gptfast profile generate`
-        logits = model(idx.to(device), input_pos=torch.arange(longest, device=device))
+        logits = model(idx.to(device), input_pos=torch.arange(longest, device=device), logits_index=lens - 1)
     with torch.profiler.record_function("sample"):
-        eng.sample_step(logits[torch.arange(B, device=device), lens - 1], p, s)
+        eng.sample_step(logits[:, 0], p, s)
 
     use_graph = _graphs_supported(device) if cuda_graph is None else cuda_graph
     if use_graph and not _graphs_supported(device):

@@ -41,6 +41,18 @@ class LayerNorm(nn.Module):
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) whose forward runs through a
+    prepacked weight while ``gptfast.cpu_linear.packed_linears`` installs one."""
+
+    prepacked = None  # a gptfast.cpu_linear.PackedLinear during CPU generation
+
+    def forward(self, x):
+        if self.prepacked is not None:
+            return self.prepacked(x)
+        return F.linear(x, self.weight, self.bias)
+
+
 class KVCache(nn.Module):
     """Keys and values of one attention layer, (max_batch, n_head, max_seq_len, head_dim) each."""
 
@@ -64,8 +76,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache = None
         self.ops = get_ops("torch")
@@ -97,8 +109,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
-        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.c_proj = Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.ops = get_ops("torch")
 
@@ -152,7 +164,7 @@ class GPT(nn.Module):
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         else:
             self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
@@ -203,13 +215,24 @@ class GPT(nn.Module):
 
     # ---- forward -----------------------------------------------------------------
 
-    def forward(self, idx, targets=None, input_pos=None):
+    def forward(self, idx, targets=None, input_pos=None, logits_index=None):
         """Logits (B, T, vocab), or ``(logits, loss)`` when ``targets`` (ignore_index -100) is given.
 
         ``input_pos`` (needs ``setup_cache``): shape (T,) prefills positions p..p+T-1 of
         rows 0..B-1; shape (B, 1) decodes one token per row at that row's position.
+        ``logits_index`` ((B,) integer tensor): compute the logits of one position per
+        row only, ``idx[b, logits_index[b]]``'s, returned as (B, 1, vocab); a prefill
+        needs no others, and the LM head is the largest matmul of a small model.
         """
         B, T, prefill_start = self._check_inputs(idx, input_pos)
+        if logits_index is not None:
+            if targets is not None:
+                raise ValueError("logits_index computes one position per row: it cannot be combined with targets")
+            if logits_index.shape != (B,) or logits_index.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"logits_index must be a ({B},) integer tensor, got {tuple(logits_index.shape)} "
+                                 f"{logits_index.dtype}")
+            if logits_index.device.type == "cpu" and ((logits_index < 0).any() or (logits_index >= T).any()):
+                raise ValueError(f"logits_index {logits_index.tolist()} outside the sequence length {T}")
         if input_pos is None:
             pos = torch.arange(T, device=idx.device)
         else:
@@ -222,6 +245,9 @@ class GPT(nn.Module):
         delta = None
         for block in self.transformer.h:
             h, delta = block(h, delta, input_pos, prefill_start)
+        if logits_index is not None:
+            rows = torch.arange(B, device=idx.device)
+            h, delta = h[rows, logits_index].unsqueeze(1), delta[rows, logits_index].unsqueeze(1)
         x, _ = self.transformer.ln_f(delta, residual=h)
         logits = self.lm_head(x)
         if targets is None:

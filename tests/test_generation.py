@@ -51,7 +51,7 @@ class ScriptedModel(nn.Module):
         k = torch.zeros(max_batch, 1, max_seq_len, 1, device=device, dtype=dtype)
         self.kv_cache = types.SimpleNamespace(max_batch=max_batch, max_seq_len=max_seq_len, k=k)
 
-    def forward(self, idx, input_pos):
+    def forward(self, idx, input_pos, logits_index=None):
         B, T = idx.shape
         pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
         if input_pos.dim() == 2:
@@ -64,6 +64,8 @@ class ScriptedModel(nn.Module):
                     logits[b, t] = math.nan
                 else:
                     logits[b, t, target] = 10.0
+        if logits_index is not None:  # GPT.forward's contract: one position per row
+            return logits[torch.arange(B), logits_index].unsqueeze(1)
         return logits
 
 

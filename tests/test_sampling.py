@@ -146,6 +146,38 @@ def test_greedy_argmax_matches_torch_max_on_edge_rows(engines):
         assert s.bad_step.tolist() == [-1, -1, 0, 0, -1, -1, 0, -1], name_of(engine)
 
 
+def test_cpu_fast_paths_match_torch_on_rows_built_to_trip_them(engines):
+    # The C++ CPU path finds the argmax eight lanes at a time and the top k from the k+1
+    # largest raw logits; these rows aim at the seams: the maximum tied across lanes, NaN
+    # only in the scalar tail, x values distinct but z = (x - max) / T tied (a subnormal
+    # gap divided by T rounds to -0.0), and the (k+1)-th logit tied with the next.
+    vocab, k = 203, 3
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randn(6, vocab, generator=g)
+    rows[0, [21, 13, 150]] = 9.0  # ties in lanes 5, 5 and 6: index 13 wins
+    rows[1, vocab - 2] = math.nan  # NaN after the vectorised body
+    rows[2] = -30.0
+    rows[2, 50], rows[2, 3], rows[2, 4] = 0.0, -1e-45, -2e-45  # z ties at 0 after / T
+    rows[3, :8] = torch.tensor([5.0, 4.0, 3.0, 2.0, 2.0, 2.0, -1.0, -2.0])  # 4th largest tied
+    rows[4, 100:] = -math.inf
+    rows[5] = torch.linspace(-1, 1, vocab)
+    greedy = [SamplingParams(temperature=0.0)] * 6
+    sampled = [SamplingParams(temperature=3.0, top_k=k, seed=i) for i in range(6)]
+    logits = [rows, rows.flip(-1).contiguous()]
+    results = {}
+    for engine in engines:
+        greedy_tokens, _ = run_steps(engine, greedy, logits)
+        sampled_tokens, _ = run_steps(engine, sampled, logits)
+        results[name_of(engine)] = (greedy_tokens, sampled_tokens)
+        assert greedy_tokens == [x.max(dim=-1).indices.tolist() for x in logits], name_of(engine)
+    assert len({repr(r) for r in results.values()}) == 1, results
+    for step, x in enumerate(logits):  # every sampled token is among the row's top k
+        for row in (0, 2, 3, 4, 5):
+            z = (x[row] - x[row].max()) / 3.0
+            assert results["python"][1][step][row] in torch.topk(z, k).indices.tolist() or z[
+                results["python"][1][step][row]] >= torch.topk(z, k).values[-1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_cpp_and_twin_agree_on_ties_and_low_precision_logits(engines, dtype):
     # Small integers: many exact ties, where "first maximum wins" must hold everywhere.

@@ -1,0 +1,139 @@
+"""Prepacked CPU linear layers (gptfast.cpu_linear) and the prefill's ``logits_index``."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptfast import cpu_linear
+from gptfast.config import GPTConfig
+from gptfast.generation import generate
+from gptfast.model import GPT, Linear
+from gptfast.sampling import SamplingParams
+
+needs_packing = pytest.mark.skipif(not cpu_linear.available(), reason="this PyTorch build has no oneDNN linear packing")
+
+
+def tiny_model(vocab_size=97, seed=0):
+    torch.manual_seed(seed)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=vocab_size, dropout=0.0)
+    return GPT(config, backend="torch").eval()
+
+
+class Wrapper(torch.nn.Module):  # packed_linears looks for lm_head.weight
+    def __init__(self, linear):
+        super().__init__()
+        self.lm_head = linear
+
+
+@needs_packing
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 75), (3, 75), (2, 5, 75), (1, 1, 75)])
+def test_packed_forward_matches_f_linear(shape, bias):
+    torch.manual_seed(0)
+    layer = Linear(75, 131, bias=bias)
+    x = torch.randn(shape)
+    expected = F.linear(x, layer.weight, layer.bias)
+    with torch.no_grad(), cpu_linear.packed_linears(Wrapper(layer)) as packed:
+        assert packed and layer.prepacked is not None
+        out = layer(x)
+        strided = layer(torch.randn(75, *shape[:-1]).movedim(0, -1))  # a non-contiguous input
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert strided.shape == expected.shape and torch.isfinite(strided).all()
+    assert layer.prepacked is None  # uninstalled on exit
+
+
+@needs_packing
+def test_autograd_and_other_dtypes_take_f_linear():
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    with cpu_linear.packed_linears(Wrapper(layer)):
+        out = layer(x)  # grad mode on: the packed path has no backward
+        out.sum().backward()
+        with torch.no_grad():
+            double = layer.double()(x.detach().double())
+    assert x.grad is not None and layer.weight.grad is not None
+    assert double.dtype == torch.float64
+
+
+@needs_packing
+def test_pack_is_rebuilt_when_the_weight_changes():
+    torch.manual_seed(0)
+    layer = Linear(24, 40)
+    x = torch.randn(2, 24)
+    with torch.no_grad():
+        with cpu_linear.packed_linears(Wrapper(layer)):
+            before = layer(x)
+        layer.weight.mul_(2.0)  # in place, as an optimizer step
+        with cpu_linear.packed_linears(Wrapper(layer)):
+            after = layer(x)
+        layer.weight = torch.nn.Parameter(torch.zeros(40, 24))  # a new tensor
+        with cpu_linear.packed_linears(Wrapper(layer)):
+            zero_weight = layer(x)
+    torch.testing.assert_close(after - layer.bias, 2 * (before - layer.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(zero_weight, layer.bias.expand(2, 40))
+
+
+@needs_packing
+def test_context_cleans_up_on_error_and_release_frees_packs():
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="boom"):
+        with cpu_linear.packed_linears(model):
+            assert all(m.prepacked is not None for m in model.modules() if isinstance(m, Linear))
+            raise RuntimeError("boom")
+    assert all(m.prepacked is None for m in model.modules() if isinstance(m, Linear))
+    assert any(m in cpu_linear._packs for m in model.modules())
+    cpu_linear.release(model)
+    assert not any(m in cpu_linear._packs for m in model.modules())
+
+
+def test_env_var_and_dtype_turn_packing_off(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setenv(cpu_linear.ENV_VAR, "0")
+    assert not cpu_linear.applies_to(model)
+    with cpu_linear.packed_linears(model) as packed:
+        assert not packed and model.lm_head.prepacked is None
+    monkeypatch.delenv(cpu_linear.ENV_VAR)
+    assert not cpu_linear.applies_to(model.double())
+
+
+@needs_packing
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=12, temperature=0.0),
+                                    SamplingParams(max_new_tokens=12, temperature=0.9, top_k=20, seed=5)])
+def test_generate_tokens_do_not_depend_on_packing(monkeypatch, params):
+    model = tiny_model()
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9]]
+    packed = [r.token_ids for r in generate(model, prompts, params)]
+    monkeypatch.setenv(cpu_linear.ENV_VAR, "0")
+    plain = [r.token_ids for r in generate(model, prompts, params)]
+    assert packed == plain and all(len(t) == 12 for t in packed)
+    assert all(m.prepacked is None for m in model.modules() if isinstance(m, Linear))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_logits_index_equals_the_gathered_full_logits(backend):
+    model = tiny_model().set_backend(backend)
+    idx = torch.randint(0, 97, (3, 7))
+    where = torch.tensor([6, 0, 3])
+    with torch.no_grad():
+        full = model(idx)
+        one = model(idx, logits_index=where)
+        model.setup_cache(3, 16)
+        cached = model(idx, input_pos=torch.arange(7), logits_index=where)
+    assert one.shape == cached.shape == (3, 1, 97)
+    expected = full[torch.arange(3), where].unsqueeze(1)
+    torch.testing.assert_close(one, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_index_rejects_bad_input():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 5))
+    with pytest.raises(ValueError, match="outside the sequence length 5"):
+        model(idx, logits_index=torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match=r"must be a \(2,\) integer tensor"):
+        model(idx, logits_index=torch.tensor([4]))
+    with pytest.raises(ValueError, match=r"must be a \(2,\) integer tensor"):
+        model(idx, logits_index=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="cannot be combined with targets"):
+        model(idx, targets=idx, logits_index=torch.tensor([1, 2]))
