@@ -24,7 +24,8 @@ if sources and os.environ.get("GPTFAST_NO_BUILD_EXT") != "1":
     except ImportError:  # torch not importable at build time: gptfast JIT-builds on first use
         pass
     else:
-        ext_modules = [CppExtension("gptfast._C", sources, extra_compile_args=["-O3", "-std=c++17"])]
+        # The flags of gptfast.sampling.EXTENSION_CFLAGS (the JIT build's), kept identical.
+        ext_modules = [CppExtension("gptfast._C", sources, extra_compile_args=["-O3", "-std=c++17", "-fno-trapping-math"])]
         cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 setup(

@@ -10,10 +10,13 @@ runs the same weights. Reports, per model shape and batch size:
   (measured by wrapping ``forward``), divided by the tokens generated (so it includes
   setup, prefill bookkeeping and detokenisation-free result building); on CUDA this
   decomposition is meaningless (asynchronous kernels) and is skipped;
+- on CPU, a fourth engine: the C++ loop with the linear layers on ``F.linear`` instead
+  of prepacked weights (``GPTFAST_CPU_PACKED_LINEAR=0``), to show what the loop and
+  what the weight packing each contribute;
 - per-token overhead with a stub model step (a fixed logits tensor: no model at all),
   C++ loop vs Python loop, for greedy and for sampled decoding.
 
-Greedy tokens must be identical across the three engines (asserted).
+Greedy tokens must be identical across all engines (asserted).
 
 CPU:   python benchmarks/bench_sampling_loop.py
 H200:  python benchmarks/bench_sampling_loop.py --device cuda --dtype bfloat16 --configs gpt2-124M \

@@ -358,7 +358,7 @@ inline int64_t argmax_row_scalar(const float* x, int64_t n) {
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define GPTFAST_HAVE_AVX2_ARGMAX 1
+#define GPTFAST_HAVE_AVX2 1
 // One pass, eight lanes: each lane keeps its largest value and the first index where it
 // saw it (a strict > never replaces an equal earlier value); a NaN anywhere sends the
 // row to first_nan. The answer is the smallest index among the lanes holding the overall
@@ -410,10 +410,52 @@ bool cpu_has_avx2() {
 #endif
 
 inline int64_t argmax_row(const float* x, int64_t n) {
-#ifdef GPTFAST_HAVE_AVX2_ARGMAX
+#ifdef GPTFAST_HAVE_AVX2
   if (n >= 64 && n < (int64_t{1} << 31) && cpu_has_avx2()) return argmax_row_avx2(x, n);
 #endif
   return argmax_row_scalar(x, n);
+}
+
+// The first chunk start c = from, from + 8, ... (c + 8 <= n) whose eight logits hold one
+// that passes `threshold`: above it or NaN (kAboveOrNaN), or at least it (kAtLeast);
+// the first c with c + 8 > n when none does. The top-k scan below calls it with a
+// threshold that only rises, so it runs over most of the row without stopping.
+enum class Pass { kAboveOrNaN, kAtLeast };
+
+template <Pass pass>
+inline bool passes(float value, float threshold) {
+  return pass == Pass::kAboveOrNaN ? !(value <= threshold) : value >= threshold;
+}
+
+template <Pass pass>
+int64_t next_chunk_scalar(const float* x, int64_t from, int64_t n, float threshold) {
+  for (; from + 8 <= n; from += 8) {
+    bool hit = false;
+    for (int j = 0; j < 8; ++j) hit |= passes<pass>(x[from + j], threshold);
+    if (hit) return from;
+  }
+  return from;
+}
+
+#ifdef GPTFAST_HAVE_AVX2
+template <Pass pass>
+__attribute__((target("avx2"))) int64_t next_chunk_avx2(const float* x, int64_t from, int64_t n, float threshold) {
+  const __m256 t = _mm256_set1_ps(threshold);
+  for (; from + 8 <= n; from += 8) {
+    const __m256 v = _mm256_loadu_ps(x + from);
+    const __m256 hit = pass == Pass::kAboveOrNaN ? _mm256_cmp_ps(v, t, _CMP_NLE_UQ) : _mm256_cmp_ps(v, t, _CMP_GE_OQ);
+    if (_mm256_movemask_ps(hit) != 0) return from;
+  }
+  return from;
+}
+#endif
+
+template <Pass pass>
+inline int64_t next_chunk(const float* x, int64_t from, int64_t n, float threshold) {
+#ifdef GPTFAST_HAVE_AVX2
+  if (cpu_has_avx2()) return next_chunk_avx2<pass>(x, from, n, threshold);
+#endif
+  return next_chunk_scalar<pass>(x, from, n, threshold);
 }
 
 // Rows per task so that each task covers at least ~64k logits (smaller work stays serial).
@@ -445,16 +487,10 @@ bool unique_topk_row(const float* x, int64_t vocab, int64_t k, float m, float t,
     }
   };
   int64_t v = keep;
-  for (; v + 8 <= vocab; v += 8) {
-    const float threshold = heap.front();
-    bool above = false, nan = false;
-    for (int j = 0; j < 8; ++j) {
-      above |= x[v + j] > threshold;
-      nan |= x[v + j] != x[v + j];
-    }
-    if (nan) return false;
-    if (above) {
-      for (int j = 0; j < 8; ++j) offer(x[v + j]);
+  while ((v = next_chunk<Pass::kAboveOrNaN>(x, v, vocab, heap.front())) + 8 <= vocab) {
+    for (int j = 0; j < 8; ++j, ++v) {
+      if (std::isnan(x[v])) return false;
+      offer(x[v]);
     }
   }
   for (; v < vocab; ++v) {
@@ -463,11 +499,20 @@ bool unique_topk_row(const float* x, int64_t vocab, int64_t k, float m, float t,
   }
   const float threshold = heap.front();
   top.clear();
-  for (int64_t i = 0; i < vocab; ++i) {
-    if (x[i] >= threshold) {
-      if (static_cast<int64_t>(top.size()) == keep) return false;  // the (k+1)-th x is tied
-      top.emplace_back(x[i], i);
+  auto collect = [&](int64_t i) {
+    if (x[i] < threshold) return true;
+    if (static_cast<int64_t>(top.size()) == keep) return false;  // the (k+1)-th x is tied
+    top.emplace_back(x[i], i);
+    return true;
+  };
+  int64_t i = 0;
+  while ((i = next_chunk<Pass::kAtLeast>(x, i, vocab, threshold)) + 8 <= vocab) {
+    for (int j = 0; j < 8; ++j, ++i) {
+      if (!collect(i)) return false;
     }
+  }
+  for (; i < vocab; ++i) {
+    if (!collect(i)) return false;
   }
   if (static_cast<int64_t>(top.size()) != keep) return false;
   std::sort(top.begin(), top.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
@@ -482,6 +527,37 @@ bool unique_topk_row(const float* x, int64_t vocab, int64_t k, float m, float t,
   return true;
 }
 
+// Step 1 on one row, without a branch per token so that it vectorises: every logit's
+// penalised value is computed, and kept where the token was seen. The AVX2 entry point
+// inlines the same body, compiled for AVX2.
+__attribute__((always_inline)) inline void apply_repetition_penalty(float* x, const int32_t* counts,
+                                                                    const uint8_t* prompt_seen, int64_t n,
+                                                                    float penalty) {
+  // (A division, not a multiply by 1 / penalty: it must round as the twin's does.)
+  if (prompt_seen == nullptr) {
+    for (int64_t v = 0; v < n; ++v) {
+      const float value = x[v];
+      const float scaled_up = value * penalty, scaled_down = value / penalty;  // both, branch-free
+      const float penalized = value < 0 ? scaled_up : scaled_down;
+      x[v] = counts[v] > 0 ? penalized : value;
+    }
+  } else {
+    for (int64_t v = 0; v < n; ++v) {
+      const float value = x[v];
+      const float scaled_up = value * penalty, scaled_down = value / penalty;  // both, branch-free
+      const float penalized = value < 0 ? scaled_up : scaled_down;
+      x[v] = ((counts[v] > 0) | (prompt_seen[v] != 0)) ? penalized : value;
+    }
+  }
+}
+
+#ifdef GPTFAST_HAVE_AVX2
+__attribute__((target("avx2"))) void apply_repetition_penalty_avx2(float* x, const int32_t* counts,
+                                                                   const uint8_t* prompt_seen, int64_t n, float penalty) {
+  apply_repetition_penalty(x, counts, prompt_seen, n, penalty);
+}
+#endif
+
 // Steps 1-4 of the twin on one row, one simple loop per active processor.
 template <typename scalar_t>
 void process_row_cpu(const scalar_t* in, float* x, int64_t b, int64_t vocab, const Params& p, const State& s,
@@ -491,11 +567,15 @@ void process_row_cpu(const scalar_t* in, float* x, int64_t b, int64_t vocab, con
   const int32_t* counts = s.counts.defined() ? s.counts.data_ptr<int32_t>() + row : nullptr;
   if (p.use_repetition) {
     const float penalty = p.repetition_penalty.data_ptr<float>()[b];
-    const bool* prompt_seen = s.prompt_seen.defined() ? s.prompt_seen.data_ptr<bool>() + row : nullptr;
-    for (int64_t v = 0; v < vocab; ++v) {
-      if (counts[v] > 0 || (prompt_seen != nullptr && prompt_seen[v])) {
-        x[v] = x[v] < 0 ? x[v] * penalty : x[v] / penalty;
-      }
+    const uint8_t* prompt_seen =  // bool tensor: one byte per token, 0 or 1
+        s.prompt_seen.defined() ? reinterpret_cast<const uint8_t*>(s.prompt_seen.data_ptr<bool>()) + row : nullptr;
+#ifdef GPTFAST_HAVE_AVX2
+    if (cpu_has_avx2()) {
+      apply_repetition_penalty_avx2(x, counts, prompt_seen, vocab, penalty);
+    } else
+#endif
+    {
+      apply_repetition_penalty(x, counts, prompt_seen, vocab, penalty);
     }
   }
   if (p.use_presence_frequency) {

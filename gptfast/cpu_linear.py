@@ -5,9 +5,8 @@ matrix of the model, so it is bound by how fast the weights stream through the c
 ``F.linear`` hands MKL a row-major (out, in) weight: MKL streams it well below memory
 bandwidth, and with more than one row it repacks the whole weight on every call, the
 51 MB (GPT-2 vocabulary × 256) LM head included. Packing each weight once into oneDNN's
-blocked layout, as ``torch.compile``'s CPU freezing does, removes both costs: the LM
-head of a 256-wide model runs 2-3x faster at batch 1-8 on the machine BENCHMARKS.md
-describes, and a whole decode step up to 2x.
+blocked layout, as ``torch.compile``'s CPU freezing does, removes both costs
+(BENCHMARKS.md, "Sampling loop (CPU)", measures the decode loop with and without it).
 
 ``packed_linears(model)`` is the context ``gptfast.generate`` enters on CPU float32
 models: inside it, every ``gptfast.model.Linear`` of ``model`` computes through its

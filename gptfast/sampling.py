@@ -272,6 +272,10 @@ def new_decode_state(prompts: Sequence[Sequence[int]], params: Sequence[Sampling
 # ---- the C++ extension ------------------------------------------------------------------
 
 EXTENSION_API_VERSION = 2  # must match kApiVersion in csrc/sampling.cpp
+# Compiler flags of every build (setup.py repeats them). ISO C++ (not gnu++) keeps the
+# compiler from fusing a * b + c into an FMA, which would round differently from the twin;
+# -fno-trapping-math lets branch-free loops with a division vectorise (rounding unchanged).
+EXTENSION_CFLAGS = ["-O3", "-std=c++17", "-fno-trapping-math"]
 NO_EXT_ENV = "GPTFAST_NO_EXT"
 CACHE_ENV = "GPTFAST_CACHE_DIR"
 
@@ -332,7 +336,7 @@ def _jit(sources):
     for path in sources:
         with open(path, "rb") as f:
             digest.update(f.read())
-    digest.update(f"{torch.__version__} {sys.version} {EXTENSION_API_VERSION}".encode())
+    digest.update(f"{torch.__version__} {sys.version} {EXTENSION_API_VERSION} {EXTENSION_CFLAGS}".encode())
     tag = digest.hexdigest()[:16]
     name = f"gptfast_sampling_{tag}"
     build_dir = os.path.join(cache_dir(), f"ext-{tag}")
@@ -341,7 +345,7 @@ def _jit(sources):
         print(f"gptfast: building the C++ sampling extension (first use; minutes on a small CPU) in {build_dir}",
               file=sys.stderr, flush=True)
     module = cpp_extension.load(name=name, sources=list(sources), build_directory=build_dir,
-                                extra_cflags=["-O3", "-std=c++17"], verbose=False)
+                                extra_cflags=EXTENSION_CFLAGS, verbose=False)
     if getattr(module, "API_VERSION", None) != EXTENSION_API_VERSION:
         raise RuntimeError(f"built extension has API version {getattr(module, 'API_VERSION', None)}")
     return module, f"C++ extension, JIT-built in {build_dir}"
