@@ -460,39 +460,32 @@ def generate(
     _ensure_cache(model, B, length, device, dtype)
     # On CPU float32 the linear layers run on prepacked weights (gptfast.cpu_linear).
     with cpu_linear.packed_linears(model):
-        return _prefill_and_decode(model, eng, prompts, params, seeds, p, s, tokenizer, stream, sync_every,
-                                   cuda_graph, max_new, device)
+        # Prefill: right padding; each row's logits at its own last prompt token only.
+        lens = torch.tensor([len(t) for t in prompts], device=device)
+        idx = torch.zeros(B, longest, dtype=torch.long)
+        for row, tokens in enumerate(prompts):
+            idx[row, : len(tokens)] = torch.tensor(tokens)
+        with torch.profiler.record_function("prefill"):  # named ranges for `gptfast profile generate`
+            logits = model(idx.to(device), input_pos=torch.arange(longest, device=device), logits_index=lens - 1)
+        with torch.profiler.record_function("sample"):
+            eng.sample_step(logits[:, 0], p, s)
 
-
-def _prefill_and_decode(model, eng, prompts, params, seeds, p, s, tokenizer, stream, sync_every, cuda_graph,
-                        max_new, device):
-    # Prefill: right padding; each row's logits at its own last prompt token only.
-    B, longest = len(prompts), max(len(t) for t in prompts)
-    lens = torch.tensor([len(t) for t in prompts], device=device)
-    idx = torch.zeros(B, longest, dtype=torch.long)
-    for row, tokens in enumerate(prompts):
-        idx[row, : len(tokens)] = torch.tensor(tokens)
-    with torch.profiler.record_function("prefill"):  # named ranges for `gptfast profile generate`
-        logits = model(idx.to(device), input_pos=torch.arange(longest, device=device), logits_index=lens - 1)
-    with torch.profiler.record_function("sample"):
-        eng.sample_step(logits[:, 0], p, s)
-
-    use_graph = _graphs_supported(device) if cuda_graph is None else cuda_graph
-    if use_graph and not _graphs_supported(device):
-        raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {device}")
-    model_step, graph_replay = (lambda tokens, positions: model(tokens, input_pos=positions)), False
-    if use_graph and max_new > 1:
-        try:
-            graph, p, s = _GRAPHS.get(model, eng, p, s)
-            model_step, graph_replay = graph.replay, True
-        except Exception as e:  # capture is an optimisation: decode eagerly instead
-            warnings.warn(f"gptfast: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly",
-                          RuntimeWarning, stacklevel=2)
-    host = _HostRows(prompts, params, seeds, s, tokenizer, stream)
-    if not host.on_sync(1) and max_new > 1:
-        with torch.profiler.record_function("decode"):
-            eng.decode_loop(p, s, model_step, graph_replay, host.on_sync, max_new - 1, sync_every, 1)
-    return host.results()
+        use_graph = _graphs_supported(device) if cuda_graph is None else cuda_graph
+        if use_graph and not _graphs_supported(device):
+            raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {device}")
+        model_step, graph_replay = (lambda tokens, positions: model(tokens, input_pos=positions)), False
+        if use_graph and max_new > 1:
+            try:
+                graph, p, s = _GRAPHS.get(model, eng, p, s)
+                model_step, graph_replay = graph.replay, True
+            except Exception as e:  # capture is an optimisation: decode eagerly instead
+                warnings.warn(f"gptfast: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly",
+                              RuntimeWarning, stacklevel=2)
+        host = _HostRows(prompts, params, seeds, s, tokenizer, stream)
+        if not host.on_sync(1) and max_new > 1:
+            with torch.profiler.record_function("decode"):
+                eng.decode_loop(p, s, model_step, graph_replay, host.on_sync, max_new - 1, sync_every, 1)
+        return host.results()
 
 
 def generate_ids(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k=None, seed=None):

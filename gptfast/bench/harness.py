@@ -128,6 +128,21 @@ def l2_flush_buffer(device: torch.device) -> torch.Tensor:
     return torch.empty(max(2 * l2_bytes, 64 * 2**20), dtype=torch.int8, device=device)
 
 
+def _event_timed_reps(run, reps, flush) -> list:
+    """Milliseconds of ``run(i)`` for i in range(reps), each bracketed by CUDA events and
+    preceded (outside the brackets) by overwriting ``flush`` when given."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        if flush is not None:
+            flush.zero_()
+        starts[i].record()
+        run(i)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
 def _time_cuda_events(fn, input_sets, device, warmup, target_ms, min_reps, max_reps, flush_l2) -> Timing:
     n = len(input_sets)
     flush = l2_flush_buffer(device) if flush_l2 else None
@@ -140,16 +155,8 @@ def _time_cuda_events(fn, input_sets, device, warmup, target_ms, min_reps, max_r
         end.record()
         torch.cuda.synchronize()
         reps = _rep_count(start.elapsed_time(end) / warmup, target_ms, min_reps, max_reps)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            if flush is not None:
-                flush.zero_()
-            starts[i].record()
-            fn(input_sets[i % n])
-            ends[i].record()
-        torch.cuda.synchronize()
-    return Timing([s.elapsed_time(e) for s, e in zip(starts, ends)], CUDA_EVENTS)
+        samples = _event_timed_reps(lambda i: fn(input_sets[i % n]), reps, flush)
+    return Timing(samples, CUDA_EVENTS)
 
 
 def _time_cuda_graph(fn, input_sets, device, warmup, target_ms, min_reps, max_reps, flush_l2, graph_calls) -> Timing:
@@ -175,17 +182,9 @@ def _time_cuda_graph(fn, input_sets, device, warmup, target_ms, min_reps, max_re
         end.record()
         torch.cuda.synchronize()
         reps = _rep_count(start.elapsed_time(end), target_ms, min_reps, max_reps)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            if flush is not None:
-                flush.zero_()
-            starts[i].record()
-            graph.replay()
-            ends[i].record()
-        torch.cuda.synchronize()
+        samples = _event_timed_reps(lambda i: graph.replay(), reps, flush)
     del graph
-    return Timing([s.elapsed_time(e) / graph_calls for s, e in zip(starts, ends)], CUDA_GRAPH)
+    return Timing([ms / graph_calls for ms in samples], CUDA_GRAPH)
 
 
 def synchronize(device) -> None:

@@ -1,6 +1,7 @@
 """``gptfast bench``: run a benchmark suite and report it (table, JSON, CSV, plots, Δ%)."""
-import signal
 import sys
+
+from gptfast.commands import sigterm_as_interrupt
 
 
 def register(subparsers):
@@ -27,10 +28,6 @@ def register(subparsers):
                    help="with --from-json: a `gptfast profile` summary JSON for the host-syncs target")
     p.add_argument("-v", "--verbose", action="store_true", help="print each case as it is measured")
     p.set_defaults(func=run)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _keep(items, csv_names):
@@ -77,8 +74,7 @@ def run(args) -> int:
     old_rows = report.load_json(args.compare)[0] if args.compare else None  # fail early on a bad file
 
     # `timeout` sends SIGTERM: stop measuring and still write what was measured.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+    with sigterm_as_interrupt():
         print(f"measuring {device} peaks (copy bandwidth, matmul rate)...", file=sys.stderr)
         peaks = environment.measure_peaks(device)
         meta = environment.run_metadata(device, peaks)
@@ -91,8 +87,6 @@ def run(args) -> int:
         print(f"{len(cases)} cases on {meta['device']}"
               + (f", budget {args.budget_s:.0f} s" if args.budget_s else "") + "...", file=sys.stderr)
         rows, more_skipped = runner.run_cases(cases, device, meta, budget_s=args.budget_s, log=log)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     skipped += more_skipped
     results.fill_speedups(rows, suites.BASELINES)
     deltas = report.compare(rows, old_rows) if old_rows is not None else None

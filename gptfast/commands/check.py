@@ -4,8 +4,9 @@ The first thing to run on a new GPU. Without CUDA the Triton kernels run through
 CPU interpreter on small shapes (slow, but the same kernel code).
 """
 import os
-import signal
 import sys
+
+from gptfast.commands import sigterm_as_interrupt
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -27,10 +28,6 @@ def register(subparsers):
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="print each result as it comes")
     p.set_defaults(func=run)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _prepare_interpreter(device_type: str) -> None:
@@ -71,11 +68,8 @@ def run(args) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     print(f"gptfast check: {len(cases)} cases on {where}", file=sys.stderr)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `timeout`: print what was checked
-    try:
+    with sigterm_as_interrupt():  # `timeout`: print what was checked
         results = checker.run_checks(cases, log=log)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(checker.format_table(results, max_ratio))
     if args.json:
         with open(args.json, "w") as f:
