@@ -1,7 +1,7 @@
 """pytest-benchmark entry points for gptfast's benchmark suites.
 
     pytest benchmarks/ --benchmark-json out.json            # everything (the GPU grid on CUDA)
-    GPTFAST_BENCH_QUICK=1 pytest benchmarks/bench_layernorm.py
+    GPTFAST_BENCH_QUICK=1 pytest benchmarks/bench_layer_norm.py
     pytest benchmarks/ --benchmark-compare --benchmark-compare-fail=median:10%   # a regression gate
 
 The cases are those of ``gptfast bench`` (gptfast/bench/suites), so both tools measure

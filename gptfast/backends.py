@@ -86,9 +86,9 @@ class ReferenceOps:
 def _fused_ops():
     """gptfast.ops: Triton layernorm and attention kernels. Imported on first use of the
     backend, so that choosing another backend never imports them."""
-    from gptfast.ops.attention import causal_attention
-    from gptfast.ops.decode import decode_attention
-    from gptfast.ops.layernorm import layer_norm
+    from gptfast.ops.causal_attention import causal_attention
+    from gptfast.ops.decode_attention import decode_attention
+    from gptfast.ops.layer_norm import layer_norm
 
     class FusedOps:
         name = "fused"

@@ -20,7 +20,7 @@ The compile itself runs in a subprocess with ``TRITON_INTERPRET=0``: under the
 interpreter (how the tests run on a CPU) ``@triton.jit`` yields interpreter functions
 that cannot be compiled, and the variable is read when triton is imported.
 
-    python -m gptfast.compile_report [--json FILE] [--modules layernorm,attention]
+    python -m gptfast.compile_report [--json FILE] [--modules layer_norm,causal_attention]
 """
 import argparse
 import importlib

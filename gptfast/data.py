@@ -27,6 +27,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from gptfast import paths
+
 # Bump when the on-disk token format or the document separator changes.
 TOKEN_CACHE_VERSION = 1
 # Loss targets with this value are ignored (torch's cross-entropy default).
@@ -209,7 +211,7 @@ def jsonl_kind(path) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("GPTFAST_CACHE_DIR") or Path.home() / ".cache" / "gptfast") / "tokens"
+    return paths.cache_dir("tokens")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -122,7 +122,7 @@ def _generation(model, engine, new_tokens, device):
 
 def benchmark_cases(model, device: torch.device, plan: DemoPlan) -> List[Case]:
     """A short list of fused-vs-reference comparisons that mean something on ``device``."""
-    from gptfast.bench.suites import attention, decode, layernorm, sampler
+    from gptfast.bench.suites import causal_attention, decode_attention, layer_norm, sampler
 
     timing = dict(target_ms=plan.bench_target_ms, min_reps=3, max_reps=50, warmup=2)
     cases: List[Case] = []
@@ -135,13 +135,13 @@ def benchmark_cases(model, device: torch.device, plan: DemoPlan) -> List[Case]:
         bf16 = torch.bfloat16
         for provider in ("gptfast", "reference", "torch"):
             add("layer_norm", provider, "16384x768", "bfloat16",
-                partial(layernorm._build, provider, "fwd+bwd", 16384, 768, bf16, device), mode="fwd+bwd")
+                partial(layer_norm._build, provider, "fwd+bwd", 16384, 768, bf16, device), mode="fwd+bwd")
         for provider in ("gptfast", "reference", "torch"):
             add("causal_attention", provider, "B=8,H=12,T=1024,D=64", "bfloat16",
-                partial(attention._build, provider, "fwd+bwd", 8, 12, 1024, 64, bf16, device), mode="fwd+bwd")
+                partial(causal_attention._build, provider, "fwd+bwd", 8, 12, 1024, 64, bf16, device), mode="fwd+bwd")
         for provider in ("gptfast", "reference", "torch"):
             add("decode_attention", provider, "B=8,H=12,L=4096,D=64", "bfloat16",
-                partial(decode._build, provider, 8, 12, 4096, 64, bf16, device), cuda_graph=True)
+                partial(decode_attention._build, provider, 8, 12, 4096, 64, bf16, device), cuda_graph=True)
         model_backends = ("fused", "reference", "torch")
     else:
         model_backends = ("torch", "reference")

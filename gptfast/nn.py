@@ -4,7 +4,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from gptfast.ops.layernorm import layer_norm
+from gptfast.ops.layer_norm import layer_norm
 
 
 class LayerNorm(nn.Module):

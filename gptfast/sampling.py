@@ -18,6 +18,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from gptfast import paths
 from gptfast.reference import sampling as twin
 from gptfast.reference.sampling import DecodeState, SamplingTensors
 
@@ -277,7 +278,6 @@ EXTENSION_API_VERSION = 2  # must match kApiVersion in csrc/sampling.cpp
 # -fno-trapping-math lets branch-free loops with a division vectorise (rounding unchanged).
 EXTENSION_CFLAGS = ["-O3", "-std=c++17", "-fno-trapping-math"]
 NO_EXT_ENV = "GPTFAST_NO_EXT"
-CACHE_ENV = "GPTFAST_CACHE_DIR"
 
 
 class SamplingExtensionWarning(UserWarning):
@@ -306,11 +306,8 @@ def source_files() -> list:
 
 
 def cache_dir() -> str:
-    """Where JIT builds go: $GPTFAST_CACHE_DIR, else $XDG_CACHE_HOME/gptfast, else ~/.cache/gptfast."""
-    if os.environ.get(CACHE_ENV):
-        return os.environ[CACHE_ENV]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "gptfast")
+    """Where JIT builds go: gptfast.paths.cache_dir()."""
+    return str(paths.cache_dir())
 
 
 def _prebuilt():

@@ -25,7 +25,7 @@ Triton CPU interpreter, whose ``tl.dot`` mishandles bf16.
 Cache lengths are read from device memory by the kernels (no host synchronisation), and
 every allocation depends only on shapes, so the launch can be captured in a CUDA graph.
 Lengths outside ``[1, S]`` are clamped into it in the kernel, so the kernel never reads
-outside the cache; the op layer (``gptfast.ops.decode``) reports such lengths as errors
+outside the cache; the op layer (``gptfast.ops.decode_attention``) reports such lengths as errors
 where checking them is cheap.
 
 Launchers assume validated inputs; ``gptfast.ops.decode_attention`` is the public face.

@@ -9,9 +9,9 @@ neither triton nor any kernel.
 import importlib
 
 _OPS = {
-    "causal_attention": "gptfast.ops.attention",
-    "decode_attention": "gptfast.ops.decode",
-    "layer_norm": "gptfast.ops.layernorm",
+    "causal_attention": "gptfast.ops.causal_attention",
+    "decode_attention": "gptfast.ops.decode_attention",
+    "layer_norm": "gptfast.ops.layer_norm",
 }
 
 

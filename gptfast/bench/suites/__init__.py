@@ -7,7 +7,7 @@ from gptfast.bench.results import Skipped
 from gptfast.bench.runner import Case
 
 SUITES = {
-    "kernels": ("attention", "decode", "layernorm", "sampler"),
+    "kernels": ("causal_attention", "decode_attention", "layer_norm", "sampler"),
     "e2e": ("e2e",),
 }
 SUITES["all"] = SUITES["kernels"] + SUITES["e2e"]

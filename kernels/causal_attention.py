@@ -483,7 +483,7 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, out=None, lse
     """Launch the forward kernel. Returns ``(out, lse)``: out (B, H, Tq, D) in q's dtype
     (contiguous), lse (B, H, Tq) fp32, the base-2 log-sum-exp of ``scale * log2(e) * q.k``.
 
-    Inputs are assumed validated (gptfast.ops.attention does it). ``out``/``lse`` may be
+    Inputs are assumed validated (gptfast.ops.causal_attention does it). ``out``/``lse`` may be
     preallocated (tests poison them to prove every element is written).
     """
     q, k, v = _unit_stride_d(q), _unit_stride_d(k), _unit_stride_d(v)

@@ -6,7 +6,7 @@ the pattern of a pre-LN transformer block (``h`` is the residual stream the next
 adds to), computed in one pass.
 
 On CUDA (or on the CPU under ``TRITON_INTERPRET=1``) it runs the Triton kernels of
-``gptfast.kernels.layernorm`` through registered ops:
+``gptfast.kernels.layer_norm`` through registered ops:
 
 - ``gptfast::layer_norm_fwd(x, weight, bias, eps) -> (y, mean, rstd)``
 - ``gptfast::add_layer_norm_fwd(x, residual, weight, bias, eps) -> (y, h, mean, rstd)``
@@ -32,9 +32,9 @@ SUPPORTED_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 def _kernels():
     # Imported here so that importing gptfast.ops (or the torch path) never imports triton.
-    from gptfast.kernels import layernorm
+    from gptfast.kernels import layer_norm as kernels
 
-    return layernorm
+    return kernels
 
 
 def _validate(x, weight, bias, eps, residual) -> None:

@@ -1,4 +1,4 @@
-"""Fused layernorm (gptfast.ops.layer_norm, kernels/layernorm.py, gptfast.nn.LayerNorm)
+"""Fused layernorm (gptfast.ops.layer_norm, kernels/layer_norm.py, gptfast.nn.LayerNorm)
 against float64, the reference twin and plain PyTorch, forward and backward.
 
 On the CPU the kernels run under the Triton interpreter (fp32 and fp16, small shapes);
@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from gptfast import reference
 from gptfast.nn import LayerNorm
 from gptfast.ops import _dispatch
-from gptfast.ops import layernorm as layernorm_op
-from gptfast.ops.layernorm import layer_norm
+from gptfast.ops import layer_norm as layernorm_op
+from gptfast.ops.layer_norm import layer_norm
 from gptfast.testing import assert_error_ratio, max_abs_error, poison_
 
-ln_kernels = pytest.importorskip("gptfast.kernels.layernorm")
+ln_kernels = pytest.importorskip("gptfast.kernels.layer_norm")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -404,7 +404,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 
 def test_importing_ops_and_nn_does_not_import_triton():
-    code = "import sys, gptfast.ops, gptfast.nn, gptfast.ops.layernorm; assert 'triton' not in sys.modules"
+    code = "import sys, gptfast.ops, gptfast.nn, gptfast.ops.layer_norm; assert 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, TRITON_INTERPRET="0"),
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

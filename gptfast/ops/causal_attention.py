@@ -6,7 +6,7 @@ length ``q_offset + Tq`` (chunked prefill against a KV cache, verification of se
 draft tokens).
 
 On CUDA (or on the CPU under ``TRITON_INTERPRET=1``) it runs the Triton kernels of
-``gptfast.kernels.attention`` through two registered ops:
+``gptfast.kernels.causal_attention`` through two registered ops:
 
 - ``gptfast::causal_attention_fwd(q, k, v, scale, q_offset) -> (out, lse)``
 - ``gptfast::causal_attention_bwd(grad_out, q, k, v, out, lse, scale, q_offset) -> (dq, dk, dv)``
@@ -63,9 +63,9 @@ def _validate(q, k, v, q_offset) -> None:
 
 def _kernels():
     # Imported here so that the torch path never imports triton.
-    from gptfast.kernels import attention
+    from gptfast.kernels import causal_attention as kernels
 
-    return attention
+    return kernels
 
 
 # ----------------------------------------------------------------------------- registered ops

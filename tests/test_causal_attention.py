@@ -1,4 +1,4 @@
-"""Fused causal attention (gptfast.ops.causal_attention, kernels/attention.py) against
+"""Fused causal attention (gptfast.ops.causal_attention, kernels/causal_attention.py) against
 float64 and plain PyTorch, forward and backward.
 
 On the CPU the kernels run under the Triton interpreter (fp32 and fp16; tiny shapes,
@@ -13,11 +13,11 @@ import torch
 
 from gptfast import reference
 from gptfast.ops import _dispatch
-from gptfast.ops import attention as attention_op
-from gptfast.ops.attention import causal_attention
+from gptfast.ops import causal_attention as attention_op
+from gptfast.ops.causal_attention import causal_attention
 from gptfast.testing import assert_error_ratio, poison_
 
-attention_kernels = pytest.importorskip("gptfast.kernels.attention")
+attention_kernels = pytest.importorskip("gptfast.kernels.causal_attention")
 
 # The Triton interpreter itself converts 1-element arrays to Python ints (loop bounds).
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")

@@ -7,7 +7,7 @@ tested in tests/test_compile_report.py, which visits ``attention`` through
 """
 import pytest
 
-attention_kernels = pytest.importorskip("gptfast.kernels.attention")
+attention_kernels = pytest.importorskip("gptfast.kernels.causal_attention")
 
 
 def test_static_configs_cover_the_shipped_fast_paths():
