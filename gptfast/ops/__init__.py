@@ -3,24 +3,16 @@
 Each validates its inputs, dispatches (Triton on CUDA or under the interpreter,
 otherwise the torch path) and is registered through ``torch.library.custom_op`` with
 fake and autograd registrations, so ``torch.compile(fullgraph=True)`` and CUDA graph
-capture see a single op. Submodules load on first use: importing ``gptfast.ops`` imports
-neither triton nor any kernel.
+capture see a single op. Importing ``gptfast.ops`` imports neither triton nor any
+kernel: an op imports its kernel module on its first Triton launch.
+
+Each op's module has the op's name (``gptfast.ops.layer_norm`` …, see
+``gptfast.ops.registry``), and the package binds that name to the op function, so
+``gptfast.ops.layer_norm`` is the function; reach a module itself through
+``importlib.import_module("gptfast.ops.layer_norm")``.
 """
-import importlib
+from gptfast.ops.causal_attention import causal_attention
+from gptfast.ops.decode_attention import decode_attention
+from gptfast.ops.layer_norm import layer_norm
 
-_OPS = {
-    "causal_attention": "gptfast.ops.causal_attention",
-    "decode_attention": "gptfast.ops.decode_attention",
-    "layer_norm": "gptfast.ops.layer_norm",
-}
-
-
-def __getattr__(name):
-    if name in _OPS:
-        fn = getattr(importlib.import_module(_OPS[name]), name)
-        globals()[name] = fn  # later lookups skip __getattr__
-        return fn
-    raise AttributeError(f"module 'gptfast.ops' has no attribute {name!r}")
-
-
-__all__ = list(_OPS)
+__all__ = ["causal_attention", "decode_attention", "layer_norm"]
