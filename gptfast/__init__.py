@@ -11,16 +11,18 @@ __version__ = "0.1.0"
 def _mount_kernels() -> None:
     """Make ``kernels/`` importable as ``gptfast.kernels`` in a source checkout.
 
-    An installed wheel (or editable install) maps ``kernels/`` to ``gptfast.kernels``
-    through setup.py's ``package_dir``. Running straight from a checkout (``python -m
+    An installed wheel maps ``kernels/`` to ``gptfast.kernels`` through setup.py's
+    ``package_dir`` (no ``kernels/`` beside the package there). Running straight from a checkout (``python -m
     gptfast`` with the repository on ``sys.path``) has no such mapping, so mount the
     directory beside this package under the same name. Nothing is ever installed as a
     top-level ``kernels`` module.
     """
-    if "gptfast.kernels" in sys.modules or importlib.util.find_spec("gptfast.kernels") is not None:
+    if "gptfast.kernels" in sys.modules:
         return
     kernel_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
     init = os.path.join(kernel_dir, "__init__.py")
+    # The checkout's own kernels win over any installed mapping (a second checkout on
+    # sys.path must not run the kernels of the one that was pip-installed).
     if not os.path.exists(init):
         return
     spec = importlib.util.spec_from_file_location("gptfast.kernels", init, submodule_search_locations=[kernel_dir])
