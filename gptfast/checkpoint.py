@@ -4,18 +4,21 @@ A checkpoint is one file, ``<out_dir>/checkpoint.pt``, holding the model and opt
 state, the schedule position, every rank's data-sampler state and RNG states (python,
 numpy, torch, CUDA), and the configuration it was trained with. It is written to a
 temporary file in the same directory, flushed to disk and renamed over the old one
-(``os.replace`` is atomic), so a crash mid-write leaves the previous checkpoint intact.
+(``os.replace`` is atomic), so a crash mid-write leaves the previous checkpoint intact;
+the temp files of writers killed mid-write are removed at the next save (and resume).
 It loads with ``torch.load(weights_only=True)``: no pickled code runs on load.
 
 The final weights are exported beside it in Hugging Face GPT-2 format
 (``GPT.save_pretrained``), so a run directory doubles as a model directory.
 """
-import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from gptfast.atomic_files import remove_stale_temp_files, write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "gptfast-train-checkpoint"
@@ -72,35 +75,12 @@ def restore_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save_checkpoint(path, state: dict) -> Path:
-    """Write ``state`` to ``path`` atomically: temp file, fsync, rename, fsync the directory."""
+    """Write ``state`` to ``path`` atomically and durably (temp file, fsync, rename, fsync
+    the directory), first removing the temp files that killed writers left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        # Only left behind when the write failed; never a file that could be mistaken for a checkpoint.
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    remove_stale_temp_files(path.parent, path.name)
+    return write_atomically(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f), durable=True)
 
 
 def load_checkpoint(path) -> dict:
@@ -132,8 +112,6 @@ def check_model_config(saved: dict, current: dict, path) -> None:
 
 def export_tokenizer_files(tokenizer_path, out_dir) -> None:
     """Copy a BPE tokenizer's files into an exported model directory (the byte tokenizer needs none)."""
-    import shutil
-
     if tokenizer_path is None:
         return
     src = Path(tokenizer_path)
@@ -145,27 +123,3 @@ def export_tokenizer_files(tokenizer_path, out_dir) -> None:
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):
         if (src / name).exists() and (src / name).resolve() != (out_dir / name).resolve():
             shutil.copyfile(src / name, out_dir / name)
-
-
-def load_model_dir(path, backend=None):
-    """A model from a training run directory (its ``checkpoint.pt``) or a Hugging Face
-    GPT-2 directory (``config.json`` + weights). Returns ``(model, tokenizer_path)``: the
-    tokenizer the weights were trained with (None for the byte tokenizer)."""
-    from gptfast.config import GPTConfig
-    from gptfast.model import GPT
-    from gptfast.tokenizer import has_tokenizer_files
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
-    own_tokenizer = str(path) if has_tokenizer_files(path) else None
-    if checkpoint_path(path).exists():
-        state = load_checkpoint(checkpoint_path(path))
-        model = GPT(GPTConfig.from_dict(state["model_config"]), backend=backend)
-        model.load_state_dict(state["model"])
-        return model, own_tokenizer or state["train_config"].get("tokenizer")
-    if (path / "config.json").exists():
-        return GPT.from_pretrained(str(path), backend=backend), own_tokenizer
-    raise FileNotFoundError(
-        f"{path} holds neither a training checkpoint ({CHECKPOINT_NAME}) nor a Hugging Face model (config.json)"
-    )

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from gptfast import paths
+from gptfast.atomic_files import remove_stale_temp_files, write_atomically
 
 # Bump when the on-disk token format or the document separator changes.
 TOKEN_CACHE_VERSION = 1
@@ -232,15 +233,6 @@ def _separator_ids(tokenizer) -> List[int]:
     return list(tokenizer.encode(_FALLBACK_SEPARATOR))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def tokenize_to_memmap(source: TextSource, tokenizer, cache_dir=None, progress: bool = True) -> Path:
     """Tokenise ``source`` into ``<cache_dir>/<hash>.bin`` (skipped when already cached); return its path.
 
@@ -260,30 +252,32 @@ def tokenize_to_memmap(source: TextSource, tokenizer, cache_dir=None, progress: 
 
     dtype = token_dtype(tokenizer.vocab_size)
     separator = np.asarray(_separator_ids(tokenizer), dtype=np.int64)
-    tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
     count = 0
-    bar = _progress_bar(total=source.total_bytes(), desc=f"tokenising {source.description}", enabled=progress)
-    try:
-        with open(tmp, "wb") as out:
-            for text, nbytes in source.documents():
-                ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-                if ids.size:
-                    if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
-                        raise DataError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size})")
-                    # Separators go between documents: the first document starts the file bare.
-                    if count:
-                        ids = np.concatenate([separator, ids])
-                    ids.astype(dtype).tofile(out)
-                    count += ids.size
-                bar.update(nbytes)
+
+    def write(out) -> None:
+        nonlocal count
+        for text, nbytes in source.documents():
+            ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+            if ids.size:
+                if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
+                    raise DataError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size})")
+                # Separators go between documents: the first document starts the file bare.
+                if count:
+                    ids = np.concatenate([separator, ids])
+                ids.astype(dtype).tofile(out)
+                count += ids.size
+            bar.update(nbytes)
         if count == 0:
             raise DataError(f"no text found in {source.description}: it tokenises to zero tokens")
-        os.replace(tmp, bin_path)
+
+    remove_stale_temp_files(cache_dir)  # what tokenisers killed mid-write left behind
+    bar = _progress_bar(total=source.total_bytes(), desc=f"tokenising {source.description}", enabled=progress)
+    try:
+        write_atomically(bin_path, write)
     finally:
         bar.close()
-        tmp.unlink(missing_ok=True)
     meta = {"version": TOKEN_CACHE_VERSION, "dtype": dtype.name, "num_tokens": count, "source": source.description}
-    _atomic_write_bytes(meta_path, json.dumps(meta).encode())
+    write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
     return bin_path
 
 

@@ -36,23 +36,37 @@ class BPETokenizer:
 
     @classmethod
     def from_files(cls, path: str) -> "BPETokenizer":
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        try:
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        except ImportError:
+            raise RuntimeError(f"loading the tokenizer in {path!r} needs the tokenizers package "
+                               "(pip install tokenizers)") from None
 
-        if os.path.isfile(path):
-            return cls(Tokenizer.from_file(path), path)
         tokenizer_json = os.path.join(path, "tokenizer.json")
-        if os.path.exists(tokenizer_json):
-            return cls(Tokenizer.from_file(tokenizer_json), tokenizer_json)
+        if os.path.isfile(path) or os.path.exists(tokenizer_json):
+            file = path if os.path.isfile(path) else tokenizer_json
+            return cls(_read(repr(file), lambda: Tokenizer.from_file(file)), file)
         vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
         missing = [p for p in (vocab, merges) if not os.path.exists(p)]
         if missing:
             raise FileNotFoundError(
                 f"no tokenizer in {path!r}: expected tokenizer.json, or vocab.json + merges.txt (missing {', '.join(missing)})"
             )
-        tok = Tokenizer(models.BPE.from_file(vocab, merges))
+        tok = Tokenizer(_read(f"{vocab!r} + {merges!r}", lambda: models.BPE.from_file(vocab, merges)))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         return cls(tok, path)
+
+
+def _read(what: str, load):
+    """``load()``, with the tokenizers library's parse errors (a bare Rust message, or a
+    Rust panic, which is a BaseException) turned into a ValueError that names the file."""
+    try:
+        return load()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        raise ValueError(f"{what} is not a tokenizer the tokenizers library can read ({type(e).__name__}: {e})") from None
 
 
 def load_tokenizer(path=None):

@@ -13,8 +13,87 @@ from typing import List, Optional
 
 from gptfast.backends import BACKENDS
 from gptfast.config import PRESETS as MODEL_PRESETS
+from gptfast.devices import check_device_name
 
 DTYPES = ("auto", "float32", "bfloat16")
+SEED_LIMIT = 2**31  # numpy seeds must be < 2**32; each rank adds its rank, each evaluation its step
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting accepts: finite, from ``low`` to ``high``, each bound
+    included unless ``*_open``."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    text: str = ""  # replaces the generated description
+    note: str = ""  # what a boundary value means
+
+    def __contains__(self, value) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        if self.text:
+            return self.text
+        if math.isinf(self.high):
+            text = f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}{')' if self.high_open else ']'}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+def _number(x) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+_COUNT = Range(1)  # sizes and step counts
+_STEPS = Range(0)  # intervals where 0 means "off" / "only at the end"
+_PROBABILITY = Range(0, 1, high_open=True)
+
+# Every numeric setting and what it accepts (checked for every TrainConfig, whatever built it).
+RANGES = {
+    "val_fraction": Range(0, 1, low_open=True, high_open=True),
+    "corpus_max_bytes": _STEPS,
+    "n_layer": _COUNT, "n_head": _COUNT, "n_embd": _COUNT, "vocab_size": _COUNT, "block_size": _COUNT,
+    "dropout": _PROBABILITY,
+    "batch_size": _COUNT, "grad_accum": _COUNT, "max_steps": _COUNT,
+    "lr": Range(0, low_open=True, text="a positive number"),
+    "min_lr": Range(0),
+    "warmup_steps": _STEPS,
+    "lr_decay_steps": _COUNT,
+    "weight_decay": Range(0),
+    "beta1": _PROBABILITY, "beta2": _PROBABILITY,
+    "grad_clip": Range(0, note="0: off"),
+    "seed": Range(0, SEED_LIMIT, high_open=True),
+    "log_interval": _COUNT, "eval_interval": _STEPS, "eval_batches": _COUNT, "ckpt_interval": _STEPS,
+    "sample_tokens": _COUNT,
+    "sample_temperature": Range(0, note="0: greedy"),
+    "sample_top_k": _COUNT,
+}
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a setting (``grad_clip`` -> ``--grad-clip``)."""
+    return "--" + name.replace("_", "-")
+
+
+def _flag_hint(name: str) -> str:
+    return f" ({flag_name(name)})"
+
+
+def check_setting(name: str, value, allowed: Range):
+    """Raise ValueError naming ``name`` and its flag unless ``value`` is None or in ``allowed``
+    (NaN and infinities never are); returns ``value``."""
+    if value is not None and value not in allowed:
+        kind = "a finite number " if not (allowed.text or math.isfinite(value)) else ""
+        raise ValueError(f"{name} must be {kind}{allowed.describe()}, got {value!r}{_flag_hint(name)}")
+    return value
 
 
 def _f(default, help, **kw):
@@ -95,9 +174,7 @@ class TrainConfig:
         unknown = sorted(set(normalised) - known)
         if unknown:
             raise ValueError(f"unknown training setting(s) {unknown}; see `gptfast train --help`")
-        cfg = cls(**normalised)
-        cfg.validate()
-        return cfg
+        return cls(**normalised)  # validated in __post_init__
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,42 +182,27 @@ class TrainConfig:
     def replace(self, **changes) -> "TrainConfig":
         return self.from_dict({**self.to_dict(), **changes})
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
-        """Check types and ranges; raise ValueError naming the setting."""
+        """Check types and ranges (the table ``RANGES`` for every number); raise ValueError
+        naming the setting and its command-line flag."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            setattr(self, f.name, _coerce(f.name, value, hints[f.name]))
-        positive = ("batch_size", "grad_accum", "max_steps", "log_interval", "eval_batches", "sample_tokens")
-        for name in positive + ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "lr_decay_steps", "sample_top_k"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("warmup_steps", "eval_interval", "ckpt_interval", "weight_decay", "grad_clip", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.corpus_max_bytes is not None and self.corpus_max_bytes < 0:
-            raise ValueError(f"corpus_max_bytes must be >= 0, got {self.corpus_max_bytes}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        for name, allowed in RANGES.items():
+            check_setting(name, getattr(self, name), allowed)
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}{_flag_hint('min_lr')}")
         if self.model not in MODEL_PRESETS:
             raise ValueError(f"unknown model preset {self.model!r}; choose one of {sorted(MODEL_PRESETS)}")
         if self.backend is not None and self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}{_flag_hint('backend')}")
         if self.dtype not in DTYPES:
             hint = " (float16 needs loss scaling, which gptfast does not do: use bfloat16)" if self.dtype == "float16" else ""
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}{hint}")
-        if self.sample_temperature < 0:
-            raise ValueError(f"sample_temperature must be >= 0, got {self.sample_temperature}")
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}{hint}{_flag_hint('dtype')}")
+        check_device_name(self.device, "device (--device)")
         peak_tflops(self.mfu_peak)  # raises on a malformed value
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other: choose one")
@@ -161,9 +223,9 @@ def peak_tflops(value: str) -> Optional[float]:
     try:
         peak = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"mfu_peak must be auto, measured, off or a number of TFLOPS, got {value!r}") from None
-    if not peak > 0:
-        raise ValueError(f"mfu_peak must be positive, got {value!r}")
+        raise ValueError(f"mfu_peak must be auto, measured, off or a number of TFLOPS, got {value!r} (--mfu-peak)") from None
+    if not (peak > 0 and math.isfinite(peak)):
+        raise ValueError(f"mfu_peak must be a positive, finite number of TFLOPS, got {value!r} (--mfu-peak)")
     return peak
 
 
@@ -174,30 +236,30 @@ def _coerce(name: str, value, hint):
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{name} must not be empty")
+        raise ValueError(f"{name} must not be empty{_flag_hint(name)}")
     if typing.get_origin(base) in (list, List):
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"{name} must be a list of strings, got {value!r}")
+            raise ValueError(f"{name} must be a list of strings, got {value!r}{_flag_hint(name)}")
         return list(value)
     if base is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
+            raise ValueError(f"{name} must be true or false, got {value!r}{_flag_hint(name)}")
         return value
     if base is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise ValueError(f"{name} must be an integer, got {value!r}{_flag_hint(name)}")
         return value
     if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
+            raise ValueError(f"{name} must be a number, got {value!r}{_flag_hint(name)}")
         return float(value)
     if base is str:
         if name == "mfu_peak" and isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r}")
+            raise ValueError(f"{name} must be a string, got {value!r}{_flag_hint(name)}")
         return value
     return value
 
