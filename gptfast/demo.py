@@ -57,7 +57,7 @@ def train_model(device: torch.device, plan: DemoPlan, out_dir: str, log=print):
         model="tiny", **plan.overrides, batch_size=plan.batch_size, max_steps=plan.max_steps,
         warmup_steps=min(20, plan.max_steps // 10), corpus_max_bytes=plan.corpus_max_bytes,
         eval_interval=0, eval_batches=4, ckpt_interval=0, sample_prompts=[], out_dir=out_dir, overwrite=True,
-        device=device.type, log_interval=25,
+        device=str(device), log_interval=25,
     )
     started = time.perf_counter()
     losses: List[float] = []

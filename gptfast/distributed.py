@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from gptfast.devices import resolve_device
+
 
 @dataclasses.dataclass
 class DistContext:
@@ -69,28 +71,14 @@ class DistContext:
             self.owns_group = False
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → this rank's CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} was requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise ValueError(f"unsupported training device {name!r}; use 'auto', 'cpu' or 'cuda'")
-    return device
-
-
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the torchrun process group when WORLD_SIZE > 1; otherwise a single-process context."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, what="device (--device)")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world_size == 1:
         return DistContext(device=dev)
     if not dist.is_available():

@@ -19,6 +19,7 @@ from gptfast.testing import assert_error_ratio
 from gptfast.tokenizer import ByteTokenizer
 from gptfast.train_config import TrainConfig, load_config_file
 from gptfast.training import build_optimizer, evaluate, lr_at, train
+from gptfast.loading import load_model_and_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -176,7 +177,7 @@ def test_finetune_from_an_init_checkpoint(tmp_path, cache_dir):
     assert result.model.config.block_size == 48  # the init model's context
     assert losses[30] < losses[1] - 1.0
     # The run directory is itself a model directory for the next --init, or for evaluation.
-    reloaded, _ = C.load_model_dir(tmp_path / "run")
+    reloaded = load_model_and_tokenizer(tmp_path / "run").model
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), result.model.state_dict().values()))
 
 
@@ -249,7 +250,7 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
         C.load_checkpoint(garbage)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds neither a training checkpoint"):
-        C.load_model_dir(tmp_path / "empty")
+        load_model_and_tokenizer(tmp_path / "empty")
 
 
 def test_checkpoint_from_a_different_config_and_out_dir_misuse(tmp_path, cache_dir):

@@ -16,3 +16,17 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def device_arg(value: str):
+    """argparse ``type`` of a ``--device`` flag: the torch.device that ``value`` (auto, cpu,
+    cuda, cuda:N) stands for here. A nonsense name, or CUDA on a machine without it, is a
+    usage error naming the flag and the value, before anything loads."""
+    import argparse
+
+    from gptfast.devices import resolve_device
+
+    try:
+        return resolve_device(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -1,4 +1,5 @@
 """``gptfast demo``: train a small model, generate with the C++ sampler, benchmark fused vs reference."""
+from gptfast.commands import device_arg
 
 
 def register(subparsers):
@@ -10,16 +11,11 @@ def register(subparsers):
     )
     p.add_argument("--quick", action="store_true", help="a much shorter run (a smoke test)")
     p.add_argument("--out", default="runs/demo", help="run directory for the trained model (default: runs/demo)")
-    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--device", type=device_arg, help="auto, cpu, cuda or cuda:N (default: cuda if available)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import torch
-
     from gptfast.demo import run_demo
 
-    device = torch.device(args.device) if args.device else None
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but CUDA is not available")
-    return run_demo(device, quick=args.quick, out_dir=args.out)
+    return run_demo(args.device, quick=args.quick, out_dir=args.out)

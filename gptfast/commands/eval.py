@@ -1,6 +1,9 @@
 """``gptfast eval``: validation loss and perplexity of a model on a data set."""
 import json
 
+from gptfast.commands import device_arg
+from gptfast.precision import AUTOCAST_SETTINGS
+
 
 def register(subparsers):
     p = subparsers.add_parser(
@@ -20,8 +23,8 @@ def register(subparsers):
     p.add_argument("--block-size", type=int, help="context of each scored window (default: the run's, else the model's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="score at most this many batches (default: all)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=AUTOCAST_SETTINGS)
     p.add_argument("--backend", choices=["reference", "torch", "fused"], help="op backend (default: per device)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -34,43 +37,58 @@ def _run_settings(model_dir) -> dict:
     path = os.path.join(model_dir, "train_config.json")
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable JSON file of training settings ({e})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a mapping of training settings, got {type(settings).__name__}")
+    return settings
+
+
+def _check_flags(args) -> None:
+    """Every numeric flag, by the rules of the training setting of the same name."""
+    from gptfast.train_config import RANGES, Range, check_setting
+
+    for name in ("val_fraction", "corpus_max_bytes", "block_size", "batch_size"):
+        check_setting(name, getattr(args, name), RANGES[name])
+    check_setting("max_batches", args.max_batches, Range(1))
 
 
 def run(args) -> int:
-    from gptfast.checkpoint import load_model_dir
     from gptfast.data import load_dataset
-    from gptfast.distributed import resolve_device
-    from gptfast.tokenizer import load_tokenizer
-    from gptfast.train_config import TrainConfig
-    from gptfast.training import autocast_dtype, evaluate
+    from gptfast.evaluation import evaluate
+    from gptfast.loading import load_model_and_tokenizer
+    from gptfast.precision import autocast_dtype
 
-    if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
-        raise ValueError("--batch-size and --max-batches must be >= 1")
+    _check_flags(args)
     run_cfg = _run_settings(args.model)
-    model, tokenizer_path = load_model_dir(args.model, backend=args.backend)
-    device = resolve_device(args.device)
-    model = model.to(device)
-    tokenizer = load_tokenizer(args.tokenizer or tokenizer_path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.config.vocab_size}")
+    loaded = load_model_and_tokenizer(args.model, tokenizer=args.tokenizer, backend=args.backend, device=args.device)
+    model = loaded.model
 
-    same_data = args.data is None
-    data = args.data if args.data is not None else run_cfg.get("data")
-    val_fraction = args.val_fraction or (run_cfg.get("val_fraction") if same_data else None) or 0.05
+    same_data = args.data is None  # the run's own data: its split and context apply too
+
+    def setting(name, default):
+        """The flag when given, else the run's setting (for the run's own data), else ``default``."""
+        value = getattr(args, name)
+        if value is None and same_data:
+            value = run_cfg.get(name)
+        return default if value is None else value
+
     corpus_cap = args.corpus_max_bytes if args.corpus_max_bytes is not None else run_cfg.get("corpus_max_bytes", 2_000_000)
-    finetune = args.finetune if args.finetune is not None else (run_cfg.get("finetune") if same_data else None)
     dataset = load_dataset(
-        data, tokenizer, val_fraction=val_fraction, cache_dir=args.cache_dir or run_cfg.get("cache_dir"),
-        corpus_max_bytes=corpus_cap or None, finetune=finetune, progress=not args.json,
+        args.data if args.data is not None else run_cfg.get("data"), loaded.tokenizer,
+        val_fraction=setting("val_fraction", 0.05), cache_dir=args.cache_dir or run_cfg.get("cache_dir"),
+        corpus_max_bytes=corpus_cap or None, finetune=setting("finetune", None), progress=not args.json,
     )
-    block_size = args.block_size or (run_cfg.get("block_size") if same_data else None) or model.config.block_size
+    block_size = setting("block_size", model.config.block_size)
     if block_size > model.config.block_size:
-        raise ValueError(f"block_size {block_size} is longer than the model's context of {model.config.block_size} tokens")
-    split = dataset.split(args.split)
-    amp = autocast_dtype(TrainConfig(dtype=args.dtype), device)
-    result = evaluate(model, split, batch_size=args.batch_size, block_size=block_size, max_batches=args.max_batches, dtype=amp)
+        raise ValueError(f"block_size {block_size} is longer than the model's context of {model.config.block_size} tokens "
+                         "(--block-size)")
+    amp = autocast_dtype(args.dtype, args.device)
+    result = evaluate(model, dataset.split(args.split), batch_size=args.batch_size, block_size=block_size,
+                      max_batches=args.max_batches, dtype=amp)
     if args.json:
         print(json.dumps({"split": args.split, "loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens}))
     else:

@@ -2,10 +2,13 @@
 import sys
 import time
 
+from gptfast.commands import device_arg
+
 
 def register(subparsers):
     p = subparsers.add_parser("generate", help="generate text from a local checkpoint")
-    p.add_argument("--model", help="local HF GPT-2 directory (config.json + weights); default: a random tiny model")
+    p.add_argument("--model", help="local model directory: a HF GPT-2 directory (config.json + weights) or a "
+                                   "gptfast run directory; default: a random tiny model")
     p.add_argument("--tokenizer", help="tokenizer.json or a directory with it (default: the model dir's, else bytes)")
     p.add_argument("--prompt", default="def main(", help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -18,7 +21,7 @@ def register(subparsers):
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--engine", default="auto", choices=["auto", "cpp", "python"],
                    help="sampling loop: the C++ extension, its Python twin, or whichever loads")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda or cuda:N (auto: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--backend", default=None, choices=["reference", "torch", "fused"])
     p.set_defaults(func=run)
@@ -27,11 +30,9 @@ def register(subparsers):
 def run(args) -> int:
     import torch
 
-    from gptfast.config import GPTConfig
     from gptfast.generation import generate, get_engine
-    from gptfast.model import GPT
+    from gptfast.loading import load_model_and_tokenizer
     from gptfast.sampling import SamplingParams
-    from gptfast.tokenizer import has_tokenizer_files, load_tokenizer
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -43,21 +44,12 @@ def run(args) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
     )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.model:
-        model = GPT.from_pretrained(args.model, backend=args.backend, device=device, dtype=dtype)
-        tok_path = args.tokenizer or (args.model if has_tokenizer_files(args.model) else None)
-    else:
+    if args.model is None:
         print("no --model given: using a randomly initialised tiny model and the byte tokenizer (expect noise)")
-        torch.manual_seed(0)
-        model = GPT(GPTConfig.from_preset("tiny"), backend=args.backend).to(device=device, dtype=dtype)
-        tok_path = args.tokenizer
-    model.eval()
-    tokenizer = load_tokenizer(tok_path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer's {tokenizer.vocab_size} tokens do not fit the model's vocabulary "
-                         f"of {model.config.vocab_size}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    loaded = load_model_and_tokenizer(args.model, preset="tiny", tokenizer=args.tokenizer, backend=args.backend,
+                                      device=args.device, dtype=dtype)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")

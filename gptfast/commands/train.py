@@ -9,7 +9,9 @@ import typing
 
 
 def _flag_names(field) -> list:
-    names = ["--" + field.name.replace("_", "-")]
+    from gptfast.train_config import flag_name
+
+    names = [flag_name(field.name)]
     extra = field.metadata.get("flag")
     return [extra] + names if extra and extra not in names else names
 
