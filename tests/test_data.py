@@ -310,3 +310,20 @@ def test_finetune_random_batches_pad_to_block_when_asked(tmp_path, tok):
     sampler = D.BatchSampler(split, 2, 16, seed=0, pad_to_block=True)
     x, y = sampler.next_batch()
     assert x.shape == y.shape == (2, 16) and (y[:, 3:] == -100).all() and (x[:, 3:] == 0).all()
+
+
+def test_tokenising_removes_partial_files_of_killed_tokenisers(tmp_path, tok):
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / f".0123456789abcdef.bin.{child.pid}.tmp"
+    stale.write_bytes(b"\x01\x02")
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n")
+    D.load_dataset(str(text), tok, cache_dir=cache, progress=False)
+    assert not stale.exists()
+    assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]

@@ -44,3 +44,20 @@ def test_missing_tokenizer_files(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="merges.txt"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"garbage{", b'{"a": 1}', b"\x00\xff\xfe"])
+def test_unreadable_tokenizer_file_is_a_value_error_naming_it(tmp_path, content):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_bytes(content)
+    for path in (bad, tmp_path):  # the file, or the directory holding it
+        with pytest.raises(ValueError, match="is not a tokenizer") as e:
+            load_tokenizer(path)
+        assert str(bad) in str(e.value)
+
+
+def test_unreadable_vocab_and_merges_are_named(tmp_path):
+    (tmp_path / "vocab.json").write_text('{"a": 0}')
+    (tmp_path / "merges.txt").write_text("not a merge line at all\n")
+    with pytest.raises(ValueError, match="merges.txt"):
+        load_tokenizer(tmp_path)

@@ -364,3 +364,53 @@ def test_cli_train_then_eval(tmp_path, cache_dir, capsys, monkeypatch):
     assert "already holds a checkpoint" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "nothing.txt"), "--out", str(tmp_path / "y")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---- kills: stale temp files, metrics after the checkpoint -----------------------------------
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_save_removes_temp_files_of_killed_writers_only(tmp_path):
+    import os
+
+    stale = tmp_path / f".{C.CHECKPOINT_NAME}.{dead_pid()}.tmp"
+    live = tmp_path / f".{C.CHECKPOINT_NAME}.{os.getppid()}.tmp"  # a live process may be mid-write
+    for p in (stale, live):
+        p.write_bytes(b"half a checkpoint")
+    C.save_checkpoint(tmp_path / C.CHECKPOINT_NAME, {"step": 1})
+    assert not stale.exists() and live.exists()
+    assert C.load_checkpoint(tmp_path / C.CHECKPOINT_NAME)["step"] == 1
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_has_no_duplicate_metrics_and_no_stale_temp_files(tmp_path, cache_dir):
+    settings = dict(max_steps=6, ckpt_interval=3, export=False)
+
+    def kill_at_5(info):
+        if info.step == 5:
+            raise Killed  # after step 5's metrics row, long after the checkpoint of step 3
+
+    with pytest.raises(Killed):
+        train(config(tmp_path, cache_dir, **settings), callback=kill_at_5)
+    out = tmp_path / "run"
+    metrics = out / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    with open(metrics, "a") as f:
+        f.write('{"step": 6, "lo')  # a row torn by the kill
+    stale = out / f".{C.CHECKPOINT_NAME}.{dead_pid()}.tmp"
+    stale.write_bytes(b"PK half a checkpoint")
+
+    run(config(tmp_path, cache_dir, resume=True, **settings))
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert not stale.exists()
