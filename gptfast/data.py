@@ -211,10 +211,6 @@ def jsonl_kind(path) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    return paths.cache_dir("tokens")
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
     """The narrowest unsigned dtype that holds every token id."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
@@ -241,7 +237,7 @@ def tokenize_to_memmap(source: TextSource, tokenizer, cache_dir=None, progress: 
     sidecar (dtype, token count) is written last, so a crash never leaves an entry
     that looks complete.
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else paths.cache_dir("tokens")
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(
         f"v{TOKEN_CACHE_VERSION}|{source.fingerprint()}|{tokenizer_fingerprint(tokenizer)}".encode()
