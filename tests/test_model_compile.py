@@ -23,10 +23,16 @@ CASES = [
 ]
 
 
-def _models(backend, device):
+def _setup(backend, device, length):
+    """A fresh dynamo cache, two identical models (eager, to compile) and (2, length) ids."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
     eager = GPT(CONFIG, backend=backend).to(device).eval()
-    return eager, copy.deepcopy(eager)
+    return eager, copy.deepcopy(eager), torch.randint(0, 67, (2, length)).to(device)
+
+
+def _compile(fn):
+    return torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=False)
 
 
 def _run(model, prefill, decode, idx, prompt_len, device):
@@ -44,9 +50,7 @@ def _run(model, prefill, decode, idx, prompt_len, device):
 @pytest.mark.parametrize("backend,device", CASES)
 @torch.no_grad()
 def test_compiled_prefill_and_decode_equal_eager(backend, device):
-    torch._dynamo.reset()
-    eager, twin = _models(backend, device)
-    idx = torch.randint(0, 67, (2, 12)).to(device)
+    eager, twin, idx = _setup(backend, device, 12)
 
     def prefill_of(model):
         return lambda ids, pos, last: model(ids, input_pos=pos, logits_index=last)
@@ -55,9 +59,7 @@ def test_compiled_prefill_and_decode_equal_eager(backend, device):
         return lambda ids, pos: model(ids, input_pos=pos)
 
     want = _run(eager, prefill_of(eager), decode_of(eager), idx, 7, device)
-    prefill = torch.compile(prefill_of(twin), fullgraph=True, backend="aot_eager", dynamic=False)
-    decode = torch.compile(decode_of(twin), fullgraph=True, backend="aot_eager", dynamic=False)
-    got = _run(twin, prefill, decode, idx, 7, device)
+    got = _run(twin, _compile(prefill_of(twin)), _compile(decode_of(twin)), idx, 7, device)
     assert len(got) == len(want) == 6
     for step, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=f"step {step}")
@@ -69,11 +71,8 @@ def test_compiled_prefill_and_decode_equal_eager(backend, device):
 @torch.no_grad()
 def test_compiled_chunked_prefill_equals_eager(backend, device):
     """A prefill that starts past 0 (its start is a tensor value the graph never reads on the host)."""
-    torch._dynamo.reset()
-    eager, twin = _models(backend, device)
-    idx = torch.randint(0, 67, (2, 14)).to(device)
-    compiled = torch.compile(lambda ids, pos: twin(ids, input_pos=pos), fullgraph=True, backend="aot_eager",
-                             dynamic=False)
+    eager, twin, idx = _setup(backend, device, 14)
+    compiled = _compile(lambda ids, pos: twin(ids, input_pos=pos))
     for model, step in ((eager, lambda ids, pos: eager(ids, input_pos=pos)), (twin, compiled)):
         model.setup_cache(2, 32)
         step(idx[:, :7], torch.arange(7, device=device))
