@@ -37,7 +37,16 @@ IGNORE_INDEX = -100  # targets equal to this add nothing to the loss
 def _host_checks(t: torch.Tensor) -> bool:
     """Whether value checks on ``t`` run: only where reading it costs no device sync and
     no graph break, i.e. a CPU tensor outside ``torch.compile``. On CUDA a check would
-    block the host on every step (and cannot run inside a captured graph)."""
+    block the host on every step (and cannot run inside a captured graph), so out-of-range
+    ids or positions there meet torch's device-side assert; gptfast.generate validates
+    prompt ids and bounds positions on the host before they reach the device.
+
+    How "no sync on the CUDA steps" is checked: every value read in the forward (token
+    ids, targets, positions, logits_index, the all-ignored loss warning) goes through this
+    gate, and nothing else reads a tensor on the host (the cache writes index with the
+    position tensor; the prefill start is never read). tests/test_model_compile.py
+    compiles the prefill and decode steps with fullgraph=True, which fails on any host
+    read of a tensor value (a graph break), for the torch and fused backends."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
