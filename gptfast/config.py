@@ -1,5 +1,7 @@
 """GPTConfig: the shape of a GPT-2-family model, with the four GPT-2 presets."""
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,16 +22,26 @@ class GPTConfig:
     pos_embedding: str = "learned"  # "learned" (GPT-2) or "sinusoidal"
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        """Every field is checked here, where settings enter (bools are not taken as
+        numbers: ``block_size=True`` is a mistake, not a block size of 1)."""
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_inner"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            if name == "n_inner" and value is None:
+                continue
+            if not _is_int(value) or value < 1:
+                allowed = " or None" if name == "n_inner" else ""
+                raise ValueError(f"GPTConfig.{name} must be a positive integer{allowed}, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.pos_embedding not in POS_EMBEDDINGS:
+        if not isinstance(self.pos_embedding, str) or self.pos_embedding not in POS_EMBEDDINGS:
             raise ValueError(f"GPTConfig.pos_embedding must be one of {POS_EMBEDDINGS}, got {self.pos_embedding!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not _is_real(self.layer_norm_epsilon) or not (math.isfinite(self.layer_norm_epsilon)
+                                                         and self.layer_norm_epsilon >= 0):
+            raise ValueError(f"GPTConfig.layer_norm_epsilon must be a finite number >= 0, got {self.layer_norm_epsilon!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"GPTConfig.bias must be True or False, got {self.bias!r}")
 
     @property
     def head_dim(self) -> int:
@@ -50,11 +62,21 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"GPTConfig.from_dict takes a dict, got {type(d).__name__} {d!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"GPTConfig: unknown keys {sorted(unknown)}")
         return cls(**d)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 PRESETS = {

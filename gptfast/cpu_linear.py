@@ -9,17 +9,24 @@ bytes took 2.2 ms. The same product on the weight packed once into oneDNN's bloc
 layout (as ``torch.compile``'s CPU freezing does) took about 3.5 ms and 5 ms.
 BENCHMARKS.md ("Sampling loop (CPU)") measures generation with and without it.
 
-``packed_linears(model)`` is the context ``gptfast.generate`` enters on CPU float32
-models: inside it, every ``gptfast.model.Linear`` of ``model`` computes through its
-packed weight when called without autograd on a float32 CPU input (anything else takes
-``F.linear`` as usual). Packs are cached per layer across calls and rebuilt when the
-weight changes (an in-place update bumps its version; a new tensor has a new address);
-``release(model)`` frees them. The packed product rounds differently from ``F.linear``
-(another summation order): logits agree to float32 rounding, not bit for bit.
+``packed_linears(model, enabled=None)`` is the context ``gptfast.generate`` enters on CPU
+float32 models: inside it, every ``nn.Linear`` submodule of ``model`` is swapped for a
+``PackedLinear`` holding it, which computes through the packed weight when called
+without autograd on a float32 CPU input (anything else takes ``F.linear`` as usual); on
+exit the original modules are put back. The model knows nothing of this. Packs are
+cached per layer across calls and rebuilt when the weight changes (an in-place update
+bumps its version; a new tensor has a new address); ``release(model)`` frees them. The
+packed product rounds differently from ``F.linear`` (another summation order): logits
+agree to float32 rounding, not bit for bit.
 
 The ops used (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``) are
 PyTorch internals: they are probed once, and where they are missing or disagree with
-``F.linear`` nothing is packed. ``GPTFAST_CPU_PACKED_LINEAR=0`` turns packing off.
+``F.linear`` nothing is packed.
+
+Switching it: the ``enabled`` argument (True / False). Left at None it takes the
+user-facing default, read from the environment once per call where it is resolved
+(``default_enabled``): packing is on unless ``GPTFAST_CPU_PACKED_LINEAR`` is 0 / false /
+no / off.
 """
 import contextlib
 import functools
@@ -29,13 +36,14 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ENV_VAR = "GPTFAST_CPU_PACKED_LINEAR"
 # oneDNN picks its blocked layout for an expected number of rows; 64 serves decode
 # (1-8 rows) and prefill alike on the CPUs measured.
 ROWS_HINT = 64
 
-_packs = weakref.WeakKeyDictionary()  # Linear -> (weight key, packed weight)
+_packs = weakref.WeakKeyDictionary()  # nn.Linear -> (weight key, packed weight)
 _lock = threading.Lock()
 
 
@@ -62,26 +70,38 @@ def available() -> bool:
         return False
 
 
-def enabled() -> bool:
-    """Packing is on unless $GPTFAST_CPU_PACKED_LINEAR is 0 (read on every call)."""
+def default_enabled() -> bool:
+    """The default of ``enabled``: on unless $GPTFAST_CPU_PACKED_LINEAR is 0 / false / no / off."""
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def applies_to(model) -> bool:
-    """True when ``packed_linears(model)`` would pack: float32 weights on the CPU, packing
-    enabled and available."""
+def applies_to(model, enabled=None) -> bool:
+    """True when ``packed_linears(model, enabled)`` would pack: float32 weights on the CPU,
+    packing enabled (None: ``default_enabled()``) and available."""
+    if enabled is None:
+        enabled = default_enabled()
     weight = model.lm_head.weight
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and enabled() and available()
+    return bool(enabled) and weight.device.type == "cpu" and weight.dtype == torch.float32 and available()
 
 
-class PackedLinear:
-    """A Linear layer's forward through its packed weight (set as ``Linear.prepacked``)."""
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` (held as ``linear``, its parameters unchanged) whose forward runs
+    through the packed weight when that applies: no autograd, a float32 CPU input."""
 
-    def __init__(self, module, packed):
-        self.module, self.packed = module, packed
+    def __init__(self, linear: nn.Linear, packed: torch.Tensor):
+        super().__init__()
+        self.linear, self.packed = linear, packed
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.module
+    @property
+    def weight(self):
+        return self.linear.weight
+
+    @property
+    def bias(self):
+        return self.linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.linear
         if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
             return F.linear(x, m.weight, m.bias)
         return _packed_matmul(x, self.packed, m.bias)
@@ -103,23 +123,28 @@ def _packed_for(module) -> torch.Tensor:
     return packed
 
 
-@contextlib.contextmanager
-def packed_linears(model):
-    """Within this context every ``gptfast.model.Linear`` of ``model`` runs on its packed
-    weight (when ``applies_to(model)``; otherwise this does nothing)."""
-    from gptfast.model import Linear
+def _linear_children(model):
+    """(parent, attribute name, nn.Linear) for every nn.Linear submodule of ``model``."""
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if type(child) is nn.Linear]
 
-    installed = []
-    if applies_to(model):
-        for module in model.modules():
-            if isinstance(module, Linear) and module.prepacked is None:
-                module.prepacked = PackedLinear(module, _packed_for(module))
-                installed.append(module)
+
+@contextlib.contextmanager
+def packed_linears(model, enabled=None):
+    """Within this context every ``nn.Linear`` submodule of ``model`` is a ``PackedLinear``
+    running on its packed weight (when ``applies_to(model, enabled)``; otherwise this does
+    nothing); the original modules are put back on exit, also on an error. Yields whether
+    anything was packed."""
+    swapped = []
+    if applies_to(model, enabled):
+        for parent, name, linear in _linear_children(model):
+            setattr(parent, name, PackedLinear(linear, _packed_for(linear)))
+            swapped.append((parent, name, linear))
     try:
-        yield bool(installed)
+        yield bool(swapped)
     finally:
-        for module in installed:
-            module.prepacked = None
+        for parent, name, linear in swapped:
+            setattr(parent, name, linear)
 
 
 def release(model) -> None:

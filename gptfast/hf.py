@@ -22,10 +22,17 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing a file or does not match the model."""
 
 
-def config_from_hf(hf: dict) -> GPTConfig:
+# config.json keys whose GPTConfig field has another name, for messages that name both.
+HF_NAMES = {"block_size": "n_positions", "dropout": "resid_pdrop", "pos_embedding": "gptfast_pos_embedding"}
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
+    """The GPTConfig of an HF GPT-2 config (a dict); errors name ``source``."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source} must hold a JSON object, got {type(hf).__name__} {hf!r:.80}")
     act = hf.get("activation_function", "gelu_new")
     if act not in TANH_GELUS:
-        raise CheckpointError(f"config.json: activation_function {act!r} is not GPT-2's tanh GELU {TANH_GELUS}")
+        raise CheckpointError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU {TANH_GELUS}")
     try:
         return GPTConfig(
             vocab_size=hf["vocab_size"],
@@ -39,7 +46,10 @@ def config_from_hf(hf: dict) -> GPTConfig:
             pos_embedding=hf.get("gptfast_pos_embedding", "learned"),
         )
     except KeyError as e:
-        raise CheckpointError(f"config.json: missing key {e.args[0]!r}") from None
+        raise CheckpointError(f"{source}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        key = next((hf_key for field, hf_key in HF_NAMES.items() if f"GPTConfig.{field} " in str(e)), None)
+        raise CheckpointError(f"{source}: {e}" + (f" (config.json key {key!r})" if key else "")) from None
 
 
 def config_to_hf(config: GPTConfig) -> dict:
@@ -66,12 +76,37 @@ def config_to_hf(config: GPTConfig) -> dict:
     }
 
 
-def _read_json(path):
+def _read_json(path) -> dict:
+    """A JSON file that must hold an object (a dict), or a CheckpointError naming the file."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(doc).__name__} {doc!r:.80}")
+    return doc
+
+
+def _shards(index: dict, index_path) -> list:
+    """The shard file names of a safetensors index's ``weight_map`` (tensor name -> file)."""
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: needs a non-empty \"weight_map\" object (tensor name -> shard file)")
+    bad = [f for f in weight_map.values() if not isinstance(f, str) or os.path.basename(f) != f or not f]
+    if bad:
+        raise CheckpointError(f"{index_path}: weight_map names {bad[0]!r}, not a shard file name in the directory")
+    return sorted(set(weight_map.values()))
+
+
+def check_finite(state: dict, path) -> None:
+    """Raise naming the first floating tensor holding NaN or inf: safetensors carries no
+    checksum, so overwritten bytes load silently as non-finite weights."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf): "
+                                  "the file is corrupt or was saved from a diverged model")
 
 
 def _load_file(path):
@@ -90,9 +125,9 @@ def load_state_dict(path: str) -> dict:
     if os.path.exists(os.path.join(path, SAFETENSORS)):
         return _load_file(os.path.join(path, SAFETENSORS))
     if os.path.exists(os.path.join(path, SAFETENSORS_INDEX)):
-        index = _read_json(os.path.join(path, SAFETENSORS_INDEX))
+        index_path = os.path.join(path, SAFETENSORS_INDEX)
         state = {}
-        for shard in sorted(set(index.get("weight_map", {}).values())):
+        for shard in _shards(_read_json(index_path), index_path):
             shard_path = os.path.join(path, shard)
             if not os.path.exists(shard_path):
                 raise CheckpointError(f"checkpoint shard {shard_path} named by {SAFETENSORS_INDEX} is missing")
@@ -129,14 +164,18 @@ def hf_to_gptfast(hf_state: dict, model) -> dict:
 
 def load_pretrained(cls, path, backend=None, device=None, dtype=None):
     path = os.fspath(path)
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"{path!r} is a file, not a checkpoint directory: pass the directory holding "
+                                 "config.json and the weights")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{path}: missing config.json")
-    config = config_from_hf(_read_json(config_path))
+    config = config_from_hf(_read_json(config_path), source=config_path)
     model = cls(config, backend=backend)
     hf_state = load_state_dict(path)
+    check_finite(hf_state, path)
     if config.pos_embedding == "sinusoidal":  # the fixed table was exported as wpe; it is not a parameter here
         hf_state = {k: v for k, v in hf_state.items() if not k.endswith("wpe.weight")}
     model.load_state_dict(hf_to_gptfast(hf_state, model))

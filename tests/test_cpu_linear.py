@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from gptfast import cpu_linear
 from gptfast.config import GPTConfig
 from gptfast.generation import generate
-from gptfast.model import GPT, Linear
+from gptfast.model import GPT
 from gptfast.sampling import SamplingParams
 
 needs_packing = pytest.mark.skipif(not cpu_linear.available(), reason="this PyTorch build has no oneDNN linear packing")
@@ -24,34 +24,44 @@ class Wrapper(torch.nn.Module):  # packed_linears looks for lm_head.weight
         self.lm_head = linear
 
 
+def packed_modules(model):
+    return [m for m in model.modules() if isinstance(m, cpu_linear.PackedLinear)]
+
+
+def plain_linears(model):
+    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
 @needs_packing
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 75), (3, 75), (2, 5, 75), (1, 1, 75)])
 def test_packed_forward_matches_f_linear(shape, bias):
     torch.manual_seed(0)
-    layer = Linear(75, 131, bias=bias)
+    layer = torch.nn.Linear(75, 131, bias=bias)
+    wrapper = Wrapper(layer)
     x = torch.randn(shape)
     expected = F.linear(x, layer.weight, layer.bias)
-    with torch.no_grad(), cpu_linear.packed_linears(Wrapper(layer)) as packed:
-        assert packed and layer.prepacked is not None
-        out = layer(x)
-        strided = layer(torch.randn(75, *shape[:-1]).movedim(0, -1))  # a non-contiguous input
+    with torch.no_grad(), cpu_linear.packed_linears(wrapper) as packed:
+        assert packed and isinstance(wrapper.lm_head, cpu_linear.PackedLinear) and wrapper.lm_head.linear is layer
+        out = wrapper.lm_head(x)
+        strided = wrapper.lm_head(torch.randn(75, *shape[:-1]).movedim(0, -1))  # a non-contiguous input
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert strided.shape == expected.shape and torch.isfinite(strided).all()
-    assert layer.prepacked is None  # uninstalled on exit
+    assert wrapper.lm_head is layer  # uninstalled on exit
 
 
 @needs_packing
 def test_autograd_and_other_dtypes_take_f_linear():
     torch.manual_seed(0)
-    layer = Linear(16, 8)
+    layer = torch.nn.Linear(16, 8)
+    wrapper = Wrapper(layer)
     x = torch.randn(4, 16, requires_grad=True)
-    with cpu_linear.packed_linears(Wrapper(layer)):
-        out = layer(x)  # grad mode on: the packed path has no backward
+    with cpu_linear.packed_linears(wrapper):
+        out = wrapper.lm_head(x)  # grad mode on: the packed path has no backward
         out.sum().backward()
         with torch.no_grad():
-            double = layer.double()(x.detach().double())
+            double = wrapper.lm_head.double()(x.detach().double())
     assert x.grad is not None and layer.weight.grad is not None
     assert double.dtype == torch.float64
 
@@ -59,17 +69,18 @@ def test_autograd_and_other_dtypes_take_f_linear():
 @needs_packing
 def test_pack_is_rebuilt_when_the_weight_changes():
     torch.manual_seed(0)
-    layer = Linear(24, 40)
+    layer = torch.nn.Linear(24, 40)
+    wrapper = Wrapper(layer)
     x = torch.randn(2, 24)
     with torch.no_grad():
-        with cpu_linear.packed_linears(Wrapper(layer)):
-            before = layer(x)
+        with cpu_linear.packed_linears(wrapper):
+            before = wrapper.lm_head(x)
         layer.weight.mul_(2.0)  # in place, as an optimizer step
-        with cpu_linear.packed_linears(Wrapper(layer)):
-            after = layer(x)
+        with cpu_linear.packed_linears(wrapper):
+            after = wrapper.lm_head(x)
         layer.weight = torch.nn.Parameter(torch.zeros(40, 24))  # a new tensor
-        with cpu_linear.packed_linears(Wrapper(layer)):
-            zero_weight = layer(x)
+        with cpu_linear.packed_linears(wrapper):
+            zero_weight = wrapper.lm_head(x)
     torch.testing.assert_close(after - layer.bias, 2 * (before - layer.bias), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(zero_weight, layer.bias.expand(2, 40))
 
@@ -77,11 +88,13 @@ def test_pack_is_rebuilt_when_the_weight_changes():
 @needs_packing
 def test_context_cleans_up_on_error_and_release_frees_packs():
     model = tiny_model()
+    linears = plain_linears(model)
     with pytest.raises(RuntimeError, match="boom"):
         with cpu_linear.packed_linears(model):
-            assert all(m.prepacked is not None for m in model.modules() if isinstance(m, Linear))
+            assert len(packed_modules(model)) == len(linears) == 9  # 4 per block and the head
+            assert all(m.linear in linears for m in packed_modules(model))
             raise RuntimeError("boom")
-    assert all(m.prepacked is None for m in model.modules() if isinstance(m, Linear))
+    assert not packed_modules(model) and plain_linears(model) == linears
     assert any(m in cpu_linear._packs for m in model.modules())
     cpu_linear.release(model)
     assert not any(m in cpu_linear._packs for m in model.modules())
@@ -92,9 +105,21 @@ def test_env_var_and_dtype_turn_packing_off(monkeypatch):
     monkeypatch.setenv(cpu_linear.ENV_VAR, "0")
     assert not cpu_linear.applies_to(model)
     with cpu_linear.packed_linears(model) as packed:
-        assert not packed and model.lm_head.prepacked is None
+        assert not packed and not packed_modules(model)
     monkeypatch.delenv(cpu_linear.ENV_VAR)
     assert not cpu_linear.applies_to(model.double())
+
+
+def test_enabled_argument_overrides_the_env_default(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setenv(cpu_linear.ENV_VAR, "1")
+    with cpu_linear.packed_linears(model, enabled=False) as packed:
+        assert not packed and not packed_modules(model)
+    if cpu_linear.available():
+        monkeypatch.setenv(cpu_linear.ENV_VAR, "0")
+        with torch.no_grad(), cpu_linear.packed_linears(model, enabled=True) as packed:
+            assert packed and isinstance(model.lm_head, cpu_linear.PackedLinear)
+        assert type(model.lm_head) is torch.nn.Linear
 
 
 @needs_packing
@@ -107,7 +132,7 @@ def test_generate_tokens_do_not_depend_on_packing(monkeypatch, params):
     monkeypatch.setenv(cpu_linear.ENV_VAR, "0")
     plain = [r.token_ids for r in generate(model, prompts, params)]
     assert packed == plain and all(len(t) == 12 for t in packed)
-    assert all(m.prepacked is None for m in model.modules() if isinstance(m, Linear))
+    assert not packed_modules(model)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

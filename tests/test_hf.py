@@ -47,7 +47,10 @@ def test_greedy_generation_matches_hf(hf_dir):
     path, hf = hf_dir
     model = GPT.from_pretrained(path)
     prompt = torch.randint(0, 211, (1, 7))
-    ours = model.generate(prompt, 32, temperature=0)
+    from gptfast import SamplingParams, generate
+
+    new = generate(model, prompt.tolist(), SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True))
+    ours = torch.cat([prompt, torch.tensor([r.token_ids for r in new])], dim=1)
     theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32, pad_token_id=0)
     assert torch.equal(ours, theirs)
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gptfast import GPT, GPTConfig
+from gptfast import GPT, GPTConfig, SamplingParams, generate
 from gptfast.backends import resolve_backend
 
 TINY = dict(vocab_size=97, block_size=48, n_layer=2, n_head=2, n_embd=32)
@@ -98,18 +98,21 @@ def test_tied_head_and_init_scale():
 def test_generate_greedy_matches_argmax_recompute():
     model = make_model()
     prompt = torch.randint(0, 97, (2, 5))
-    out = model.generate(prompt, 12, temperature=0)
+    results = generate(model, prompt.tolist(), SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True))
+    out = torch.cat([prompt, torch.tensor([r.token_ids for r in results])], dim=1)
     seq = prompt
-    for _ in range(12):
-        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
 
 
 def test_generate_seeded_sampling_is_reproducible():
     model = make_model()
-    a = model.generate([1, 2, 3], 10, temperature=1.0, top_k=5, seed=7)
-    b = model.generate([1, 2, 3], 10, temperature=1.0, top_k=5, seed=7)
-    assert torch.equal(a, b)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=5, seed=7, ignore_eos=True)
+    a = generate(model, [[1, 2, 3]], params)[0].token_ids
+    b = generate(model, [[1, 2, 3]], params)[0].token_ids
+    assert a == b and len(a) == 10
 
 
 def test_bad_inputs():
@@ -117,7 +120,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="context"):
         model(torch.zeros(1, 49, dtype=torch.long))  # longer than block_size 48
     with pytest.raises(ValueError, match="context overflow"):
-        model.generate([1] * 40, 20)
+        generate(model, [[1] * 40], SamplingParams(max_new_tokens=20))
     with pytest.raises(RuntimeError, match="setup_cache"):
         model(torch.zeros(1, 3, dtype=torch.long), input_pos=torch.arange(3))
     model.setup_cache(max_batch=2, max_seq_len=16)

@@ -10,9 +10,15 @@ Each op's module has the op's name (``gptfast.ops.layer_norm`` …, see
 ``gptfast.ops.registry``), and the package binds that name to the op function, so
 ``gptfast.ops.layer_norm`` is the function; reach a module itself through
 ``importlib.import_module("gptfast.ops.layer_norm")``.
+
+The package is also the ``fused`` backend of a model (``gptfast.backends``): with
+``gelu`` (the torch path's: PyTorch's own GELU is already one fused elementwise kernel)
+it has the four functions every backend module has. ``gptfast.ops.torch_path`` is the
+``torch`` backend and each op's fallback.
 """
 from gptfast.ops.causal_attention import causal_attention
 from gptfast.ops.decode_attention import decode_attention
 from gptfast.ops.layer_norm import layer_norm
+from gptfast.ops.torch_path import gelu
 
-__all__ = ["causal_attention", "decode_attention", "layer_norm"]
+__all__ = ["causal_attention", "decode_attention", "gelu", "layer_norm"]

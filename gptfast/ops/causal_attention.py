@@ -13,22 +13,37 @@ On CUDA (or on the CPU under ``TRITON_INTERPRET=1``) it runs the Triton kernels 
 
 with fake (meta) implementations and an autograd formula tying the two together, so
 ``torch.compile(fullgraph=True)`` sees single opaque ops and training works. Elsewhere it
-runs ``F.scaled_dot_product_attention`` (the torch path).
+runs ``gptfast.ops.torch_path.causal_attention`` (SDPA).
 """
 import math
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from gptfast.ops import torch_path
 from gptfast.ops._dispatch import check_same_device_dtype, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def _validate(q, k, v, q_offset) -> None:
+def _validate_positions(q, k, q_positions) -> None:
+    """``q_positions``: a (Tq,) integer tensor on q's device; its values are checked (in
+    [0, Tk)) only where that reads no device memory and traces: CPU tensors, eagerly."""
+    if not isinstance(q_positions, Tensor):
+        raise TypeError(f"causal_attention: q_positions must be a torch.Tensor, got {type(q_positions).__name__}")
+    if q_positions.dtype not in (torch.int32, torch.int64) or tuple(q_positions.shape) != (q.shape[2],):
+        raise ValueError(f"causal_attention: q_positions must be a ({q.shape[2]},) integer tensor, got "
+                         f"{tuple(q_positions.shape)} {q_positions.dtype}")
+    if q_positions.device != q.device:
+        raise ValueError(f"causal_attention: q_positions is on {q_positions.device} but q is on {q.device}")
+    if q_positions.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(((q_positions < 0) | (q_positions >= k.shape[2])).any()):
+            raise ValueError(f"causal_attention: q_positions {q_positions.tolist()} outside the {k.shape[2]} keys")
+
+
+def _validate(q, k, v, q_offset, q_positions=None) -> None:
     """Raise a clear exception for anything the kernels (or the torch path) cannot take."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -54,7 +69,11 @@ def _validate(q, k, v, q_offset) -> None:
         raise TypeError(f"causal_attention: q_offset must be an int, got {type(q_offset).__name__}")
     if q_offset < 0:
         raise ValueError(f"causal_attention: q_offset must be >= 0, got {q_offset}")
-    if k.shape[2] != q_offset + q_len:
+    if q_positions is not None:
+        if q_offset:
+            raise ValueError("causal_attention: give q_offset or q_positions, not both")
+        _validate_positions(q, k, q_positions)
+    elif k.shape[2] != q_offset + q_len:
         raise ValueError(
             f"causal_attention: q_offset with the wrong T: keys length Tk={k.shape[2]} must equal "
             f"q_offset ({q_offset}) + queries length Tq ({q_len})"
@@ -116,26 +135,23 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public function
 
 
-def _torch_attention(q, k, v, scale: float, q_offset: int) -> Tensor:
-    """The torch path: SDPA, with an explicit mask when queries start at an offset (SDPA's
-    ``is_causal`` aligns the mask to the top-left corner, which is wrong for Tq < Tk)."""
-    if q_offset == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    q_len, kv_len = q.shape[2], k.shape[2]
-    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(diagonal=q_offset)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
-
-
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, q_offset: int = 0) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, q_offset: int = 0,
+                     q_positions: Optional[Tensor] = None) -> Tensor:
     """Causal attention, a drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``.
 
     q: (B, H, Tq, D); k, v: (B, H, Tk, D) with ``Tk == q_offset + Tq``; query ``i`` sees
     keys ``0 .. q_offset + i``. D <= 256; float16, bfloat16 or float32; any strides (a
     q/k/v split of a fused qkv projection is read in place). ``scale`` defaults to
     1/sqrt(D). Differentiable in q, k and v. Returns (B, H, Tq, D).
+
+    ``q_positions`` ((Tq,) integer tensor, instead of ``q_offset``): the queries' absolute
+    positions, read on the device, never on the host; ``k``/``v`` may then be a whole static
+    KV cache (any Tk), each query seeing the keys at or before its position. This is the
+    prefill of a model whose start position is a tensor (a compiled or CUDA-graph step);
+    the kernel takes a host offset, so this form runs the torch path everywhere.
     """
-    _validate(q, k, v, q_offset)
+    _validate(q, k, v, q_offset, q_positions)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if use_triton(q):
+    if use_triton(q) and q_positions is None:
         return _attention_fwd(q, k, v, scale, q_offset)[0]
-    return _torch_attention(q, k, v, scale, q_offset)
+    return torch_path.causal_attention(q, k, v, scale=scale, q_offset=q_offset, q_positions=q_positions)

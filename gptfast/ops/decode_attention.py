@@ -9,7 +9,8 @@ or past a row's length may hold anything, even NaN (an uninitialised cache): the
 read. Returns (B, H, D) in q's dtype. Head sizes up to 256; fp16, bf16, fp32.
 
 Runs the split-KV Triton kernel (``gptfast.kernels.decode_attention``) on CUDA or under the
-Triton interpreter, otherwise a torch path (SDPA with a mask built from cache_lens). The op
+Triton interpreter, otherwise the torch path (``gptfast.ops.torch_path.decode_attention``:
+SDPA with a mask built from cache_lens). The op
 is registered as ``torch.ops.gptfast.decode_attention`` with a fake implementation, so
 ``torch.compile(fullgraph=True)`` sees one opaque op and CUDA graphs can capture it (no host
 synchronisation, allocations that depend only on shapes).
@@ -29,6 +30,7 @@ import os
 
 import torch
 
+from gptfast.ops import torch_path
 from gptfast.ops._dispatch import check_same_device_dtype, use_triton
 
 MAX_HEAD_DIM = 256
@@ -92,21 +94,6 @@ def _check_lens_values(cache_lens: torch.Tensor, seq_len: int) -> None:
         )
 
 
-def _decode_attention_torch(q, k_cache, v_cache, cache_lens, scale: float) -> torch.Tensor:
-    """Torch path: SDPA of the one query against the whole cache, masked by cache_lens."""
-    seq_len = k_cache.shape[2]
-    lens = cache_lens.clamp(1, seq_len)  # as the kernel: never look past the cache
-    valid = torch.arange(seq_len, device=q.device)[None, :] < lens[:, None]  # (B, S)
-    valid = valid[:, None, :, None]  # (B, 1, S, 1)
-    # Zero the stale positions: the mask alone would still let a NaN there through (0 * NaN).
-    k = torch.where(valid, k_cache, 0)
-    v = torch.where(valid, v_cache, 0)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=valid.transpose(-1, -2), scale=scale
-    )
-    return out.squeeze(2)
-
-
 @torch.library.custom_op("gptfast::decode_attention", mutates_args=())
 def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          cache_lens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -115,7 +102,7 @@ def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         from gptfast.kernels import decode_attention as kernel  # imports triton: only on this path
 
         return kernel.decode_attention(q, k_cache, v_cache, cache_lens, scale)
-    return _decode_attention_torch(q, k_cache, v_cache, cache_lens, scale)
+    return torch_path.decode_attention(q, k_cache, v_cache, cache_lens, scale=scale)
 
 
 @_decode_attention_op.register_fake

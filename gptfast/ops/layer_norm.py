@@ -14,15 +14,15 @@ On CUDA (or on the CPU under ``TRITON_INTERPRET=1``) it runs the Triton kernels 
 
 with fake implementations and autograd formulas, so ``torch.compile(fullgraph=True)``
 sees single opaque ops and training works. Elsewhere (and for float64) it runs
-``F.layer_norm`` (the torch path).
+``gptfast.ops.torch_path.layer_norm`` (``F.layer_norm``).
 """
 import math
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from gptfast.ops import torch_path
 from gptfast.ops._dispatch import use_triton
 
 # dtypes the fused kernel takes (statistics in float32); float64 goes down the torch path.
@@ -188,15 +188,6 @@ _add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_a
 # ----------------------------------------------------------------------------- public function
 
 
-def _torch_layer_norm(x, weight, bias, eps, residual):
-    """The torch path: F.layer_norm (after the residual add), parameters cast to x's dtype."""
-    h = x if residual is None else x + residual
-    weight = weight if weight is None or weight.dtype == h.dtype else weight.to(h.dtype)
-    bias = bias if bias is None or bias.dtype == h.dtype else bias.to(h.dtype)
-    y = F.layer_norm(h, h.shape[-1:], weight, bias, eps)
-    return y if residual is None else (y, h)
-
-
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
                residual: Optional[Tensor] = None):
     """LayerNorm over the last dimension of ``x``; with ``residual``, of ``h = x + residual``.
@@ -224,4 +215,4 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
             return _layer_norm_fwd(x, weight, bias, eps)[0]
         y, h, _, _ = _add_layer_norm_fwd(x, residual, weight, bias, eps)
         return y, h
-    return _torch_layer_norm(x, weight, bias, eps, residual)
+    return torch_path.layer_norm(x, weight, bias, eps, residual=residual)

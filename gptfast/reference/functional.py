@@ -39,23 +39,35 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, residual=None):
     return y if residual is None else (y, h)
 
 
-def causal_attention(q, k, v, scale=None, q_offset: int = 0):
+def causal_attention(q, k, v, scale=None, q_offset: int = 0, q_positions=None):
     """Causal multi-head attention with explicit scores, mask and softmax.
 
     q: (B, H, Tq, D); k, v: (B, H, Tk, D) with ``Tk == q_offset + Tq``. Query ``i`` sits
     at absolute position ``q_offset + i`` and sees keys ``0 .. q_offset + i``. With
     ``q_offset == 0`` this is ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``.
+    ``q_positions`` ((Tq,) integer tensor) places the queries at those positions instead,
+    against keys of any length (a whole KV cache; keys past every query are never read).
     """
     tq, tk = q.shape[-2], k.shape[-2]
-    if tk != q_offset + tq:
-        raise ValueError(f"causal_attention: keys length {tk} must equal q_offset ({q_offset}) + queries length ({tq})")
+    key_pos = torch.arange(tk, device=q.device)[None, :]
+    if q_positions is None:
+        if tk != q_offset + tq:
+            raise ValueError(f"causal_attention: keys length {tk} must equal q_offset ({q_offset}) + queries length ({tq})")
+        query_pos = torch.arange(tq, device=q.device)[:, None] + q_offset
+    else:
+        query_pos = q_positions[:, None]
+        v = _zero_unseen(v, key_pos[0] <= q_positions.max())
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
-    query_pos = torch.arange(tq, device=q.device)[:, None] + q_offset
-    key_pos = torch.arange(tk, device=q.device)[None, :]
     scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
     probs = torch.softmax(scores.to(_compute_dtype(scores.dtype)), dim=-1).to(q.dtype)
     return probs @ v
+
+
+def _zero_unseen(v, seen):
+    """``v`` (..., S, D) with the positions where ``seen`` (S,) is False set to 0: their
+    probability is 0, but 0 * NaN (a stale cache slot) is NaN."""
+    return torch.where(seen[:, None], v, 0)
 
 
 def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):
@@ -63,6 +75,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):
 
     q: (B, H, D); k_cache, v_cache: (B, H, S, D); cache_lens: (B,) integers in [1, S],
     the number of valid cache positions of each row (the new token's key included).
+    Positions past a row's length may hold anything, even NaN: they are never read.
     Returns (B, H, D).
     """
     s = k_cache.shape[-2]
@@ -71,4 +84,4 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):
     valid = torch.arange(s, device=q.device)[None, :] < cache_lens.to(q.device)[:, None]  # (B, S)
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     probs = torch.softmax(scores.to(_compute_dtype(scores.dtype)), dim=-1).to(q.dtype)
-    return torch.einsum("bhs,bhsd->bhd", probs, v_cache)
+    return torch.einsum("bhs,bhsd->bhd", probs, torch.where(valid[:, None, :, None], v_cache, 0))
