@@ -41,8 +41,8 @@ class TunedTableError(ValueError):
 
 def device_identity(device: torch.device) -> Optional[dict]:
     """``{"name", "capability", "triton"}`` of a CUDA device (what tables are keyed by);
-    None off CUDA."""
-    if device.type != "cuda":
+    None off CUDA (or where CUDA is not available)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
         return None
     import triton
 
@@ -98,17 +98,22 @@ def read_table(path: str) -> dict:
     return _validate(table, path)
 
 
+def load_tables(directory: Optional[str] = None) -> tuple:
+    """Every table in ``directory`` (default ``TUNED_DIR``), validated, sorted by file name;
+    read once per directory."""
+    return _load_tables(directory or TUNED_DIR)
+
+
 @functools.lru_cache(maxsize=None)
-def load_tables(directory: str = TUNED_DIR) -> tuple:
-    """Every table in ``directory`` (validated), sorted by file name."""
+def _load_tables(directory: str) -> tuple:
     if not os.path.isdir(directory):
         return ()
     names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
     return tuple(read_table(os.path.join(directory, n)) for n in names)
 
 
-def find_table(identity: Optional[dict], directory: str = TUNED_DIR) -> Optional[dict]:
-    """The table for ``identity`` in ``directory``, or None."""
+def find_table(identity: Optional[dict], directory: Optional[str] = None) -> Optional[dict]:
+    """The table for ``identity`` in ``directory`` (default ``TUNED_DIR``), or None."""
     if identity is None:
         return None
     matches = [t for t in load_tables(directory) if t["device"] == identity]

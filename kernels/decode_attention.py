@@ -316,5 +316,5 @@ def candidate_configs():
 
 def precision_configs():
     """fp32 caches: the partial and merged normalisations must round to nearest."""
-    return [_split_entry(128, torch.float32, _builtin_split(128), "_fp32", require_ptx=("div.rn.f32",)),
-            _reduce_entry(128, torch.float32, "_fp32", require_ptx=("div.rn.f32",))]
+    return [_split_entry(128, torch.float32, _builtin_split(128), require_ptx=("div.rn.f32",)),
+            _reduce_entry(128, torch.float32, require_ptx=("div.rn.f32",))]
