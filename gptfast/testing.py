@@ -31,12 +31,10 @@ def poisoned_kernel_outputs():
 
 def randn(*shape, dtype: torch.dtype = torch.float32, seed: int = 0, scale: float = 1.0, shift: float = 0.0,
           device="cpu") -> torch.Tensor:
-    """Seeded standard normal values (drawn in float32 on the CPU, the same on every
-    device), times ``scale`` plus ``shift`` (in float64), in ``dtype`` on ``device``."""
+    """Seeded standard normal values times ``scale`` plus ``shift``, in ``dtype`` on
+    ``device``: drawn and scaled in float64 on the CPU, so the same on every device."""
     g = torch.Generator().manual_seed(seed)
-    t = torch.randn(*shape, generator=g, dtype=torch.float32)
-    if scale != 1.0 or shift != 0.0:
-        t = t.double() * scale + shift
+    t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift
     return t.to(device=device, dtype=dtype)
 
 
