@@ -61,6 +61,14 @@ class Tunable:
 # --------------------------------------------------------------------------------------
 
 
+def _outputs_and_grads(fn, inputs, grad) -> list:
+    """``[fn(*inputs)]`` followed by the gradients of ``(fn(*inputs) * grad).sum()`` wrt each input."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
 def _attention_tunables(ctx) -> list:
     import torch
 
@@ -78,15 +86,10 @@ def _attention_tunables(ctx) -> list:
         rows = {n: x[n][:1, :2] for n in ("q", "k", "v", "grad", "out", "lse")}
         return {**rows, "scale": x["scale"]}
 
-    def grads(q, k, v, g):
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = reference.causal_attention(*leaves)
-        out.backward(g)
-        return [out.detach()] + [t.grad for t in leaves]
-
     def references(x):
-        plain = grads(x["q"], x["k"], x["v"], x["grad"])
-        exact = grads(*(x[n].double() for n in ("q", "k", "v", "grad")))
+        plain = _outputs_and_grads(reference.causal_attention, [x[n] for n in ("q", "k", "v")], x["grad"])
+        exact = _outputs_and_grads(reference.causal_attention, [x[n].double() for n in ("q", "k", "v")],
+                                   x["grad"].double())
         return plain, exact
 
     def run_fwd(x, cfg):
@@ -133,9 +136,9 @@ def _decode_tunables(ctx) -> list:
     def run(x, cfg):
         return [kd.decode_attention(x["q"], x["k"], x["v"], x["lens"], x["scale"], config=cfg)]
 
-    return [Tunable("decode_attention.split", key, kd.CANDIDATES["split"][key], ctx.decode_shapes(int(key[1:].split("_")[0])),
+    return [Tunable("decode_attention.split", key, candidates, ctx.decode_shapes(int(key[1:].split("_")[0])),
                     make, run, references, check_slice, cuda_graph=True)
-            for key in kd.CANDIDATES["split"]]
+            for key, candidates in kd.CANDIDATES["split"].items()]
 
 
 def _layer_norm_tunables(ctx) -> list:
@@ -152,15 +155,9 @@ def _layer_norm_tunables(ctx) -> list:
     def check_slice(x):
         return {n: t[:64] if n in ("x", "dy", "mean", "rstd") else t for n, t in x.items()}
 
-    def grads(x, w, b, dy):
-        leaves = [t.detach().requires_grad_() for t in (x, w, b)]
-        y = reference.layer_norm(*leaves, 1e-5)
-        y.backward(dy)
-        return [y.detach()] + [t.grad for t in leaves]
-
     def references(x):
-        plain = grads(x["x"], x["w"], x["b"], x["dy"])
-        exact = grads(*(x[n].double() for n in ("x", "w", "b", "dy")))
+        plain = _outputs_and_grads(reference.layer_norm, [x[n] for n in ("x", "w", "b")], x["dy"])
+        exact = _outputs_and_grads(reference.layer_norm, [x[n].double() for n in ("x", "w", "b")], x["dy"].double())
         return plain, exact
 
     def run_fwd(x, cfg):
@@ -283,7 +280,8 @@ def _is_cuda_error(e: Exception) -> bool:
 def _result_line(row) -> str:
     status = (f"{row['median_ms']:.4f} ms" if row.get("median_ms") is not None
               else row.get("error") or f"FAILED error ratio {row.get('error_ratio'):.2f}")
-    return f"{row['kernel']:<24} {row['key']:<12} {json.dumps(row['shape']):<44} {json.dumps(row['config']):<72} {status}"
+    shape, cfg = json.dumps(row["shape"]), json.dumps(row["config"])
+    return f"{row['kernel']:<24} {row['key']:<12} {shape:<44} {cfg:<72} {status}"
 
 
 def identity_for(args, device) -> dict:

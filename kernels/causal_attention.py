@@ -350,9 +350,9 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------- configurations
 
 # Hopper (sm_90) configurations, keyed by ``config_key``: BLOCK_D and whether the inputs
-# are 16-bit or fp32. The 16-bit ones at BLOCK_D 64 and 128 are the shipped fast paths
-# that the static compile report checks (wgmma in SASS, no spills, shared memory within
-# 227 KiB); the others were checked the same way for spills and shared memory. block_m
+# are 16-bit or fp32. The 16-bit ones at BLOCK_D 64, 128 and 256 are what the static
+# compile report checks (wgmma in SASS but for NO_TENSOR_CORES, no spills, shared memory
+# within 227 KiB); the others were checked the same way for spills and shared memory. block_m
 # is the query tile and block_n the key tile in every kernel. fp32 uses exact
 # (non-tf32) dots, which run on CUDA cores with every operand in registers: correct but
 # slower, so its tiles are small (chosen so that ptxas reports no spills).
@@ -394,33 +394,21 @@ _GPU = {
 
 # Tuning candidates (gptfast.tune) of the 16-bit fast paths: the shipped config first,
 # then neighbours in tile shape, warps and pipeline depth. Every one passes the static
-# compile report (wgmma in SASS, no spills, shared memory within the sm_90 limit).
-CANDIDATES = {
-    "fwd": {
-        "d64_16bit": _candidates((
-            (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2),
-            (64, 128, 4, 3))),
-        "d128_16bit": _candidates((
-            (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2),
-            (64, 128, 8, 2))),
-    },
-    "dkdv": {
-        "d64_16bit": _candidates((
-            (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 3),
-            (16, 128, 8, 2))),
-        "d128_16bit": _candidates((
-            (32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 3),
-            (16, 64, 4, 2))),
-    },
-    "dq": {
-        "d64_16bit": _candidates((
-            (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2),
-            (128, 128, 8, 2))),
-        "d128_16bit": _candidates((
-            (128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 3),
-            (64, 16, 4, 2))),
-    },
+# compile report (wgmma in SASS, no spills, shared memory within the sm_90 limit). The
+# D=128 dK/dV kernel is the tightest: its shipped tile sits at about 250 registers a
+# thread; (16, 128, 8, 2) needs about 40 fewer, at half the queries per step. Which is
+# faster is for the timing on the device to say.
+_CANDIDATE_TILES = {  # kernel -> BLOCK_D -> (block_m, block_n, warps, stages), the shipped one first
+    "fwd": {64: ((128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)),
+            128: ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2),
+                  (64, 128, 8, 2))},
+    "dkdv": {64: ((64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 3), (16, 128, 8, 2)),
+             128: ((32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 3), (16, 64, 4, 2))},
+    "dq": {64: ((128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2), (128, 128, 8, 2)),
+           128: ((128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 3), (64, 16, 4, 2))},
 }
+CANDIDATES = {kernel: {f"d{d}_16bit": _candidates(rows) for d, rows in by_d.items()}
+              for kernel, by_d in _CANDIDATE_TILES.items()}
 
 # Under the CPU interpreter: small, unequal tiles, so that tiny test shapes still cross
 # several blocks, the diagonal split and the sequence edge.
@@ -430,7 +418,6 @@ _INTERPRETER = {
     "dq": LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=1),
 }
 DELTA_CONFIG = LaunchConfig(block_m=64, num_warps=4, num_stages=1)
-DELTA_BLOCK_M = DELTA_CONFIG.block_m
 
 
 def config_key(head_dim: int, dtype: torch.dtype) -> str:
