@@ -319,6 +319,9 @@ def run_tuning(args) -> int:
     if args.kernels:
         wanted = set(args.kernels.split(","))
         tunables = [t for t in tunables if t.kernel in wanted or t.kernel.split(".")[0] in wanted]
+        if not tunables:
+            print(f"--kernels {args.kernels}: no tunable kernel of that name", file=sys.stderr)
+            return 2
     winners, results = {}, []
     write_table(args.out, identity, winners, results)
     for tunable in tunables:
