@@ -234,8 +234,9 @@ def check_candidate(tunable, inputs, cfg, plain, exact) -> float:
     return max(error_ratio(o, p, e) for o, p, e in zip(outputs, plain, exact) if o is not None)
 
 
-def tune_one(ctx, tunable, results: list) -> Optional[object]:
-    """Check and time every candidate of ``tunable`` on its shapes; return the winner."""
+def tune_one(ctx, tunable, results: list):
+    """Check and time every candidate of ``tunable`` on its shapes; return the winner (a
+    LaunchConfig), or None when no candidate passed. Appends one row per run to ``results``."""
     candidates = ctx.candidates(tunable)
     total = {cfg: 0.0 for cfg in candidates}
     for shape in tunable.shapes:
@@ -247,8 +248,11 @@ def tune_one(ctx, tunable, results: list) -> Optional[object]:
                 continue
             row = {"kernel": tunable.kernel, "key": tunable.key, "shape": shape, "config": cfg.to_dict()}
             try:
-                row["error_ratio"] = check_candidate(tunable, checked, cfg, plain, exact)
-                row["ok"] = row["error_ratio"] <= MAX_RATIO
+                ratio = check_candidate(tunable, checked, cfg, plain, exact)
+                row["ok"] = ratio <= MAX_RATIO
+                row["error_ratio"] = ratio if math.isfinite(ratio) else None  # strict JSON has no inf
+                if row["error_ratio"] is None:
+                    row["error"] = "non-finite output (NaN or inf)"
                 if row["ok"]:
                     timing = ctx.time(lambda _, cfg=cfg: tunable.run(inputs, cfg), tunable.cuda_graph)
                     row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
@@ -273,8 +277,10 @@ class CudaErrorStop(RuntimeError):
 def _is_cuda_error(e: Exception) -> bool:
     import torch
 
-    return isinstance(e, torch.AcceleratorError if hasattr(torch, "AcceleratorError") else ()) or (
-        isinstance(e, RuntimeError) and "CUDA error" in str(e))
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8 raises this for CUDA errors
+    if accelerator_error is not None and isinstance(e, accelerator_error):
+        return True
+    return isinstance(e, RuntimeError) and "CUDA error" in str(e)
 
 
 def _result_line(row) -> str:
@@ -304,7 +310,7 @@ def write_table(path: str, identity: dict, winners: dict, results: list) -> None
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(_tuned.table_json(identity, winners, results), f, indent=1, default=str)
+        json.dump(_tuned.table_json(identity, winners, results), f, indent=1, allow_nan=False)
     os.replace(tmp, path)
     _tuned.read_table(path)
 

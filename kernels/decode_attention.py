@@ -150,10 +150,6 @@ def _decode_reduce_kernel(
              out.to(OUT.dtype.element_ty), mask=d_mask)
 
 
-def num_sms(device: torch.device) -> int:
-    return sm_count(device)
-
-
 def _builtin_split(head_dim: int) -> LaunchConfig:
     """A key block holds 4096 elements (BLOCK_N x BLOCK_D), 32 per thread of 4 warps for K and
     as many for V: 64 x 64 for D=64, 32 x 128 for D=128. That leaves the sm_90 build at
@@ -244,7 +240,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, out=None,
     cfg = config or split_config(head_dim, q.dtype, q.device)
     block_d, block_n = padded_head_dim(head_dim), block_n or cfg.block_n
     if num_splits is None:
-        num_splits = choose_num_splits(batch * heads, seq_len, num_sms(q.device))
+        num_splits = choose_num_splits(batch * heads, seq_len, sm_count(q.device))
     chunk, num_splits = split_plan(seq_len, num_splits, block_n)
 
     o_part, lse_part = allocate_workspace(batch * heads, num_splits, head_dim, q.device)
