@@ -1,20 +1,25 @@
 """Static compile report: every shipped Triton kernel configuration, compiled for the H200.
 
 Runs on any machine, GPU or not. For each module named in
-``gptfast.kernels.KERNEL_MODULES`` that exists, ``static_configs()`` lists the kernel
-configurations the module launches, as dicts::
+``gptfast.kernels.KERNEL_MODULES`` that exists, the report visits the entries of
+``static_configs()`` (the configurations the module ships), of ``candidate_configs()``
+(its tuning candidates, see ``gptfast.tune``) and of ``precision_configs()`` (fp32 paths
+whose PTX must round to nearest), the latter two where the module has them. Entries are
+dicts, built by ``gptfast.kernels._common.static_entry``::
 
     {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "require_hgmma"}
 
 (optionally ``"divisible_by_16"``: argument names to specialise as multiples of 16, as a
-real launch with aligned values would; pointer arguments always are). Each is compiled
-for ``GPUTarget("cuda", 90, 32)``; the PTX goes through the ``ptxas`` shipped in
-triton's wheel (``-v -arch=sm_90a``) for registers and spills, shared memory comes from
-the compile metadata, and ``cuobjdump --dump-sass`` of the cubin counts HGMMA (Hopper
-warpgroup tensor-core) instructions of configs that require them.
+real launch with aligned values would; pointer arguments always are; and
+``"require_ptx"``: instructions the PTX must contain). Each is compiled for
+``GPUTarget("cuda", 90, 32)`` from ``_common.ast_source(entry)``; the PTX goes through
+the ``ptxas`` shipped in triton's wheel (``-v -arch=sm_90a``) for registers and spills,
+shared memory comes from the compile metadata, and ``cuobjdump --dump-sass`` of the cubin
+counts HGMMA (Hopper warpgroup tensor-core) instructions of configs that require them.
 
 A row fails on a compile error, any register spill, shared memory above what one H200
-block may use, or no HGMMA where the config requires tensor cores.
+block may use, no HGMMA where the config requires tensor cores, or a required PTX
+instruction missing.
 
 The compile itself runs in a subprocess with ``TRITON_INTERPRET=0``: under the
 interpreter (how the tests run on a CPU) ``@triton.jit`` yields interpreter functions
@@ -61,6 +66,8 @@ def row_problems(row: dict) -> list:
         problems.append(f"shared memory {row['shared']} bytes exceeds the H200 per-block limit {SHARED_MEMORY_LIMIT}")
     if row.get("require_hgmma") and not row.get("hgmma", 0):
         problems.append("no HGMMA instructions in the SASS, but this config must use Hopper tensor cores")
+    for instruction in row.get("missing_ptx") or ():
+        problems.append(f"PTX lacks {instruction}, which this config requires")
     return problems
 
 
@@ -110,20 +117,16 @@ def compile_config(cfg: dict, workdir: str) -> dict:
     """Compile one static config for sm_90 and measure it. Needs TRITON_INTERPRET off."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    fn = cfg["fn"]
-    signature = dict(cfg["signature"])
-    aligned = {name for name, ty in signature.items() if ty.startswith("*")} | set(cfg.get("divisible_by_16", ()))
-    # Sorted: the attrs' text is part of triton's cache key, and set order varies per process.
-    attrs = {(index,): [["tt.divisibility", 16]] for index in sorted(fn.arg_names.index(n) for n in aligned)}
-    source = ASTSource(fn, signature, constexprs=dict(cfg.get("constexprs", {})), attrs=attrs)
+    from gptfast.kernels._common import ast_source
+
     compiled = triton.compile(
-        source,
+        ast_source(cfg),
         target=GPUTarget(*TARGET),
         options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
     )
-    row = {"shared": int(compiled.metadata.shared)}
+    row = {"shared": int(compiled.metadata.shared),
+           "missing_ptx": [i for i in cfg.get("require_ptx") or () if i not in compiled.asm["ptx"]]}
 
     stem = os.path.join(workdir, re.sub(r"[^A-Za-z0-9_]", "_", cfg["name"]))
     with open(stem + ".ptx", "w") as f:
@@ -165,6 +168,10 @@ def _import_kernel_module(name: str):
         raise
 
 
+# Optional functions of a kernel module whose entries the report also compiles.
+_EXTRA_GROUPS = ("candidate_configs", "precision_configs")
+
+
 def _report_in_this_process(modules) -> list:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gptfast_compile_report_") as workdir:
@@ -176,14 +183,17 @@ def _report_in_this_process(modules) -> list:
                     continue
                 if not hasattr(module, "static_configs"):
                     raise AttributeError(f"kernel module {module_name} has no static_configs()")
-                configs = module.static_configs()
+                configs = [(cfg, False) for cfg in module.static_configs()]
+                configs += [(cfg, True) for group in _EXTRA_GROUPS if hasattr(module, group)
+                            for cfg in getattr(module, group)()]
             except Exception as e:  # an unimportable module is a failure, not a skip
                 rows.append({"module": module_name, "name": None, "error": f"{type(e).__name__}: {e}"})
                 continue
-            for cfg in configs:
+            for cfg, extra in configs:
                 row = {
                     "module": module_name,
                     "name": cfg["name"],
+                    "shipped": not extra,
                     "num_warps": cfg["num_warps"],
                     "num_stages": cfg["num_stages"],
                     "require_hgmma": bool(cfg.get("require_hgmma", False)),
@@ -212,8 +222,9 @@ def default_modules() -> tuple:
 def compile_report(modules=None, timeout: float = 900) -> list:
     """Compile every static config of ``modules`` (default: ``KERNEL_MODULES``) for sm_90.
 
-    Returns one dict per config (``module, name, num_warps, num_stages, registers,
-    spill_stores, spill_loads, stack_frame, shared, hgmma, require_hgmma``, or ``error``),
+    Returns one dict per config (``module, name, shipped, num_warps, num_stages, registers,
+    spill_stores, spill_loads, stack_frame, shared, hgmma, require_hgmma, missing_ptx``, or
+    ``error``; ``shipped`` is False for candidate and precision entries),
     each with ``problems`` (see :func:`row_problems`); absent modules give a row with
     ``skipped``. Runs the compile in a subprocess with ``TRITON_INTERPRET=0``.
     """

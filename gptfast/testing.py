@@ -3,6 +3,8 @@
 The error-ratio rule: a fused op's error against a float64 reference may be at most a
 small multiple of the error that plain PyTorch makes in the same dtype.
 """
+import contextlib
+
 import torch
 
 # Fill value written into outputs before a kernel runs, so unwritten elements show up.
@@ -14,6 +16,26 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(POISON)
     return t.fill_(torch.iinfo(t.dtype).max)
+
+
+@contextlib.contextmanager
+def poisoned_kernel_outputs():
+    """While active, every output and scratch buffer the Triton launchers allocate
+    (``gptfast.kernels._common.empty``) is poisoned first, so a finite result proves the
+    kernels wrote each element. Imports the kernels (and triton) when entered."""
+    from gptfast.kernels import _common
+
+    with _common.fill_outputs(poison_):
+        yield
+
+
+def randn(*shape, dtype: torch.dtype = torch.float32, seed: int = 0, scale: float = 1.0, shift: float = 0.0,
+          device="cpu") -> torch.Tensor:
+    """Seeded standard normal values times ``scale`` plus ``shift``, in ``dtype`` on
+    ``device``: drawn and scaled in float64 on the CPU, so the same on every device."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift
+    return t.to(device=device, dtype=dtype)
 
 
 def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

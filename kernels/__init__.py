@@ -2,7 +2,12 @@
 
 Kernels know tensors, not models. Each module holds its kernels, their launchers and
 the little shape logic they need, plus ``static_configs()``: the shipped kernel
-configurations that ``gptfast.compile_report`` compiles for sm_90 on any machine.
+configurations that ``gptfast.compile_report`` compiles for sm_90 on any machine, and
+``candidate_configs()`` / ``precision_configs()``: its tuning candidates (``CANDIDATES``,
+timed by ``gptfast.tune``) and the fp32 entries whose PTX must round to nearest, which the
+report compiles too. ``_common`` holds what every kernel module shares (constants, output
+allocation, device guard, ``LaunchConfig``, the static-entry builder); ``_tuned`` reads
+the per-device tuned tables in ``tuned/``, which the launchers prefer on their device.
 
 Importing this package does not import triton; importing a kernel module does, so set
 ``TRITON_INTERPRET=1`` before that when running on a CPU.

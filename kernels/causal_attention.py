@@ -36,14 +36,13 @@ Head sizes up to 256 are padded to BLOCK_D, the next power of two >= 16, with ma
 loads along D. Inputs may have any strides except along D, which must be 1 (the
 launcher copies otherwise).
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
+from ._common import (LOG2E, LaunchConfig, check_out, device_guard, div, padded_head_dim, pointer, static_entry,
+                      TRITON_TYPE)
+from ._tuned import pick
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -60,9 +59,10 @@ def _mma(a, b, acc, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, rows, stride_t, offs_d, limit, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _load_rows(base, rows, stride_t, limit, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                CHECK_ROWS: tl.constexpr):
     """Load a (len(rows), BLOCK_D) tile; rows >= limit and columns >= HEAD_DIM read 0."""
+    offs_d = tl.arange(0, BLOCK_D)
     ptrs = base + rows[:, None] * stride_t + offs_d[None, :]
     if CHECK_ROWS:
         if BLOCK_D == HEAD_DIM:
@@ -77,8 +77,10 @@ def _load_rows(base, rows, stride_t, offs_d, limit, HEAD_DIM: tl.constexpr, BLOC
 
 
 @triton.jit
-def _store_rows(base, rows, stride_t, offs_d, tile, limit, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_rows(base, rows, stride_t, tile, limit, HEAD_DIM: tl.constexpr):
     """Store a (len(rows), BLOCK_D) tile, skipping rows >= limit and columns >= HEAD_DIM."""
+    BLOCK_D: tl.constexpr = tile.shape[1]
+    offs_d = tl.arange(0, BLOCK_D)
     ptrs = base + rows[:, None] * stride_t + offs_d[None, :]
     if BLOCK_D == HEAD_DIM:
         tl.store(ptrs, tile, mask=rows[:, None] < limit)
@@ -86,21 +88,41 @@ def _store_rows(base, rows, stride_t, offs_d, tile, limit, HEAD_DIM: tl.constexp
         tl.store(ptrs, tile, mask=(rows[:, None] < limit) & (offs_d[None, :] < HEAD_DIM))
 
 
+@triton.jit
+def _key_split(first_q_pos, kv_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo_end, hi) of the key loop of a query tile whose first query sits at
+    ``first_q_pos``: blocks [0, lo_end) end at or before that query (no mask needed),
+    blocks [lo_end, hi) straddle the diagonal; keys past the tile's last query (or past
+    the sequence end) are never visited."""
+    lo_end = ((first_q_pos + 1) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(first_q_pos + BLOCK_M, kv_len)
+    return lo_end, hi
+
+
+# Tuples passed between the kernels and their loops (Triton unpacks them at compile time):
+#   kv   = (k_base, v_base, stride_kt, stride_vt, kv_len): one (batch, head)'s keys and values
+#   rows = per query tile, what the backward loops read (see each loop's docstring)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
-def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, offs_n, offs_d,
-                    start, end, kv_len, qk_scale,
-                    CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over key blocks [start, end). With CAUSAL_MASK the blocks straddle
-    the diagonal (or the sequence end): scores of keys after a query become -inf."""
+def _attn_fwd_inner(state, q, q_pos, kv, start, end, qk_scale,
+                    CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [start, end) of ``kv``; ``state = (acc, m_i, l_i)``.
+    With CAUSAL_MASK the blocks straddle the diagonal (or the sequence end): scores of
+    keys after a query become -inf."""
+    acc, m_i, l_i = state
+    k_base, v_base, stride_kt, stride_vt, kv_len = kv
+    BLOCK_D: tl.constexpr = q.shape[1]
+    offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         k_pos = start_n + offs_n
         # Unmasked blocks lie entirely before every query of the tile, so inside the keys.
-        k = _load_rows(k_base, k_pos, stride_kt, offs_d, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
-        v = _load_rows(v_base, k_pos, stride_vt, offs_d, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
+        k = _load_rows(k_base, k_pos, stride_kt, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
+        v = _load_rows(v_base, k_pos, stride_vt, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
         qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, DOT_PRECISION)
         qk = qk * qk_scale  # now in log2 units
         if CAUSAL_MASK:
@@ -136,36 +158,25 @@ def _attn_fwd_kernel(
     kv_len = q_offset + q_len
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     q_pos = q_offset + offs_m  # absolute positions of this tile's queries
 
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qt, offs_d, q_len,
-                   HEAD_DIM, BLOCK_D, True)
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qt, q_len, HEAD_DIM, BLOCK_D, True)
+    kv = (K + off_b * stride_kb + off_h * stride_kh, V + off_b * stride_vb + off_h * stride_vh,
+          stride_kt, stride_vt, kv_len)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    state = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
+             tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
+             tl.zeros([BLOCK_M], dtype=tl.float32))
+    lo_end, hi = _key_split(q_offset + start_m * BLOCK_M, kv_len, BLOCK_M, BLOCK_N)
+    state = _attn_fwd_inner(state, q, q_pos, kv, 0, lo_end, qk_scale,
+                            False, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+    acc, m_i, l_i = _attn_fwd_inner(state, q, q_pos, kv, lo_end, hi, qk_scale,
+                                    True, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
 
-    # Key blocks [0, lo_end) end at or before the tile's first query: no mask needed.
-    first_q_pos = q_offset + start_m * BLOCK_M
-    lo_end = ((first_q_pos + 1) // BLOCK_N) * BLOCK_N
-    # Key blocks [lo_end, hi) straddle the diagonal; keys past the tile's last query
-    # (or past the sequence end) are never visited.
-    hi = tl.minimum(first_q_pos + BLOCK_M, kv_len)
-    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, offs_n, offs_d,
-                                    0, lo_end, kv_len, qk_scale,
-                                    False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, DOT_PRECISION)
-    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, offs_n, offs_d,
-                                    lo_end, hi, kv_len, qk_scale,
-                                    True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, DOT_PRECISION)
-
-    acc = acc / l_i[:, None]
+    acc = div(acc, l_i[:, None], O.dtype.element_ty == tl.float32)
     tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, m_i + tl.log2(l_i), mask=offs_m < q_len)
-    _store_rows(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_ot, offs_d,
-                acc.to(O.dtype.element_ty), q_len, HEAD_DIM, BLOCK_D)
+    _store_rows(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_ot, acc.to(O.dtype.element_ty),
+                q_len, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -184,31 +195,33 @@ def _attn_bwd_delta_kernel(
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_ot, offs_d, q_len,
-                   HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, offs_d, q_len,
-                    HEAD_DIM, BLOCK_D, True)
+    o = _load_rows(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_ot, q_len, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, q_len, HEAD_DIM, BLOCK_D,
+                    True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, delta, mask=offs_m < q_len)
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                         k_pos, offs_m, offs_d, start, end, q_len, q_offset, qk_scale,
-                         CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate dK and dV of one key block over query blocks [start, end).
+def _attn_bwd_dkdv_inner(grads, k, v, k_pos, rows_in, start, end, q_offset, qk_scale,
+                         CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate ``grads = (dk, dv)`` of one key block over query blocks [start, end);
+    ``rows_in = (q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, q_len)``.
 
     Works on transposed tiles (keys x queries) so that dV = P^T dO and dK = dS^T Q are
     plain products with the key block as the M dimension. Query rows past q_len load as
     zeros: their scores are 0 and lse/delta load as 0, so P = 1 but dO = 0 and Q = 0,
     which contributes exactly nothing.
     """
+    dk, dv = grads
+    q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, q_len = rows_in
+    BLOCK_D: tl.constexpr = k.shape[1]
+    offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
-        q = _load_rows(q_base, rows, stride_qt, offs_d, q_len, HEAD_DIM, BLOCK_D, True)
-        do = _load_rows(do_base, rows, stride_dot, offs_d, q_len, HEAD_DIM, BLOCK_D, True)
+        q = _load_rows(q_base, rows, stride_qt, q_len, HEAD_DIM, BLOCK_D, True)
+        do = _load_rows(do_base, rows, stride_dot, q_len, HEAD_DIM, BLOCK_D, True)
         lse = tl.load(lse_base + rows, mask=rows < q_len, other=0.0)
         delta = tl.load(delta_base + rows, mask=rows < q_len, other=0.0)
         # P^T recomputed from the saved log-sum-exp (both in log2 units).
@@ -243,52 +256,45 @@ def _attn_bwd_dkdv_kernel(
     off_h = (pid_bh % num_heads).to(tl.int64)
     kv_len = q_offset + q_len
 
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     k_pos = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, k_pos, stride_kt, offs_d, kv_len,
-                   HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, k_pos, stride_vt, offs_d, kv_len,
-                   HEAD_DIM, BLOCK_D, True)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
-    lse_base = LSE + pid_bh.to(tl.int64) * q_len
-    delta_base = DELTA + pid_bh.to(tl.int64) * q_len
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, k_pos, stride_kt, kv_len, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, k_pos, stride_vt, kv_len, HEAD_DIM, BLOCK_D, True)
+    rows_in = (Q + off_b * stride_qb + off_h * stride_qh, DO + off_b * stride_dob + off_h * stride_doh,
+               LSE + pid_bh.to(tl.int64) * q_len, DELTA + pid_bh.to(tl.int64) * q_len,
+               stride_qt, stride_dot, q_len)
+    grads = (tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32))
 
     # Query row i (absolute position q_offset + i) sees key j iff q_offset + i >= j.
     # The first query block that sees any key of this block holds row start_n - q_offset;
     # from row start_n + BLOCK_N - 1 - q_offset on, every query sees the whole block.
     mask_begin = (tl.maximum(start_n - q_offset, 0) // BLOCK_M) * BLOCK_M
     mask_end = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - q_offset, 0), BLOCK_M) * BLOCK_M
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                  k_pos, offs_m, offs_d, mask_begin, tl.minimum(mask_end, q_len),
-                                  q_len, q_offset, qk_scale,
-                                  True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_FP32, DOT_PRECISION)
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                  k_pos, offs_m, offs_d, mask_end, q_len,
-                                  q_len, q_offset, qk_scale,
-                                  False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_FP32, DOT_PRECISION)
+    grads = _attn_bwd_dkdv_inner(grads, k, v, k_pos, rows_in, mask_begin, tl.minimum(mask_end, q_len),
+                                 q_offset, qk_scale, True, HEAD_DIM, BLOCK_M, DOT_FP32, DOT_PRECISION)
+    dk, dv = _attn_bwd_dkdv_inner(grads, k, v, k_pos, rows_in, mask_end, q_len,
+                                  q_offset, qk_scale, False, HEAD_DIM, BLOCK_M, DOT_FP32, DOT_PRECISION)
 
     # Keys past kv_len got no contribution (the causal mask hides them) and are not stored.
-    _store_rows(DK + off_b * stride_dkb + off_h * stride_dkh, k_pos, stride_dkt, offs_d,
-                (dk * sm_scale).to(DK.dtype.element_ty), kv_len, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + off_b * stride_dvb + off_h * stride_dvh, k_pos, stride_dvt, offs_d,
-                dv.to(DV.dtype.element_ty), kv_len, HEAD_DIM, BLOCK_D)
+    _store_rows(DK + off_b * stride_dkb + off_h * stride_dkh, k_pos, stride_dkt,
+                (dk * sm_scale).to(DK.dtype.element_ty), kv_len, HEAD_DIM)
+    _store_rows(DV + off_b * stride_dvb + off_h * stride_dvh, k_pos, stride_dvt,
+                dv.to(DV.dtype.element_ty), kv_len, HEAD_DIM)
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_pos, offs_n, offs_d,
-                       start, end, kv_len, qk_scale,
-                       CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks [start, end)."""
+def _attn_bwd_dq_inner(dq, rows, q_pos, kv, start, end, qk_scale,
+                       CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [start, end) of ``kv``;
+    ``rows = (q, do, lse, delta)`` of the query block."""
+    q, do, lse, delta = rows
+    k_base, v_base, stride_kt, stride_vt, kv_len = kv
+    BLOCK_D: tl.constexpr = q.shape[1]
+    offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         k_pos = start_n + offs_n
-        k = _load_rows(k_base, k_pos, stride_kt, offs_d, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
-        v = _load_rows(v_base, k_pos, stride_vt, offs_d, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
+        k = _load_rows(k_base, k_pos, stride_kt, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
+        v = _load_rows(v_base, k_pos, stride_vt, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
         qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, DOT_PRECISION)
         p = tl.exp2(qk * qk_scale - lse[:, None])
         if CAUSAL_MASK:
@@ -319,125 +325,138 @@ def _attn_bwd_dq_kernel(
     kv_len = q_offset + q_len
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     q_pos = q_offset + offs_m
 
     # Rows past q_len load zeros (lse and delta too); they stay finite and are not stored.
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qt, offs_d, q_len,
-                   HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, offs_d, q_len,
-                    HEAD_DIM, BLOCK_D, True)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * q_len + offs_m, mask=offs_m < q_len, other=0.0)
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, mask=offs_m < q_len, other=0.0)
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
+    rows = (_load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qt, q_len, HEAD_DIM, BLOCK_D, True),
+            _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, q_len, HEAD_DIM, BLOCK_D,
+                       True),
+            tl.load(LSE + pid_bh.to(tl.int64) * q_len + offs_m, mask=offs_m < q_len, other=0.0),
+            tl.load(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, mask=offs_m < q_len, other=0.0))
+    kv = (K + off_b * stride_kb + off_h * stride_kh, V + off_b * stride_vb + off_h * stride_vh,
+          stride_kt, stride_vt, kv_len)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Same split of the key range as the forward.
-    first_q_pos = q_offset + start_m * BLOCK_M
-    lo_end = ((first_q_pos + 1) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(first_q_pos + BLOCK_M, kv_len)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_pos, offs_n, offs_d,
-                            0, lo_end, kv_len, qk_scale,
-                            False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, DOT_PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_pos, offs_n, offs_d,
-                            lo_end, hi, kv_len, qk_scale,
-                            True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, DOT_PRECISION)
+    lo_end, hi = _key_split(q_offset + start_m * BLOCK_M, kv_len, BLOCK_M, BLOCK_N)  # as in the forward
+    dq = _attn_bwd_dq_inner(dq, rows, q_pos, kv, 0, lo_end, qk_scale,
+                            False, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, rows, q_pos, kv, lo_end, hi, qk_scale,
+                            True, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
 
-    _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqt, offs_d,
-                (dq * sm_scale).to(DQ.dtype.element_ty), q_len, HEAD_DIM, BLOCK_D)
+    _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqt,
+                (dq * sm_scale).to(DQ.dtype.element_ty), q_len, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------- configurations
 
-
-class KernelConfig:
-    """Tile sizes and launch options of one kernel."""
-
-    __slots__ = ("block_m", "block_n", "num_warps", "num_stages")
-
-    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int):
-        self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
-
-    def __repr__(self):
-        return (f"KernelConfig(block_m={self.block_m}, block_n={self.block_n}, "
-                f"num_warps={self.num_warps}, num_stages={self.num_stages})")
+# Hopper (sm_90) configurations, keyed by ``config_key``: BLOCK_D and whether the inputs
+# are 16-bit or fp32. The 16-bit ones at BLOCK_D 64, 128 and 256 are what the static
+# compile report checks (wgmma in SASS but for NO_TENSOR_CORES, no spills, shared memory
+# within 227 KiB); the others were checked the same way for spills and shared memory. block_m
+# is the query tile and block_n the key tile in every kernel. fp32 uses exact
+# (non-tf32) dots, which run on CUDA cores with every operand in registers: correct but
+# slower, so its tiles are small (chosen so that ptxas reports no spills).
+#
+# D=256 (16-bit): the forward and dQ run on wgmma; dK/dV cannot (NO_TENSOR_CORES).
 
 
-# Hopper (sm_90) configurations, keyed by (BLOCK_D, bytes per element). The 16-bit ones
-# at BLOCK_D 64 and 128 are the shipped fast paths that the static compile report checks
-# (wgmma in SASS, no spills, shared memory within 227 KiB); the others were checked the
-# same way for spills and shared memory. block_m is the query tile and block_n the key
-# tile in every kernel. fp32 uses exact (non-tf32) dots, which run on CUDA cores with
-# every operand in registers: correct but slower, so its tiles are small (chosen so that
-# ptxas reports no spills).
-_GPU_FWD = {
-    (16, 2): KernelConfig(128, 64, 4, 3),
-    (32, 2): KernelConfig(128, 64, 4, 3),
-    (64, 2): KernelConfig(128, 128, 8, 3),
-    (128, 2): KernelConfig(128, 64, 8, 3),
-    (256, 2): KernelConfig(64, 32, 8, 2),
-    (16, 4): KernelConfig(32, 32, 4, 2),
-    (32, 4): KernelConfig(32, 32, 4, 2),
-    (64, 4): KernelConfig(64, 32, 8, 2),
-    (128, 4): KernelConfig(32, 16, 8, 2),
-    (256, 4): KernelConfig(32, 16, 8, 1),
+def _configs(rows):
+    """``{config_key: LaunchConfig}`` from rows (BLOCK_D, kind, block_m, block_n, warps, stages)."""
+    return {f"d{d}_{kind}": LaunchConfig(block_m=m, block_n=n, num_warps=w, num_stages=s)
+            for d, kind, m, n, w, s in rows}
+
+
+def _candidates(rows):
+    """LaunchConfigs from rows (block_m, block_n, warps, stages)."""
+    return [LaunchConfig(block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in rows]
+
+
+_GPU = {
+    "fwd": _configs([
+        (16, "16bit", 128, 64, 4, 3), (32, "16bit", 128, 64, 4, 3), (64, "16bit", 128, 128, 8, 3),
+        (128, "16bit", 128, 64, 8, 3), (256, "16bit", 64, 32, 8, 2),
+        (16, "fp32", 32, 32, 4, 2), (32, "fp32", 32, 32, 4, 2), (64, "fp32", 64, 32, 8, 2),
+        (128, "fp32", 32, 16, 8, 2), (256, "fp32", 32, 16, 8, 1),
+    ]),
+    "dkdv": _configs([
+        (16, "16bit", 64, 128, 8, 2), (32, "16bit", 64, 128, 8, 2), (64, "16bit", 64, 128, 8, 2),
+        (128, "16bit", 32, 128, 8, 2), (256, "16bit", 16, 32, 4, 1),  # D=256: see NO_TENSOR_CORES
+        (16, "fp32", 32, 32, 8, 2), (32, "fp32", 32, 32, 8, 2), (64, "fp32", 32, 32, 8, 2),
+        (128, "fp32", 16, 16, 4, 2), (256, "fp32", 16, 32, 8, 1),
+    ]),
+    "dq": _configs([
+        (16, "16bit", 128, 64, 8, 2), (32, "16bit", 128, 64, 8, 2), (64, "16bit", 128, 64, 8, 2),
+        (128, "16bit", 128, 32, 8, 2), (256, "16bit", 64, 32, 8, 2),
+        (16, "fp32", 32, 32, 8, 2), (32, "fp32", 32, 32, 8, 2), (64, "fp32", 32, 32, 8, 2),
+        (128, "fp32", 32, 16, 8, 2), (256, "fp32", 32, 16, 8, 1),
+    ]),
 }
-_GPU_DKDV = {
-    (16, 2): KernelConfig(64, 128, 8, 2),
-    (32, 2): KernelConfig(64, 128, 8, 2),
-    (64, 2): KernelConfig(64, 128, 8, 2),
-    (128, 2): KernelConfig(32, 128, 8, 2),
-    (256, 2): KernelConfig(16, 32, 4, 1),
-    (16, 4): KernelConfig(32, 32, 8, 2),
-    (32, 4): KernelConfig(32, 32, 8, 2),
-    (64, 4): KernelConfig(32, 32, 8, 2),
-    (128, 4): KernelConfig(16, 16, 4, 2),
-    (256, 4): KernelConfig(16, 32, 8, 1),
+
+# Tuning candidates (gptfast.tune) of the 16-bit fast paths: the shipped config first,
+# then neighbours in tile shape, warps and pipeline depth. Every one passes the static
+# compile report (wgmma in SASS, no spills, shared memory within the sm_90 limit). The
+# D=128 dK/dV kernel is the tightest: its shipped tile sits at about 250 registers a
+# thread; (16, 128, 8, 2) needs about 40 fewer, at half the queries per step. Which is
+# faster is for the timing on the device to say.
+_CANDIDATE_TILES = {  # kernel -> BLOCK_D -> (block_m, block_n, warps, stages), the shipped one first
+    "fwd": {64: ((128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)),
+            128: ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2),
+                  (64, 128, 8, 2))},
+    "dkdv": {64: ((64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 3), (16, 128, 8, 2)),
+             128: ((32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 3), (16, 64, 4, 2))},
+    "dq": {64: ((128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2), (128, 128, 8, 2)),
+           128: ((128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 3), (64, 16, 4, 2))},
 }
-_GPU_DQ = {
-    (16, 2): KernelConfig(128, 64, 8, 2),
-    (32, 2): KernelConfig(128, 64, 8, 2),
-    (64, 2): KernelConfig(128, 64, 8, 2),
-    (128, 2): KernelConfig(128, 32, 8, 2),
-    (256, 2): KernelConfig(32, 32, 4, 1),
-    (16, 4): KernelConfig(32, 32, 8, 2),
-    (32, 4): KernelConfig(32, 32, 8, 2),
-    (64, 4): KernelConfig(32, 32, 8, 2),
-    (128, 4): KernelConfig(32, 16, 8, 2),
-    (256, 4): KernelConfig(32, 16, 8, 1),
-}
+CANDIDATES = {kernel: {f"d{d}_16bit": _candidates(rows) for d, rows in by_d.items()}
+              for kernel, by_d in _CANDIDATE_TILES.items()}
+
 # Under the CPU interpreter: small, unequal tiles, so that tiny test shapes still cross
 # several blocks, the diagonal split and the sequence edge.
-_INTERPRETER_FWD = KernelConfig(32, 16, 4, 1)
-_INTERPRETER_DKDV = KernelConfig(16, 32, 4, 1)
-_INTERPRETER_DQ = KernelConfig(32, 16, 4, 1)
-DELTA_BLOCK_M = 64
+_INTERPRETER = {
+    "fwd": LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=1),
+    "dkdv": LaunchConfig(block_m=16, block_n=32, num_warps=4, num_stages=1),
+    "dq": LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=1),
+}
+DELTA_CONFIG = LaunchConfig(block_m=64, num_warps=4, num_stages=1)
 
 
-def padded_head_dim(head_dim: int) -> int:
-    """BLOCK_D: the next power of two >= max(head_dim, 16) (tl.dot needs K >= 16)."""
-    return max(16, triton.next_power_of_2(head_dim))
+def config_key(head_dim: int, dtype: torch.dtype) -> str:
+    """The configuration tables' key of a head size and input dtype, e.g. ``d64_16bit``."""
+    return f"d{padded_head_dim(head_dim)}_{'fp32' if dtype == torch.float32 else '16bit'}"
 
 
-def _select(table, head_dim: int, dtype: torch.dtype, interpreted: KernelConfig, on_cpu: bool) -> KernelConfig:
-    if on_cpu:
-        return interpreted
-    return table[(padded_head_dim(head_dim), 4 if dtype == torch.float32 else 2)]
+def _select(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    if device.type != "cuda":
+        return _INTERPRETER[kernel]
+    key = config_key(head_dim, dtype)
+    return pick(f"causal_attention.{kernel}", key, _GPU[kernel][key], device)
 
 
-def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
-    return _select(_GPU_FWD, head_dim, dtype, _INTERPRETER_FWD, device.type != "cuda")
+def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    return _select("fwd", head_dim, dtype, device)
 
 
-def dkdv_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
-    return _select(_GPU_DKDV, head_dim, dtype, _INTERPRETER_DKDV, device.type != "cuda")
+def dkdv_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    return _select("dkdv", head_dim, dtype, device)
 
 
-def dq_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
-    return _select(_GPU_DQ, head_dim, dtype, _INTERPRETER_DQ, device.type != "cuda")
+def dq_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    return _select("dq", head_dim, dtype, device)
 
+
+def shipped_config(kernel: str, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    """The built-in sm_90 config of ``kernel`` (fwd, dkdv, dq), whatever a tuned table says."""
+    return _GPU[kernel][config_key(head_dim, dtype)]
+
+
+# (kernel, BLOCK_D) of 16-bit paths without a tensor-core config. dK/dV at D=256: wgmma
+# needs M >= 64 rows per warpgroup, and the key tile is the M dimension, so BLOCK_N >= 64.
+# The dK and dV accumulators then hold 64 x 256 x 2 fp32 values: 128 registers a thread
+# at 8 warps before K, V, P^T and dS^T are counted, past ptxas' 255 (every 8-warp
+# candidate compiled for sm_90 spills, the best (16, 64, 8 warps, 2 stages) 96 bytes);
+# 16 warps cap a thread at 128 registers and spill more. It keeps a small pre-Hopper tile
+# (no wgmma) until dK and dV are computed in separate passes.
+NO_TENSOR_CORES = {("dkdv", 256)}
 
 # ----------------------------------------------------------------------------- launchers
 
@@ -447,31 +466,9 @@ def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Every output and scratch buffer of the launchers comes from here (tests wrap it to
-    fill the buffers with NaN before the kernels run, proving each element is written)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _check_out(what: str, t, shape, dtype, device) -> torch.Tensor:
-    """Validate a caller-provided output buffer (or allocate one when ``t`` is None)."""
-    if t is None:
-        return _empty(shape, dtype, device)
-    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
-        raise ValueError(f"{what}: expected a {dtype} tensor of shape {tuple(shape)} on {device}, "
-                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{what}: the last dimension must have stride 1, got strides {t.stride()}")
-    return t
-
-
 def _dot_flags(dtype: torch.dtype, device: torch.device):
     """(DOT_FP32, DOT_PRECISION): widen dots to fp32 under the interpreter; exact fp32 dots."""
     return device.type != "cuda", ("ieee" if dtype == torch.float32 else "tf32")
-
-
-def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _bht(t: torch.Tensor):
@@ -479,30 +476,31 @@ def _bht(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _tiles(cfg: LaunchConfig, head_dim: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """The tile constexprs and launch options of one kernel launch."""
+    dot_fp32, dot_precision = _dot_flags(dtype, device)
+    return dict(HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, out=None, lse=None, config=None):
     """Launch the forward kernel. Returns ``(out, lse)``: out (B, H, Tq, D) in q's dtype
     (contiguous), lse (B, H, Tq) fp32, the base-2 log-sum-exp of ``scale * log2(e) * q.k``.
 
     Inputs are assumed validated (gptfast.ops.causal_attention does it). ``out``/``lse`` may be
-    preallocated (tests poison them to prove every element is written).
+    preallocated; ``config`` (a LaunchConfig) overrides the table's choice.
     """
     q, k, v = _unit_stride_d(q), _unit_stride_d(k), _unit_stride_d(v)
     batch, heads, q_len, head_dim = q.shape
-    out = _check_out("out", out, q.shape, q.dtype, q.device)
-    lse = _check_out("lse", lse, (batch, heads, q_len), torch.float32, q.device)
-    if lse.numel() and not lse.is_contiguous():
-        raise ValueError("lse: must be contiguous")
+    out = check_out("causal_attention", "out", out, q.shape, q.dtype, q.device)
+    lse = check_out("causal_attention", "lse", lse, (batch, heads, q_len), torch.float32, q.device, contiguous=True)
     cfg = config or forward_config(head_dim, q.dtype, q.device)
-    dot_fp32, dot_precision = _dot_flags(q.dtype, q.device)
-    grid = (batch * heads, triton.cdiv(q_len, cfg.block_m))
-    with _device_guard(q.device):
-        _attn_fwd_kernel[grid](
+    with device_guard(q.device):
+        _attn_fwd_kernel[(batch * heads, triton.cdiv(q_len, cfg.block_m))](
             q, k, v, out, lse,
             *_bht(q), *_bht(k), *_bht(v), *_bht(out),
             heads, q_len, q_offset, scale * LOG2E,
-            HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_tiles(cfg, head_dim, q.device, q.dtype),
         )
     return out, lse
 
@@ -511,94 +509,93 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
                        dq=None, dk=None, dv=None, delta=None, dkdv_cfg=None, dq_cfg=None):
     """Launch the three backward kernels. Returns ``(dq, dk, dv)``, contiguous, in the
     inputs' dtype and shapes. ``out`` and ``lse`` are what attention_forward returned.
-    Output buffers (and the fp32 ``delta`` scratch of shape (B, H, Tq)) may be preallocated.
+    Output buffers (and the fp32 ``delta`` scratch of shape (B, H, Tq)) may be preallocated;
+    ``dkdv_cfg`` / ``dq_cfg`` (LaunchConfigs) override the table's choices.
     """
     grad_out, q, k, v, out = (_unit_stride_d(t) for t in (grad_out, q, k, v, out))
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     lse = lse.contiguous()
-    dq = _check_out("dq", dq, q.shape, q.dtype, q.device)
-    dk = _check_out("dk", dk, k.shape, k.dtype, k.device)
-    dv = _check_out("dv", dv, v.shape, v.dtype, v.device)
-    delta = _check_out("delta", delta, (batch, heads, q_len), torch.float32, q.device)
-    if delta.numel() and not delta.is_contiguous():
-        raise ValueError("delta: must be contiguous")
-    block_d = padded_head_dim(head_dim)
-    dot_fp32, dot_precision = _dot_flags(q.dtype, q.device)
+    op = "causal_attention"
+    dq = check_out(op, "dq", dq, q.shape, q.dtype, q.device)
+    dk = check_out(op, "dk", dk, k.shape, k.dtype, k.device)
+    dv = check_out(op, "dv", dv, v.shape, v.dtype, v.device)
+    delta = check_out(op, "delta", delta, (batch, heads, q_len), torch.float32, q.device, contiguous=True)
     kv_cfg = dkdv_cfg or dkdv_config(head_dim, q.dtype, q.device)
     q_cfg = dq_cfg or dq_config(head_dim, q.dtype, q.device)
-    with _device_guard(q.device):
-        _attn_bwd_delta_kernel[(batch * heads, triton.cdiv(q_len, DELTA_BLOCK_M))](
+    with device_guard(q.device):
+        _attn_bwd_delta_kernel[(batch * heads, triton.cdiv(q_len, DELTA_CONFIG.block_m))](
             out, grad_out, delta, *_bht(out), *_bht(grad_out), heads, q_len,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=DELTA_CONFIG.block_m,
+            num_warps=DELTA_CONFIG.num_warps,
         )
         _attn_bwd_dkdv_kernel[(batch * heads, triton.cdiv(kv_len, kv_cfg.block_n))](
             q, k, v, grad_out, lse, delta, dk, dv,
             *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dk), *_bht(dv),
             heads, q_len, q_offset, scale * LOG2E, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=kv_cfg.block_m, BLOCK_N=kv_cfg.block_n,
-            DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision,
-            num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
+            **_tiles(kv_cfg, head_dim, q.device, q.dtype),
         )
         _attn_bwd_dq_kernel[(batch * heads, triton.cdiv(q_len, q_cfg.block_m))](
             q, k, v, grad_out, lse, delta, dq,
             *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dq),
             heads, q_len, q_offset, scale * LOG2E, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=q_cfg.block_m, BLOCK_N=q_cfg.block_n,
-            DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision,
-            num_warps=q_cfg.num_warps, num_stages=q_cfg.num_stages,
+            **_tiles(q_cfg, head_dim, q.device, q.dtype),
         )
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------- static compile
 
-
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_FLOAT_ARGS = ("qk_scale", "sm_scale")
-_FP32_POINTERS = ("LSE", "DELTA")
+_KERNELS = {"fwd": ("attention_fwd", _attn_fwd_kernel), "dkdv": ("attention_bwd_dkdv", _attn_bwd_dkdv_kernel),
+            "dq": ("attention_bwd_dq", _attn_bwd_dq_kernel)}
 
 
-def _static_entry(name, fn, dtype, constexprs, num_warps, num_stages, require_hgmma):
-    """One ``static_configs()`` entry: every argument typed for
-    ``triton.compile(ASTSource(fn, signature, constexprs))``. ``divisible_by_16`` names
-    the batch/head/time strides, which the JIT specialises as multiples of 16 for typical
-    tensors (pointers are taken as 16-byte aligned by the report), so the static compile
-    matches a real launch."""
-    signature = {}
-    for arg in fn.arg_names:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg.isupper():  # tensors are the upper-case arguments
-            signature[arg] = "*fp32" if arg in _FP32_POINTERS else "*" + _TRITON_DTYPE[dtype]
-        elif arg in _FLOAT_ARGS:
-            signature[arg] = "fp32"
-        else:
-            signature[arg] = "i32"
-    strides = [arg for arg in fn.arg_names if arg.startswith("stride_")]
-    return {"name": name, "fn": fn, "signature": signature, "constexprs": dict(constexprs),
-            "num_warps": num_warps, "num_stages": num_stages, "require_hgmma": require_hgmma,
-            "divisible_by_16": strides}
+def _pointers(fn, dtype: torch.dtype) -> dict:
+    """Tensors are the upper-case arguments: LSE and DELTA fp32, the others in ``dtype``."""
+    return {a: pointer(torch.float32 if a in ("LSE", "DELTA") else dtype) for a in fn.arg_names if a.isupper()}
 
 
-def static_configs(dtype: torch.dtype = torch.bfloat16, head_dims=(64, 128)):
-    """The shipped sm_90 configurations (bf16, head sizes 64 and 128 by default) of the
-    forward, dK/dV and dQ kernels (main loops on wgmma) and the delta preprocess."""
+def _entry(kernel: str, head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, suffix: str = "", require_ptx=()):
+    """The static compile entry of one main-loop kernel launch on CUDA."""
+    name, fn = _KERNELS[kernel]
+    tiles = _tiles(cfg, head_dim, torch.device("cuda"), dtype)
+    constexprs = {k: tiles[k] for k in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "DOT_FP32", "DOT_PRECISION")}
+    return static_entry(f"{name}_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn, cfg, constexprs,
+                        pointers=_pointers(fn, dtype), floats=("qk_scale", "sm_scale"),
+                        require_hgmma=(dtype != torch.float32
+                                       and (kernel, padded_head_dim(head_dim)) not in NO_TENSOR_CORES),
+                        require_ptx=require_ptx)
+
+
+def static_configs(dtype: torch.dtype = torch.bfloat16, head_dims=(64, 128, 256)):
+    """The shipped sm_90 configurations (bf16, head sizes 64, 128 and 256 by default) of the
+    forward, dK/dV and dQ kernels (main loops on wgmma, but see NO_TENSOR_CORES) and the
+    delta preprocess."""
     entries = []
-    itemsize = torch.tensor([], dtype=dtype).element_size()
     for head_dim in head_dims:
-        block_d = padded_head_dim(head_dim)
-        key = (block_d, 4 if itemsize == 4 else 2)
-        tag = f"d{head_dim}_{_TRITON_DTYPE[dtype]}"
-        for name, fn, cfg in (("attention_fwd", _attn_fwd_kernel, _GPU_FWD[key]),
-                              ("attention_bwd_dkdv", _attn_bwd_dkdv_kernel, _GPU_DKDV[key]),
-                              ("attention_bwd_dq", _attn_bwd_dq_kernel, _GPU_DQ[key])):
-            constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": cfg.block_m,
-                          "BLOCK_N": cfg.block_n, "DOT_FP32": False,
-                          "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
-            entries.append(_static_entry(f"{name}_{tag}", fn, dtype, constexprs, cfg.num_warps, cfg.num_stages,
-                                         require_hgmma=dtype != torch.float32))
-        constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": DELTA_BLOCK_M}
-        entries.append(_static_entry(f"attention_bwd_delta_{tag}", _attn_bwd_delta_kernel, dtype, constexprs,
-                                     4, 1, require_hgmma=False))
+        for kernel in _KERNELS:
+            entries.append(_entry(kernel, head_dim, dtype, shipped_config(kernel, head_dim, dtype)))
+        fn = _attn_bwd_delta_kernel
+        entries.append(static_entry(
+            f"attention_bwd_delta_d{head_dim}_{TRITON_TYPE[dtype]}", fn, DELTA_CONFIG,
+            {"HEAD_DIM": head_dim, "BLOCK_D": padded_head_dim(head_dim), "BLOCK_M": DELTA_CONFIG.block_m},
+            pointers=_pointers(fn, dtype)))
     return entries
+
+
+def candidate_configs():
+    """Static compile entries of the tuning candidates that are not the shipped config."""
+    entries = []
+    for kernel, by_key in CANDIDATES.items():
+        for key, configs in by_key.items():
+            head_dim = int(key[1:].split("_")[0])
+            shipped = _GPU[kernel][key]
+            entries += [_entry(kernel, head_dim, torch.bfloat16, cfg, f"_cand_{cfg.tag()}")
+                        for cfg in configs if cfg != shipped]
+    return entries
+
+
+def precision_configs():
+    """fp32 forwards, whose softmax normalisation must round to nearest (``div.rn.f32``)."""
+    return [_entry("fwd", head_dim, torch.float32, shipped_config("fwd", head_dim, torch.float32),
+                   require_ptx=("div.rn.f32",)) for head_dim in (64, 128)]

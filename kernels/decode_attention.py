@@ -30,13 +30,13 @@ where checking them is cheap.
 
 Launchers assume validated inputs; ``gptfast.ops.decode_attention`` is the public face.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # scores are taken in base 2: exp(x) == exp2(x * log2(e))
+from ._common import (DEFAULT_NUM_SMS, LOG2E, LaunchConfig, check_out, device_guard, div, empty, padded_head_dim,
+                      pointer, sm_count, static_entry, TRITON_TYPE)
+from ._tuned import pick
 
 # Split heuristic (see ``choose_num_splits``).
 PROGRAMS_PER_SM = 4  # target total programs per SM: enough cache reads in flight to hide DRAM latency
@@ -46,7 +46,6 @@ MAX_SPLITS = 64  # bounds the reduction kernel's tile (BLOCK_SPLITS x BLOCK_D re
 # (num_stages 1, 2 and 3 give identical PTX); DRAM latency is hidden by running several
 # programs per SM instead (PROGRAMS_PER_SM).
 NUM_STAGES = 1
-DEFAULT_NUM_SMS = 132  # H200 / H100 SXM; used when the device cannot be asked (CPU, interpreter)
 
 
 @triton.jit
@@ -116,7 +115,7 @@ def _decode_split_kernel(
 
     # An empty chunk has l_i == 0: it writes o = 0 and lse = -inf, i.e. weight 0 in the merge.
     has_keys = l_i > 0.0
-    o = acc / tl.where(has_keys, l_i, 1.0)
+    o = div(acc, tl.where(has_keys, l_i, 1.0), Q.dtype.element_ty == tl.float32)
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     part = pid_bh.to(tl.int64) * num_splits + split
     tl.store(O_PART + part * HEAD_DIM + offs_d, o, mask=d_mask)
@@ -146,32 +145,46 @@ def _decode_reduce_kernel(
     # Only splits that saw keys are read, so an empty split can never inject NaN.
     o_mask = (lse > float("-inf"))[:, None] & d_mask[None, :]
     o = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)
-    out = tl.sum(weight[:, None] * o, axis=0) / tl.sum(weight, axis=0)
+    out = div(tl.sum(weight[:, None] * o, axis=0), tl.sum(weight, axis=0), OUT.dtype.element_ty == tl.float32)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_d * stride_od,
              out.to(OUT.dtype.element_ty), mask=d_mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return DEFAULT_NUM_SMS
-
-
-def block_sizes(head_dim: int):
-    """(BLOCK_D, BLOCK_N, num_warps) of the split kernel for a head size.
-
-    A key block holds 4096 elements (BLOCK_N x BLOCK_D), 32 per thread of 4 warps for K and
+def _builtin_split(head_dim: int) -> LaunchConfig:
+    """A key block holds 4096 elements (BLOCK_N x BLOCK_D), 32 per thread of 4 warps for K and
     as many for V: 64 x 64 for D=64, 32 x 128 for D=128. That leaves the sm_90 build at
     64 registers with no spills, and 8 KB of cache per load per program in flight.
     """
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = min(128, max(16, 4096 // block_d))
-    return block_d, block_n, 4
+    return LaunchConfig(block_n=min(128, max(16, 4096 // padded_head_dim(head_dim))), num_warps=4,
+                        num_stages=NUM_STAGES)
+
+
+def config_key(head_dim: int, dtype: torch.dtype) -> str:
+    """The configuration tables' key of a head size and cache dtype, e.g. ``d64_16bit``."""
+    return f"d{padded_head_dim(head_dim)}_{'fp32' if dtype == torch.float32 else '16bit'}"
+
+
+def split_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    """block_n and num_warps of the split kernel: the device's tuned config, else the built-in one."""
+    builtin = _builtin_split(head_dim)
+    if device.type != "cuda":
+        return builtin
+    return pick("decode_attention.split", config_key(head_dim, dtype), builtin, device)
+
+
+def block_sizes(head_dim: int):
+    """(BLOCK_D, BLOCK_N, num_warps) of the built-in split config for a head size."""
+    cfg = _builtin_split(head_dim)
+    return padded_head_dim(head_dim), cfg.block_n, cfg.num_warps
+
+
+# Tuning candidates (gptfast.tune) of the split kernel, 16-bit caches: the built-in config
+# first. Every one passes the static compile report (no spills).
+CANDIDATES = {"split": {
+    f"d{d}_16bit": [LaunchConfig(block_n=n, num_warps=w, num_stages=NUM_STAGES) for n, w in rows] for d, rows in (
+        (64, ((64, 4), (32, 4), (128, 4), (128, 8), (64, 8), (32, 2))),
+        (128, ((32, 4), (16, 4), (64, 4), (64, 8), (16, 2), (128, 8))),
+    )}}
 
 
 def reduce_num_warps(block_d: int) -> int:
@@ -205,101 +218,99 @@ def split_plan(seq_len: int, num_splits: int, block_n: int):
 def allocate_workspace(batch_heads: int, num_splits: int, head_dim: int, device):
     """Partial outputs (B*H, splits, D) and log-sum-exps (B*H, splits), both fp32. Every
     element is written by the split kernel, empty splits included."""
-    o_part = torch.empty((batch_heads, num_splits, head_dim), device=device, dtype=torch.float32)
-    lse_part = torch.empty((batch_heads, num_splits), device=device, dtype=torch.float32)
+    o_part = empty((batch_heads, num_splits, head_dim), torch.float32, device)
+    lse_part = empty((batch_heads, num_splits), torch.float32, device)
     return o_part, lse_part
 
 
-def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, out=None, num_splits=None, block_n=None):
+def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, out=None, num_splits=None, block_n=None,
+                     config=None):
     """Launch split + reduce. q (B, H, D); caches (B, H, S, D), any strides; cache_lens (B,)
     int32/int64. Writes and returns ``out`` (B, H, D), a new tensor in q's dtype by default.
 
     ``num_splits`` and ``block_n`` override the heuristics (tests use them to exercise
-    several splits on tiny caches).
+    several splits on tiny caches); ``config`` (a LaunchConfig with block_n and num_warps)
+    overrides ``split_config``.
     """
     batch, heads, head_dim = q.shape
     seq_len = k_cache.shape[2]
-    if out is None:
-        out = torch.empty((batch, heads, head_dim), device=q.device, dtype=q.dtype)
+    out = check_out("decode_attention", "out", out, (batch, heads, head_dim), q.dtype, q.device)
     if out.numel() == 0:
         return out
-    block_d, default_block_n, num_warps = block_sizes(head_dim)
-    block_n = default_block_n if block_n is None else block_n
+    cfg = config or split_config(head_dim, q.dtype, q.device)
+    block_d, block_n = padded_head_dim(head_dim), block_n or cfg.block_n
     if num_splits is None:
-        num_splits = choose_num_splits(batch * heads, seq_len, num_sms(q.device))
+        num_splits = choose_num_splits(batch * heads, seq_len, sm_count(q.device))
     chunk, num_splits = split_plan(seq_len, num_splits, block_n)
 
     o_part, lse_part = allocate_workspace(batch * heads, num_splits, head_dim, q.device)
-    _decode_split_kernel[(batch * heads, num_splits)](
-        q, k_cache, v_cache, cache_lens, o_part, lse_part,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), cache_lens.stride(0),
-        heads, seq_len, chunk, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=NUM_STAGES,
-    )
-    _decode_reduce_kernel[(batch * heads,)](
-        o_part, lse_part, out, *out.stride(), heads, num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)),
-        num_warps=reduce_num_warps(block_d),
-    )
+    with device_guard(q.device):
+        _decode_split_kernel[(batch * heads, num_splits)](
+            q, k_cache, v_cache, cache_lens, o_part, lse_part,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), cache_lens.stride(0),
+            heads, seq_len, chunk, scale * LOG2E,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        _decode_reduce_kernel[(batch * heads,)](
+            o_part, lse_part, out, *out.stride(), heads, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=reduce_num_warps(block_d),
+        )
     return out
 
 
-def _aligned_strides(signature):
-    """Integer strides that Triton's JIT specialises as multiples of 16 at a launch on a
-    cache with 16-aligned rows (it does so for every integer argument divisible by 16, and
-    for 16-byte-aligned pointers). With them the loads vectorise to 128 bits."""
-    return [name for name, kind in signature.items() if kind == "i32" and name.startswith("stride")]
+# Pointer types of the kernels' tensors other than Q, K, V and OUT (which take the cache dtype).
+_FIXED_POINTERS = {"LENS": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32"}
+# The head dimension's stride 1 (and the lengths' stride 1) are constexprs, as Triton's
+# JIT specialises integer arguments equal to 1.
+_UNIT_STRIDES = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_lens": 1, "stride_od": 1}
+
+
+def _pointers(fn, dtype: torch.dtype) -> dict:
+    return {a: _FIXED_POINTERS.get(a, pointer(dtype)) for a in ("Q", "K", "V", "OUT", *_FIXED_POINTERS)
+            if a in fn.arg_names}
+
+
+def _split_entry(head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, suffix: str = "", require_ptx=()) -> dict:
+    fn = _decode_split_kernel
+    constexprs = {**{k: v for k, v in _UNIT_STRIDES.items() if k in fn.arg_names},
+                  "HEAD_DIM": head_dim, "BLOCK_D": padded_head_dim(head_dim), "BLOCK_N": cfg.block_n}
+    return static_entry(f"decode_attention_split_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn, cfg, constexprs,
+                        pointers=_pointers(fn, dtype), floats=("qk_scale",), require_ptx=require_ptx)
+
+
+def _reduce_entry(head_dim: int, dtype: torch.dtype, suffix: str = "", require_ptx=()) -> dict:
+    """The reduction at its largest tile (MAX_SPLITS splits), its worst case for registers."""
+    fn = _decode_reduce_kernel
+    block_d = padded_head_dim(head_dim)
+    constexprs = {"stride_od": 1, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
+                  "BLOCK_SPLITS": triton.next_power_of_2(MAX_SPLITS)}
+    return static_entry(f"decode_attention_reduce_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn,
+                        LaunchConfig(num_warps=reduce_num_warps(block_d)), constexprs,
+                        pointers=_pointers(fn, dtype), require_ptx=require_ptx)
 
 
 def static_configs():
     """Shipped configurations (bf16, head sizes 64 and 128) of both kernels for
-    ``gptfast.compile_report``: ``triton.compile(ASTSource(fn, signature, constexprs))``
-    plus ``divisible_by_16``, the integer arguments to specialise as multiples of 16.
-
-    They describe the launch on a cache whose last dimension is contiguous: the head
-    dimension's stride 1 is a constexpr, as Triton's JIT specialises integer arguments
-    equal to 1, and the other strides are multiples of 16 (``_aligned_strides``). The
-    reduction is given its largest tile (MAX_SPLITS splits), its worst case for registers.
+    ``gptfast.compile_report``, as launched on a cache whose last dimension is contiguous
+    and whose other strides are multiples of 16 (the loads then vectorise to 128 bits).
     """
-    split_sig = {
-        "Q": "*bf16", "K": "*bf16", "V": "*bf16", "LENS": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32",
-        "stride_qb": "i32", "stride_qh": "i32", "stride_qd": "constexpr",
-        "stride_kb": "i32", "stride_kh": "i32", "stride_ks": "i32", "stride_kd": "constexpr",
-        "stride_vb": "i32", "stride_vh": "i32", "stride_vs": "i32", "stride_vd": "constexpr",
-        "stride_lens": "constexpr",
-        "H": "i32", "S": "i32", "CHUNK": "i32", "qk_scale": "fp32",
-        "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_N": "constexpr",
-    }
-    reduce_sig = {
-        "O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": "*bf16",
-        "stride_ob": "i32", "stride_oh": "i32", "stride_od": "constexpr",
-        "H": "i32", "NUM_SPLITS": "i32",
-        "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_SPLITS": "constexpr",
-    }
-    unit_strides = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_lens": 1}
-    configs = []
+    entries = []
     for head_dim in (64, 128):
-        block_d, block_n, num_warps = block_sizes(head_dim)
-        configs.append({
-            "name": f"decode_attention_split_d{head_dim}_bf16",
-            "fn": _decode_split_kernel,
-            "signature": dict(split_sig),
-            "constexprs": {**unit_strides, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_N": block_n},
-            "divisible_by_16": _aligned_strides(split_sig),
-            "num_warps": num_warps,
-            "num_stages": NUM_STAGES,
-            "require_hgmma": False,
-        })
-        configs.append({
-            "name": f"decode_attention_reduce_d{head_dim}_bf16",
-            "fn": _decode_reduce_kernel,
-            "signature": dict(reduce_sig),
-            "constexprs": {"stride_od": 1, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
-                           "BLOCK_SPLITS": triton.next_power_of_2(MAX_SPLITS)},
-            "divisible_by_16": _aligned_strides(reduce_sig),
-            "num_warps": reduce_num_warps(block_d),
-            "num_stages": 1,
-            "require_hgmma": False,
-        })
-    return configs
+        entries.append(_split_entry(head_dim, torch.bfloat16, _builtin_split(head_dim)))
+        entries.append(_reduce_entry(head_dim, torch.bfloat16))
+    return entries
+
+
+def candidate_configs():
+    """Static compile entries of the split kernel's tuning candidates other than the built-in one."""
+    return [_split_entry(int(key[1:].split("_")[0]), torch.bfloat16, cfg, f"_cand_{cfg.tag()}")
+            for key, configs in CANDIDATES["split"].items() for cfg in configs
+            if cfg != _builtin_split(int(key[1:].split("_")[0]))]
+
+
+def precision_configs():
+    """fp32 caches: the partial and merged normalisations must round to nearest."""
+    return [_split_entry(128, torch.float32, _builtin_split(128), require_ptx=("div.rn.f32",)),
+            _reduce_entry(128, torch.float32, require_ptx=("div.rn.f32",))]

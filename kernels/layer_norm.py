@@ -35,11 +35,12 @@ layer calls it before reaching these launchers.
 Launchers expect validated inputs: 2-D tensors whose last dimension is contiguous
 (any row stride), on one device, floating dtypes.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import LaunchConfig, check_out, device_guard, div, empty, pointer, rsqrt, sm_count, static_entry
+from ._tuned import pick
 
 # Widest row one program holds (in elements). The backward keeps about five float32
 # values per column live (h, dy, xhat, and the two partial sums); at 8192 columns and 16
@@ -86,10 +87,12 @@ def _layer_norm_fwd_kernel(
 
     # Two-pass statistics in float32: subtracting the mean before squaring avoids the
     # cancellation of E[x^2] - E[x]^2. Masked columns are zero and must stay out of var.
-    mean = tl.sum(x, axis=1) / n_cols
+    # fp32 outputs round the divisions and the square root to nearest (see _common).
+    PRECISE: tl.constexpr = Y.dtype.element_ty == tl.float32
+    mean = div(tl.sum(x, axis=1), n_cols, PRECISE)
     centered = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(centered * centered, axis=1) / n_cols
-    rstd = 1.0 / tl.sqrt(var + eps)
+    var = div(tl.sum(centered * centered, axis=1), n_cols, PRECISE)
+    rstd = rsqrt(var + eps, PRECISE)
     tl.store(MEAN + rows, mean, mask=row_mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -116,6 +119,7 @@ def _layer_norm_bwd_kernel(
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
+    PRECISE: tl.constexpr = DX.dtype.element_ty == tl.float32  # round-to-nearest divisions (see _common)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     if HAS_WEIGHT:
@@ -141,8 +145,8 @@ def _layer_norm_bwd_kernel(
             g = dy * w
         else:
             g = dy
-        c_xhat = tl.sum(g * xhat, axis=0) / n_cols
-        c_one = tl.sum(g, axis=0) / n_cols
+        c_xhat = div(tl.sum(g * xhat, axis=0), n_cols, PRECISE)
+        c_one = div(tl.sum(g, axis=0), n_cols, PRECISE)
         dx = (g - (xhat * c_xhat + c_one)) * rstd
         if HAS_DH_IN:
             dx += tl.load(DH_IN + row64 * stride_dh_row + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -164,26 +168,39 @@ def block_n_for(n_cols: int) -> int:
     return triton.next_power_of_2(n_cols)
 
 
-def fwd_config(n_cols: int) -> dict:
-    """BLOCK_N, BLOCK_ROWS and num_warps of the forward kernel for rows of ``n_cols``."""
+def config_key(n_cols: int, dtype: torch.dtype) -> str:
+    """The configuration tables' key of a row length and dtype, e.g. ``n1024_16bit``."""
+    return f"n{block_n_for(n_cols)}_{'fp32' if dtype == torch.float32 else '16bit'}"
+
+
+def _builtin_fwd(n_cols: int) -> LaunchConfig:
     block_n = block_n_for(n_cols)
     block_rows = max(1, min(_MAX_BLOCK_ROWS, _FWD_ELEMS_PER_PROGRAM // block_n))
     # About 16 elements per thread (at most 16 warps: 32 warps would cap a thread at 64 registers).
     num_warps = max(4, min(16, (block_n * block_rows) // 512))
-    return {"BLOCK_N": block_n, "BLOCK_ROWS": block_rows, "num_warps": num_warps}
+    return LaunchConfig(block_rows=block_rows, num_warps=num_warps)
 
 
-def bwd_config(n_cols: int) -> dict:
-    """BLOCK_N and num_warps of the backward kernel (one row at a time per program)."""
-    block_n = block_n_for(n_cols)
+def _builtin_bwd(n_cols: int) -> LaunchConfig:
     # About 8 columns per thread (h, dy, weight and two accumulators each), at most 16 warps.
-    num_warps = max(4, min(16, block_n // 256))
-    return {"BLOCK_N": block_n, "num_warps": num_warps}
+    return LaunchConfig(num_warps=max(4, min(16, block_n_for(n_cols) // 256)))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def fwd_config(n_cols: int, dtype: torch.dtype = torch.bfloat16, device=None) -> LaunchConfig:
+    """block_rows and num_warps of the forward kernel for rows of ``n_cols`` (BLOCK_N is
+    ``block_n_for(n_cols)``): the device's tuned config, else the built-in rule."""
+    builtin = _builtin_fwd(n_cols)
+    if device is None or device.type != "cuda":
+        return builtin
+    return pick("layer_norm.fwd", config_key(n_cols, dtype), builtin, device)
+
+
+def bwd_config(n_cols: int, dtype: torch.dtype = torch.bfloat16, device=None) -> LaunchConfig:
+    """num_warps of the backward kernel (one row at a time per program), as fwd_config."""
+    builtin = _builtin_bwd(n_cols)
+    if device is None or device.type != "cuda":
+        return builtin
+    return pick("layer_norm.bwd", config_key(n_cols, dtype), builtin, device)
 
 
 def bwd_num_programs(n_rows: int, device: torch.device, num_warps: int) -> int:
@@ -193,8 +210,26 @@ def bwd_num_programs(n_rows: int, device: torch.device, num_warps: int) -> int:
     # Enough programs to fill every SM (up to 64 resident warps each), few enough that
     # the (G, N) partials stay small next to the activations.
     programs_per_sm = max(1, min(8, 32 // num_warps))
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(n_rows, _sm_count(index) * programs_per_sm))
+    return max(1, min(n_rows, sm_count(device) * programs_per_sm))
+
+
+# Tuning candidates (gptfast.tune) at the benchmark widths (16-bit rows): the built-in
+# config first. (block_rows, num_warps) of the forward, num_warps of the backward; every
+# one passes the static compile report (no spills).
+CANDIDATES = {
+    "fwd": {f"n{n}_16bit": [LaunchConfig(block_rows=r, num_warps=w) for r, w in rows] for n, rows in (
+        (1024, ((4, 8), (4, 4), (2, 4), (8, 8), (8, 16), (1, 4))),
+        (2048, ((2, 8), (2, 4), (1, 4), (4, 8), (4, 16), (1, 8))),
+        (4096, ((1, 8), (1, 4), (1, 16), (2, 16), (2, 8))),
+        (8192, ((1, 16), (1, 8))),
+    )},
+    "bwd": {f"n{n}_16bit": [LaunchConfig(num_warps=w) for w in warps] for n, warps in (
+        (1024, (4, 2, 8)),
+        (2048, (8, 4, 16)),
+        (4096, (16, 8)),
+        (8192, (16, 32)),
+    )},
+}
 
 
 def check_hidden_size(n_cols: int) -> None:
@@ -214,11 +249,6 @@ def check_hidden_size(n_cols: int) -> None:
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Every buffer the launchers allocate comes from here (tests fill them with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _row_stride(t: torch.Tensor) -> int:
@@ -246,73 +276,61 @@ def _vector(t, n_cols: int):
     return None if t is None else _wide_rows_aligned(t.contiguous(), n_cols)
 
 
-def _check_out(name: str, out: torch.Tensor, shape, dtype, device) -> None:
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
-        raise ValueError(
-            f"layer_norm: {name} must have shape {tuple(shape)}, dtype {dtype} and device {device}; "
-            f"got {tuple(out.shape)}, {out.dtype}, {out.device}"
-        )
-    if out.dim() == 2 and out.shape[1] > 1 and out.stride(1) != 1:
-        raise ValueError(f"layer_norm: {name} must be contiguous along its last dimension")
-    if out.dim() == 1 and out.shape[0] > 1 and out.stride(0) != 1:
-        raise ValueError(f"layer_norm: {name} must be contiguous")
+def _check_out(name: str, out, shape, dtype, device) -> torch.Tensor:
+    """A caller's buffer checked (or a fresh one); wide rows must also be 16-aligned."""
+    out = check_out("layer_norm", name, out, shape, dtype, device)
     if out.dim() == 2 and shape[1] > MAX_HIDDEN_UNALIGNED and not _is_16_aligned(out):
         raise ValueError(f"layer_norm: {name} must be 16-byte aligned with a row stride that is a multiple of 16")
+    return out
 
 
-def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None, mean_out=None, rstd_out=None):
+def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None, mean_out=None, rstd_out=None,
+                   config=None):
     """Forward of ``layer_norm(x (+ residual)) * weight + bias`` over the rows of a 2-D ``x``.
 
     Returns ``(y, h, mean, rstd)``: ``y`` and ``h`` in ``x.dtype`` (``h`` is None without
     ``residual``), ``mean`` and ``rstd`` float32 of shape ``(n_rows,)``. Buffers passed
-    as ``out``/``h_out``/``mean_out``/``rstd_out`` are written in place.
+    as ``out``/``h_out``/``mean_out``/``rstd_out`` are written in place; ``config`` (a
+    LaunchConfig with block_rows and num_warps) overrides ``fwd_config``.
     """
     n_rows, n_cols = x.shape
     check_hidden_size(n_cols)
     dev = x.device
     x, residual = _wide_rows_aligned(x, n_cols), _wide_rows_aligned(residual, n_cols)
     weight, bias = _vector(weight, n_cols), _vector(bias, n_cols)
-    for name, buf, shape, dtype in (
-        ("out", out, (n_rows, n_cols), x.dtype),
-        ("h_out", h_out if residual is not None else None, (n_rows, n_cols), x.dtype),
-        ("mean_out", mean_out, (n_rows,), torch.float32),
-        ("rstd_out", rstd_out, (n_rows,), torch.float32),
-    ):
-        if buf is not None:
-            _check_out(name, buf, shape, dtype, dev)
-    y = _empty((n_rows, n_cols), x.dtype, dev) if out is None else out
-    mean = _empty((n_rows,), torch.float32, dev) if mean_out is None else mean_out
-    rstd = _empty((n_rows,), torch.float32, dev) if rstd_out is None else rstd_out
-    h = None
-    if residual is not None:
-        h = _empty((n_rows, n_cols), x.dtype, dev) if h_out is None else h_out
+    y = _check_out("out", out, (n_rows, n_cols), x.dtype, dev)
+    h = None if residual is None else _check_out("h_out", h_out, (n_rows, n_cols), x.dtype, dev)
+    mean = _check_out("mean_out", mean_out, (n_rows,), torch.float32, dev)
+    rstd = _check_out("rstd_out", rstd_out, (n_rows,), torch.float32, dev)
     if n_rows == 0:
         return y, h, mean, rstd
 
-    cfg = fwd_config(n_cols)
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_ROWS"]),)
+    cfg = config or fwd_config(n_cols, x.dtype, dev)
+    grid = (triton.cdiv(n_rows, cfg.block_rows),)
     # Absent optional tensors are passed as x: the constexpr flags keep the kernel off them.
-    _layer_norm_fwd_kernel[grid](
-        x, residual if residual is not None else x, y, h if h is not None else y,
-        weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
-        _row_stride(x), _row_stride(residual) if residual is not None else 0,
-        _row_stride(y), _row_stride(h) if h is not None else 0,
-        n_rows, n_cols, float(eps),
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_ROWS=cfg["BLOCK_ROWS"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-    )
+    with device_guard(dev):
+        _layer_norm_fwd_kernel[grid](
+            x, residual if residual is not None else x, y, h if h is not None else y,
+            weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
+            _row_stride(x), _row_stride(residual) if residual is not None else 0,
+            _row_stride(y), _row_stride(h) if h is not None else 0,
+            n_rows, n_cols, float(eps),
+            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_ROWS=cfg.block_rows, BLOCK_N=block_n_for(n_cols), num_warps=cfg.num_warps,
+        )
     return y, h, mean, rstd
 
 
 def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, compute_db=True,
-                   dw_dtype=torch.float32, db_dtype=torch.float32, dx_out=None):
+                   dw_dtype=torch.float32, db_dtype=torch.float32, dx_out=None, config=None):
     """Backward of :func:`layer_norm_fwd`.
 
     ``h`` is the normalised input (``x``, or ``x + residual`` in the fused variant) and
     ``dh_in`` the incoming gradient of the ``h`` output in the fused variant (None when
     unused). Returns ``(dx, dweight, dbias)``: ``dx`` (``h.dtype``) is the gradient of
     ``h``, hence of ``x`` and of ``residual`` alike; ``dweight`` (needs a weight) and
-    ``dbias`` are None unless requested, else in ``dw_dtype``/``db_dtype``.
+    ``dbias`` are None unless requested, else in ``dw_dtype``/``db_dtype``. ``config`` (a
+    LaunchConfig with num_warps) overrides ``bwd_config``.
     """
     n_rows, n_cols = h.shape
     check_hidden_size(n_cols)
@@ -320,24 +338,23 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, co
     compute_dw = compute_dw and weight is not None
     dy, h, dh_in = (_wide_rows_aligned(t, n_cols) for t in (dy, h, dh_in))
     weight = _vector(weight, n_cols)
-    if dx_out is not None:
-        _check_out("dx_out", dx_out, (n_rows, n_cols), h.dtype, dev)
-    dx = _empty((n_rows, n_cols), h.dtype, dev) if dx_out is None else dx_out
-    cfg = bwd_config(n_cols)
-    programs = bwd_num_programs(n_rows, dev, cfg["num_warps"]) if n_rows else 0
-    dw_partial = _empty((programs, n_cols), torch.float32, dev) if compute_dw else None
-    db_partial = _empty((programs, n_cols), torch.float32, dev) if compute_db else None
+    dx = _check_out("dx_out", dx_out, (n_rows, n_cols), h.dtype, dev)
+    cfg = config or bwd_config(n_cols, h.dtype, dev)
+    programs = bwd_num_programs(n_rows, dev, cfg.num_warps) if n_rows else 0
+    dw_partial = empty((programs, n_cols), torch.float32, dev) if compute_dw else None
+    db_partial = empty((programs, n_cols), torch.float32, dev) if compute_db else None
     if n_rows > 0:
-        _layer_norm_bwd_kernel[(programs,)](
-            dy, h, weight if weight is not None else h, mean, rstd,
-            dh_in if dh_in is not None else dy, dx,
-            dw_partial if compute_dw else dx, db_partial if compute_db else dx,
-            _row_stride(dy), _row_stride(h), _row_stride(dh_in) if dh_in is not None else 0, _row_stride(dx),
-            n_rows, n_cols,
-            HAS_WEIGHT=weight is not None, HAS_DH_IN=dh_in is not None,
-            COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-        )
+        with device_guard(dev):
+            _layer_norm_bwd_kernel[(programs,)](
+                dy, h, weight if weight is not None else h, mean, rstd,
+                dh_in if dh_in is not None else dy, dx,
+                dw_partial if compute_dw else dx, db_partial if compute_db else dx,
+                _row_stride(dy), _row_stride(h), _row_stride(dh_in) if dh_in is not None else 0, _row_stride(dx),
+                n_rows, n_cols,
+                HAS_WEIGHT=weight is not None, HAS_DH_IN=dh_in is not None,
+                COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+                BLOCK_N=block_n_for(n_cols), num_warps=cfg.num_warps,
+            )
     # Second pass of the dweight/dbias reduction: sum the G float32 partial rows
     # (with no rows at all, the sum over zero partials is the correct zero gradient).
     dw = dw_partial.sum(0).to(dw_dtype) if compute_dw else None
@@ -352,77 +369,85 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, co
 # Row lengths whose launch configs the report compiles: tiny test models, GPT-2
 # small/medium/large/xl, wider models, and the widest rows served.
 _REPORT_HIDDEN = (64, 256, 768, 1024, 1280, 1600, 4096, 5120, MAX_HIDDEN)
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_FP32_POINTERS = ("MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL")
 
-_FWD_SIGNATURE = {
-    "X": "{p}", "RES": "{p}", "Y": "{p}", "H": "{p}", "W": "{p}", "B": "{p}", "MEAN": "*fp32", "RSTD": "*fp32",
-    "stride_x_row": "i32", "stride_res_row": "i32", "stride_y_row": "i32", "stride_h_row": "i32",
-    "n_rows": "i32", "n_cols": "i32", "eps": "fp32",
-    "HAS_RESIDUAL": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
-    "BLOCK_ROWS": "constexpr", "BLOCK_N": "constexpr",
-}
-_BWD_SIGNATURE = {
-    "DY": "{p}", "H": "{p}", "W": "{p}", "MEAN": "*fp32", "RSTD": "*fp32", "DH_IN": "{p}", "DX": "{p}",
-    "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
-    "stride_dy_row": "i32", "stride_h_row": "i32", "stride_dh_row": "i32", "stride_dx_row": "i32",
-    "n_rows": "i32", "n_cols": "i32",
-    "HAS_WEIGHT": "constexpr", "HAS_DH_IN": "constexpr", "COMPUTE_DW": "constexpr",
-    "COMPUTE_DB": "constexpr", "BLOCK_N": "constexpr",
-}
+
+def _entry(kind: str, n_cols: int, dtype: torch.dtype, cfg: LaunchConfig, aligned: bool, *,
+           residual: bool = True, param_dtype=None, suffix: str = "", require_ptx=()) -> dict:
+    """The static compile entry of one launch: the forward (plain or residual) or the
+    heaviest backward variant (weight, incoming dh, both parameter gradients), for rows
+    and strides that are multiples of 16 ("a16", what GPT models launch) or arbitrary
+    ("any", served up to MAX_HIDDEN_UNALIGNED)."""
+    block_n = block_n_for(n_cols)
+    if kind == "fwd":
+        fn = _layer_norm_fwd_kernel
+        name = f"layer_norm_{'fwd_residual' if residual else 'fwd'}_N{block_n}_R{cfg.block_rows}_w{cfg.num_warps}"
+        constexprs = {"HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True,
+                      "BLOCK_ROWS": cfg.block_rows, "BLOCK_N": block_n}
+    else:
+        fn = _layer_norm_bwd_kernel
+        name = f"layer_norm_bwd_N{block_n}_w{cfg.num_warps}"
+        constexprs = {"HAS_WEIGHT": True, "HAS_DH_IN": True, "COMPUTE_DW": True, "COMPUTE_DB": True,
+                      "BLOCK_N": block_n}
+    pointers = {a: pointer(torch.float32 if a in _FP32_POINTERS else dtype) for a in fn.arg_names if a.isupper()}
+    if param_dtype is not None:  # float32 parameters with low-precision activations (autocast-style)
+        pointers.update({a: pointer(param_dtype) for a in ("W", "B") if a in pointers})
+    # What Triton specialises for a row length and row strides divisible by 16.
+    divisible = [a for a in fn.arg_names if a.startswith("stride_") or a == "n_cols"] if aligned else []
+    return static_entry(name + ("_a16" if aligned else "_any") + suffix, fn, cfg, constexprs, pointers=pointers,
+                        floats=("eps",), divisible_by_16=divisible, require_ptx=require_ptx)
 
 
 def static_configs(dtype: torch.dtype = torch.bfloat16) -> list:
     """The kernel configurations this module launches, for compiling ahead of time.
 
-    Per distinct launch config over the report's row lengths: the forward (plain and
-    residual) and the heaviest backward variant (weight, incoming dh, both parameter
-    gradients), each in two specialisations: rows and strides multiples of 16 ("a16",
-    what GPT models launch) and arbitrary ("any", served up to MAX_HIDDEN_UNALIGNED).
-    ``dtype`` is bf16 by default: the GPU's training and inference dtype.
+    Per distinct built-in launch config over the report's row lengths: the forward
+    (plain and residual) and the heaviest backward variant, each aligned and unaligned
+    (see ``_entry``). ``dtype`` is bf16 by default: the GPU's training and inference dtype.
     """
-    p = _PTR[dtype]
-    fwd_sig = {k: v.format(p=p) for k, v in _FWD_SIGNATURE.items()}
-    bwd_sig = {k: v.format(p=p) for k, v in _BWD_SIGNATURE.items()}
-    configs, seen = [], set()
-
-    def add(name, fn, signature, constexprs, num_warps, aligned):  # skips duplicates
-        entry = {"name": name + ("_a16" if aligned else "_any"), "fn": fn, "signature": signature,
-                 "constexprs": constexprs, "num_warps": num_warps, "num_stages": 1, "require_hgmma": False}
-        if aligned:  # what Triton specialises for a row length and row strides divisible by 16
-            entry["divisible_by_16"] = [k for k in signature if k.startswith("stride_") or k == "n_cols"]
-        if entry["name"] not in seen:
-            seen.add(entry["name"])
-            configs.append(entry)
-
+    entries = []
     for hidden in _REPORT_HIDDEN:
-        f, b = fwd_config(hidden), bwd_config(hidden)
         for aligned in (True, False):
             if not aligned and hidden > MAX_HIDDEN_UNALIGNED:
                 continue
-            for residual in (False, True):
-                variant = "fwd_residual" if residual else "fwd"
-                add(f"layer_norm_{variant}_N{f['BLOCK_N']}_R{f['BLOCK_ROWS']}_w{f['num_warps']}",
-                    _layer_norm_fwd_kernel, fwd_sig,
-                    {"HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True,
-                     "BLOCK_ROWS": f["BLOCK_ROWS"], "BLOCK_N": f["BLOCK_N"]},
-                    f["num_warps"], aligned)
-            add(f"layer_norm_bwd_N{b['BLOCK_N']}_w{b['num_warps']}", _layer_norm_bwd_kernel, bwd_sig,
-                {"HAS_WEIGHT": True, "HAS_DH_IN": True, "COMPUTE_DW": True, "COMPUTE_DB": True,
-                 "BLOCK_N": b["BLOCK_N"]},
-                b["num_warps"], aligned)
-
-    # float32 parameters with low-precision activations (autocast-style training), at the
-    # widest rows, where register pressure is highest.
+            entries += [_entry("fwd", hidden, dtype, _builtin_fwd(hidden), aligned, residual=r) for r in (False, True)]
+            entries.append(_entry("bwd", hidden, dtype, _builtin_bwd(hidden), aligned))
+    # float32 parameters with low-precision activations, at the widest rows, where register
+    # pressure is highest.
     if dtype != torch.float32:
-        f, b = fwd_config(MAX_HIDDEN), bwd_config(MAX_HIDDEN)
-        fp32_params = {"W": "*fp32", "B": "*fp32"}
-        add(f"layer_norm_fwd_residual_N{f['BLOCK_N']}_R{f['BLOCK_ROWS']}_w{f['num_warps']}_fp32params",
-            _layer_norm_fwd_kernel, {**fwd_sig, **fp32_params},
-            {"HAS_RESIDUAL": True, "HAS_WEIGHT": True, "HAS_BIAS": True,
-             "BLOCK_ROWS": f["BLOCK_ROWS"], "BLOCK_N": f["BLOCK_N"]},
-            f["num_warps"], True)
-        add(f"layer_norm_bwd_N{b['BLOCK_N']}_w{b['num_warps']}_fp32params", _layer_norm_bwd_kernel,
-            {**bwd_sig, "W": "*fp32"},
-            {"HAS_WEIGHT": True, "HAS_DH_IN": True, "COMPUTE_DW": True, "COMPUTE_DB": True, "BLOCK_N": b["BLOCK_N"]},
-            b["num_warps"], True)
-    return configs
+        entries.append(_entry("fwd", MAX_HIDDEN, dtype, _builtin_fwd(MAX_HIDDEN), True, param_dtype=torch.float32,
+                              suffix="_fp32params"))
+        entries.append(_entry("bwd", MAX_HIDDEN, dtype, _builtin_bwd(MAX_HIDDEN), True, param_dtype=torch.float32,
+                              suffix="_fp32params"))
+    return _unique(entries)
+
+
+def _unique(entries: list) -> list:
+    """Entries with distinct names (several row lengths share one launch config)."""
+    seen = {}
+    for entry in entries:
+        seen.setdefault(entry["name"], entry)
+    return list(seen.values())
+
+
+def candidate_configs() -> list:
+    """Static compile entries of the tuning candidates that are not the built-in config
+    (aligned rows: the benchmark widths are multiples of 16)."""
+    entries = []
+    for kind, by_key in CANDIDATES.items():
+        builtin = _builtin_fwd if kind == "fwd" else _builtin_bwd
+        for key, configs in by_key.items():
+            n_cols = int(key[1:].split("_")[0])
+            entries += [_entry(kind, n_cols, torch.bfloat16, cfg, True, suffix="_cand")
+                        for cfg in configs if cfg != builtin(n_cols)]
+    return _unique(entries)
+
+
+def precision_configs() -> list:
+    """fp32 rows at the widths where the error ratio is tightest: the statistics' divisions
+    and square root, and the backward's means, must round to nearest."""
+    entries = [_entry("fwd", n, torch.float32, _builtin_fwd(n), True, suffix="_fp32",
+                      require_ptx=("div.rn.f32", "sqrt.rn.f32")) for n in (4096, MAX_HIDDEN)]
+    entries.append(_entry("bwd", MAX_HIDDEN, torch.float32, _builtin_bwd(MAX_HIDDEN), True, suffix="_fp32",
+                          require_ptx=("div.rn.f32",)))
+    return entries

@@ -6,6 +6,7 @@ since every launch takes seconds); bf16 and longer sequences run on CUDA only. E
 buffer the launchers allocate is filled with NaN first (see ``poisoned_buffers``), so a
 finite result proves each element was written.
 """
+import functools
 import importlib
 import math
 
@@ -16,7 +17,7 @@ from gptfast import reference
 from gptfast.ops import _dispatch
 attention_op = importlib.import_module("gptfast.ops.causal_attention")
 from gptfast.ops.causal_attention import causal_attention
-from gptfast.testing import assert_error_ratio, poison_
+from gptfast.testing import assert_error_ratio, poisoned_kernel_outputs, randn
 
 attention_kernels = pytest.importorskip("gptfast.kernels.causal_attention")
 
@@ -28,18 +29,13 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 @pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
+def poisoned_buffers():
     """Every output / scratch buffer of the launchers starts as NaN."""
-
-    def empty(shape, dtype, device):
-        return poison_(torch.empty(shape, dtype=dtype, device=device))
-
-    monkeypatch.setattr(attention_kernels, "_empty", empty)
+    with poisoned_kernel_outputs():
+        yield
 
 
-def _randn(*shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
+_randn = functools.partial(randn, device=DEVICE)  # gptfast.testing.randn on this file's device
 
 
 def _qkv(batch, heads, q_len, head_dim, dtype, q_offset=0, seed=0):
@@ -144,14 +140,14 @@ def test_grad_output_non_contiguous():
 def test_shipped_gpu_tiles_under_interpreter(head_dim):
     """The sm_90 fp16/bf16 tile configurations (blocks of 32..128, unequal BLOCK_M and
     BLOCK_N) run their causal split logic here too, on the GPU-tuned tile sizes."""
-    key = (head_dim, 2)
+    shipped = {kernel: attention_kernels.shipped_config(kernel, head_dim, torch.bfloat16)
+               for kernel in ("fwd", "dkdv", "dq")}
     q, k, v = _qkv(1, 1, 130, head_dim, torch.float32, q_offset=7)
     grad_out = _randn(*q.shape, dtype=q.dtype, seed=3)
     scale = 1 / math.sqrt(head_dim)
-    out, lse = attention_kernels.attention_forward(q, k, v, scale, 7, config=attention_kernels._GPU_FWD[key])
+    out, lse = attention_kernels.attention_forward(q, k, v, scale, 7, config=shipped["fwd"])
     dq, dk, dv = attention_kernels.attention_backward(grad_out, q, k, v, out, lse, scale, 7,
-                                                      dkdv_cfg=attention_kernels._GPU_DKDV[key],
-                                                      dq_cfg=attention_kernels._GPU_DQ[key])
+                                                      dkdv_cfg=shipped["dkdv"], dq_cfg=shipped["dq"])
     exact = _attention_and_grads(reference.causal_attention, q.double(), k.double(), v.double(), grad_out.double(),
                                  q_offset=7)
     plain = _attention_and_grads(reference.causal_attention, q, k, v, grad_out, q_offset=7)
@@ -173,9 +169,9 @@ def test_saved_log_sum_exp():
 
 def test_preallocated_buffers_are_checked():
     q, k, v = _qkv(1, 1, 5, 16, torch.float32)
-    with pytest.raises(ValueError, match="out: expected"):
+    with pytest.raises(ValueError, match="out must have shape"):
         attention_kernels.attention_forward(q, k, v, 0.25, 0, out=torch.empty(1, 1, 4, 16))
-    with pytest.raises(ValueError, match="lse: expected"):
+    with pytest.raises(ValueError, match="lse must have shape"):
         attention_kernels.attention_forward(q, k, v, 0.25, 0, lse=torch.empty(1, 1, 5, dtype=torch.float16))
 
 

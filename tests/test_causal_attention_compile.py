@@ -14,7 +14,7 @@ def test_static_configs_cover_the_shipped_fast_paths():
     entries = attention_kernels.static_configs()
     names = {e["name"] for e in entries}
     for kernel in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
-        for head_dim in (64, 128):
+        for head_dim in (64, 128, 256):
             assert f"{kernel}_d{head_dim}_bf16" in names
     for e in entries:
         assert set(e) >= {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "require_hgmma"}
@@ -23,8 +23,11 @@ def test_static_configs_cover_the_shipped_fast_paths():
         for arg in e["constexprs"]:
             assert e["signature"][arg] == "constexpr", (e["name"], arg)
         assert set(e["divisible_by_16"]) <= {a for a, ty in e["signature"].items() if ty == "i32"}
-        # Tensor cores are required of every main-loop kernel; the delta preprocess is a reduction.
-        assert e["require_hgmma"] == (not e["name"].startswith("attention_bwd_delta"))
+        # Tensor cores are required of every main-loop kernel but dK/dV at D=256 (see
+        # NO_TENSOR_CORES); the delta preprocess is a reduction.
+        exempt = e["name"].startswith(("attention_bwd_delta", "attention_bwd_dkdv_d256"))
+        assert e["require_hgmma"] == (not exempt)
+    assert attention_kernels.NO_TENSOR_CORES == {("dkdv", 256)}
 
 
 def test_static_configs_match_the_launch_tables():

@@ -1,6 +1,8 @@
-"""The static compile report (gptfast.compile_report): every shipped kernel configuration
-compiles for sm_90 without spills and within the H200's shared memory, and the checks
-really flag what they claim to."""
+"""The static compile report (gptfast.compile_report): every shipped kernel configuration,
+every tuning candidate and the fp32 precision entries compile for sm_90 without spills,
+within the H200's shared memory, with HGMMA where required and round-to-nearest fp32
+division / square root where required; and the checks really flag what they claim to."""
+import importlib
 import json
 import os
 import textwrap
@@ -20,6 +22,13 @@ def test_shipped_configs_compile_cleanly_for_sm90(module):
     report.check_report(rows)
     for row in rows:
         assert row["registers"] > 0 and row["shared"] <= report.SHARED_MEMORY_LIMIT, row
+    kernels = importlib.import_module(f"gptfast.kernels.{module}")
+    extra = [row["name"] for row in rows if not row["shipped"]]
+    # Every tuning candidate and fp32 precision entry was compiled (and passed) too.
+    assert extra == [e["name"] for e in kernels.candidate_configs() + kernels.precision_configs()]
+    assert [row["name"] for row in rows if row["shipped"]] == [e["name"] for e in kernels.static_configs()]
+    # The fp32 entries' PTX rounds to nearest (tl.div_rn / tl.sqrt_rn), checked by require_ptx.
+    assert any("div.rn.f32" in e["require_ptx"] for e in kernels.precision_configs())
 
 
 def _row(**fields):
@@ -36,6 +45,7 @@ def _row(**fields):
         ({"shared": report.SHARED_MEMORY_LIMIT + 1}, "shared memory 232449 bytes exceeds"),
         ({"require_hgmma": True, "hgmma": 0}, "no HGMMA"),
         ({"error": "CompilationError: boom"}, "compile error: CompilationError: boom"),
+        ({"missing_ptx": ["div.rn.f32"]}, "PTX lacks div.rn.f32"),
     ],
 )
 def test_checker_flags_bad_rows(fields, problem):
@@ -77,6 +87,9 @@ _BAD_KERNELS = textwrap.dedent('''
              "num_warps": 4, "num_stages": 1, "require_hgmma": True},
             {"name": "fine", "fn": scale_by_sum, "signature": sig, "constexprs": {"BLOCK": 128},
              "num_warps": 4, "num_stages": 1, "require_hgmma": False},
+            # fp32 multiply and sum: no division at all, so a required div.rn is missing.
+            {"name": "no_div_rn", "fn": scale_by_sum, "signature": sig, "constexprs": {"BLOCK": 128},
+             "num_warps": 4, "num_stages": 1, "require_hgmma": False, "require_ptx": ["div.rn.f32"]},
             {"name": "broken", "fn": scale_by_sum, "signature": {"X": "*fp32", "BLOCK": "constexpr"},
              "constexprs": {"BLOCK": 128}, "num_warps": 4, "num_stages": 1, "require_hgmma": False},
         ]
@@ -101,4 +114,5 @@ def test_report_flags_real_compiles_and_skips_missing_modules(tmp_path, monkeypa
     assert rows["no_tensor_cores"]["hgmma"] == 0 and any("HGMMA" in p for p in rows["no_tensor_cores"]["problems"])
     assert rows["fine"]["problems"] == [] and rows["fine"]["registers"] > 0 and rows["fine"]["spill_stores"] == 0
     assert "error" in rows["broken"] and rows["broken"]["problems"]
+    assert rows["no_div_rn"]["problems"] == ["PTX lacks div.rn.f32, which this config requires"]
     assert rows["no_such_kernels"]["skipped"] == "module not present" and rows["no_such_kernels"]["problems"] == []

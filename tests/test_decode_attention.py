@@ -16,7 +16,7 @@ from gptfast import reference
 from gptfast.ops import _dispatch
 decode_op = importlib.import_module("gptfast.ops.decode_attention")
 from gptfast.ops import decode_attention
-from gptfast.testing import assert_error_ratio, poison_
+from gptfast.testing import assert_error_ratio, poison_, poisoned_kernel_outputs
 
 # Triton's interpreter converts 1-element arrays to loop bounds in a way NumPy deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -134,13 +134,14 @@ def test_stale_cache_entries_are_ignored(garbage):
 
 
 @needs_triton
-def test_poisoned_output_and_workspace_are_fully_written(monkeypatch):
+def test_poisoned_output_and_workspace_are_fully_written():
     kernel = kernel_module()
-    allocate = kernel.allocate_workspace
-    monkeypatch.setattr(kernel, "allocate_workspace", lambda *args: tuple(poison_(t) for t in allocate(*args)))
     q, k, v, cache_lens = make_inputs(2, 2, 50, 80, [1, 50], torch.float32)
     out = poison_(torch.empty_like(q))
-    result = kernel.decode_attention(q, k, v, cache_lens, 0.1, out=out, num_splits=4, block_n=16)
+    with poisoned_kernel_outputs():  # the split kernel's workspace starts as NaN too
+        o_part, lse_part = kernel.allocate_workspace(4, 2, 80, DEVICE)
+        assert torch.isnan(o_part).all() and torch.isnan(lse_part).all()
+        result = kernel.decode_attention(q, k, v, cache_lens, 0.1, out=out, num_splits=4, block_n=16)
     assert result is out
     check_against_reference(out, q, k, v, cache_lens, scale=0.1, what="poisoned")
 

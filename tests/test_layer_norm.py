@@ -6,6 +6,7 @@ bf16 and CUDA-graph capture run on CUDA only. Every buffer the launchers allocat
 filled with NaN first (see ``poisoned_buffers``), so a finite result proves each element
 was written.
 """
+import functools
 import importlib
 import os
 import subprocess
@@ -20,7 +21,7 @@ from gptfast.nn import LayerNorm
 from gptfast.ops import _dispatch
 layernorm_op = importlib.import_module("gptfast.ops.layer_norm")
 from gptfast.ops.layer_norm import layer_norm
-from gptfast.testing import assert_error_ratio, max_abs_error, poison_
+from gptfast.testing import assert_error_ratio, max_abs_error, poison_, poisoned_kernel_outputs, randn
 
 ln_kernels = pytest.importorskip("gptfast.kernels.layer_norm")
 
@@ -31,19 +32,13 @@ DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if DEVICE.type == "
 
 
 @pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
+def poisoned_buffers():
     """Every output / scratch buffer of the launchers starts as NaN."""
-
-    def empty(shape, dtype, device):
-        return poison_(torch.empty(shape, dtype=dtype, device=device))
-
-    monkeypatch.setattr(ln_kernels, "_empty", empty)
+    with poisoned_kernel_outputs():
+        yield
 
 
-def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift
-    return t.to(device=DEVICE, dtype=dtype)
+_randn = functools.partial(randn, device=DEVICE)  # gptfast.testing.randn on this file's device
 
 
 def _view(kind: str, shape, dtype, seed):

@@ -1,0 +1,391 @@
+"""Tune the Triton kernels on the device at hand and write a tuned configuration table.
+
+    python -m gptfast.tune --out FILE.json [--quick] [--dry-run [--device-name NAME]]
+    python -m gptfast.tune --install FILE.json
+
+For each tunable kernel (attention forward / dK-dV / dQ at D 64 and 128, the decode
+split kernel, layernorm forward and backward; each kernel module's ``CANDIDATES``) and
+each of its benchmark shapes, every candidate launch config is first checked against the
+reference twin (``gptfast.reference``) by the error-ratio rule, then timed with
+``gptfast.bench.harness.time_call``. A candidate that fails a check on any shape is out.
+The winner per (kernel, shape key) is the passing candidate with the least summed median
+time; winners and every candidate's results go to the table (format:
+``gptfast.kernels._tuned``), rewritten after each kernel, so a run cut short still leaves
+a valid table of what it finished.
+
+Correctness is checked on one batch row and two heads of each benchmark shape (same
+sequence length and head size, so the same tiles, causal split and edges; the reference
+in float64 needs memory quadratic in T), timing on the full shape.
+
+``--quick``: the first 4 candidates and the first shape of each kernel. ``--dry-run``:
+the same plumbing on a CPU through the Triton interpreter (tiny shapes, two candidates,
+a fake device named by ``--device-name``), seconds long: the rehearsal of the GPU suite.
+``--install FILE``: validate a table and copy it into ``kernels/tuned/`` under its
+device's file name, where the launchers find it (commit that file).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from typing import Callable, List, Optional
+
+MAX_RATIO = 3.0  # the error-ratio rule's limit (gptfast.testing.assert_error_ratio)
+
+
+@dataclasses.dataclass
+class Tunable:
+    """One kernel at one shape key: its candidates and how to exercise them.
+
+    ``make(shape)`` builds the inputs of a benchmark shape; ``run(inputs, cfg)`` launches
+    with a candidate and returns the outputs to check; ``references(inputs)`` returns
+    ``(plain, exact)`` output lists (the reference twin in the inputs' dtype and in
+    float64) for the checked slice ``check_slice(inputs)``.
+    """
+
+    kernel: str
+    key: str
+    candidates: list
+    shapes: List[dict]
+    make: Callable
+    run: Callable
+    references: Callable
+    check_slice: Callable
+    cuda_graph: bool = False
+
+
+# --------------------------------------------------------------------------------------
+# The kernels, their shapes and their references
+# --------------------------------------------------------------------------------------
+
+
+def _outputs_and_grads(fn, inputs, grad) -> list:
+    """``[fn(*inputs)]`` followed by the gradients of ``(fn(*inputs) * grad).sum()`` wrt each input."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _attention_tunables(ctx) -> list:
+    import torch
+
+    from gptfast import reference
+    from gptfast.kernels import causal_attention as ka
+
+    def make(shape):
+        b, h, t, d = shape["B"], shape["H"], shape["T"], shape["D"]
+        q, k, v, g = (ctx.randn(b, h, t, d, seed=i) for i in range(4))
+        scale = 1.0 / math.sqrt(d)
+        out, lse = ka.attention_forward(q, k, v, scale)
+        return {"q": q, "k": k, "v": v, "grad": g, "out": out, "lse": lse, "scale": scale}
+
+    def check_slice(x):
+        rows = {n: x[n][:1, :2] for n in ("q", "k", "v", "grad", "out", "lse")}
+        return {**rows, "scale": x["scale"]}
+
+    def references(x):
+        plain = _outputs_and_grads(reference.causal_attention, [x[n] for n in ("q", "k", "v")], x["grad"])
+        exact = _outputs_and_grads(reference.causal_attention, [x[n].double() for n in ("q", "k", "v")],
+                                   x["grad"].double())
+        return plain, exact
+
+    def run_fwd(x, cfg):
+        return [ka.attention_forward(x["q"], x["k"], x["v"], x["scale"], config=cfg)[0]]
+
+    def run_bwd(which):
+        def run(x, cfg):
+            dq, dk, dv = ka.attention_backward(x["grad"], x["q"], x["k"], x["v"], x["out"], x["lse"], x["scale"],
+                                               **{f"{which}_cfg": cfg})
+            return [None, dq, None, None] if which == "dq" else [None, None, dk, dv]
+        return run
+
+    tunables = []
+    for d in (64, 128):
+        key = ka.config_key(d, torch.float16)
+        for kernel, run in (("fwd", run_fwd), ("dkdv", run_bwd("dkdv")), ("dq", run_bwd("dq"))):
+            tunables.append(Tunable(f"causal_attention.{kernel}", key, ka.CANDIDATES[kernel][key],
+                                    ctx.attention_shapes(d), make, run, references, check_slice))
+    return tunables
+
+
+def _decode_tunables(ctx) -> list:
+    import torch
+
+    from gptfast import reference
+    from gptfast.kernels import decode_attention as kd
+
+    def make(shape):
+        b, h, s, d = shape["B"], shape["H"], shape["S"], shape["D"]
+        lens = torch.full((b,), s, dtype=torch.int32, device=ctx.device)
+        return {"q": ctx.randn(b, h, d, seed=0), "k": ctx.randn(b, h, s, d, seed=1),
+                "v": ctx.randn(b, h, s, d, seed=2), "lens": lens, "scale": 1.0 / math.sqrt(d)}
+
+    def check_slice(x):
+        return {"q": x["q"][:1, :2], "k": x["k"][:1, :2], "v": x["v"][:1, :2], "lens": x["lens"][:1],
+                "scale": x["scale"]}
+
+    def references(x):
+        args = (x["q"], x["k"], x["v"])
+        plain = reference.decode_attention(*args, x["lens"], scale=x["scale"])
+        exact = reference.decode_attention(*(t.double() for t in args), x["lens"], scale=x["scale"])
+        return [plain], [exact]
+
+    def run(x, cfg):
+        return [kd.decode_attention(x["q"], x["k"], x["v"], x["lens"], x["scale"], config=cfg)]
+
+    return [Tunable("decode_attention.split", key, candidates, ctx.decode_shapes(int(key[1:].split("_")[0])),
+                    make, run, references, check_slice, cuda_graph=True)
+            for key, candidates in kd.CANDIDATES["split"].items()]
+
+
+def _layer_norm_tunables(ctx) -> list:
+    from gptfast import reference
+    from gptfast.kernels import layer_norm as kl
+
+    def make(shape):
+        rows, n = shape["rows"], shape["hidden"]
+        x = ctx.randn(rows, n, seed=0)
+        w, b = ctx.randn(n, seed=1, scale=0.5, shift=1.0), ctx.randn(n, seed=2)
+        _, _, mean, rstd = kl.layer_norm_fwd(x, w, b, 1e-5)
+        return {"x": x, "w": w, "b": b, "dy": ctx.randn(rows, n, seed=3), "mean": mean, "rstd": rstd}
+
+    def check_slice(x):
+        return {n: t[:64] if n in ("x", "dy", "mean", "rstd") else t for n, t in x.items()}
+
+    def references(x):
+        plain = _outputs_and_grads(reference.layer_norm, [x[n] for n in ("x", "w", "b")], x["dy"])
+        exact = _outputs_and_grads(reference.layer_norm, [x[n].double() for n in ("x", "w", "b")], x["dy"].double())
+        return plain, exact
+
+    def run_fwd(x, cfg):
+        return [kl.layer_norm_fwd(x["x"], x["w"], x["b"], 1e-5, config=cfg)[0]]
+
+    def run_bwd(x, cfg):
+        return [None, *kl.layer_norm_bwd(x["dy"], x["x"], x["w"], x["mean"], x["rstd"], config=cfg)]
+
+    tunables = []
+    for kind, run in (("fwd", run_fwd), ("bwd", run_bwd)):
+        for key, candidates in kl.CANDIDATES[kind].items():
+            shapes = ctx.layer_norm_shapes(int(key[1:].split("_")[0]))
+            if shapes:
+                tunables.append(Tunable(f"layer_norm.{kind}", key, candidates, shapes, make, run, references,
+                                        check_slice, cuda_graph=True))
+    return tunables
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+class Context:
+    """Device, dtype, shapes and timing options of one tuning run."""
+
+    def __init__(self, device, dtype, quick: bool, dry_run: bool):
+        self.device, self.dtype, self.quick, self.dry_run = device, dtype, quick, dry_run
+
+    def randn(self, *shape, seed, scale=1.0, shift=0.0):
+        from gptfast.testing import randn
+
+        return randn(*shape, dtype=self.dtype, seed=seed, scale=scale, shift=shift, device=self.device)
+
+    def _pick(self, shapes):
+        return shapes[:1] if self.quick or self.dry_run else shapes
+
+    def attention_shapes(self, d):
+        if self.dry_run:
+            return [{"B": 1, "H": 2, "T": 48, "D": d}]
+        # The benchmark grid's B*T = 16k tokens and H*D = 2048 (gptfast.bench.suites.causal_attention).
+        return self._pick([{"B": 16384 // t, "H": 2048 // d, "T": t, "D": d} for t in (2048, 8192)])
+
+    def decode_shapes(self, d):
+        if self.dry_run:
+            return [{"B": 1, "H": 2, "S": 256, "D": d}]
+        return self._pick([{"B": b, "H": 12, "S": 32768, "D": d} for b in (1, 16)])
+
+    def layer_norm_shapes(self, block_n):
+        if self.dry_run:
+            return [{"rows": 8, "hidden": block_n}] if block_n == 1024 else []
+        # The benchmark widths (gptfast.bench.suites.layer_norm) whose BLOCK_N is block_n.
+        hidden = [h for h in (768, 1024, 1600, 4096, 8192) if 1 << (h - 1).bit_length() == block_n]
+        return self._pick([{"rows": 16384, "hidden": h} for h in hidden])
+
+    def candidates(self, tunable):
+        return tunable.candidates[:2 if self.dry_run else 4 if self.quick else None]
+
+    def time(self, fn, cuda_graph):
+        from gptfast.bench.harness import time_call
+
+        if self.dry_run:
+            return time_call(fn, device=self.device, warmup=1, target_ms=1.0, min_reps=1, max_reps=2)
+        return time_call(fn, device=self.device, warmup=3, target_ms=50.0 if self.quick else 150.0,
+                         min_reps=5, max_reps=100, cuda_graph=cuda_graph)
+
+
+def check_candidate(tunable, inputs, cfg, plain, exact) -> float:
+    """The worst error ratio of the candidate's outputs (inf for NaN); outputs that are
+    None are not this kernel's."""
+    from gptfast.testing import error_ratio
+
+    outputs = tunable.run(inputs, cfg)
+    return max(error_ratio(o, p, e) for o, p, e in zip(outputs, plain, exact) if o is not None)
+
+
+def tune_one(ctx, tunable, results: list):
+    """Check and time every candidate of ``tunable`` on its shapes; return the winner (a
+    LaunchConfig), or None when no candidate passed. Appends one row per run to ``results``."""
+    candidates = ctx.candidates(tunable)
+    total = {cfg: 0.0 for cfg in candidates}
+    for shape in tunable.shapes:
+        inputs = tunable.make(shape)
+        checked = tunable.check_slice(inputs)
+        plain, exact = tunable.references(checked)
+        for cfg in candidates:
+            if cfg not in total:
+                continue
+            row = {"kernel": tunable.kernel, "key": tunable.key, "shape": shape, "config": cfg.to_dict()}
+            try:
+                ratio = check_candidate(tunable, checked, cfg, plain, exact)
+                row["ok"] = ratio <= MAX_RATIO
+                row["error_ratio"] = ratio if math.isfinite(ratio) else None  # strict JSON has no inf
+                if row["error_ratio"] is None:
+                    row["error"] = "non-finite output (NaN or inf)"
+                if row["ok"]:
+                    timing = ctx.time(lambda _, cfg=cfg: tunable.run(inputs, cfg), tunable.cuda_graph)
+                    row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                               method=timing.method)
+                    total[cfg] += timing.median_ms
+            except Exception as e:  # a candidate that cannot run is out, the others go on
+                if _is_cuda_error(e):  # sticky: every later launch in this process would fail too
+                    raise CudaErrorStop(f"CUDA error at {tunable.kernel} {tunable.key} {shape} "
+                                        f"{cfg.to_dict()}: {e}") from e
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+            if not row["ok"]:
+                total.pop(cfg)
+            results.append(row)
+            print(_result_line(row), flush=True)
+    return min(total, key=total.get) if total else None
+
+
+class CudaErrorStop(RuntimeError):
+    """A CUDA error: the process cannot launch anything more, so tuning stops here."""
+
+
+def _is_cuda_error(e: Exception) -> bool:
+    import torch
+
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8 raises this for CUDA errors
+    if accelerator_error is not None and isinstance(e, accelerator_error):
+        return True
+    return isinstance(e, RuntimeError) and "CUDA error" in str(e)
+
+
+def _result_line(row) -> str:
+    status = (f"{row['median_ms']:.4f} ms" if row.get("median_ms") is not None
+              else row.get("error") or f"FAILED error ratio {row.get('error_ratio'):.2f}")
+    shape, cfg = json.dumps(row["shape"]), json.dumps(row["config"])
+    return f"{row['kernel']:<24} {row['key']:<12} {shape:<44} {cfg:<72} {status}"
+
+
+def identity_for(args, device) -> dict:
+    from gptfast.kernels import _tuned
+
+    if args.dry_run:
+        import triton
+
+        return {"name": args.device_name, "capability": [0, 0], "triton": triton.__version__}
+    identity = _tuned.device_identity(device)
+    if args.device_name:
+        identity["name"] = args.device_name
+    return identity
+
+
+def write_table(path: str, identity: dict, winners: dict, results: list) -> None:
+    """Write (atomically) and re-read the table, so what is left on disk is always valid."""
+    from gptfast.kernels import _tuned
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_tuned.table_json(identity, winners, results), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+    _tuned.read_table(path)
+
+
+def run_tuning(args) -> int:
+    import torch
+
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    ctx = Context(device, torch.float16 if args.dry_run else torch.bfloat16, args.quick, args.dry_run)
+    identity = identity_for(args, device)
+    tunables = _attention_tunables(ctx) + _decode_tunables(ctx) + _layer_norm_tunables(ctx)
+    if args.kernels:
+        wanted = set(args.kernels.split(","))
+        tunables = [t for t in tunables if t.kernel in wanted or t.kernel.split(".")[0] in wanted]
+        if not tunables:
+            print(f"--kernels {args.kernels}: no tunable kernel of that name", file=sys.stderr)
+            return 2
+    winners, results = {}, []
+    write_table(args.out, identity, winners, results)
+    for tunable in tunables:
+        try:
+            winner = tune_one(ctx, tunable, results)
+        except CudaErrorStop as e:
+            print(f"{e}\nstopping; the table keeps the {len(winners)} kernel shapes tuned before", flush=True)
+            return 2
+        if winner is not None:
+            winners[(tunable.kernel, tunable.key)] = winner
+        write_table(args.out, identity, winners, results)
+    failed = [(t.kernel, t.key) for t in tunables if (t.kernel, t.key) not in winners]
+    print(f"tuned {len(winners)} of {len(tunables)} kernel shapes for {identity['name']}; table: {args.out}")
+    for kernel, key in failed:
+        print(f"  no candidate of {kernel} {key} passed: the built-in config stays")
+    return 1 if failed else 0
+
+
+def install(path: str, directory: Optional[str] = None) -> str:
+    """Validate the table at ``path`` and copy it into the tuned-table directory under its
+    device's file name; returns the new path."""
+    from gptfast.kernels import _tuned
+
+    table = _tuned.read_table(path)
+    directory = directory or _tuned.TUNED_DIR
+    os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, _tuned.table_file_name(table["device"]))
+    shutil.copyfile(path, target)
+    _tuned._load_tables.cache_clear()
+    return target
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gptfast.tune", description=__doc__.split("\n")[0])
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--out", metavar="FILE", help="tune on this device and write the table to FILE")
+    action.add_argument("--install", metavar="FILE", help="validate a table and copy it into kernels/tuned/")
+    parser.add_argument("--quick", action="store_true", help="first 4 candidates, first shape of each kernel")
+    parser.add_argument("--dry-run", action="store_true", help="CPU rehearsal through the Triton interpreter")
+    parser.add_argument("--device-name", help="device name recorded in the table (with --dry-run: the fake "
+                        "device, default dry-run-cpu)")
+    parser.add_argument("--kernels", help="comma-separated kernels or modules, e.g. layer_norm,causal_attention.fwd")
+    args = parser.parse_args(argv)
+    if args.install:
+        print(f"installed {install(args.install)}")
+        return 0
+    if args.dry_run:
+        args.device_name = args.device_name or "dry-run-cpu"
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("--dry-run must set TRITON_INTERPRET=1 before triton is imported")
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("tuning needs a CUDA device (use --dry-run to rehearse on a CPU)")
+    return run_tuning(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
