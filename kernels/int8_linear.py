@@ -127,14 +127,14 @@ def plan(m: int, n: int, k: int, cfg: dict, sms: int = DEFAULT_NUM_SMS):
     return k_per_split, triton.cdiv(max(k, 1), k_per_split)
 
 
-def int8_linear(x, weight, scale, bias=None, *, split_k=None):
+def int8_linear(x, weight, scale, bias=None, *, split_k=None, out=None):
     """Launch the kernel. x (M, K) any strides, fp16/bf16/fp32; weight (N, K) int8, any
     strides; scale (N,) fp32 or x's dtype, contiguous; bias (N,) x's dtype or None.
-    Returns a new (M, N) tensor in x's dtype. ``split_k`` overrides the heuristic (tests
-    use it to exercise several chunks on small shapes)."""
+    Writes and returns ``out`` (M, N) in x's dtype, a new tensor by default. ``split_k``
+    overrides the heuristic (tests use it to exercise several chunks on small shapes)."""
     m, k = x.shape
     n = weight.shape[0]
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype) if out is None else out
     if m == 0 or n == 0:
         return out
     cfg = tile_config(m)

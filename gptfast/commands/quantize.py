@@ -18,10 +18,12 @@ def run(args) -> int:
     import torch
 
     from gptfast.model import GPT
-    from gptfast.quantize import quantize, save_quantized
+    from gptfast.quantize import is_quantized_checkpoint, quantize, save_quantized
 
     if os.path.abspath(args.model) == os.path.abspath(args.out):
         raise ValueError(f"--out {args.out!r} is the --model directory: write the quantized copy elsewhere")
+    if is_quantized_checkpoint(args.model):
+        raise ValueError(f"--model {args.model!r} is already quantized (int8)")
     model = GPT.from_pretrained(args.model, device="cpu")
     quantize(model, "int8", scale_dtype=getattr(torch, args.scale_dtype) if args.scale_dtype else None)
     save_quantized(model, args.out)
