@@ -18,7 +18,7 @@ def run(args) -> int:
     import torch
 
     from gptfast.model import GPT
-    from gptfast.quantize import is_quantized_checkpoint, quantize, save_quantized
+    from gptfast.quantization import is_quantized_checkpoint, quantize, save_quantized
 
     if os.path.abspath(args.model) == os.path.abspath(args.out):
         raise ValueError(f"--out {args.out!r} is the --model directory: write the quantized copy elsewhere")

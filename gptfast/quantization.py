@@ -20,6 +20,9 @@ own tensor names and (N, K) nn.Linear layouts (not Hugging Face's Conv1D), and
 ``"gptfast_quantization"`` entry recording the scheme. ``load_quantized(dir)`` rebuilds
 the model from it; ``is_quantized_checkpoint(dir)`` tells the two kinds of directory
 apart (for ``GPT.from_pretrained``). Transformers cannot load such a directory.
+
+The module is ``gptfast.quantization``, not ``gptfast.quantize``: a submodule of that name
+would replace the package attribute ``gptfast.quantize`` (the function) once imported.
 """
 import json
 import os
