@@ -73,76 +73,75 @@ void scalar_channels(const Problem& p, int64_t n_begin, int64_t n_end) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define GPTFAST_INT8_X86 1
 
-// ---- AVX2 + FMA: 8 lanes -----------------------------------------------------------------
+// ---- the vector tile, over an instruction set's traits -------------------------------------
 
-__attribute__((target("avx2,fma"))) inline __m256 widen8(const int8_t* w) {
-  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w));
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-}
+// AVX2 + FMA: 8 lanes.
+struct Avx2 {
+  using Vec = __m256;
+  static constexpr int64_t kLanes = 8;
+  __attribute__((target("avx2,fma"))) static Vec zero() { return _mm256_setzero_ps(); }
+  __attribute__((target("avx2,fma"))) static Vec load(const float* x) { return _mm256_loadu_ps(x); }
+  __attribute__((target("avx2,fma"))) static Vec widen(const int8_t* w) {
+    __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+  }
+  __attribute__((target("avx2,fma"))) static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  __attribute__((target("avx2,fma"))) static float sum(Vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+    return _mm_cvtss_f32(s);
+  }
+};
 
-__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
-  return _mm_cvtss_f32(s);
-}
+// AVX-512F: 16 lanes.
+struct Avx512 {
+  using Vec = __m512;
+  static constexpr int64_t kLanes = 16;
+  __attribute__((target("avx512f"))) static Vec zero() { return _mm512_setzero_ps(); }
+  __attribute__((target("avx512f"))) static Vec load(const float* x) { return _mm512_loadu_ps(x); }
+  __attribute__((target("avx512f"))) static Vec widen(const int8_t* w) {
+    __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+  }
+  __attribute__((target("avx512f"))) static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  __attribute__((target("avx512f"))) static float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+};
 
-// 4 channels (c0..c0+3) x MT rows (r0..r0+MT-1).
-template <int MT>
-__attribute__((target("avx2,fma"))) void avx2_tile(const Problem& p, int64_t r0, int64_t c0) {
-  __m256 acc[MT][kTileN];
+// 4 channels (c0..c0+3) x MT rows (r0..r0+MT-1); the K tail past the last full vector is
+// summed in scalar. Its callers (avx2_tile / avx512_tile below) carry the `target` and
+// `flatten` attributes, so the traits and their intrinsics inline into them.
+template <class I, int MT>
+inline void tile(const Problem& p, int64_t r0, int64_t c0) {
+  typename I::Vec acc[MT][kTileN];
   for (int r = 0; r < MT; ++r)
-    for (int c = 0; c < kTileN; ++c) acc[r][c] = _mm256_setzero_ps();
+    for (int c = 0; c < kTileN; ++c) acc[r][c] = I::zero();
   const int8_t* w = p.w + c0 * p.k;
   const float* x = p.x + r0 * p.k;
-  const int64_t kv = p.k - p.k % 8;
-  for (int64_t i = 0; i < kv; i += 8) {
-    __m256 wv[kTileN];
-    for (int c = 0; c < kTileN; ++c) wv[c] = widen8(w + c * p.k + i);
+  const int64_t kv = p.k - p.k % I::kLanes;
+  for (int64_t i = 0; i < kv; i += I::kLanes) {
+    typename I::Vec wv[kTileN];
+    for (int c = 0; c < kTileN; ++c) wv[c] = I::widen(w + c * p.k + i);
     for (int r = 0; r < MT; ++r) {
-      __m256 xv = _mm256_loadu_ps(x + r * p.k + i);
-      for (int c = 0; c < kTileN; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+      typename I::Vec xv = I::load(x + r * p.k + i);
+      for (int c = 0; c < kTileN; ++c) acc[r][c] = I::fma(xv, wv[c], acc[r][c]);
     }
   }
   for (int r = 0; r < MT; ++r) {
     for (int c = 0; c < kTileN; ++c) {
-      float sum = hsum8(acc[r][c]);
+      float sum = I::sum(acc[r][c]);
       for (int64_t i = kv; i < p.k; ++i) sum += x[r * p.k + i] * static_cast<float>(w[c * p.k + i]);
       p.y[(r0 + r) * p.n + c0 + c] = finish(p, sum, c0 + c);
     }
   }
 }
 
-// ---- AVX-512F: 16 lanes ------------------------------------------------------------------
-
-__attribute__((target("avx512f"))) inline __m512 widen16(const int8_t* w) {
-  __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
-}
+template <int MT>
+__attribute__((target("avx2,fma"), flatten)) void avx2_tile(const Problem& p, int64_t r0, int64_t c0) { tile<Avx2, MT>(p, r0, c0); }
 
 template <int MT>
-__attribute__((target("avx512f"))) void avx512_tile(const Problem& p, int64_t r0, int64_t c0) {
-  __m512 acc[MT][kTileN];
-  for (int r = 0; r < MT; ++r)
-    for (int c = 0; c < kTileN; ++c) acc[r][c] = _mm512_setzero_ps();
-  const int8_t* w = p.w + c0 * p.k;
-  const float* x = p.x + r0 * p.k;
-  const int64_t kv = p.k - p.k % 16;
-  for (int64_t i = 0; i < kv; i += 16) {
-    __m512 wv[kTileN];
-    for (int c = 0; c < kTileN; ++c) wv[c] = widen16(w + c * p.k + i);
-    for (int r = 0; r < MT; ++r) {
-      __m512 xv = _mm512_loadu_ps(x + r * p.k + i);
-      for (int c = 0; c < kTileN; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < MT; ++r) {
-    for (int c = 0; c < kTileN; ++c) {
-      float sum = _mm512_reduce_add_ps(acc[r][c]);
-      for (int64_t i = kv; i < p.k; ++i) sum += x[r * p.k + i] * static_cast<float>(w[c * p.k + i]);
-      p.y[(r0 + r) * p.n + c0 + c] = finish(p, sum, c0 + c);
-    }
-  }
+__attribute__((target("avx512f"), flatten)) void avx512_tile(const Problem& p, int64_t r0, int64_t c0) {
+  tile<Avx512, MT>(p, r0, c0);
 }
 
 // Rows in tiles of MAX_MT (then the remainder), for the channel tiles in [n_begin, n_end);

@@ -27,14 +27,14 @@ product is compute-bound and the weight is read once per 128 rows.
 fp32 inputs multiply in IEEE fp32 (no TF32), so the result is as exact as F.linear's.
 Launchers assume validated inputs; ``gptfast.ops.int8_linear`` is the public face.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+# The SM count lookup of the decode-attention launcher (the same question, asked once per device).
+from gptfast.kernels.decode_attention import DEFAULT_NUM_SMS, num_sms
+
 PROGRAMS_PER_SM = 2  # split-K target: enough weight loads in flight per SM to cover DRAM latency
-DEFAULT_NUM_SMS = 132  # H200 / H100 SXM; used when the device cannot be asked (CPU, interpreter)
 MIN_K_PER_SPLIT = 256  # below this a chunk's fixed cost (x tile, partial write) dominates
 DECODE_MAX_ROWS = 64  # up to here: decode tiles and split-K; above: prefill tiles
 
@@ -87,17 +87,6 @@ def _int8_linear_kernel(
         acc = acc + bias[:, None]
     y_ptrs = Y + split * stride_ys + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None] * stride_yn
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return DEFAULT_NUM_SMS
 
 
 def tile_config(m: int) -> dict:
