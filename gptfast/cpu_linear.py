@@ -70,7 +70,7 @@ def enabled() -> bool:
 def applies_to(model) -> bool:
     """True when ``packed_linears(model)`` would pack: float32 weights on the CPU, packing
     enabled and available."""
-    weight = model.transformer.wte.weight
+    weight = next(model.parameters())  # a GPT's embedding (an int8 LM head has no float weight)
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and enabled() and available()
 
 

@@ -3,6 +3,7 @@ saves and loads to identical logits, refuses bad input (quantizing twice, a mism
 config, a float checkpoint, wrong scales), generates with identical tokens from the C++
 and Python engines, and the ``gptfast quantize`` verb writes a loadable directory."""
 import copy
+import importlib
 import json
 import os
 
@@ -27,8 +28,10 @@ LINEARS = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transf
 @pytest.fixture(autouse=True)
 def native_cpu_path(monkeypatch):
     """Run int8 layers as users on a CPU do (C++ kernel or torch path), not through the
-    Triton interpreter: the kernels have their own tests in test_int8_linear.py."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    Triton interpreter: the kernels have their own tests in test_int8_linear.py. (The
+    dispatch is patched, not TRITON_INTERPRET: triton reads that when a kernel module is
+    imported, and a module imported here must still run under the interpreter later.)"""
+    monkeypatch.setattr(importlib.import_module("gptfast.ops.int8_linear"), "use_triton", lambda t: False)
 
 
 @pytest.fixture(scope="module")
