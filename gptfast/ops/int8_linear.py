@@ -31,8 +31,8 @@ from gptfast.ops._dispatch import use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QMAX = 127  # symmetric int8: -127..127 (-128 is never produced)
-# Up to this many rows the C++ kernel beats dequantise + F.linear on the CPUs measured
-# (BENCHMARKS.md, "Weight-only int8"); above it the product is compute-bound.
+# The C++ kernel serves decode batches up to this many rows; longer inputs (prefill) are
+# compute-bound and go to dequantise + F.linear. The crossover has not been measured yet.
 CPU_KERNEL_MAX_ROWS = 64
 
 _cpu_kernel = []  # [op or None] once looked up
