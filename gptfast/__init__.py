@@ -42,6 +42,7 @@ _LAZY = {
     "SamplingParams": "gptfast.sampling",
     "generate": "gptfast.generation",
     "load_tokenizer": "gptfast.tokenizer",
+    "quantize": "gptfast.quantization",
 }
 
 

@@ -4,7 +4,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("info", "generate", "bench", "check", "profile", "demo", "train", "eval")
+COMMAND_MODULES = ("info", "generate", "bench", "check", "profile", "demo", "train", "eval", "quantize")
 
 
 def build_parser() -> argparse.ArgumentParser:

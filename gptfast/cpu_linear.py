@@ -80,7 +80,7 @@ def applies_to(model, enabled=None) -> bool:
     packing enabled (None: ``default_enabled()``) and available."""
     if enabled is None:
         enabled = default_enabled()
-    weight = model.lm_head.weight
+    weight = next(model.parameters())  # a GPT's embedding (an int8 LM head has no float weight)
     return bool(enabled) and weight.device.type == "cpu" and weight.dtype == torch.float32 and available()
 
 

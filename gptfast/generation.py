@@ -443,7 +443,7 @@ def generate(
         eos_token_id = getattr(tokenizer, "eos_token_id", None)
     eng = get_engine(engine)
 
-    weight = model.lm_head.weight
+    weight = next(model.parameters())  # a GPT's embedding (an int8 LM head has no float weight)
     device, dtype = weight.device, weight.dtype
     B, longest = len(prompts), max(len(t) for t in prompts)
     max_new = max(p.max_new_tokens for p in params)
@@ -491,7 +491,7 @@ def generate(
 def generate_ids(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k=None, seed=None):
     """``GPT.generate``'s contract on top of ``generate``: a (B, T) tensor (or list) of
     prompts in, (B, T + max_new_tokens) ids out, no stop tokens."""
-    device = model.lm_head.weight.device
+    device = next(model.parameters()).device
     idx = torch.as_tensor(prompt_ids, dtype=torch.long)
     idx = idx[None] if idx.dim() == 1 else idx
     if idx.dim() != 2:

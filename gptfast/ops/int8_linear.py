@@ -1,0 +1,161 @@
+"""``int8_linear``: a linear layer whose weight is stored as int8 with per-channel scales.
+
+    y = int8_linear(x, weight_int8, scale, bias=None)
+      = x @ (weight_int8 * scale[:, None])^T + bias
+
+x (..., K) fp16/bf16/fp32, any strides; weight_int8 (N, K) int8; scale (N,) in float32
+or x's dtype (symmetric per-output-channel scales, as ``quantize_weight`` makes them);
+bias (N,) in x's dtype, or None. Returns (..., N) in x's dtype. Weight-only: x is not
+quantised, products accumulate in fp32.
+
+Where it runs:
+
+- the Triton kernel (``gptfast.kernels.int8_linear``) on CUDA, or on CPU tensors under
+  the Triton interpreter (TRITON_INTERPRET=1);
+- on other CPU float32 inputs, the C++ kernel of the gptfast extension
+  (``torch.ops.gptfast_cpu.int8_linear``, csrc/int8_linear.cpp: AVX-512 / AVX2 /
+  scalar, chosen at run time) for up to ``CPU_KERNEL_MAX_ROWS`` rows, when the
+  extension is loaded; longer prompts are compute-bound and go to the torch path;
+- otherwise the torch path: dequantise to x's dtype, then ``F.linear``.
+
+The op is registered as ``torch.ops.gptfast.int8_linear`` with a fake implementation,
+so ``torch.compile(fullgraph=True)`` sees one op and CUDA graphs can capture it.
+Inference-only: calling ``backward`` through it raises a RuntimeError.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from gptfast.ops._dispatch import use_triton
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+QMAX = 127  # symmetric int8: -127..127 (-128 is never produced)
+# The C++ kernel serves decode batches up to this many rows; longer inputs (prefill) are
+# compute-bound and go to dequantise + F.linear. The crossover has not been measured yet.
+CPU_KERNEL_MAX_ROWS = 64
+
+_cpu_kernel = []  # [op or None] once looked up
+
+
+def _fail(arg, message, error=ValueError):
+    raise error(f"int8_linear: {arg} {message}")
+
+
+def _validate(x, weight, scale, bias) -> None:
+    """Types, shapes, dtypes and devices (static facts only, so torch.compile traces them)."""
+    for arg, t in (("x", x), ("weight_int8", weight), ("scale", scale)):
+        if not isinstance(t, torch.Tensor):
+            _fail(arg, f"must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        _fail("bias", f"must be a torch.Tensor or None, got {type(bias).__name__}", TypeError)
+    if x.dtype not in SUPPORTED_DTYPES:
+        _fail("x", f"has dtype {x.dtype}; supported: float16, bfloat16, float32", TypeError)
+    if weight.dtype != torch.int8:
+        _fail("weight_int8", f"must be int8, got {weight.dtype} (quantize it with quantize_weight)", TypeError)
+    if weight.dim() != 2:
+        _fail("weight_int8", f"must have shape (N, K), got {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        _fail("x", f"of shape {tuple(x.shape)} does not end in the weight's K = {k} (weight_int8 {tuple(weight.shape)})")
+    if scale.dtype not in (torch.float32, x.dtype):
+        _fail("scale", f"has dtype {scale.dtype}; it must be float32 or x's dtype {x.dtype}", TypeError)
+    if tuple(scale.shape) != (n,):
+        _fail("scale", f"must have shape ({n},) (one per output channel), got {tuple(scale.shape)}")
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            _fail("bias", f"has dtype {bias.dtype} but x has {x.dtype}", TypeError)
+        if tuple(bias.shape) != (n,):
+            _fail("bias", f"must have shape ({n},), got {tuple(bias.shape)}")
+    for arg, t in (("weight_int8", weight), ("scale", scale), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            _fail(arg, f"is on {t.device} but x is on {x.device}")
+
+
+def quantize_weight(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32):
+    """Symmetric per-output-channel int8 of a (N, K) weight: ``(weight_int8, scale)``.
+
+    ``scale[n] = max|weight[n]| / 127`` (1 for an all-zero row), stored in
+    ``scale_dtype``; ``weight_int8 = round(weight / scale)`` with the stored (rounded)
+    scale, so dequantising gives the nearest int8 multiple of the scale actually used.
+    """
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+        raise ValueError(f"quantize_weight: weight must be a 2-D floating tensor, got "
+                         f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
+    if scale_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"quantize_weight: scale_dtype {scale_dtype} is not one of float16, bfloat16, float32")
+    w = weight.detach().to(torch.float32)
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax)).to(scale_dtype)
+    q = torch.round(w / scale.to(torch.float32)[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def _int8_linear_torch(x2, weight, scale, bias):
+    """Torch path: dequantise to x's dtype, then F.linear."""
+    return F.linear(x2, weight.to(x2.dtype) * scale.to(x2.dtype)[:, None], bias)
+
+
+def cpu_kernel():
+    """``torch.ops.gptfast_cpu.int8_linear`` of the loaded gptfast extension, or None
+    (no extension, or one built before csrc/int8_linear.cpp). Looked up once."""
+    if not _cpu_kernel:
+        from gptfast.sampling import load_extension  # builds or loads gptfast._C (and registers the op)
+
+        op = None
+        if load_extension() is not None:
+            try:
+                op = torch.ops.gptfast_cpu.int8_linear
+            except (AttributeError, RuntimeError):
+                op = None
+        _cpu_kernel.append(op)
+    return _cpu_kernel[0]
+
+
+def _use_cpu_kernel(x2) -> bool:
+    return (x2.device.type == "cpu" and x2.dtype == torch.float32 and x2.shape[0] <= CPU_KERNEL_MAX_ROWS
+            and cpu_kernel() is not None)
+
+
+@torch.library.custom_op("gptfast::int8_linear", mutates_args=())
+def _int8_linear_op(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if use_triton(x2):
+        from gptfast.kernels import int8_linear as kernel  # imports triton: only on this path
+
+        return kernel.int8_linear(x2, weight, scale.contiguous(), None if bias is None else bias.contiguous())
+    if _use_cpu_kernel(x2):
+        return cpu_kernel()(x2.contiguous(), weight.contiguous(), scale.contiguous(),
+                            None if bias is None else bias.contiguous())
+    return _int8_linear_torch(x2, weight, scale, bias)
+
+
+@_int8_linear_op.register_fake
+def _(x2, weight, scale, bias):
+    return x2.new_empty((x2.shape[0], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    pass
+
+
+def _backward(ctx, grad_out):
+    raise RuntimeError(
+        "int8_linear is inference-only and has no backward; train the floating-point model "
+        "and quantize it afterwards (gptfast.quantize)"
+    )
+
+
+_int8_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def int8_linear(x, weight_int8, scale, bias=None):
+    """``x @ (weight_int8 * scale[:, None])^T + bias``; see the module docstring.
+
+    x (..., K) fp16/bf16/fp32; weight_int8 (N, K) int8; scale (N,) float32 or x's dtype;
+    bias (N,) in x's dtype or None. Returns (..., N) in x's dtype. Inference-only.
+    """
+    _validate(x, weight_int8, scale, bias)
+    n, k = weight_int8.shape
+    y = _int8_linear_op(x.reshape(-1, k), weight_int8, scale, bias)
+    return y.view(*x.shape[:-1], n)

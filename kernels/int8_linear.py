@@ -1,0 +1,182 @@
+"""Weight-only int8 matmul: ``y = (x @ w^T) * scale + bias`` with ``w`` int8 (N, K).
+
+Decoding reads every weight once per step, so it is bound by memory bandwidth; int8
+weights halve the bytes of bf16. The kernel loads a (BLOCK_N, BLOCK_K) int8 weight tile,
+widens it to x's dtype in registers (exact: |w| <= 127 fits fp16 and bf16 mantissas)
+and multiplies on the tensor cores, accumulating in fp32. The scale is per output
+channel, so it factors out of the sum over K and is applied once, after the loop.
+
+Swapped operands. The weight tile is the *left* operand and x's rows the right one:
+``acc (BLOCK_N, BLOCK_M) += dot(w (BLOCK_N, BLOCK_K), x^T (BLOCK_K, BLOCK_M))``. A decode
+step has 1..64 rows, far below the 64-row minimum of a Hopper warpgroup MMA's left
+operand, while BLOCK_N = 64 output channels fills it; the rows become the MMA's narrow
+side (16 at least: Triton's dot needs every dimension >= 16, so 1..15 rows are padded
+with masked zeros and the spare tensor-core work is free in a memory-bound step). The
+left operand may come from registers, which is where the widened weights are.
+
+Split-K. At batch 1 a 768-wide projection has only 12 tiles of 64 channels: far too few
+programs for 132 SMs to stream the weights at full bandwidth. ``plan()`` cuts K into
+``split_k`` chunks so that about ``PROGRAMS_PER_SM`` programs run per SM; each chunk
+writes its scaled fp32 partial sums into a (split_k, M, N) workspace (the bias rides on
+chunk 0) and a torch sum reduces them. Everything depends on shapes only, so launches
+can be captured in CUDA graphs.
+
+Large M (prefill) takes the same kernel with 128 x 128 tiles and no split: there the
+product is compute-bound and the weight is read once per 128 rows.
+
+fp32 inputs multiply in IEEE fp32 (no TF32), so the result is as exact as F.linear's.
+Launchers assume validated inputs; ``gptfast.ops.int8_linear`` is the public face.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# The SM count lookup of the decode-attention launcher (the same question, asked once per device).
+from gptfast.kernels.decode_attention import DEFAULT_NUM_SMS, num_sms
+
+PROGRAMS_PER_SM = 2  # split-K target: enough weight loads in flight per SM to cover DRAM latency
+MIN_K_PER_SPLIT = 256  # below this a chunk's fixed cost (x tile, partial write) dominates
+DECODE_MAX_ROWS = 64  # up to here: decode tiles and split-K; above: prefill tiles
+
+
+@triton.jit
+def _int8_linear_kernel(
+    X, W, SCALE, BIAS, Y,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_ys, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr,
+    IEEE_FP32: tl.constexpr,  # fp32 inputs: exact fp32 products instead of TF32
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+
+    k_lo = split * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    # 64-bit offsets: N * K of a vocabulary-sized LM head is near 2**31 for big models.
+    w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :] * stride_wk
+    x_ptrs = X + (k_lo + offs_k)[:, None] * stride_xk + offs_m[None, :].to(tl.int64) * stride_xm
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        k_mask = (k + offs_k) < k_hi
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0)
+        xt = tl.load(x_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+        w = w.to(xt.dtype)  # dequantise in registers (the scale comes after the sum)
+        if IEEE_FP32:
+            acc = tl.dot(w, xt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc)
+        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K * stride_xk
+
+    scale = tl.load(SCALE + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    acc = acc * scale[:, None]
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=n_mask & (split == 0), other=0.0).to(tl.float32)
+        acc = acc + bias[:, None]
+    y_ptrs = Y + split * stride_ys + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None] * stride_yn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+
+
+def tile_config(m: int) -> dict:
+    """Tile sizes and launch options for ``m`` rows (shapes only: CUDA-graph safe).
+
+    Decode (m <= DECODE_MAX_ROWS): 64 channels x the rows rounded up to 16/32/64, K in
+    steps of 128. Prefill: 128 x 128 tiles, K steps of 64, one split.
+    """
+    if m <= DECODE_MAX_ROWS:
+        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+        return {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+
+
+def plan(m: int, n: int, k: int, cfg: dict, sms: int = DEFAULT_NUM_SMS):
+    """(k_per_split, split_k): K cut into chunks of whole BLOCK_K steps, so that about
+    PROGRAMS_PER_SM * sms programs run (decode shapes only), each chunk at least
+    MIN_K_PER_SPLIT long."""
+    block_k = cfg["BLOCK_K"]
+    k_blocks = triton.cdiv(max(k, 1), block_k)
+    tiles = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"])
+    wanted = 1
+    if m <= DECODE_MAX_ROWS:
+        wanted = triton.cdiv(PROGRAMS_PER_SM * sms, tiles)
+    wanted = max(1, min(wanted, triton.cdiv(k, MIN_K_PER_SPLIT), k_blocks))
+    k_per_split = triton.cdiv(k_blocks, wanted) * block_k
+    return k_per_split, triton.cdiv(max(k, 1), k_per_split)
+
+
+def int8_linear(x, weight, scale, bias=None, *, split_k=None, out=None):
+    """Launch the kernel. x (M, K) any strides, fp16/bf16/fp32; weight (N, K) int8, any
+    strides; scale (N,) fp32 or x's dtype, contiguous; bias (N,) x's dtype or None.
+    Writes and returns ``out`` (M, N) in x's dtype, a new tensor by default. ``split_k``
+    overrides the heuristic (tests use it to exercise several chunks on small shapes)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype) if out is None else out
+    if m == 0 or n == 0:
+        return out
+    cfg = tile_config(m)
+    k_per_split, splits = plan(m, n, k, cfg, num_sms(x.device))
+    if split_k is not None:
+        k_per_split = triton.cdiv(triton.cdiv(max(k, 1), cfg["BLOCK_K"]), split_k) * cfg["BLOCK_K"]
+        splits = triton.cdiv(max(k, 1), k_per_split)
+    y = out if splits == 1 else torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), splits)
+    _int8_linear_kernel[grid](
+        x, weight, scale, bias if bias is not None else scale, y,
+        m, n, k, k_per_split,
+        *x.stride(), *weight.stride(),
+        y.stride(0) if splits > 1 else 0, y.stride(-2), y.stride(-1),
+        HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits > 1:
+        out.copy_(y.sum(dim=0))
+    return out
+
+
+def static_configs():
+    """Shipped configurations for ``gptfast.compile_report``: bf16 activations with bias,
+    every decode tile (16, 32 and 64 rows) and the prefill tile, as launched on a
+    contiguous x and weight (unit K strides are constexprs, as Triton's JIT specialises
+    integer arguments equal to 1; the other strides and sizes are multiples of 16 at
+    GPT-2 shapes). Every tile multiplies on the tensor cores; the warpgroup MMA (HGMMA)
+    is required where the left operand spans 64+ channels and 4+ warps, i.e. all of them.
+    """
+    signature = {
+        "X": "*bf16", "W": "*i8", "SCALE": "*fp32", "BIAS": "*bf16", "Y": "*bf16",
+        "M": "i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32",
+        "stride_xm": "i32", "stride_xk": "constexpr",
+        "stride_wn": "i32", "stride_wk": "constexpr",
+        "stride_ys": "i32", "stride_ym": "i32", "stride_yn": "constexpr",
+        "HAS_BIAS": "constexpr", "IEEE_FP32": "constexpr",
+        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+    }
+    aligned = ["N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "stride_ys", "stride_ym"]
+    configs = []
+    for rows in (1, 17, 64, 1024):
+        cfg = tile_config(rows)
+        configs.append({
+            "name": f"int8_linear_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_bf16",
+            "fn": _int8_linear_kernel,
+            "signature": dict(signature),
+            "constexprs": {"stride_xk": 1, "stride_wk": 1, "stride_yn": 1, "HAS_BIAS": True, "IEEE_FP32": False,
+                           "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]},
+            "divisible_by_16": aligned,
+            "num_warps": cfg["num_warps"],
+            "num_stages": cfg["num_stages"],
+            "require_hgmma": True,
+        })
+    return configs
