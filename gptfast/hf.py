@@ -23,6 +23,9 @@ class CheckpointError(ValueError):
 
 
 # config.json keys whose GPTConfig field has another name, for messages that name both.
+# config.json key of a weight-only quantized checkpoint (gptfast.quantization writes it):
+# such a directory holds int8 tensors in gptfast's layout, which HF GPT-2 cannot read.
+QUANTIZATION_KEY = "gptfast_quantization"
 HF_NAMES = {"block_size": "n_positions", "dropout": "resid_pdrop", "pos_embedding": "gptfast_pos_embedding"}
 
 
@@ -172,7 +175,14 @@ def load_pretrained(cls, path, backend=None, device=None, dtype=None):
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{path}: missing config.json")
-    config = config_from_hf(_read_json(config_path), source=config_path)
+    hf_config = _read_json(config_path)
+    if QUANTIZATION_KEY in hf_config:
+        raise CheckpointError(
+            f"{path} holds a {hf_config[QUANTIZATION_KEY].get('scheme', 'quantized')!r} quantized gptfast checkpoint: "
+            "load it with gptfast.quantization.load_quantized(path) (the CLI verbs and "
+            "gptfast.loading.load_model_and_tokenizer do)"
+        )
+    config = config_from_hf(hf_config, source=config_path)
     model = cls(config, backend=backend)
     hf_state = load_state_dict(path)
     check_finite(hf_state, path)
@@ -186,6 +196,10 @@ def load_pretrained(cls, path, backend=None, device=None, dtype=None):
 def save_pretrained(model, path) -> None:
     """Write config.json + model.safetensors in HF GPT-2 layout (tied head stored once)."""
     from safetensors.torch import save_file
+
+    if any(key.endswith("weight_int8") for key in model.state_dict()):
+        raise ValueError("save_pretrained: the model is quantized; HF GPT-2 cannot hold int8 weights: "
+                         "save it with gptfast.quantization.save_quantized(model, path)")
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)

@@ -2,6 +2,7 @@
 
 A model comes from a directory or from a preset:
 
+- a weight-only int8 directory (``gptfast quantize``; see gptfast.quantization);
 - a gptfast run directory (``checkpoint.pt``; the weights of its latest checkpoint, and
   the tokenizer it was trained with), or a Hugging Face GPT-2 directory (``config.json`` +
   weights). A run directory that has exported its final model holds both: the checkpoint
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 
 from gptfast import checkpoint as ckpt_io
+from gptfast import quantization
 from gptfast.tokenizer import has_tokenizer_files, load_tokenizer
 
 # Settings of a directory's model that a caller may change without retraining it.
@@ -105,6 +107,8 @@ def _model_from_dir(path, overrides: dict, backend, device=None, dtype=None):
         model = GPT(GPTConfig.from_dict(state["model_config"]), backend=backend)
         model.load_state_dict(state["model"])
         own_tokenizer = own_tokenizer or state["train_config"].get("tokenizer")
+    elif quantization.is_quantized_checkpoint(path):
+        model = quantization.load_quantized(str(path), backend=backend, device=device, dtype=dtype)
     elif (path / "config.json").exists():
         model = GPT.from_pretrained(str(path), backend=backend, device=device, dtype=dtype)  # loaded in place
     else:

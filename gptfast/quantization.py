@@ -31,11 +31,11 @@ import torch
 import torch.nn as nn
 
 from gptfast.config import GPTConfig
-from gptfast.hf import SAFETENSORS, CheckpointError, config_from_hf, config_to_hf
+from gptfast.hf import QUANTIZATION_KEY, SAFETENSORS, CheckpointError, config_from_hf, config_to_hf
 from gptfast.ops.int8_linear import int8_linear, quantize_weight
 
 SCHEMES = ("int8",)
-CONFIG_KEY = "gptfast_quantization"
+CONFIG_KEY = QUANTIZATION_KEY
 FORMAT_VERSION = 1
 
 

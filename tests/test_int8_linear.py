@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gptfast.ops import _dispatch
-from gptfast.ops.int8_linear import _int8_linear_torch, cpu_kernel, int8_linear, quantize_weight
+from gptfast.ops.int8_linear import cpu_kernel, int8_linear, quantize_weight
+from gptfast.ops.torch_path import int8_linear as _int8_linear_torch
 from gptfast.reference.int8_linear import int8_linear as reference
 from gptfast.testing import assert_error_ratio, poison_
 

@@ -24,6 +24,8 @@ def register(subparsers):
     p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda or cuda:N (auto: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--backend", default=None, choices=["reference", "torch", "fused"])
+    p.add_argument("--int8", action="store_true",
+                   help="quantize the linear layers to weight-only int8 after loading (see gptfast quantize)")
     p.set_defaults(func=run)
 
 
@@ -32,6 +34,7 @@ def run(args) -> int:
 
     from gptfast.generation import generate, get_engine
     from gptfast.loading import load_model_and_tokenizer
+    from gptfast.quantization import is_quantized, quantize
     from gptfast.sampling import SamplingParams
 
     params = SamplingParams(
@@ -50,6 +53,8 @@ def run(args) -> int:
     loaded = load_model_and_tokenizer(args.model, preset="tiny", tokenizer=args.tokenizer, backend=args.backend,
                                       device=args.device, dtype=dtype)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    if args.int8 and not is_quantized(model):
+        quantize(model, "int8")
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")

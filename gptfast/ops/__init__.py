@@ -18,7 +18,8 @@ it has the four functions every backend module has. ``gptfast.ops.torch_path`` i
 """
 from gptfast.ops.causal_attention import causal_attention
 from gptfast.ops.decode_attention import decode_attention
+from gptfast.ops.int8_linear import int8_linear
 from gptfast.ops.layer_norm import layer_norm
 from gptfast.ops.torch_path import gelu
 
-__all__ = ["causal_attention", "decode_attention", "gelu", "layer_norm"]
+__all__ = ["causal_attention", "decode_attention", "gelu", "int8_linear", "layer_norm"]

@@ -25,8 +25,8 @@ Inference-only: calling ``backward`` through it raises a RuntimeError.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from gptfast.ops import torch_path
 from gptfast.ops._dispatch import use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,11 +91,6 @@ def quantize_weight(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float
     return q.contiguous(), scale.contiguous()
 
 
-def _int8_linear_torch(x2, weight, scale, bias):
-    """Torch path: dequantise to x's dtype, then F.linear."""
-    return F.linear(x2, weight.to(x2.dtype) * scale.to(x2.dtype)[:, None], bias)
-
-
 def cpu_kernel():
     """``torch.ops.gptfast_cpu.int8_linear`` of the loaded gptfast extension, or None
     (no extension, or one built before csrc/int8_linear.cpp). Looked up once."""
@@ -127,7 +122,7 @@ def _int8_linear_op(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if _use_cpu_kernel(x2):
         return cpu_kernel()(x2.contiguous(), weight.contiguous(), scale.contiguous(),
                             None if bias is None else bias.contiguous())
-    return _int8_linear_torch(x2, weight, scale, bias)
+    return torch_path.int8_linear(x2, weight, scale, bias)
 
 
 @_int8_linear_op.register_fake

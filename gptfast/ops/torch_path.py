@@ -10,6 +10,7 @@ Same signatures as the fused ops and the reference twins:
 - ``decode_attention(q, k_cache, v_cache, cache_lens, scale=None)``: SDPA of one query per
   row, masked by ``cache_lens`` (clamped into [1, S]); stale cache slots may hold NaN.
 - ``gelu(x)``: GPT-2's tanh GELU.
+- ``int8_linear(x, weight_int8, scale, bias=None)``: dequantise to x's dtype, then ``F.linear``.
 
 Inputs are not validated here: the ops of ``gptfast.ops`` validate before they dispatch,
 and the model passes only shapes it built. Nothing here reads a tensor's value on the
@@ -78,3 +79,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
 def gelu(x: Tensor) -> Tensor:
     """GPT-2's GELU, the tanh approximation ("gelu_new" in Hugging Face)."""
     return F.gelu(x, approximate="tanh")
+
+
+def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ (weight_int8 * scale[:, None])^T + bias``: the weight dequantised to x's dtype."""
+    return F.linear(x, weight_int8.to(x.dtype) * scale.to(x.dtype)[:, None], bias)

@@ -40,7 +40,8 @@ def _int8_inputs(rows, n, k, dtype, device):
 def _provider(name, device):
     """(forward, make_inputs(rows, n, k, dtype)) of a provider; raises SkipCase where it cannot run."""
     from gptfast.ops import int8_linear as op_module  # noqa: F401  (registers the op)
-    from gptfast.ops.int8_linear import _int8_linear_torch, cpu_kernel, int8_linear
+    from gptfast.ops.int8_linear import cpu_kernel, int8_linear
+    from gptfast.ops.torch_path import int8_linear as _int8_linear_torch
 
     if name == "gptfast":
         if is_gpu(device):
