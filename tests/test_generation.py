@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gptfast import generation, sampling
+from gptfast import decode_graphs, extension, generation
 from gptfast.config import GPTConfig
 from gptfast.generation import InvalidLogitsError, generate
 from gptfast.model import GPT
@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def engines():
     names = ["python"]
-    if sampling.load_extension() is not None:
+    if extension.load_extension() is not None:
         names.append("cpp")
     return names
 
@@ -135,11 +135,14 @@ def test_seed_reproducible_and_none_draws_a_seed(model, engines):
     assert first.seed == again.seed and first.token_ids == again.token_ids
 
 
-def test_gpt_generate_delegates_and_keeps_its_contract(model):
+def test_tensor_prompts_give_the_tokens_of_list_prompts(model):
+    # (B, T) and (T,) id tensors (the contract of the former generate_ids) in, one result per row.
     prompt = torch.tensor([[4, 5, 6], [7, 8, 9]])
-    out = model.generate(prompt, 6, temperature=0)
-    expected = torch.tensor([r.token_ids for r in generate(model, prompt.tolist(), greedy(max_new_tokens=6))])
-    assert out.shape == (2, 9) and torch.equal(out[:, 3:], expected) and torch.equal(out[:, :3], prompt)
+    out = generate(model, prompt, greedy(max_new_tokens=6, ignore_eos=True))
+    expected = [r.token_ids for r in generate(model, prompt.tolist(), greedy(max_new_tokens=6))]
+    assert [r.token_ids for r in out] == expected and all(len(t) == 6 for t in expected)
+    assert [r.prompt_token_ids for r in out] == prompt.tolist()
+    assert generate(model, prompt[1], greedy(max_new_tokens=6))[0].token_ids == expected[1]
 
 
 # ---- the loop: positions, stops, streaming, errors -------------------------------------
@@ -242,8 +245,7 @@ def test_graph_cache_reuses_static_state(model, engines, monkeypatch):
             m, engine, p, s = self.args
             engine.sample_step(m(s.tokens, input_pos=s.positions), p, s)
 
-    monkeypatch.setattr(generation, "_capture", ReplayEagerly)
-    monkeypatch.setattr(generation, "_graphs_supported", lambda device: True)
+    monkeypatch.setattr(generation, "GRAPHS", decode_graphs.DecodeGraphs(ReplayEagerly, device_types=("cpu",)))
     prompts = [[1, 2, 3], [4]]
     for engine in engines:
         for seed in (1, 2):

@@ -1,14 +1,14 @@
 """The sampler: C++ extension vs its Python twin, the noise, the processors, the
-distribution, parameter validation and the extension loader. CPU only, small shapes."""
+distribution and parameter validation. CPU only, small shapes. (The extension's loader:
+tests/test_extension.py.)"""
 import math
 import os
-import warnings
 
 import pytest
 import torch
 
-from gptfast import sampling
-from gptfast.generation import CppEngine, PythonEngine
+from gptfast import decode_state, extension, sampling
+from gptfast.engines import CppEngine, PythonEngine
 from gptfast.reference import sampling as twin
 from gptfast.sampling import SamplingParams, build_sampling_tensors, new_decode_state
 
@@ -17,9 +17,9 @@ V = 97  # a vocabulary that is not a power of two
 
 @pytest.fixture(scope="module")
 def ext():
-    module = sampling.load_extension()
+    module = extension.load_extension()
     if module is None:
-        reason = f"C++ sampling extension unavailable: {sampling.extension_status()}"
+        reason = f"C++ sampling extension unavailable: {extension.extension_status()}"
         if os.environ.get("GPTFAST_REQUIRE_EXT") == "1":  # CI builds the extension: its absence is a failure
             pytest.fail(reason)
         pytest.skip(reason)
@@ -212,9 +212,9 @@ def test_cpp_and_twin_identical_with_stops_and_min_new_tokens(engines):
     state_cpp = others[0][1]
     out = state_cpp.out_tokens
     assert out[0, :3].ne(7).all() and out[0, 3] == 7 and out[0, 4:].eq(-1).all()  # stops right at min_new_tokens
-    assert state_cpp.finish_reason.tolist()[0] == twin.FINISH_STOP_TOKEN
+    assert state_cpp.finish_reason.tolist()[0] == decode_state.FINISH_STOP_TOKEN
     assert out[2, :4].ne(-1).all() and out[2, 4:].eq(-1).all()  # eos ignored: runs to its length
-    assert state_cpp.finish_reason[2] == twin.FINISH_LENGTH
+    assert state_cpp.finish_reason[2] == decode_state.FINISH_LENGTH
     assert out[3, :5].ne(7).all() and out[3, 5] == 7  # eos is a stop token too
 
 
@@ -425,56 +425,3 @@ def test_params_checked_against_the_vocabulary():
             make_batch([SamplingParams(**kwargs)])
     assert SamplingParams(stop="###").stop == ("###",)
     assert SamplingParams(seed=2**63 - 1, top_p=1.0, min_p=0.0).replace(top_k=3).top_k == 3
-
-
-# ---- the extension loader ----------------------------------------------------------------
-
-
-@pytest.fixture
-def fresh_loader(monkeypatch):
-    sampling.reset_extension_cache()
-    yield monkeypatch
-    monkeypatch.undo()
-    sampling.reset_extension_cache()
-
-
-def test_no_ext_env_falls_back_to_twin_with_warning(fresh_loader):
-    fresh_loader.setenv("GPTFAST_NO_EXT", "1")
-    with pytest.warns(sampling.SamplingExtensionWarning, match="GPTFAST_NO_EXT=1.*Python twin"):
-        assert sampling.load_extension() is None
-    assert "Python twin" in sampling.extension_status()
-    from gptfast.generation import get_engine
-
-    assert get_engine("auto").name == "python"
-    with pytest.raises(RuntimeError, match="unavailable"):
-        get_engine("cpp")
-
-
-def test_failed_build_falls_back_with_one_line_warning(fresh_loader, tmp_path):
-    broken = tmp_path / "broken.cpp"
-    broken.write_text("#error this source is broken on purpose\n")
-    fresh_loader.delenv("GPTFAST_NO_EXT", raising=False)
-    fresh_loader.setenv("GPTFAST_CACHE_DIR", str(tmp_path / "cache"))
-    fresh_loader.setattr(sampling, "_prebuilt", lambda: (None, "gptfast._C not built"))
-    fresh_loader.setattr(sampling, "source_files", lambda: [str(broken)])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert sampling.load_extension() is None
-    messages = [str(w.message) for w in caught if issubclass(w.category, sampling.SamplingExtensionWarning)]
-    assert len(messages) == 1 and "JIT build failed" in messages[0] and "\n" not in messages[0]
-
-
-def test_jit_build_is_announced_cached_and_version_checked(tmp_path, monkeypatch, capfd):
-    # The loader's JIT path on a small stand-in source (the real one takes minutes to
-    # compile): a visible message on the first build, none when the cache has it.
-    source = tmp_path / "mini.cpp"
-    source.write_text(
-        "#include <pybind11/pybind11.h>\n"
-        f"PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{ m.attr(\"API_VERSION\") = {sampling.EXTENSION_API_VERSION}; }}\n"
-    )
-    monkeypatch.setenv("GPTFAST_CACHE_DIR", str(tmp_path / "cache"))
-    module, status = sampling._jit([str(source)])
-    assert module.API_VERSION == sampling.EXTENSION_API_VERSION and str(tmp_path / "cache") in status
-    assert "building the C++ sampling extension" in capfd.readouterr().err
-    sampling._jit([str(source)])
-    assert "building" not in capfd.readouterr().err
