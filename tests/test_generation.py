@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gptfast import decode_graphs, extension, generation
+from gptfast import decode_graphs, extension, generation, sampling
 from gptfast.config import GPTConfig
 from gptfast.generation import InvalidLogitsError, generate
 from gptfast.model import GPT
@@ -274,3 +274,52 @@ def test_cli_falls_back_to_the_twin_without_the_extension():
                            "--temperature", "0"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Python twin" in proc.stderr and "tokens/s" in proc.stdout
+
+
+# ---- the CUDA-graph key, CPU weight packing ---------------------------------------------
+
+
+def test_graph_key_names_every_buffer_and_parameter_the_graph_reads(model):
+    from gptfast.engines import PythonEngine
+
+    model.setup_cache(2, 16)
+    params = [greedy(max_new_tokens=4)] * 2
+    p = sampling.build_sampling_tensors(params, 61, [0, 0], "cpu")
+    s = sampling.new_decode_state([[1], [2]], params, p, 61, "cpu")
+    key = decode_graphs.graph_key(model, PythonEngine.name, p, s)
+    assert key == decode_graphs.graph_key(model, PythonEngine.name, p, s)
+    caches = [block.attn.kv_cache for block in model.transformer.h]
+    assert len(caches) == 2
+    for attr in ("k", "v"):  # a new buffer in the last layer alone must change the key
+        old = getattr(caches[-1], attr)
+        setattr(caches[-1], attr, old.clone())
+        assert decode_graphs.graph_key(model, PythonEngine.name, p, s) != key, attr
+        setattr(caches[-1], attr, old)
+    assert decode_graphs.graph_key(model, PythonEngine.name, p, s) == key
+    weight = model.transformer.h[1].mlp.c_fc.weight
+    model.transformer.h[1].mlp.c_fc.weight = nn.Parameter(weight.detach().clone())
+    try:
+        assert decode_graphs.graph_key(model, PythonEngine.name, p, s) != key
+    finally:
+        model.transformer.h[1].mlp.c_fc.weight = weight
+    wider = sampling.build_sampling_tensors([SamplingParams(max_new_tokens=4, top_k=3)] * 2, 61, [0, 0], "cpu")
+    assert decode_graphs.graph_key(model, PythonEngine.name, wider, s) != key
+    assert decode_graphs.graph_key(model, "cpp", p, s) != key
+
+
+@pytest.mark.parametrize("packed", [None, True, False])
+def test_packed_cpu_weights_is_passed_to_cpu_linear(model, monkeypatch, packed):
+    from gptfast import cpu_linear
+
+    calls = []
+    real = cpu_linear.packed_linears
+
+    def recording(m, enabled=True):
+        calls.append(enabled)
+        return real(m, enabled=enabled)
+
+    monkeypatch.setattr(cpu_linear, "packed_linears", recording)
+    monkeypatch.setenv("GPTFAST_CPU_PACKED_LINEAR", "0")
+    out = generate(model, [[1, 2]], greedy(max_new_tokens=3), packed_cpu_weights=packed)
+    assert calls == [False if packed is None else packed]  # None: the environment decides
+    assert out[0].token_ids == generate(model, [[1, 2]], greedy(max_new_tokens=3))[0].token_ids

@@ -425,3 +425,79 @@ def test_params_checked_against_the_vocabulary():
             make_batch([SamplingParams(**kwargs)])
     assert SamplingParams(stop="###").stop == ("###",)
     assert SamplingParams(seed=2**63 - 1, top_p=1.0, min_p=0.0).replace(top_k=3).top_k == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, names",
+    [
+        (dict(logit_bias={3: 1e300}), ValueError, ["logit_bias[3]", "1e+300"]),
+        (dict(logit_bias={5: -1e300}), ValueError, ["logit_bias[5]", "-1e+300"]),
+        (dict(logit_bias={4: math.inf}), ValueError, ["logit_bias[4]", "inf"]),
+        (dict(logit_bias={4: "1"}), ValueError, ["logit_bias[4]", "'1'"]),
+        (dict(presence_penalty=1e300), ValueError, ["presence_penalty", "1e+300"]),
+        (dict(presence_penalty=-1e300), ValueError, ["presence_penalty", "-1e+300"]),
+        (dict(frequency_penalty=1e300), ValueError, ["frequency_penalty", "1e+300"]),
+        (dict(frequency_penalty=-math.inf), ValueError, ["frequency_penalty", "-inf"]),
+        (dict(frequency_penalty=math.nan), ValueError, ["frequency_penalty", "nan"]),
+        (dict(temperature=1e300), ValueError, ["temperature", "1e+300"]),
+        (dict(temperature=math.inf), ValueError, ["temperature", "inf"]),
+        (dict(temperature=1e-300), ValueError, ["temperature", "1e-300"]),
+        (dict(top_p=math.nan), ValueError, ["top_p", "nan"]),
+        (dict(top_p=math.inf), ValueError, ["top_p", "inf"]),
+        (dict(min_p=math.nan), ValueError, ["min_p", "nan"]),
+        (dict(repetition_penalty=1e300), ValueError, ["repetition_penalty", "1e+300"]),
+        (dict(repetition_penalty=1e-300), ValueError, ["repetition_penalty", "1e-300"]),
+        (dict(repetition_penalty=math.nan), ValueError, ["repetition_penalty", "nan"]),
+        (dict(repetition_penalty=math.inf), ValueError, ["repetition_penalty", "inf"]),
+        (dict(temperature="hot"), TypeError, ["temperature", "'hot'"]),
+        (dict(top_k=True), TypeError, ["top_k", "True"]),
+    ],
+)
+def test_values_outside_float32_or_the_documented_range_are_named(kwargs, error, names):
+    # Each of these used to pass construction and fail later (float32 conversion) or turn
+    # logits into NaN, with an error blaming the model's weights.
+    with pytest.raises(error) as caught:
+        SamplingParams(**kwargs)
+    assert all(name in str(caught.value) for name in names), str(caught.value)
+
+
+def test_the_range_limits_themselves_are_accepted_and_sample_finite(engines):
+    edge = [dict(presence_penalty=1e6, frequency_penalty=-1e6), dict(repetition_penalty=1e-6),
+            dict(repetition_penalty=1e6, temperature=1e-6), dict(temperature=1e6), dict(logit_bias={3: 3e38})]
+    params = [SamplingParams(seed=i, **kw) for i, kw in enumerate(edge)]
+    for engine in engines:
+        _, s = run_steps(engine, params, random_logits(3, len(edge)))
+        assert s.bad_step.tolist() == [-1] * len(edge), name_of(engine)
+
+
+def test_top_k_keeps_ties_with_the_kth_token_like_hugging_face(engines):
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    # Uniform logits over 5 tokens, top_k=3: HF keeps all five (each ties the 3rd).
+    logits = torch.full((1, 8), -math.inf)
+    logits[0, :5] = 1.5
+    kept = TopKLogitsWarper(3)(None, logits.clone()).isfinite()[0].nonzero().flatten().tolist()
+    assert kept == [0, 1, 2, 3, 4]
+    rows = 200
+    params = [SamplingParams(top_k=3, seed=s) for s in range(rows)]
+    results = {}
+    for engine in engines:
+        tokens, _ = run_steps(engine, params, [logits.expand(rows, -1).contiguous()] * 2)
+        results[name_of(engine)] = tokens
+        assert {t for step in tokens for t in step} == set(kept), name_of(engine)
+    assert len({repr(r) for r in results.values()}) == 1
+    # Ties at the k-th place of a large vocabulary (the C++ CPU path's top-K list, which
+    # must give way to the sorted vocabulary), mixed with untied rows and other k.
+    vocab = 400
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(6, vocab, generator=g)
+    big[0, 50:60] = 8.0  # ten tokens tie for the lead, top_k=2 keeps all ten
+    big[1, [7, 300, 399]] = 9.0
+    big[1, [8, 9, 200, 350]] = 8.5  # the 4th..7th tie, top_k=4 keeps seven
+    params = [SamplingParams(top_k=k, seed=i, **extra) for i, (k, extra) in enumerate(
+        [(2, {}), (4, {}), (5, {}), (2, dict(top_p=0.5)), (4, dict(min_p=0.2)), (3, dict(temperature=0.0))])]
+    results = [run_steps(e, params, [big] * 4)[0] for e in engines]
+    assert all(r == results[0] for r in results[1:])
+    rows = [SamplingParams(top_k=2, seed=s) for s in range(300)]
+    drawn = {t for step in run_steps(engines[-1], rows, [big[:1].expand(300, -1).contiguous()])[0] for t in step}
+    assert drawn == set(range(50, 60))
