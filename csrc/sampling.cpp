@@ -237,11 +237,17 @@ std::pair<Tensor, Tensor> choose_tokens(const Tensor& x, const Params& p, const 
 // Top-k drops what is below the k-th candidate, so ties with it stay (Hugging Face's
 // rule); top-p compares unnormalised float64 prefix sums with top_p * total, which come
 // out the same on a top-K list as on the whole sorted vocabulary (the CPU path's list).
+Tensor filter_top_p(Tensor cand, const Params& p);
+
 Tensor filter_sorted(Tensor cand, const Params& p) {
   if (p.use_top_k) {
     Tensor kth = cand.gather(1, p.top_k.clamp_max(cand.size(-1)).sub(1));
     cand = cand.masked_fill(cand.lt(kth), kNegInf);
   }
+  return filter_top_p(cand, p);
+}
+
+Tensor filter_top_p(Tensor cand, const Params& p) {
   if (p.use_top_p) {
     Tensor cand_d = cand.to(at::kDouble);
     Tensor weight = at::exp(cand_d.sub(cand_d.narrow(1, 0, 1)));
@@ -328,7 +334,7 @@ bool all_on_cpu_contiguous(std::initializer_list<Tensor> tensors) {
 
 bool cpu_fast_path_applies(const Tensor& logits, const Params& p, const State& s) {
   return logits.device().is_cpu() &&
-         all_on_cpu_contiguous({p.greedy, p.temperature, p.repetition_penalty, p.presence_penalty,
+         all_on_cpu_contiguous({p.greedy, p.temperature, p.top_k, p.repetition_penalty, p.presence_penalty,
                                 p.frequency_penalty, p.min_new_tokens, p.max_new_tokens, p.logit_bias, p.stop_mask,
                                 s.tokens, s.positions, s.step, s.generated, s.finished, s.finish_reason, s.bad_step,
                                 s.out_tokens, s.counts, s.prompt_seen});
@@ -653,7 +659,14 @@ std::pair<Tensor, Tensor> choose_tokens_cpu(const Tensor& logits, const Params& 
     Tensor z_all = x.sub(std::get<0>(at::max(x, -1)).unsqueeze(1)).div(p.temperature);  // the twin's z
     return {at::where(p.greedy, greedy_tokens, sample_candidates(z_all, p, s, false)), bad};
   }
-  return {at::where(p.greedy, greedy_tokens, race(filter_sorted(cand, p), cand_ids, p, s, false)), bad};
+  if (p.use_top_k) {  // filter_sorted's top-k on the list, as a loop (the list's z strictly decrease)
+    const int64_t* top_k = p.top_k.data_ptr<int64_t>();
+    for (int64_t b = 0; b < rows; ++b) {
+      float* values = cand.data_ptr<float>() + b * k;
+      for (int64_t i = std::min(top_k[b], k); i < k; ++i) values[i] = -std::numeric_limits<float>::infinity();
+    }
+  }
+  return {at::where(p.greedy, greedy_tokens, race(filter_top_p(cand, p), cand_ids, p, s, false)), bad};
 }
 
 // The twin's bookkeeping after the choice, as a loop over rows.
