@@ -52,15 +52,22 @@ def test_failed_build_falls_back_with_one_line_warning(fresh_loader, tmp_path):
     assert len(messages) == 1 and "JIT build failed" in messages[0] and "\n" not in messages[0]
 
 
-def test_jit_build_is_announced_cached_and_version_checked(tmp_path, monkeypatch, capfd):
-    # The loader's JIT path on a small stand-in source (the real one takes minutes to
-    # compile): a visible message on the first build, none when the cache has it.
+def mini_source(tmp_path, monkeypatch):
+    """A small stand-in for csrc/ (the real one takes minutes to compile), with the JIT
+    cache under tmp_path."""
     source = tmp_path / "mini.cpp"
     source.write_text(
         "#include <pybind11/pybind11.h>\n"
         f"PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{ m.attr(\"API_VERSION\") = {extension.EXTENSION_API_VERSION}; }}\n"
     )
     monkeypatch.setenv("GPTFAST_CACHE_DIR", str(tmp_path / "cache"))
+    return source
+
+
+def test_jit_build_is_announced_cached_and_version_checked(tmp_path, monkeypatch, capfd):
+    # The loader's JIT path on a small stand-in source (the real one takes minutes to
+    # compile): a visible message on the first build, none when the cache has it.
+    source = mini_source(tmp_path, monkeypatch)
     module, status = extension._jit([str(source)])
     assert module.API_VERSION == extension.EXTENSION_API_VERSION and str(tmp_path / "cache") in status
     assert "building the C++ sampling extension" in capfd.readouterr().err
@@ -71,12 +78,7 @@ def test_jit_build_is_announced_cached_and_version_checked(tmp_path, monkeypatch
 def test_stale_torch_build_lock_is_removed_not_waited_on(tmp_path, monkeypatch):
     # A build killed by a timeout leaves torch's `lock` file; torch would wait on it
     # forever. In a subprocess bounded by `timeout`: the loader must remove it and load.
-    source = tmp_path / "mini.cpp"
-    source.write_text(
-        "#include <pybind11/pybind11.h>\n"
-        f"PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{ m.attr(\"API_VERSION\") = {extension.EXTENSION_API_VERSION}; }}\n"
-    )
-    monkeypatch.setenv("GPTFAST_CACHE_DIR", str(tmp_path / "cache"))
+    source = mini_source(tmp_path, monkeypatch)
     _, build_dir = extension._jit_target([str(source)])
     os.makedirs(build_dir)
     (tmp_path / "cache").joinpath(os.path.basename(build_dir), "lock").write_text("")  # the killed build's baton
