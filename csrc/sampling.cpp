@@ -36,7 +36,7 @@ using at::Tensor;
 namespace {
 
 // Bumped whenever the Python <-> C++ interface changes; the loader rejects a stale build.
-constexpr int64_t kApiVersion = 2;
+constexpr int64_t kApiVersion = 3;
 
 // ---- counter-based noise (see the twin's mix32 / row_keys / uniform_noise) -------------
 
@@ -127,11 +127,11 @@ Tensor tensor_attr(py::handle obj, const char* name) {
   return value.is_none() ? Tensor() : value.cast<Tensor>();
 }
 
-struct Params {  // mirrors gptfast.reference.sampling.SamplingTensors
+struct Params {  // mirrors gptfast.decode_state.SamplingTensors
   Tensor greedy, temperature, top_k, top_p, log_min_p, repetition_penalty, presence_penalty, frequency_penalty,
       min_new_tokens, max_new_tokens, seed, table, logit_bias, stop_mask;
-  bool all_greedy, use_repetition, use_presence_frequency, use_min_new, use_top_k, use_top_p, use_min_p;
-  int64_t num_candidates, num_logprobs;
+  bool all_greedy, use_repetition, use_presence_frequency, use_min_new, use_top_k, use_top_p, use_min_p, sort_vocab;
+  int64_t max_top_k, num_logprobs;
 
   static Params from(py::handle o) {
     Params p;
@@ -156,14 +156,15 @@ struct Params {  // mirrors gptfast.reference.sampling.SamplingTensors
     p.use_top_k = o.attr("use_top_k").cast<bool>();
     p.use_top_p = o.attr("use_top_p").cast<bool>();
     p.use_min_p = o.attr("use_min_p").cast<bool>();
-    p.num_candidates = o.attr("num_candidates").cast<int64_t>();
+    p.sort_vocab = o.attr("sort_vocab").cast<bool>();
+    p.max_top_k = o.attr("max_top_k").cast<int64_t>();
     p.num_logprobs = o.attr("num_logprobs").cast<int64_t>();
     TORCH_CHECK(!p.use_min_new || p.stop_mask.defined(), "sampling: min_new_tokens needs stop_mask");
     return p;
   }
 };
 
-struct State {  // mirrors gptfast.reference.sampling.DecodeState
+struct State {  // mirrors gptfast.decode_state.DecodeState
   Tensor tokens, positions, step, generated, finished, finish_reason, bad_step, out_tokens, counts, prompt_seen,
       out_logprobs, out_top_ids, out_top_logprobs;
 
@@ -232,35 +233,41 @@ std::pair<Tensor, Tensor> choose_tokens(const Tensor& x, const Params& p, const 
   return {at::where(p.greedy, greedy_tokens, sample_candidates(z, p, s, force_aten)), bad};
 }
 
-// Steps 8-9 on temperature-scaled logits z (B, V): candidates, filters, exponential race.
-Tensor sample_candidates(const Tensor& z, const Params& p, const State& s, bool force_aten) {
-  Tensor cand, cand_ids;
-  if (p.num_candidates > 0) {
-    if (p.num_candidates < z.size(-1)) {
-      std::tie(cand, cand_ids) = at::topk(z, p.num_candidates, -1, /*largest=*/true, /*sorted=*/true);
-    } else {
-      std::tie(cand, cand_ids) = at::sort(z, /*stable=*/true, -1, /*descending=*/true);
-    }
-  } else {
-    cand = z;
+// Step 8's top-k and top-p on candidates sorted by z, descending (twin: filter_sorted).
+// Top-k drops what is below the k-th candidate, so ties with it stay (Hugging Face's
+// rule); top-p compares unnormalised float64 prefix sums with top_p * total, which come
+// out the same on a top-K list as on the whole sorted vocabulary (the CPU path's list).
+Tensor filter_top_p(Tensor cand, const Params& p);
+
+Tensor filter_sorted(Tensor cand, const Params& p) {
+  if (p.use_top_k) {
+    Tensor kth = cand.gather(1, p.top_k.clamp_max(cand.size(-1)).sub(1));
+    cand = cand.masked_fill(cand.lt(kth), kNegInf);
   }
-  return race(cand, cand_ids, p, s, force_aten);
+  return filter_top_p(cand, p);
 }
 
-// Steps 8-9 after candidate selection: top-k / top-p / min-p masks and the exponential
-// race. cand_ids undefined means cand covers the whole vocabulary in token order.
-Tensor race(Tensor cand, const Tensor& cand_ids, const Params& p, const State& s, bool force_aten) {
-  if (cand_ids.defined()) {
-    if (p.use_top_k) {
-      Tensor rank = at::arange(cand.size(-1), cand.options().dtype(at::kLong));
-      cand = cand.masked_fill(rank.unsqueeze(0).ge(p.top_k), kNegInf);
-    }
-    if (p.use_top_p) {
-      Tensor probs = at::softmax(cand.to(at::kDouble), -1);
-      Tensor mass_before = probs.cumsum(-1).sub(probs);
-      cand = cand.masked_fill(mass_before.ge(p.top_p), kNegInf);
-    }
+Tensor filter_top_p(Tensor cand, const Params& p) {
+  if (p.use_top_p) {
+    Tensor cand_d = cand.to(at::kDouble);
+    Tensor weight = at::exp(cand_d.sub(cand_d.narrow(1, 0, 1)));
+    Tensor total = weight.cumsum(-1);
+    Tensor limit = p.top_p.mul(total.narrow(1, total.size(1) - 1, 1));
+    cand = cand.masked_fill(total.sub(weight).ge(limit), kNegInf);
   }
+  return cand;
+}
+
+// Steps 8-9 on temperature-scaled logits z (B, V): candidates, filters, exponential race.
+Tensor sample_candidates(const Tensor& z, const Params& p, const State& s, bool force_aten) {
+  if (!p.sort_vocab) return race(z, Tensor(), p, s, force_aten);
+  auto [cand, cand_ids] = at::sort(z, /*stable=*/true, -1, /*descending=*/true);
+  return race(filter_sorted(cand, p), cand_ids, p, s, force_aten);
+}
+
+// Step 8's min-p and step 9's exponential race on filtered candidates. cand_ids
+// undefined means cand covers the whole vocabulary in token order.
+Tensor race(Tensor cand, const Tensor& cand_ids, const Params& p, const State& s, bool force_aten) {
   if (p.use_min_p) cand = cand.masked_fill(cand.lt(p.log_min_p), kNegInf);
   Tensor u = uniform_noise(p, s, cand_ids, force_aten);
   Tensor score = cand.to(at::kDouble).sub(at::log(at::log(u).neg()));
@@ -327,7 +334,7 @@ bool all_on_cpu_contiguous(std::initializer_list<Tensor> tensors) {
 
 bool cpu_fast_path_applies(const Tensor& logits, const Params& p, const State& s) {
   return logits.device().is_cpu() &&
-         all_on_cpu_contiguous({p.greedy, p.temperature, p.repetition_penalty, p.presence_penalty,
+         all_on_cpu_contiguous({p.greedy, p.temperature, p.top_k, p.repetition_penalty, p.presence_penalty,
                                 p.frequency_penalty, p.min_new_tokens, p.max_new_tokens, p.logit_bias, p.stop_mask,
                                 s.tokens, s.positions, s.step, s.generated, s.finished, s.finish_reason, s.bad_step,
                                 s.out_tokens, s.counts, s.prompt_seen});
@@ -464,13 +471,16 @@ inline int64_t row_grain(int64_t vocab) {
 }
 
 // at::topk(z, k) (largest, sorted) of one CPU row, z = (x - m) / t with t > 0, where the
-// answer is unique, found without computing z for the whole row. z is a non-decreasing
+// answer is unique, found without computing z for the whole row. Then the k largest z
+// are strictly above every other z, so for every row's top_k <= k the tokens that
+// top-k keeps (ties with the k-th included) are the first top_k of this list, and the
+// list stands in for the sorted vocabulary. z is a non-decreasing
 // function of x, so the k largest z are among the k + 1 largest x: a size-(k+1) min-heap
 // finds those in one pass over x (eight logits at a time against the heap's minimum,
 // which skips most of the row). Their z, in order, must then be strictly decreasing:
 // then every other token has z <= the (k+1)-th's < the k-th's, the top k is the only
 // possible answer, and it equals torch.topk's. Returns false otherwise (ties, NaN, or
-// the (k+1)-th x tied with another), and the caller asks at::topk itself.
+// the (k+1)-th x tied with another), and the caller sorts the whole vocabulary instead.
 bool unique_topk_row(const float* x, int64_t vocab, int64_t k, float m, float t, float* values, int64_t* indices,
                      std::vector<float>& heap, std::vector<std::pair<float, int64_t>>& top) {
   const int64_t keep = k + 1;  // callers guarantee 4 * k <= vocab
@@ -600,10 +610,11 @@ void process_row_cpu(const scalar_t* in, float* x, int64_t b, int64_t vocab, con
 }
 
 // choose_tokens on the CPU, row by row while the row is in cache: processors, max and
-// argmax, z = (x - max) / T, and (when the batch samples from a top-K list) the row's top
-// K; then the filters and the race through ATen as in the general path.
+// argmax, z = (x - max) / T, and (when every sampled row has a top_k <= K) the row's top
+// K; then the filters and the race through ATen as in the general path. A tie at a top-K
+// list's end (where top-k might keep tokens past it) sends the batch to the sorted path.
 std::pair<Tensor, Tensor> choose_tokens_cpu(const Tensor& logits, const Params& p, const State& s) {
-  const int64_t rows = logits.size(0), vocab = logits.size(1), k = p.num_candidates;
+  const int64_t rows = logits.size(0), vocab = logits.size(1), k = p.max_top_k;
   const int64_t step = s.step.data_ptr<int64_t>()[0];
   Tensor src = logits.contiguous();
   const bool any_processor = p.use_repetition || p.use_presence_frequency || p.logit_bias.defined() || p.use_min_new;
@@ -617,7 +628,6 @@ std::pair<Tensor, Tensor> choose_tokens_cpu(const Tensor& logits, const Params& 
   Tensor cand_ids = row_topk ? at::arange(k, src.options().dtype(at::kLong)).repeat({rows, 1}) : Tensor();
   Tensor greedy_tokens = at::empty({rows}, src.options().dtype(at::kLong));
   Tensor bad = at::empty({rows}, src.options().dtype(at::kBool));
-  std::vector<float> xmax(rows);
   std::vector<char> topk_fallback(rows, 0);
   const bool* greedy_rows = p.greedy.data_ptr<bool>();
   const float* temperature = p.temperature.data_ptr<float>();
@@ -630,7 +640,6 @@ std::pair<Tensor, Tensor> choose_tokens_cpu(const Tensor& logits, const Params& 
         if (own_x) process_row_cpu<scalar_t>(src.data_ptr<scalar_t>() + b * vocab, xr, b, vocab, p, s, step);
         const int64_t index = argmax_row(xr, vocab);
         const float m = xr[index];  // torch.max's value: the first maximum's own bits
-        xmax[b] = m;
         greedy_tokens.data_ptr<int64_t>()[b] = index;
         bad.data_ptr<bool>()[b] = std::isnan(m) || m == -std::numeric_limits<float>::infinity();
         if (p.all_greedy || (row_topk && greedy_rows[b])) continue;  // greedy rows need no candidates
@@ -646,14 +655,18 @@ std::pair<Tensor, Tensor> choose_tokens_cpu(const Tensor& logits, const Params& 
   });
   if (p.all_greedy) return {greedy_tokens, bad};
   if (!row_topk) return {at::where(p.greedy, greedy_tokens, sample_candidates(z, p, s, false)), bad};
-  for (int64_t b = 0; b < rows; ++b) {
-    if (!topk_fallback[b]) continue;
-    Tensor z_row = x.select(0, b).sub(xmax[b]).div(temperature[b]);  // the twin's z, for at::topk
-    auto [values, indices] = at::topk(z_row, k, -1, /*largest=*/true, /*sorted=*/true);
-    cand.select(0, b).copy_(values);
-    cand_ids.select(0, b).copy_(indices);
+  if (std::find(topk_fallback.begin(), topk_fallback.end(), 1) != topk_fallback.end()) {
+    Tensor z_all = x.sub(std::get<0>(at::max(x, -1)).unsqueeze(1)).div(p.temperature);  // the twin's z
+    return {at::where(p.greedy, greedy_tokens, sample_candidates(z_all, p, s, false)), bad};
   }
-  return {at::where(p.greedy, greedy_tokens, race(cand, cand_ids, p, s, false)), bad};
+  if (p.use_top_k) {  // filter_sorted's top-k on the list, as a loop (the list's z strictly decrease)
+    const int64_t* top_k = p.top_k.data_ptr<int64_t>();
+    for (int64_t b = 0; b < rows; ++b) {
+      float* values = cand.data_ptr<float>() + b * k;
+      for (int64_t i = std::min(top_k[b], k); i < k; ++i) values[i] = -std::numeric_limits<float>::infinity();
+    }
+  }
+  return {at::where(p.greedy, greedy_tokens, race(filter_top_p(cand, p), cand_ids, p, s, false)), bad};
 }
 
 // The twin's bookkeeping after the choice, as a loop over rows.

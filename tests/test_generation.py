@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gptfast import generation, sampling
+from gptfast import decode_graphs, extension, generation, sampling
 from gptfast.config import GPTConfig
 from gptfast.generation import InvalidLogitsError, generate
 from gptfast.model import GPT
@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def engines():
     names = ["python"]
-    if sampling.load_extension() is not None:
+    if extension.load_extension() is not None:
         names.append("cpp")
     return names
 
@@ -135,11 +135,14 @@ def test_seed_reproducible_and_none_draws_a_seed(model, engines):
     assert first.seed == again.seed and first.token_ids == again.token_ids
 
 
-def test_gpt_generate_delegates_and_keeps_its_contract(model):
+def test_tensor_prompts_give_the_tokens_of_list_prompts(model):
+    # (B, T) and (T,) id tensors (the contract of the former generate_ids) in, one result per row.
     prompt = torch.tensor([[4, 5, 6], [7, 8, 9]])
-    out = model.generate(prompt, 6, temperature=0)
-    expected = torch.tensor([r.token_ids for r in generate(model, prompt.tolist(), greedy(max_new_tokens=6))])
-    assert out.shape == (2, 9) and torch.equal(out[:, 3:], expected) and torch.equal(out[:, :3], prompt)
+    out = generate(model, prompt, greedy(max_new_tokens=6, ignore_eos=True))
+    expected = [r.token_ids for r in generate(model, prompt.tolist(), greedy(max_new_tokens=6))]
+    assert [r.token_ids for r in out] == expected and all(len(t) == 6 for t in expected)
+    assert [r.prompt_token_ids for r in out] == prompt.tolist()
+    assert generate(model, prompt[1], greedy(max_new_tokens=6))[0].token_ids == expected[1]
 
 
 # ---- the loop: positions, stops, streaming, errors -------------------------------------
@@ -242,8 +245,7 @@ def test_graph_cache_reuses_static_state(model, engines, monkeypatch):
             m, engine, p, s = self.args
             engine.sample_step(m(s.tokens, input_pos=s.positions), p, s)
 
-    monkeypatch.setattr(generation, "_capture", ReplayEagerly)
-    monkeypatch.setattr(generation, "_graphs_supported", lambda device: True)
+    monkeypatch.setattr(generation, "GRAPHS", decode_graphs.DecodeGraphs(ReplayEagerly, device_types=("cpu",)))
     prompts = [[1, 2, 3], [4]]
     for engine in engines:
         for seed in (1, 2):
@@ -272,3 +274,52 @@ def test_cli_falls_back_to_the_twin_without_the_extension():
                            "--temperature", "0"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Python twin" in proc.stderr and "tokens/s" in proc.stdout
+
+
+# ---- the CUDA-graph key, CPU weight packing ---------------------------------------------
+
+
+def test_graph_key_names_every_buffer_and_parameter_the_graph_reads(model):
+    from gptfast.engines import PythonEngine
+
+    model.setup_cache(2, 16)
+    params = [greedy(max_new_tokens=4)] * 2
+    p = sampling.build_sampling_tensors(params, 61, [0, 0], "cpu")
+    s = sampling.new_decode_state([[1], [2]], params, p, 61, "cpu")
+    key = decode_graphs.graph_key(model, PythonEngine.name, p, s)
+    assert key == decode_graphs.graph_key(model, PythonEngine.name, p, s)
+    caches = [block.attn.kv_cache for block in model.transformer.h]
+    assert len(caches) == 2
+    for attr in ("k", "v"):  # a new buffer in the last layer alone must change the key
+        old = getattr(caches[-1], attr)
+        setattr(caches[-1], attr, old.clone())
+        assert decode_graphs.graph_key(model, PythonEngine.name, p, s) != key, attr
+        setattr(caches[-1], attr, old)
+    assert decode_graphs.graph_key(model, PythonEngine.name, p, s) == key
+    weight = model.transformer.h[1].mlp.c_fc.weight
+    model.transformer.h[1].mlp.c_fc.weight = nn.Parameter(weight.detach().clone())
+    try:
+        assert decode_graphs.graph_key(model, PythonEngine.name, p, s) != key
+    finally:
+        model.transformer.h[1].mlp.c_fc.weight = weight
+    wider = sampling.build_sampling_tensors([SamplingParams(max_new_tokens=4, top_k=3)] * 2, 61, [0, 0], "cpu")
+    assert decode_graphs.graph_key(model, PythonEngine.name, wider, s) != key
+    assert decode_graphs.graph_key(model, "cpp", p, s) != key
+
+
+@pytest.mark.parametrize("packed", [None, True, False])
+def test_packed_cpu_weights_is_passed_to_cpu_linear(model, monkeypatch, packed):
+    from gptfast import cpu_linear
+
+    calls = []
+    real = cpu_linear.packed_linears
+
+    def recording(m, enabled=True):
+        calls.append(enabled)
+        return real(m, enabled=enabled)
+
+    monkeypatch.setattr(cpu_linear, "packed_linears", recording)
+    monkeypatch.setenv("GPTFAST_CPU_PACKED_LINEAR", "0")
+    out = generate(model, [[1, 2]], greedy(max_new_tokens=3), packed_cpu_weights=packed)
+    assert calls == [False if packed is None else packed]  # None: the environment decides
+    assert out[0].token_ids == generate(model, [[1, 2]], greedy(max_new_tokens=3))[0].token_ids

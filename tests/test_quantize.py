@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gptfast
-from gptfast import sampling
+from gptfast import extension
 from gptfast.config import GPTConfig
 from gptfast.generation import generate
 from gptfast.hf import CheckpointError
@@ -146,7 +146,7 @@ def test_float_checkpoint_is_not_a_quantized_one(fp32_model, tmp_path):
 
 
 def test_generate_on_a_quantized_model_engines_agree(int8_model):
-    engines = ["python"] + (["cpp"] if sampling.load_extension() is not None else [])
+    engines = ["python"] + (["cpp"] if extension.load_extension() is not None else [])
     prompts = [[1, 2, 3, 4], [5, 6]]
     params = [SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True),
               SamplingParams(max_new_tokens=12, temperature=0.9, top_k=20, seed=7, ignore_eos=True)]

@@ -1,14 +1,14 @@
 """The sampler: C++ extension vs its Python twin, the noise, the processors, the
-distribution, parameter validation and the extension loader. CPU only, small shapes."""
+distribution and parameter validation. CPU only, small shapes. (The extension's loader:
+tests/test_extension.py.)"""
 import math
 import os
-import warnings
 
 import pytest
 import torch
 
-from gptfast import sampling
-from gptfast.generation import CppEngine, PythonEngine
+from gptfast import decode_state, extension, sampling
+from gptfast.engines import CppEngine, PythonEngine
 from gptfast.reference import sampling as twin
 from gptfast.sampling import SamplingParams, build_sampling_tensors, new_decode_state
 
@@ -17,9 +17,9 @@ V = 97  # a vocabulary that is not a power of two
 
 @pytest.fixture(scope="module")
 def ext():
-    module = sampling.load_extension()
+    module = extension.load_extension()
     if module is None:
-        reason = f"C++ sampling extension unavailable: {sampling.extension_status()}"
+        reason = f"C++ sampling extension unavailable: {extension.extension_status()}"
         if os.environ.get("GPTFAST_REQUIRE_EXT") == "1":  # CI builds the extension: its absence is a failure
             pytest.fail(reason)
         pytest.skip(reason)
@@ -212,9 +212,9 @@ def test_cpp_and_twin_identical_with_stops_and_min_new_tokens(engines):
     state_cpp = others[0][1]
     out = state_cpp.out_tokens
     assert out[0, :3].ne(7).all() and out[0, 3] == 7 and out[0, 4:].eq(-1).all()  # stops right at min_new_tokens
-    assert state_cpp.finish_reason.tolist()[0] == twin.FINISH_STOP_TOKEN
+    assert state_cpp.finish_reason.tolist()[0] == decode_state.FINISH_STOP_TOKEN
     assert out[2, :4].ne(-1).all() and out[2, 4:].eq(-1).all()  # eos ignored: runs to its length
-    assert state_cpp.finish_reason[2] == twin.FINISH_LENGTH
+    assert state_cpp.finish_reason[2] == decode_state.FINISH_LENGTH
     assert out[3, :5].ne(7).all() and out[3, 5] == 7  # eos is a stop token too
 
 
@@ -427,54 +427,77 @@ def test_params_checked_against_the_vocabulary():
     assert SamplingParams(seed=2**63 - 1, top_p=1.0, min_p=0.0).replace(top_k=3).top_k == 3
 
 
-# ---- the extension loader ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, error, names",
+    [
+        (dict(logit_bias={3: 1e300}), ValueError, ["logit_bias[3]", "1e+300"]),
+        (dict(logit_bias={5: -1e300}), ValueError, ["logit_bias[5]", "-1e+300"]),
+        (dict(logit_bias={4: math.inf}), ValueError, ["logit_bias[4]", "inf"]),
+        (dict(logit_bias={4: "1"}), ValueError, ["logit_bias[4]", "'1'"]),
+        (dict(presence_penalty=1e300), ValueError, ["presence_penalty", "1e+300"]),
+        (dict(presence_penalty=-1e300), ValueError, ["presence_penalty", "-1e+300"]),
+        (dict(frequency_penalty=1e300), ValueError, ["frequency_penalty", "1e+300"]),
+        (dict(frequency_penalty=-math.inf), ValueError, ["frequency_penalty", "-inf"]),
+        (dict(frequency_penalty=math.nan), ValueError, ["frequency_penalty", "nan"]),
+        (dict(temperature=1e300), ValueError, ["temperature", "1e+300"]),
+        (dict(temperature=math.inf), ValueError, ["temperature", "inf"]),
+        (dict(temperature=1e-300), ValueError, ["temperature", "1e-300"]),
+        (dict(top_p=math.nan), ValueError, ["top_p", "nan"]),
+        (dict(top_p=math.inf), ValueError, ["top_p", "inf"]),
+        (dict(min_p=math.nan), ValueError, ["min_p", "nan"]),
+        (dict(repetition_penalty=1e300), ValueError, ["repetition_penalty", "1e+300"]),
+        (dict(repetition_penalty=1e-300), ValueError, ["repetition_penalty", "1e-300"]),
+        (dict(repetition_penalty=math.nan), ValueError, ["repetition_penalty", "nan"]),
+        (dict(repetition_penalty=math.inf), ValueError, ["repetition_penalty", "inf"]),
+        (dict(temperature="hot"), TypeError, ["temperature", "'hot'"]),
+        (dict(top_k=True), TypeError, ["top_k", "True"]),
+    ],
+)
+def test_values_outside_float32_or_the_documented_range_are_named(kwargs, error, names):
+    # Each of these used to pass construction and fail later (float32 conversion) or turn
+    # logits into NaN, with an error blaming the model's weights.
+    with pytest.raises(error) as caught:
+        SamplingParams(**kwargs)
+    assert all(name in str(caught.value) for name in names), str(caught.value)
 
 
-@pytest.fixture
-def fresh_loader(monkeypatch):
-    sampling.reset_extension_cache()
-    yield monkeypatch
-    monkeypatch.undo()
-    sampling.reset_extension_cache()
+def test_the_range_limits_themselves_are_accepted_and_sample_finite(engines):
+    edge = [dict(presence_penalty=1e6, frequency_penalty=-1e6), dict(repetition_penalty=1e-6),
+            dict(repetition_penalty=1e6, temperature=1e-6), dict(temperature=1e6), dict(logit_bias={3: 3e38})]
+    params = [SamplingParams(seed=i, **kw) for i, kw in enumerate(edge)]
+    for engine in engines:
+        _, s = run_steps(engine, params, random_logits(3, len(edge)))
+        assert s.bad_step.tolist() == [-1] * len(edge), name_of(engine)
 
 
-def test_no_ext_env_falls_back_to_twin_with_warning(fresh_loader):
-    fresh_loader.setenv("GPTFAST_NO_EXT", "1")
-    with pytest.warns(sampling.SamplingExtensionWarning, match="GPTFAST_NO_EXT=1.*Python twin"):
-        assert sampling.load_extension() is None
-    assert "Python twin" in sampling.extension_status()
-    from gptfast.generation import get_engine
+def test_top_k_keeps_ties_with_the_kth_token_like_hugging_face(engines):
+    from transformers.generation.logits_process import TopKLogitsWarper
 
-    assert get_engine("auto").name == "python"
-    with pytest.raises(RuntimeError, match="unavailable"):
-        get_engine("cpp")
-
-
-def test_failed_build_falls_back_with_one_line_warning(fresh_loader, tmp_path):
-    broken = tmp_path / "broken.cpp"
-    broken.write_text("#error this source is broken on purpose\n")
-    fresh_loader.delenv("GPTFAST_NO_EXT", raising=False)
-    fresh_loader.setenv("GPTFAST_CACHE_DIR", str(tmp_path / "cache"))
-    fresh_loader.setattr(sampling, "_prebuilt", lambda: (None, "gptfast._C not built"))
-    fresh_loader.setattr(sampling, "source_files", lambda: [str(broken)])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert sampling.load_extension() is None
-    messages = [str(w.message) for w in caught if issubclass(w.category, sampling.SamplingExtensionWarning)]
-    assert len(messages) == 1 and "JIT build failed" in messages[0] and "\n" not in messages[0]
-
-
-def test_jit_build_is_announced_cached_and_version_checked(tmp_path, monkeypatch, capfd):
-    # The loader's JIT path on a small stand-in source (the real one takes minutes to
-    # compile): a visible message on the first build, none when the cache has it.
-    source = tmp_path / "mini.cpp"
-    source.write_text(
-        "#include <pybind11/pybind11.h>\n"
-        f"PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{ m.attr(\"API_VERSION\") = {sampling.EXTENSION_API_VERSION}; }}\n"
-    )
-    monkeypatch.setenv("GPTFAST_CACHE_DIR", str(tmp_path / "cache"))
-    module, status = sampling._jit([str(source)])
-    assert module.API_VERSION == sampling.EXTENSION_API_VERSION and str(tmp_path / "cache") in status
-    assert "building the C++ sampling extension" in capfd.readouterr().err
-    sampling._jit([str(source)])
-    assert "building" not in capfd.readouterr().err
+    # Uniform logits over 5 tokens, top_k=3: HF keeps all five (each ties the 3rd).
+    logits = torch.full((1, 8), -math.inf)
+    logits[0, :5] = 1.5
+    kept = TopKLogitsWarper(3)(None, logits.clone()).isfinite()[0].nonzero().flatten().tolist()
+    assert kept == [0, 1, 2, 3, 4]
+    rows = 200
+    params = [SamplingParams(top_k=3, seed=s) for s in range(rows)]
+    results = {}
+    for engine in engines:
+        tokens, _ = run_steps(engine, params, [logits.expand(rows, -1).contiguous()] * 2)
+        results[name_of(engine)] = tokens
+        assert {t for step in tokens for t in step} == set(kept), name_of(engine)
+    assert len({repr(r) for r in results.values()}) == 1
+    # Ties at the k-th place of a large vocabulary (the C++ CPU path's top-K list, which
+    # must give way to the sorted vocabulary), mixed with untied rows and other k.
+    vocab = 400
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(6, vocab, generator=g)
+    big[0, 50:60] = 8.0  # ten tokens tie for the lead, top_k=2 keeps all ten
+    big[1, [7, 300, 399]] = 9.0
+    big[1, [8, 9, 200, 350]] = 8.5  # the 4th..7th tie, top_k=4 keeps seven
+    params = [SamplingParams(top_k=k, seed=i, **extra) for i, (k, extra) in enumerate(
+        [(2, {}), (4, {}), (5, {}), (2, dict(top_p=0.5)), (4, dict(min_p=0.2)), (3, dict(temperature=0.0))])]
+    results = [run_steps(e, params, [big] * 4)[0] for e in engines]
+    assert all(r == results[0] for r in results[1:])
+    rows = [SamplingParams(top_k=2, seed=s) for s in range(300)]
+    drawn = {t for step in run_steps(engines[-1], rows, [big[:1].expand(300, -1).contiguous()])[0] for t in step}
+    assert drawn == set(range(50, 60))

@@ -32,7 +32,8 @@ def register(subparsers):
 def run(args) -> int:
     import torch
 
-    from gptfast.generation import generate, get_engine
+    from gptfast.engines import get_engine
+    from gptfast.generation import generate
     from gptfast.loading import load_model_and_tokenizer
     from gptfast.quantization import is_quantized, quantize
     from gptfast.sampling import SamplingParams

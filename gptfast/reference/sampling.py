@@ -2,8 +2,9 @@
 
 It is the judge of the extension: for the same inputs it runs the same sequence of
 torch operations, so the C++ loop and this twin choose identical tokens for one seed.
-It never imports the extension. ``gptfast.sampling`` turns ``SamplingParams`` into the
-per-row tensors below; ``gptfast.generation`` drives the loop.
+It never imports the extension or the product sampler; the data it works on
+(``SamplingTensors``, ``DecodeState``) is defined in ``gptfast.decode_state``, which
+``gptfast.sampling`` fills from ``SamplingParams``; ``gptfast.generation`` drives the loop.
 
 One sampling step (``sample_step``), per row of a (B, V) batch of logits:
 
@@ -17,9 +18,11 @@ One sampling step (``sample_step``), per row of a (B, V) batch of logits:
 5. check: a row whose logits are NaN or all -inf is flagged (``bad_step``);
 6. greedy rows (temperature 0) take the argmax here; sampled rows continue:
 7. temperature: ``z = (logit - max) / T`` (so the largest z is exactly 0);
-8. top-k (exactly k candidates, ``torch.topk`` order), top-p (smallest prefix of the
-   sorted candidates whose probability reaches top_p), min-p (``p >= min_p * p_max``,
-   i.e. ``z >= log(min_p)``);
+8. over the vocabulary sorted by z (stable, descending) when top-k or top-p is on:
+   top-k keeps every token whose z is at least the k-th largest (ties with the k-th
+   stay, as in Hugging Face's TopKLogitsWarper), top-p the smallest prefix of what is
+   left whose probability reaches top_p; then min-p (``p >= min_p * p_max``, i.e.
+   ``z >= log(min_p)``);
 9. exponential race: choose ``argmax(p_i / E_i)`` with ``E_i = -log(u_i)``, computed as
    ``argmax(z_i - log(E_i))``. That is an exact draw from the processed distribution.
 
@@ -27,10 +30,9 @@ The noise ``u`` is a counter-based hash of (seed, generation step, token id): it
 depend on the batch row or on the batch's other requests, so a seed gives the same
 tokens whatever the batch composition, and nothing needs a random-number state.
 """
-from dataclasses import dataclass, fields
-from typing import Optional
-
 import torch
+
+from gptfast.decode_state import FINISH_LENGTH, FINISH_STOP_TOKEN, DecodeState, SamplingTensors
 
 # ---- counter-based noise ---------------------------------------------------------------
 #
@@ -81,98 +83,6 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, table: torch.Tensor, t
     return (h.double() + 0.5) * INV_2_POW_32
 
 
-# ---- per-row parameters and loop state ----------------------------------------------
-
-
-@dataclass
-class SamplingTensors:
-    """Per-row sampling parameters of one batch, as tensors on the logits' device, plus
-    host-side facts about the batch that pick which processors run at all.
-
-    Row parameters that are "off" are exact no-ops (penalty 1, bias 0, top_p = inf ...),
-    so a row's tokens do not depend on what the other rows asked for.
-    """
-
-    greedy: torch.Tensor  # (B,) bool: temperature == 0
-    temperature: torch.Tensor  # (B, 1) float32; 1.0 for greedy rows
-    top_k: torch.Tensor  # (B, 1) int64; number of candidates kept (num_candidates when off)
-    top_p: torch.Tensor  # (B, 1) float64; inf when off
-    log_min_p: torch.Tensor  # (B, 1) float32; -inf when off
-    repetition_penalty: torch.Tensor  # (B, 1) float32
-    presence_penalty: torch.Tensor  # (B, 1) float32
-    frequency_penalty: torch.Tensor  # (B, 1) float32
-    min_new_tokens: torch.Tensor  # (B,) int64
-    max_new_tokens: torch.Tensor  # (B,) int64
-    seed: torch.Tensor  # (B,) int64 in [0, 2**63 - 1]
-    token_table: torch.Tensor  # (V,) int64, token_table(V)
-    logit_bias: Optional[torch.Tensor] = None  # (B, V) float32
-    stop_mask: Optional[torch.Tensor] = None  # (B, V) bool: stop token ids (eos included)
-    # Host-side facts (the same for every row of the batch).
-    all_greedy: bool = False
-    use_repetition: bool = False
-    use_presence_frequency: bool = False
-    use_min_new: bool = False
-    use_top_k: bool = False
-    use_top_p: bool = False
-    use_min_p: bool = False
-    num_candidates: int = 0  # 0: sample over the whole vocabulary; K: over the sorted top K
-    num_logprobs: int = -1  # -1: off; N >= 0: chosen token's logprob plus the top N
-
-
-@dataclass
-class DecodeState:
-    """Everything the loop changes, on the device; the sampled token never leaves it.
-
-    ``tokens``/``positions`` are the next model input: the last sampled token of each
-    row and the position it occupies. Finished rows keep feeding their last token at a
-    frozen position (harmless: it rewrites the same cache entry) until the loop ends.
-    """
-
-    tokens: torch.Tensor  # (B, 1) int64
-    positions: torch.Tensor  # (B, 1) int64
-    step: torch.Tensor  # (1,) int64: tokens generated so far by every running row
-    generated: torch.Tensor  # (B,) int64: tokens generated per row
-    finished: torch.Tensor  # (B,) bool
-    finish_reason: torch.Tensor  # (B,) int64: FINISH_* codes
-    bad_step: torch.Tensor  # (B,) int64: first step with NaN / all -inf logits, -1 if none
-    out_tokens: torch.Tensor  # (B, max_new) int64, -1 where no token
-    counts: Optional[torch.Tensor] = None  # (B, V) int32 generated-token counts (penalties)
-    prompt_seen: Optional[torch.Tensor] = None  # (B, V) bool prompt tokens (repetition penalty)
-    out_logprobs: Optional[torch.Tensor] = None  # (B, max_new) float32
-    out_top_ids: Optional[torch.Tensor] = None  # (B, max_new, N) int64
-    out_top_logprobs: Optional[torch.Tensor] = None  # (B, max_new, N) float32
-
-    def clone(self) -> "DecodeState":
-        return DecodeState(**{f.name: _clone(getattr(self, f.name)) for f in fields(self)})
-
-    def copy_(self, other: "DecodeState") -> "DecodeState":
-        """Copy ``other``'s values into this state's tensors (which keep their storage)."""
-        _copy_fields(self, other)
-        return self
-
-
-def _clone(t):
-    return None if t is None else t.clone()
-
-
-def _copy_fields(dst, src) -> None:
-    for f in fields(dst):
-        a, b = getattr(dst, f.name), getattr(src, f.name)
-        if isinstance(a, torch.Tensor):
-            if not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
-                raise ValueError(f"copy_: field {f.name!r} does not match ({_describe(a)} vs {_describe(b)})")
-            a.copy_(b)
-        elif a != b:
-            raise ValueError(f"copy_: field {f.name!r} differs ({a!r} vs {b!r})")
-
-
-def _describe(t):
-    return f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else repr(t)
-
-
-FINISH_RUNNING, FINISH_STOP_TOKEN, FINISH_LENGTH, FINISH_STOP_STRING = 0, 1, 2, 3
-
-
 # ---- one step -------------------------------------------------------------------------
 
 
@@ -202,22 +112,9 @@ def choose_tokens(x: torch.Tensor, p: SamplingTensors, s: DecodeState):
     if p.all_greedy:
         return greedy_tokens, bad
     z = (x - xmax[:, None]) / p.temperature
-    if p.num_candidates > 0:
-        # Sampling over a sorted candidate list: the top K (K = the largest top_k), or
-        # the whole vocabulary sorted when some row needs top-p without top-k.
-        if p.num_candidates < x.shape[-1]:
-            cand, cand_ids = torch.topk(z, p.num_candidates, dim=-1)
-        else:
-            cand, cand_ids = torch.sort(z, dim=-1, descending=True, stable=True)
-        if p.use_top_k:
-            rank = torch.arange(cand.shape[-1], device=x.device)
-            cand = cand.masked_fill(rank[None, :] >= p.top_k, float("-inf"))
-        if p.use_top_p:
-            # Keep a candidate while the probability mass before it is below top_p
-            # (the first candidate always stays). float64 keeps rounding far from the cut.
-            probs = torch.softmax(cand.double(), dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs
-            cand = cand.masked_fill(mass_before >= p.top_p, float("-inf"))
+    if p.sort_vocab:
+        cand, cand_ids = sorted_candidates(z, p)
+        cand = filter_sorted(cand, p)
     else:
         cand, cand_ids = z, None
     if p.use_min_p:
@@ -228,6 +125,42 @@ def choose_tokens(x: torch.Tensor, p: SamplingTensors, s: DecodeState):
     winner = score.argmax(dim=-1)
     sampled = winner if cand_ids is None else cand_ids.gather(1, winner[:, None]).squeeze(1)
     return torch.where(p.greedy, greedy_tokens, sampled), bad
+
+
+def sorted_candidates(z: torch.Tensor, p: SamplingTensors):
+    """z sorted descending (stable) with the token ids: (values, ids), each (B, K).
+
+    On CPU tensors, where a host read is free, a batch whose sampled rows all have a
+    top_k <= ``max_top_k`` gets only its top ``max_top_k`` when their z are strictly
+    decreasing through place ``max_top_k + 1``: then top-k keeps nothing past the list,
+    and the list is the sorted vocabulary's head in the same order, so every later step
+    gives the same result as on the whole sorted vocabulary, at a fraction of the cost.
+    """
+    k = p.max_top_k
+    if 0 < k < z.shape[-1] and z.device.type == "cpu":
+        top, ids = torch.topk(z, k + 1, dim=-1)
+        if bool(((top[:, :-1] > top[:, 1:]).all(dim=-1) | p.greedy).all()):
+            return top[:, :k], ids[:, :k]
+    return torch.sort(z, dim=-1, descending=True, stable=True)
+
+
+def filter_sorted(cand: torch.Tensor, p: SamplingTensors) -> torch.Tensor:
+    """Top-k and top-p on candidates sorted by z, descending ((B, K), -inf = dropped).
+
+    Top-k: drop what is below the k-th candidate (so ties with it stay). Top-p: keep a
+    candidate while the probability mass before it is below top_p (the first always
+    stays), as unnormalised float64 prefix sums compared with ``top_p * total``: a list
+    cut after its last kept candidate gives the same sums as the whole sorted vocabulary
+    (the C++ CPU loop samples from such a list).
+    """
+    if p.use_top_k:
+        kth = cand.gather(1, torch.clamp(p.top_k, max=cand.shape[-1]) - 1)
+        cand = cand.masked_fill(cand < kth, float("-inf"))
+    if p.use_top_p:
+        weight = torch.exp(cand.double() - cand[:, :1].double())
+        total = weight.cumsum(dim=-1)
+        cand = cand.masked_fill(total - weight >= p.top_p * total[:, -1:], float("-inf"))
+    return cand
 
 
 def sample_step(logits: torch.Tensor, p: SamplingTensors, s: DecodeState) -> torch.Tensor:
