@@ -114,13 +114,15 @@ def check_out(op: str, name: str, t: Optional[torch.Tensor], shape, dtype, devic
 class LaunchConfig:
     """Tile sizes and launch options of one kernel. Fields a kernel has no use for stay None:
     attention uses block_m (query tile) and block_n (key tile), the decode split kernel
-    block_n (keys per step), the layernorm forward block_rows (rows per program)."""
+    block_n (keys per step), the layernorm forward block_rows (rows per program), the int8
+    linear block_m (rows), block_n (output channels) and block_k (reduction step)."""
 
     num_warps: int
     num_stages: int = 1
     block_m: Optional[int] = None
     block_n: Optional[int] = None
     block_rows: Optional[int] = None
+    block_k: Optional[int] = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -149,7 +151,8 @@ class LaunchConfig:
 
     def tag(self) -> str:
         """A short name, e.g. ``m128_n64_w8_s3``, for report rows and tuning results."""
-        parts = [f"{p}{v}" for p, v in (("m", self.block_m), ("n", self.block_n), ("r", self.block_rows))
+        parts = [f"{p}{v}" for p, v in (("m", self.block_m), ("n", self.block_n), ("r", self.block_rows),
+                                                 ("k", self.block_k))
                  if v is not None]
         return "_".join(parts + [f"w{self.num_warps}", f"s{self.num_stages}"])
 

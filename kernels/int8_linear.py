@@ -31,8 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-# The SM count lookup of the decode-attention launcher (the same question, asked once per device).
-from gptfast.kernels.decode_attention import DEFAULT_NUM_SMS, num_sms
+from gptfast.kernels._common import DEFAULT_NUM_SMS, LaunchConfig, empty, pointer, sm_count, static_entry
 
 PROGRAMS_PER_SM = 2  # split-K target: enough weight loads in flight per SM to cover DRAM latency
 MIN_K_PER_SPLIT = 256  # below this a chunk's fixed cost (x tile, partial write) dominates
@@ -89,7 +88,7 @@ def _int8_linear_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
 
-def tile_config(m: int) -> dict:
+def tile_config(m: int) -> LaunchConfig:
     """Tile sizes and launch options for ``m`` rows (shapes only: CUDA-graph safe).
 
     Decode (m <= DECODE_MAX_ROWS): 64 channels x the rows rounded up to 16/32/64, K in
@@ -97,17 +96,17 @@ def tile_config(m: int) -> dict:
     """
     if m <= DECODE_MAX_ROWS:
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-        return {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+        return LaunchConfig(num_warps=4, num_stages=3, block_m=block_m, block_n=64, block_k=128)
+    return LaunchConfig(num_warps=8, num_stages=3, block_m=128, block_n=128, block_k=64)
 
 
-def plan(m: int, n: int, k: int, cfg: dict, sms: int = DEFAULT_NUM_SMS):
+def plan(m: int, n: int, k: int, cfg: LaunchConfig, sms: int = DEFAULT_NUM_SMS):
     """(k_per_split, split_k): K cut into chunks of whole BLOCK_K steps, so that about
     PROGRAMS_PER_SM * sms programs run (decode shapes only), each chunk at least
     MIN_K_PER_SPLIT long."""
-    block_k = cfg["BLOCK_K"]
+    block_k = cfg.block_k
     k_blocks = triton.cdiv(max(k, 1), block_k)
-    tiles = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"])
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     wanted = 1
     if m <= DECODE_MAX_ROWS:
         wanted = triton.cdiv(PROGRAMS_PER_SM * sms, tiles)
@@ -123,24 +122,24 @@ def int8_linear(x, weight, scale, bias=None, *, split_k=None, out=None):
     overrides the heuristic (tests use it to exercise several chunks on small shapes)."""
     m, k = x.shape
     n = weight.shape[0]
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype) if out is None else out
+    out = empty((m, n), x.dtype, x.device) if out is None else out
     if m == 0 or n == 0:
         return out
     cfg = tile_config(m)
-    k_per_split, splits = plan(m, n, k, cfg, num_sms(x.device))
+    k_per_split, splits = plan(m, n, k, cfg, sm_count(x.device))
     if split_k is not None:
-        k_per_split = triton.cdiv(triton.cdiv(max(k, 1), cfg["BLOCK_K"]), split_k) * cfg["BLOCK_K"]
+        k_per_split = triton.cdiv(triton.cdiv(max(k, 1), cfg.block_k), split_k) * cfg.block_k
         splits = triton.cdiv(max(k, 1), k_per_split)
-    y = out if splits == 1 else torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), splits)
+    y = out if splits == 1 else empty((splits, m, n), torch.float32, x.device)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), splits)
     _int8_linear_kernel[grid](
         x, weight, scale, bias if bias is not None else scale, y,
         m, n, k, k_per_split,
         *x.stride(), *weight.stride(),
         y.stride(0) if splits > 1 else 0, y.stride(-2), y.stride(-1),
         HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         out.copy_(y.sum(dim=0))
@@ -155,28 +154,14 @@ def static_configs():
     GPT-2 shapes). Every tile multiplies on the tensor cores; the warpgroup MMA (HGMMA)
     is required where the left operand spans 64+ channels and 4+ warps, i.e. all of them.
     """
-    signature = {
-        "X": "*bf16", "W": "*i8", "SCALE": "*fp32", "BIAS": "*bf16", "Y": "*bf16",
-        "M": "i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32",
-        "stride_xm": "i32", "stride_xk": "constexpr",
-        "stride_wn": "i32", "stride_wk": "constexpr",
-        "stride_ys": "i32", "stride_ym": "i32", "stride_yn": "constexpr",
-        "HAS_BIAS": "constexpr", "IEEE_FP32": "constexpr",
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-    }
+    pointers = {"X": pointer(torch.bfloat16), "W": "*i8", "SCALE": pointer(torch.float32),
+                "BIAS": pointer(torch.bfloat16), "Y": pointer(torch.bfloat16)}
     aligned = ["N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "stride_ys", "stride_ym"]
-    configs = []
+    entries = []
     for rows in (1, 17, 64, 1024):
         cfg = tile_config(rows)
-        configs.append({
-            "name": f"int8_linear_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_bf16",
-            "fn": _int8_linear_kernel,
-            "signature": dict(signature),
-            "constexprs": {"stride_xk": 1, "stride_wk": 1, "stride_yn": 1, "HAS_BIAS": True, "IEEE_FP32": False,
-                           "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]},
-            "divisible_by_16": aligned,
-            "num_warps": cfg["num_warps"],
-            "num_stages": cfg["num_stages"],
-            "require_hgmma": True,
-        })
-    return configs
+        constexprs = {"stride_xk": 1, "stride_wk": 1, "stride_yn": 1, "HAS_BIAS": True, "IEEE_FP32": False,
+                      "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
+        entries.append(static_entry(f"int8_linear_{cfg.tag()}_bf16", _int8_linear_kernel, cfg, constexprs,
+                                    pointers=pointers, divisible_by_16=aligned, require_hgmma=True))
+    return entries

@@ -321,5 +321,7 @@ def test_packed_cpu_weights_is_passed_to_cpu_linear(model, monkeypatch, packed):
     monkeypatch.setattr(cpu_linear, "packed_linears", recording)
     monkeypatch.setenv("GPTFAST_CPU_PACKED_LINEAR", "0")
     out = generate(model, [[1, 2]], greedy(max_new_tokens=3), packed_cpu_weights=packed)
-    assert calls == [False if packed is None else packed]  # None: the environment decides
+    assert calls == [packed]
+    if packed is None:  # None: cpu_linear resolves it, and the environment turned packing off
+        assert not cpu_linear.applies_to(model, None)
     assert out[0].token_ids == generate(model, [[1, 2]], greedy(max_new_tokens=3))[0].token_ids

@@ -66,7 +66,7 @@ def test_plan_splits_decode_not_prefill():
     decode = k.tile_config(1)
     k_per_split, splits = k.plan(1, 768, 768, decode, sms=132)
     assert splits > 1 and splits * k_per_split >= 768 and (splits - 1) * k_per_split < 768
-    assert k_per_split % decode["BLOCK_K"] == 0
+    assert k_per_split % decode.block_k == 0
     assert k.plan(1024, 768, 768, k.tile_config(1024), sms=132)[1] == 1
 
 
