@@ -40,7 +40,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"gptfast": ["csrc/*.cpp", "csrc/*.h"]},
+    package_data={"gptfast": ["csrc/*.cpp", "csrc/*.h"], "gptfast.kernels": ["tuned/*.json", "tuned/README.md"]},
     # Loose on purpose: users on CUDA keep the torch they have.
     install_requires=["torch>=2.4", "numpy", "safetensors", "tokenizers", "tqdm"],
     extras_require={
