@@ -355,8 +355,10 @@ def _failed_row(case: CheckCase, detail: str, seconds: float = 0.0) -> CheckResu
                        seconds=seconds)
 
 
-def run_checks(cases: Sequence[CheckCase], log: Optional[Callable[[str], None]] = None) -> List[CheckResult]:
+def run_checks(cases: Sequence[CheckCase], log: Optional[Callable[[str], None]] = None,
+               progress: Optional[Callable[[List[CheckResult]], None]] = None) -> List[CheckResult]:
     """Run every case; an exception is a failed row (with its message), never a lost run.
+    ``progress(results)`` is called after every case (to save what is done).
 
     Two things end the run early, each with a failed row after the results so far:
     Ctrl-C (or SIGTERM turned into KeyboardInterrupt), and a CUDA error, whose row and
@@ -381,6 +383,8 @@ def run_checks(cases: Sequence[CheckCase], log: Optional[Callable[[str], None]] 
         if log:
             for r in rows:
                 log(f"[{i + 1}/{len(cases)}] {format_line(r)}")
+        if progress:
+            progress(results)
     return results
 
 

@@ -130,9 +130,11 @@ def test_runner_stops_at_the_first_cuda_error_naming_the_case():
 
     cases = [runner.Case("op", p, "fwd", "s", "float32", b, target_ms=1, max_reps=5)
              for p, b in (("a", ok("a")), ("bad", illegal_address), ("c", ok("c")), ("d", ok("d")))]
-    lines = []
-    rows, skipped = runner.run_cases(cases, "cpu", meta, log=lines.append)
+    lines, saved = [], []
+    rows, skipped = runner.run_cases(cases, "cpu", meta, log=lines.append,
+                                     progress=lambda r, s: saved.append(([x.provider for x in r], len(s))))
     assert [r.provider for r in rows] == ["a"] and built == ["a"]  # nothing ran after the error
+    assert saved == [(["a"], 0), (["a"], 1)]  # saved after each case that ran
     reasons = {s.provider: s.reason for s in skipped}
     assert reasons["bad"].startswith("error: RuntimeError: CUDA error: an illegal memory access")
     assert reasons["c"] == reasons["d"] == "not run: STOPPED at the first CUDA error (in op fwd bad [s] float32)"

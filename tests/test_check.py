@@ -48,6 +48,13 @@ def test_check_command_fails_when_an_op_is_made_wrong(monkeypatch, capsys, tmp_p
     assert rows and not any(r["passed"] for r in rows) and rows[0]["ratio"] > checker.DEFAULT_MAX_RATIO
 
 
+def test_results_are_saved_after_every_case():
+    saved = []
+    cases = _tiny_cases("layer_norm")
+    results = checker.run_checks(cases, progress=lambda rows: saved.append(len(rows)))
+    assert len(saved) == len(cases) and saved[-1] == len(results) and saved == sorted(saved)
+
+
 def test_a_wrong_gradient_is_caught_even_when_the_forward_is_right(monkeypatch):
     real = gptfast.ops.layer_norm
 

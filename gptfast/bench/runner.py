@@ -94,6 +94,7 @@ def run_cases(
     *,
     budget_s: Optional[float] = None,
     log: Optional[Callable[[str], None]] = None,
+    progress: Optional[Callable[[List[Row], List[Skipped]], None]] = None,
 ) -> Tuple[List[Row], List[Skipped]]:
     """Measure every case (most important first) until ``budget_s`` seconds have passed.
 
@@ -102,6 +103,8 @@ def run_cases(
     with the error; Ctrl-C (or SIGTERM turned into KeyboardInterrupt by the caller) and a
     CUDA error (the context is broken, so later cases would fail too: the log line names
     the case) stop the run, and the cases not run are skipped rows saying why.
+    ``progress(rows, skipped)`` is called after every measured or failed case (to save
+    what is done, should the process be killed outright).
     """
     device = torch.device(device)
     start = time.monotonic()
@@ -137,4 +140,6 @@ def run_cases(
                 stop_reason = f"not run: {STOPPED} (in {case.label()})"
         if log:
             log(f"[{done + 1}/{len(cases)}] {case.label()}: {message}")
+        if progress:
+            progress([measured[i] for i in sorted(measured)], skipped)
     return [measured[i] for i in sorted(measured)], skipped

@@ -59,8 +59,9 @@ def report_saved(paths, profile_summary=None) -> int:
 
 
 def _measure(args, device):
-    """Measure the suite's cases: (run metadata, rows, skipped rows)."""
-    from gptfast.bench import environment, runner, suites
+    """Measure the suite's cases: (run metadata, rows, skipped rows). With ``--json`` the
+    file is rewritten after every case, so a run killed outright still leaves its rows."""
+    from gptfast.bench import environment, report, runner, suites
 
     # `timeout` sends SIGTERM: stop measuring and still write what was measured.
     with sigterm_as_interrupt():
@@ -74,7 +75,11 @@ def _measure(args, device):
         log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
         print(f"{len(cases)} cases on {meta['device']}"
               + (f", budget {args.budget_s:.0f} s" if args.budget_s else "") + "...", file=sys.stderr)
-        rows, more_skipped = runner.run_cases(cases, device, meta, budget_s=args.budget_s, log=log)
+        save = None
+        if args.json:
+            def save(rows, more_skipped):
+                report.write_json(args.json, report.results_document(rows, skipped + more_skipped, meta))
+        rows, more_skipped = runner.run_cases(cases, device, meta, budget_s=args.budget_s, log=log, progress=save)
     return meta, rows, skipped + more_skipped
 
 

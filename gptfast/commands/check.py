@@ -69,12 +69,18 @@ def run(args) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     print(f"gptfast check: {len(cases)} cases on {where}", file=sys.stderr)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
+
+    def save(results):  # after every case: a run killed outright still leaves its results
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"device": where, "max_ratio": max_ratio, "results": [asdict(r) for r in results]}, f, indent=1)
+        os.replace(tmp, args.json)
+
     with sigterm_as_interrupt():  # `timeout`: print what was checked
-        results = checker.run_checks(cases, log=log)
+        results = checker.run_checks(cases, log=log, progress=save if args.json else None)
     print(checker.format_table(results, max_ratio))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": where, "max_ratio": max_ratio, "results": [asdict(r) for r in results]}, f, indent=1)
+        save(results)
     failed = [r for r in results if not r.passed]
     stop = checker.stopped_by_cuda_error(results)
     if stop is not None:
