@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gptfast.bench import report, suite_summary
+from gptfast import checker
+from gptfast.bench import report, suite_summary, warm
 from gptfast.bench.results import Row
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +127,30 @@ def test_summary_puts_failures_first_and_fits_the_reply(tmp_path):
     assert "check FAIL layer_norm plain [(3, 7, 1000)] bfloat16 bwd: ratio 7.5" in failures
     assert "1/2 passed, 1 failed" in text and "| layer_norm | bfloat16 | 0 | 1 |" in text
     assert "more gptfast rows" in text and "| causal_attention | fwd | B=1,H=32,T=0,D=64 |" in text
+
+
+# ---- the warm-up stage --------------------------------------------------------------------
+
+
+def test_warm_up_covers_the_check_grid_and_the_fused_bench_cases():
+    labels = [label for label, _ in warm.tasks("cuda", e2e=True)]
+    check_labels = [f"check {c.label()}" for c in checker.build_cases("cuda", quick=True) if c.op != "sampler"]
+    assert labels[:len(check_labels)] == check_labels
+    bench = labels[len(check_labels):]
+    assert bench and all(" gptfast [" in label for label in bench)
+    for op in ("causal_attention", "decode_attention", "layer_norm", "decode", "train_step"):
+        assert any(label.startswith(f"bench {op} ") for label in bench), op
+
+
+def test_a_warm_worker_stops_at_its_first_cuda_error(monkeypatch, capsys):
+    ran = []
+
+    def fails():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    fake = [("a", lambda: ran.append("a")), ("bad", fails), ("c", lambda: ran.append("c"))]
+    monkeypatch.setattr(warm, "tasks", lambda device, e2e=False: fake)
+    assert warm.run_worker("cpu", 0, 1, False) == 1
+    out = capsys.readouterr().out
+    assert ran == ["a"] and "warm[0] STOPPED at the first CUDA error, in case bad" in out
+    assert "1 later case(s) not run" in out

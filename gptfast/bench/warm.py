@@ -82,13 +82,9 @@ def run_parallel(device: str, jobs: int, e2e: bool) -> int:
     """Start ``jobs`` worker processes (each its own CUDA context) and wait for all."""
     started = time.perf_counter()
     command = [sys.executable, "-m", "gptfast.bench.warm", "--device", device] + (["--e2e"] if e2e else [])
+    # The workers share this process group: `timeout` and Ctrl-C reach them as well.
     workers = [subprocess.Popen(command + ["--jobs", str(jobs), "--worker", str(i)]) for i in range(jobs)]
-    try:
-        codes = [w.wait() for w in workers]
-    except KeyboardInterrupt:  # `timeout`: stop the workers too
-        for w in workers:
-            w.terminate()
-        raise
+    codes = [w.wait() for w in workers]
     bad = sum(code != 0 for code in codes)
     print(f"warm: {jobs} worker(s), {bad} with failures, {time.perf_counter() - started:.0f} s; "
           f"TRITON_CACHE_DIR={os.environ.get('TRITON_CACHE_DIR', '(triton default)')}", flush=True)
@@ -110,10 +106,7 @@ def main(argv=None) -> int:
     if device == "cpu":  # the check cases run the interpreter there, as `gptfast check` does
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.worker is None:
-        from gptfast.commands import sigterm_as_interrupt
-
-        with sigterm_as_interrupt():
-            return run_parallel(device, args.jobs, args.e2e)
+        return run_parallel(device, args.jobs, args.e2e)
     return 1 if run_worker(torch.device(device), args.worker, args.jobs, args.e2e) else 0
 
 
