@@ -103,7 +103,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run it under timeout, log to results
         *) status="failed (exit $rc)" ;;
     esac
     record "$name" "$status" "$(($(date +%s) - t0))" "$limit" ""
-    echo "    $status in $(($(date +%s) - t0)) s; $(grep -m1 'STOPPED at the first CUDA error' "$WORK/logs/$name.log" | cut -c1-240)"
+    echo "    $status in $(($(date +%s) - t0)) s"
+    grep -m1 'STOPPED at the first CUDA error' "$WORK/logs/$name.log" | cut -c1-240 | sed 's/^/    /'
     tail -n 2 "$WORK/logs/$name.log" | cut -c1-160 | sed 's/^/    /'
     return $rc
 }
