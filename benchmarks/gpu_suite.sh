@@ -45,10 +45,10 @@ export PYTHONUNBUFFERED=1
 
 GRACE=${GRACE:-3}
 BUDGET_MARGIN=${BUDGET_MARGIN:-12}
-LIMIT_BUILD=${LIMIT_BUILD:-75}
+LIMIT_BUILD=${LIMIT_BUILD:-82}
 LIMIT_ENV=${LIMIT_ENV:-8}
 LIMIT_WARM=${LIMIT_WARM:-40}
-LIMIT_CHECK=${LIMIT_CHECK:-45}
+LIMIT_CHECK=${LIMIT_CHECK:-38}
 LIMIT_TUNE=${LIMIT_TUNE:-45}
 LIMIT_ATTENTION=${LIMIT_ATTENTION:-40}
 LIMIT_DECODE=${LIMIT_DECODE:-18}
@@ -75,7 +75,11 @@ else
     BENCH_ARGS=()
     TITLE="gptfast GPU suite"
 fi
-export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/gptfast-triton.XXXXXX")}"
+if [ -z "${TRITON_CACHE_DIR:-}" ]; then  # one fresh cache for every stage, removed at the end
+    TRITON_CACHE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/gptfast-triton.XXXXXX")"
+    trap 'rm -rf "$TRITON_CACHE_DIR"' EXIT
+fi
+export TRITON_CACHE_DIR
 
 WORK="$OUT/results"
 rm -rf "$WORK" "$OUT/summary.md" "$OUT/stages.tsv" "$OUT/tuned.json" "$OUT/results.tar.gz"
