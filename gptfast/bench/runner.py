@@ -87,6 +87,18 @@ def _measure(case: Case, device: torch.device, meta: Dict) -> Row:
     return fill_rates(row, meta.get("peaks", {}) if meta.get("device_type") == "cuda" else {})
 
 
+def _failure(case: Case, exc: Exception, later: int) -> Tuple[str, Optional[str], Optional[str]]:
+    """What a case that raised becomes: (skip reason, log message or None, stop reason or None)."""
+    if isinstance(exc, SkipCase):
+        return str(exc), None, None
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "out of memory", None, None
+    reason = f"error: {short_error(exc)}"
+    if is_cuda_error(exc):
+        return reason, stop_message(case.label(), exc, later), f"not run: {STOPPED} (in {case.label()})"
+    return reason, f"FAILED {short_error(exc)}", None
+
+
 def run_cases(
     cases: Sequence[Case],
     device,
@@ -122,22 +134,16 @@ def run_cases(
         try:
             measured[index] = _measure(case, device, meta)
             message = f"{measured[index].time_ms:.4g} ms"
-        except SkipCase as exc:
-            skipped.append(case.skipped(str(exc)))
-            continue
         except KeyboardInterrupt:
             stop_reason = "run interrupted"
             skipped.append(case.skipped(stop_reason))
             continue
-        except torch.cuda.OutOfMemoryError:
-            skipped.append(case.skipped("out of memory"))
-            continue
         except Exception as exc:  # one broken provider must not lose the other rows
-            skipped.append(case.skipped(f"error: {short_error(exc)}"))
-            message = f"FAILED {short_error(exc)}"
-            if is_cuda_error(exc):
-                message = stop_message(case.label(), exc, len(order) - done - 1)
-                stop_reason = f"not run: {STOPPED} (in {case.label()})"
+            reason, message, stop = _failure(case, exc, len(order) - done - 1)
+            skipped.append(case.skipped(reason))
+            stop_reason = stop
+            if message is None:
+                continue
         if log:
             log(f"[{done + 1}/{len(cases)}] {case.label()}: {message}")
         if progress:
