@@ -8,7 +8,7 @@
 #
 # Builds a virtual environment ($VENV, default ~/.cache/gptfast/venv-gpu-image: outside the
 # checkout, so it never travels with the working tree) with Python 3.12 where one runs
-# (the image's), else the system python3, and torch==2.11.0, triton==3.6.0,
+# (the image's; or $PYTHON), else the system python3, and torch==2.11.0, triton==3.6.0,
 # transformers==5.17.0 as on the image. numpy stays below 2.4 (the image has 2.5): the Triton
 # interpreter the tests use on a CPU needs it. Then installs gptfast in editable mode
 # (building the C++ extension) and runs pytest. Not part of CI: torch 2.11.0 from PyPI is the
