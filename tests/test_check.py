@@ -140,6 +140,7 @@ def test_sampler_runs_first_then_every_registry_op_bf16_first_on_cuda():
     assert [c.dtype for c in cases[1:4]] == [torch.bfloat16] * 3
     assert {c.op for c in cases[1:]} == set(registry.NAMES)
     assert checker.OPS == ("sampler",) + registry.NAMES
+    assert registry.get("layer_norm").resolve("fused") is gptfast.ops.layer_norm  # the public binding
 
 
 def test_quick_cuda_grid_covers_every_attention_specialisation():
