@@ -12,7 +12,8 @@
 #   warm        compile every kernel the later stages launch, in parallel processes, into one
 #               TRITON_CACHE_DIR (gptfast.bench.warm), so compiles do not eat the stage limits
 #   check       gptfast check --quick: the sampler first, then every op, bf16 first
-#   tune        python -m gptfast.tune --out OUT_DIR/tuned.json ("not available" where absent)
+#   tune        python -m gptfast.tune --out OUT_DIR/tuned.json, then --install it into kernels/tuned/
+#               so the later stages run the tuned configs (not in a dry run; "not available" where absent)
 #   attention   causal attention fwd/bwd vs SDPA          (gptfast bench --suite kernels)
 #   decode      decode attention over a KV cache
 #   layernorm   layernorm fwd/bwd vs F.layer_norm
@@ -62,7 +63,7 @@ if [ "$DRY" = 1 ]; then
     export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
     DEVICE=(--device cpu)
     JOBS=2
-    TUNE_ARGS=(--dry-run --device-name dry-run-cpu)
+    TUNE_ARGS="--dry-run --device-name dry-run-cpu"
     PROFILE_ARGS=(--new-tokens 8)
     BENCH_ARGS=(--providers gptfast,torch)  # the plumbing, not every provider
     TITLE="gptfast GPU suite: DRY RUN on the CPU (fake device name dry-run-cpu; no number here means anything)"
@@ -70,7 +71,7 @@ else
     DEVICE=()
     JOBS=$(nproc 2> /dev/null || echo 8)
     [ "$JOBS" -gt 16 ] && JOBS=16
-    TUNE_ARGS=(--quick)
+    TUNE_ARGS="--quick"
     PROFILE_ARGS=(--new-tokens 256)
     BENCH_ARGS=()
     TITLE="gptfast GPU suite"
@@ -150,8 +151,26 @@ stage env "$LIMIT_ENV" bash -c env_report
 stage warm "$LIMIT_WARM" "$PY" -m gptfast.bench.warm --jobs "$JOBS" --e2e "${DEVICE[@]}"
 stage check "$LIMIT_CHECK" "$PY" -m gptfast check --quick -v "${DEVICE[@]}" --json "$WORK/check.json"
 
+# Tune, then install what was tuned (a table cut short is still valid) into kernels/tuned/,
+# where the launchers of the later stages find it; a dry run installs nothing into the checkout.
+tune_and_install() {
+    # shellcheck disable=SC2086 # TUNE_ARGS holds plain flags
+    timeout --kill-after=2 $((LIMIT_TUNE - 8)) "$PY" -m gptfast.tune --out "$OUT/tuned.json" $TUNE_ARGS
+    local rc=$?
+    if [ "$DRY" = 1 ]; then
+        echo "dry run: the table is not installed"
+    elif [ -s "$OUT/tuned.json" ]; then
+        "$PY" -m gptfast.tune --install "$OUT/tuned.json" || return
+    fi
+    return $rc
+}
+export -f tune_and_install
+export OUT TUNE_ARGS LIMIT_TUNE
 if [ -f gptfast/tune.py ] || [ -f gptfast/tune/__main__.py ]; then
-    stage tune "$LIMIT_TUNE" "$PY" -m gptfast.tune --out "$OUT/tuned.json" "${TUNE_ARGS[@]}"
+    stage tune "$LIMIT_TUNE" bash -c tune_and_install
+    if [ "$DRY" != 1 ] && grep -q '^installed ' "$WORK/logs/tune.log"; then
+        NOTES+=("Tuned table installed: the stages after tune ran with its configs")
+    fi
 else
     record tune "not available" 0 "$LIMIT_TUNE" "gptfast.tune is not in this checkout"
     echo "=== [tune] not available: gptfast.tune is not in this checkout"
