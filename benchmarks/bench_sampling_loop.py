@@ -134,8 +134,9 @@ def measure_end_to_end(hf, ours, batch, prompt_len, new_tokens, device, repeats)
 
 def measure_stub_overhead(batch, new_tokens, device, sampled, repeats):
     """Per-token loop cost with a stub model step that returns fixed logits: {engine: µs}."""
-    from gptfast.generation import _HostRows, get_engine
+    from gptfast.engines import get_engine
     from gptfast.sampling import SamplingParams, build_sampling_tensors, new_decode_state, resolve_seeds
+    from gptfast.streaming import HostRows
 
     kwargs = dict(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1) if sampled else dict(temperature=0.0)
     params = [SamplingParams(max_new_tokens=new_tokens, seed=row, **kwargs) for row in range(batch)]
@@ -148,7 +149,7 @@ def measure_stub_overhead(batch, new_tokens, device, sampled, repeats):
             p = build_sampling_tensors(params, VOCAB, seeds, device, token_table=engine.token_table)
             s = new_decode_state(prompts, params, p, VOCAB, device)
             engine.sample_step(logits, p, s)
-            host = _HostRows(prompts, params, seeds, s, None, None)
+            host = HostRows(prompts, params, seeds, s, None, None)
             ms, _ = host_timed_ms(lambda _: engine.decode_loop(p, s, lambda tokens, positions: logits, False,
                                                                 host.on_sync, new_tokens - 1, 16, 1), device=device)
             return ms * 1e-3
@@ -216,7 +217,7 @@ def main(argv=None):
 
     import transformers
 
-    from gptfast.sampling import extension_status
+    from gptfast.extension import extension_status
 
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {platform.platform()}  "
           f"{torch.get_num_threads()} threads  torch {torch.__version__}  transformers {transformers.__version__}")

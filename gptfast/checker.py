@@ -455,7 +455,7 @@ def check_sampler(device, new_tokens: int = 12) -> List[CheckResult]:
     import gptfast
     from gptfast.config import GPTConfig
     from gptfast.model import GPT
-    from gptfast.sampling import extension_status, load_extension
+    from gptfast.extension import extension_status, load_extension
 
     device = torch.device(device)
     started = time.perf_counter()

@@ -131,7 +131,7 @@ def _build_decode(provider, batch, new_tokens, dtype, device):
         prompt_lists = prompts.tolist()
         engine = "cpp" if provider == "gptfast" else "python"
         if engine == "cpp":
-            from gptfast.sampling import extension_status, load_extension
+            from gptfast.extension import extension_status, load_extension
 
             if load_extension() is None:
                 raise SkipCase(f"C++ sampling extension unavailable: {extension_status()}")
