@@ -11,12 +11,13 @@ runs the same weights. Reports, per model shape and batch size:
   setup, prefill bookkeeping and detokenisation-free result building); on CUDA this
   decomposition is meaningless (asynchronous kernels) and is skipped;
 - on CPU, a fourth engine: the C++ loop with the linear layers on ``F.linear`` instead
-  of prepacked weights (``GPTFAST_CPU_PACKED_LINEAR=0``), to show what the loop and
-  what the weight packing each contribute;
+  of prepacked weights (``gptfast.generate(..., packed_cpu_weights=False)``), to show what
+  the loop and what the weight packing each contribute;
 - per-token overhead with a stub model step (a fixed logits tensor: no model at all),
   C++ loop vs Python loop, for greedy and for sampled decoding.
 
-Greedy tokens must be identical across all engines (asserted).
+Greedy tokens must be identical across all engines (asserted). Every timed call goes
+through ``gptfast.bench.harness.host_timed_ms`` (host clock, device synchronised around it).
 
 CPU:   python benchmarks/bench_sampling_loop.py
 H200:  python benchmarks/bench_sampling_loop.py --device cuda --dtype bfloat16 --configs gpt2-124M \
@@ -25,9 +26,7 @@ H200:  python benchmarks/bench_sampling_loop.py --device cuda --dtype bfloat16 -
        profiler's count of host syncs per generated token)
 """
 import argparse
-import contextlib
 import datetime
-import os
 import platform
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import time
 import torch
 
 from gptfast import cpu_linear
+from gptfast.bench.harness import host_timed_ms
 
 CONFIGS = {  # GPT-2's vocabulary unless said otherwise
     "4x256": dict(n_layer=4, n_embd=256, n_head=4),
@@ -78,11 +78,6 @@ class ForwardClock:
         module.forward = timed
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def interleaved_runs(fns, device, repeats):
     """Warm each callable up once, then time them round-robin ``repeats`` times (so load
     drifts on a shared machine hit every engine alike). ``fns``: {name: (callable, clock or
@@ -91,30 +86,13 @@ def interleaved_runs(fns, device, repeats):
     best = {}
     for _ in range(repeats):
         for name, (fn, clock) in fns.items():
-            sync(device)
             inside_before = clock.seconds if clock else 0.0
-            start = time.perf_counter()
-            outputs[name] = fn()
-            sync(device)
-            seconds = time.perf_counter() - start
+            ms, outputs[name] = host_timed_ms(lambda _: fn(), device=device)
+            seconds = ms * 1e-3
             outside = seconds - ((clock.seconds - inside_before) if clock else 0.0)
             if name not in best or seconds < best[name][0]:
                 best[name] = (seconds, outside)
     return {name: (*best[name], outputs[name]) for name in fns}
-
-
-@contextlib.contextmanager
-def packed_linear_setting(on):
-    """gptfast.generate with (default) or without prepacked CPU linear weights."""
-    saved = os.environ.get(cpu_linear.ENV_VAR)
-    os.environ[cpu_linear.ENV_VAR] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(cpu_linear.ENV_VAR)
-        else:
-            os.environ[cpu_linear.ENV_VAR] = saved
 
 
 def measure_end_to_end(hf, ours, batch, prompt_len, new_tokens, device, repeats):
@@ -129,8 +107,8 @@ def measure_end_to_end(hf, ours, batch, prompt_len, new_tokens, device, repeats)
 
     def ours_run(engine, packed=True):
         def run():
-            with packed_linear_setting(packed):
-                return [r.token_ids for r in generate(ours, prompts.tolist(), params, engine=engine)]
+            results = generate(ours, prompts.tolist(), params, engine=engine, packed_cpu_weights=packed)
+            return [r.token_ids for r in results]
         return run
 
     def hf_run():
@@ -156,8 +134,9 @@ def measure_end_to_end(hf, ours, batch, prompt_len, new_tokens, device, repeats)
 
 def measure_stub_overhead(batch, new_tokens, device, sampled, repeats):
     """Per-token loop cost with a stub model step that returns fixed logits: {engine: µs}."""
-    from gptfast.generation import _HostRows, get_engine
+    from gptfast.engines import get_engine
     from gptfast.sampling import SamplingParams, build_sampling_tensors, new_decode_state, resolve_seeds
+    from gptfast.streaming import HostRows
 
     kwargs = dict(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1) if sampled else dict(temperature=0.0)
     params = [SamplingParams(max_new_tokens=new_tokens, seed=row, **kwargs) for row in range(batch)]
@@ -170,12 +149,10 @@ def measure_stub_overhead(batch, new_tokens, device, sampled, repeats):
             p = build_sampling_tensors(params, VOCAB, seeds, device, token_table=engine.token_table)
             s = new_decode_state(prompts, params, p, VOCAB, device)
             engine.sample_step(logits, p, s)
-            host = _HostRows(prompts, params, seeds, s, None, None)
-            sync(device)
-            start = time.perf_counter()
-            engine.decode_loop(p, s, lambda tokens, positions: logits, False, host.on_sync, new_tokens - 1, 16, 1)
-            sync(device)
-            return time.perf_counter() - start
+            host = HostRows(prompts, params, seeds, s, None, None)
+            ms, _ = host_timed_ms(lambda _: engine.decode_loop(p, s, lambda tokens, positions: logits, False,
+                                                                host.on_sync, new_tokens - 1, 16, 1), device=device)
+            return ms * 1e-3
         return run
 
     loops = {name: loop(get_engine(name)) for name in ("cpp", "python")}
@@ -240,7 +217,7 @@ def main(argv=None):
 
     import transformers
 
-    from gptfast.sampling import extension_status
+    from gptfast.extension import extension_status
 
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {platform.platform()}  "
           f"{torch.get_num_threads()} threads  torch {torch.__version__}  transformers {transformers.__version__}")

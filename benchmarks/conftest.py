@@ -17,7 +17,6 @@ These files are not part of the test suite (``pytest`` alone collects tests/ onl
 import itertools
 import os
 import sys
-import time
 
 import pytest
 
@@ -28,6 +27,7 @@ except ImportError:  # a source checkout that is not installed
 
 import torch
 
+from gptfast.bench import harness
 from gptfast.bench.results import Row, fill_rates
 from gptfast.bench.runner import SkipCase
 
@@ -53,36 +53,27 @@ def case_id(case) -> str:
 
 
 def run_case(benchmark, case, device):
-    """Time one suite case with pytest-benchmark; skip it where it cannot run."""
+    """Time one suite case with pytest-benchmark; skip it where it cannot run. The warm-up
+    and the number of rounds are the harness's (``gptfast.bench.harness``)."""
     try:
         fn, sets = case.build()
     except SkipCase as exc:
         pytest.skip(str(exc))
     cuda = device.type == "cuda"
-    flush = None
-    if cuda:
-        from gptfast.bench.harness import l2_flush_buffer
-
-        flush = l2_flush_buffer(device)
-    start = time.perf_counter()
-    for i in range(case.warmup):  # JIT compiles, autotuning, torch.compile
-        fn(sets[i % len(sets)])
-    if cuda:
-        torch.cuda.synchronize(device)
-    per_call = (time.perf_counter() - start) / case.warmup
-    rounds = int(min(case.max_reps, max(case.min_reps, case.target_ms / 1e3 / max(per_call, 1e-6))))
+    flush = harness.l2_flush_buffer(device) if cuda else None
+    per_call_ms = harness.warm_up(fn, sets, case.warmup, device)  # JIT compiles, autotuning, torch.compile
+    rounds = harness.rep_count(per_call_ms, case.target_ms, case.min_reps, case.max_reps)
     inputs = itertools.cycle(sets)
 
     def setup():
         if cuda:
             flush.zero_()
-            torch.cuda.synchronize(device)
+        harness.synchronize(device)
         return (next(inputs),), {}
 
     def target(x):
         out = fn(x)
-        if cuda:
-            torch.cuda.synchronize(device)
+        harness.synchronize(device)
         return out
 
     benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)

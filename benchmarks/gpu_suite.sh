@@ -1,120 +1,211 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark in one command, for an H200 (or any CUDA GPU):
+# The whole GPU run in one command, for an H200 (or any CUDA GPU), within 7 minutes:
 #
-#     benchmarks/gpu_suite.sh OUT_DIR
+#     benchmarks/gpu_suite.sh OUT_DIR            # on the GPU machine
+#     benchmarks/gpu_suite.sh --dry-run OUT_DIR  # the same plumbing on a CPU, tiny shapes (CI runs it)
 #
-# Stages, each under `timeout` so that one failing or slow stage never loses the others
-# (their logs are OUT_DIR/<stage>.log):
-#   build    the C++ sampling extension, in place (else gptfast JIT-builds it on first use)
-#   env      versions, the device and the sampler in use (gptfast info, nvidia-smi)
-#   check    gptfast check --quick: every fused op against its reference (bf16 first)
-#   kernels  gptfast bench --suite kernels: attention, decode, layernorm, sampler step
-#   e2e      gptfast bench --suite e2e --quick: prefill, decode at batch 1/8/64, training step
-#   profile  gptfast profile generate: GPT-2 124M, batch 1, 256 new tokens (host syncs per token)
-#   summary  tables and the issue targets from the JSON files, printed last
-# Outputs: OUT_DIR/{check,kernels,e2e}.json, {kernels,e2e}.csv, plots/*.png, profile/ (trace.json
-# for https://ui.perfetto.dev, key_averages.txt, summary.json), summary.md, stages.tsv.
+# Stages, most valuable numbers first, each in its own process under `timeout` (SIGTERM at
+# its limit, SIGKILL GRACE seconds later), so a slow or broken stage never loses the others:
+#   build       the C++ sampling extension in place, then `import gptfast._C`; if that fails,
+#               every later stage runs with GPTFAST_NO_EXT=1 (Python twin) and the summary says so
+#   env         gptfast info (builds nothing), nvidia-smi
+#   warm        compile every kernel the later stages launch, in parallel processes, into one
+#               TRITON_CACHE_DIR (gptfast.bench.warm), so compiles do not eat the stage limits
+#   check       gptfast check --quick: the sampler first, then every op, bf16 first
+#   tune        python -m gptfast.tune --out OUT_DIR/tuned.json, then --install it into kernels/tuned/
+#               so the later stages run the tuned configs (not in a dry run; "not available" where absent)
+#   attention   causal attention fwd/bwd vs SDPA          (gptfast bench --suite kernels)
+#   decode      decode attention over a KV cache
+#   layernorm   layernorm fwd/bwd vs F.layer_norm
+#   e2e_decode  GPT-2 124M decode, batch 1 and 8          (gptfast bench --suite e2e)
+#   train       GPT-2 124M training step, MFU
+#   profile     gptfast profile generate: batch 1, 256 new tokens (host syncs per token)
+#   summary     gptfast.bench.suite_summary: failures first, targets, check counts, stages
+# A stage that hits a CUDA error stops at that case and names it; the next stage starts a
+# fresh process. The bench stages stop starting new cases BUDGET_MARGIN seconds before their
+# limit (least important cases cut first) and write what they measured when stopped.
 #
-# The stage limits add up to 8 minutes (480 s); the bench stages stop starting new cases a little
-# before their limit (--budget-s, least important cases cut first) and write what they
-# measured when `timeout` stops them. Limits can be changed through the environment
-# (LIMIT_BUILD=120 ...). Runs from a source checkout with no network access.
+# OUT_DIR ends up holding at most four files: summary.md, stages.tsv (stage, status, seconds,
+# limit_s, note), tuned.json (when the tune stage wrote it) and results.tar.gz (every JSON,
+# CSV, plot, log and trace, under results/). The summary is printed last. Limits can be
+# changed through the environment (LIMIT_CHECK=60 ...); the interpreter is $PY (default
+# python3, else python). Runs from a source checkout with no network access.
 set -u -o pipefail
 
-OUT="${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}"
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+OUT="${1:?usage: benchmarks/gpu_suite.sh [--dry-run] OUT_DIR}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-PY="${PYTHON:-python}"
+if [ -z "${PY:-}" ]; then
+    if command -v python3 > /dev/null 2>&1; then PY=python3; else PY=python; fi
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-export PY OUT
 
-LIMIT_BUILD=${LIMIT_BUILD:-90}
-LIMIT_ENV=${LIMIT_ENV:-15}
-LIMIT_CHECK=${LIMIT_CHECK:-75}
-LIMIT_KERNELS=${LIMIT_KERNELS:-140}
-LIMIT_E2E=${LIMIT_E2E:-115}
-LIMIT_PROFILE=${LIMIT_PROFILE:-35}
-LIMIT_SUMMARY=${LIMIT_SUMMARY:-10}
+GRACE=${GRACE:-3}
+BUDGET_MARGIN=${BUDGET_MARGIN:-12}
+LIMIT_BUILD=${LIMIT_BUILD:-82}
+LIMIT_ENV=${LIMIT_ENV:-8}
+LIMIT_WARM=${LIMIT_WARM:-40}
+LIMIT_CHECK=${LIMIT_CHECK:-38}
+LIMIT_TUNE=${LIMIT_TUNE:-45}
+LIMIT_ATTENTION=${LIMIT_ATTENTION:-40}
+LIMIT_DECODE=${LIMIT_DECODE:-18}
+LIMIT_LAYERNORM=${LIMIT_LAYERNORM:-18}
+LIMIT_E2E_DECODE=${LIMIT_E2E_DECODE:-40}
+LIMIT_TRAIN=${LIMIT_TRAIN:-25}
+LIMIT_PROFILE=${LIMIT_PROFILE:-20}
+LIMIT_SUMMARY=${LIMIT_SUMMARY:-8}
 
+if [ "$DRY" = 1 ]; then
+    export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
+    DEVICE=(--device cpu)
+    JOBS=2
+    TUNE_ARGS="--dry-run --device-name dry-run-cpu"
+    PROFILE_ARGS=(--new-tokens 8)
+    BENCH_ARGS=(--providers gptfast,torch)  # the plumbing, not every provider
+    TITLE="gptfast GPU suite: DRY RUN on the CPU (fake device name dry-run-cpu; no number here means anything)"
+else
+    DEVICE=()
+    JOBS=$(nproc 2> /dev/null || echo 8)
+    [ "$JOBS" -gt 16 ] && JOBS=16
+    TUNE_ARGS="--quick"
+    PROFILE_ARGS=(--new-tokens 256)
+    BENCH_ARGS=()
+    TITLE="gptfast GPU suite"
+fi
+if [ -z "${TRITON_CACHE_DIR:-}" ]; then  # one fresh cache for every stage, removed at the end
+    TRITON_CACHE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/gptfast-triton.XXXXXX")"
+    trap 'rm -rf "$TRITON_CACHE_DIR"' EXIT
+fi
+export TRITON_CACHE_DIR
+
+WORK="$OUT/results"
+rm -rf "$WORK" "$OUT/summary.md" "$OUT/stages.tsv" "$OUT/tuned.json" "$OUT/results.tar.gz"
+mkdir -p "$WORK/logs"
 STAGES="$OUT/stages.tsv"
-printf 'stage\tresult\tseconds\n' > "$STAGES"
+printf 'stage\tstatus\tseconds\tlimit_s\tnote\n' > "$STAGES"
 SUITE_START=$(date +%s)
+NOTES=()
 
-stage() {  # stage NAME LIMIT_S COMMAND...
+record() {  # record NAME STATUS SECONDS LIMIT NOTE
+    printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$STAGES"
+}
+
+stage() {  # stage NAME LIMIT_S COMMAND...: run it under timeout, log to results/logs/NAME.log
     local name=$1 limit=$2
     shift 2
-    local t0 rc verdict
+    local t0 rc status
     t0=$(date +%s)
-    echo "=== [$name] limit ${limit}s: $*"
-    timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "=== [$name] limit ${limit}s: $*" | cut -c1-200
+    timeout --signal=TERM --kill-after="$GRACE" "$limit" "$@" > "$WORK/logs/$name.log" 2>&1
     rc=$?
     case $rc in
-        0) verdict=ok ;;
-        124 | 137) verdict="timed out (results so far kept)" ;;
-        *) verdict="exit $rc" ;;
+        0) status=ok ;;
+        124 | 137) status="timed out" ;;
+        *) status="failed (exit $rc)" ;;
     esac
-    printf '%s\t%s\t%s\n' "$name" "$verdict" "$(($(date +%s) - t0))" >> "$STAGES"
-    tail -n 4 "$OUT/$name.log" | sed 's/^/    /'
+    record "$name" "$status" "$(($(date +%s) - t0))" "$limit" ""
+    echo "    $status in $(($(date +%s) - t0)) s"
+    grep -m1 'STOPPED at the first CUDA error' "$WORK/logs/$name.log" | cut -c1-240 | sed 's/^/    /'
+    tail -n 2 "$WORK/logs/$name.log" | cut -c1-160 | sed 's/^/    /'
+    return $rc
+}
+
+bench() {  # bench NAME LIMIT SUITE OPS: one benchmark stage
+    local name=$1 limit=$2 suite=$3 ops=$4
+    stage "$name" "$limit" "$PY" -m gptfast bench --suite "$suite" --quick --ops "$ops" -v "${DEVICE[@]}" "${BENCH_ARGS[@]}" \
+        --budget-s $((limit > BUDGET_MARGIN + 5 ? limit - BUDGET_MARGIN : 5)) \
+        --json "$WORK/$name.json" --csv "$WORK/$name.csv" --plot "$WORK/plots"
 }
 
 env_report() {
     "$PY" -m gptfast info
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2> /dev/null || true
 }
-
-stage build "$LIMIT_BUILD" "$PY" setup.py build_ext --inplace
-# `timeout` runs programs, not shell functions: the function stages go through `bash -c`.
 export -f env_report
-stage env "$LIMIT_ENV" bash -c env_report
-stage check "$LIMIT_CHECK" "$PY" -m gptfast check --quick -v --json "$OUT/check.json"
-stage kernels "$LIMIT_KERNELS" "$PY" -m gptfast bench --suite kernels -v --budget-s $((LIMIT_KERNELS - 30)) \
-    --json "$OUT/kernels.json" --csv "$OUT/kernels.csv" --plot "$OUT/plots"
-stage e2e "$LIMIT_E2E" "$PY" -m gptfast bench --suite e2e --quick -v --budget-s $((LIMIT_E2E - 30)) \
-    --json "$OUT/e2e.json" --csv "$OUT/e2e.csv" --plot "$OUT/plots"
-stage profile "$LIMIT_PROFILE" "$PY" -m gptfast profile generate --batch 1 --new-tokens 256 --out "$OUT/profile"
+export PY
 
-summary() {
-    local files=()
-    for f in "$OUT/kernels.json" "$OUT/e2e.json"; do [ -f "$f" ] && files+=("$f"); done
-    echo "# gptfast GPU suite, $(date -u +%Y-%m-%dT%H:%MZ)"
-    echo
-    echo "Command: \`benchmarks/gpu_suite.sh $1\`"
-    if [ ${#files[@]} -gt 0 ]; then
-        local profile=()
-        [ -f "$OUT/profile/summary.json" ] && profile=(--profile-summary "$OUT/profile/summary.json")
-        "$PY" -m gptfast bench --from-json "${files[@]}" "${profile[@]}"
+# --- build: a dry run only checks the import (a compile takes minutes on a small CPU) ---
+build_ext() {
+    if [ "$DRY" = 1 ]; then
+        echo "dry run: no compile, only the import check"
     else
-        echo "(no benchmark results were written: see kernels.log and e2e.log)"
+        "$PY" setup.py build_ext --inplace || return
     fi
-    if [ -f "$OUT/check.json" ]; then
-        "$PY" - "$OUT/check.json" <<'EOF'
-import json, sys
-doc = json.load(open(sys.argv[1]))
-rows = doc["results"]
-failed = [r for r in rows if not r["passed"]]
-print(f"\n## gptfast check\n\n{len(rows) - len(failed)}/{len(rows)} passed on {doc['device']}")
-for r in failed:
-    print(f"- FAIL {r['op']} {r['variant']} [{r['shape']}] {r['dtype']} {r['direction']}: ratio {r['ratio']} {r['detail']}")
-EOF
-    fi
-    if [ -f "$OUT/profile/summary.json" ]; then
-        "$PY" - "$OUT/profile/summary.json" <<'EOF'
-import json, sys
-s = json.load(open(sys.argv[1]))
-print(f"\n## profile: {s['what']}\n")
-print(f"wall {s['wall_ms']:.1f} ms, kernels {s['kernel_ms']} ms, host gaps {s['host_gap_ms']} ms, "
-      f"host syncs {s['host_syncs']} ({s['host_syncs_per_token']} per generated token)")
-EOF
-    fi
+    "$PY" -c "import torch, gptfast._C; print('import gptfast._C: ok')"
 }
-export -f summary
-stage summary "$LIMIT_SUMMARY" bash -c 'summary "$OUT"'
-cp "$OUT/summary.log" "$OUT/summary.md" 2>/dev/null
+export -f build_ext
+export DRY
+if stage build "$LIMIT_BUILD" bash -c build_ext; then
+    NOTES+=("C++ extension: import gptfast._C works")
+else
+    export GPTFAST_NO_EXT=1
+    NOTES+=("C++ extension NOT available (build or import failed, see logs/build.log): every later stage ran with GPTFAST_NO_EXT=1, the Python twin sampler; C++ loop rows are missing")
+    echo "    later stages run with GPTFAST_NO_EXT=1"
+fi
+
+stage env "$LIMIT_ENV" bash -c env_report
+stage warm "$LIMIT_WARM" "$PY" -m gptfast.bench.warm --jobs "$JOBS" --e2e "${DEVICE[@]}"
+stage check "$LIMIT_CHECK" "$PY" -m gptfast check --quick -v "${DEVICE[@]}" --json "$WORK/check.json"
+
+# Tune, then install what was tuned (a table cut short is still valid) into kernels/tuned/,
+# where the launchers of the later stages find it; a dry run installs nothing into the checkout.
+tune_and_install() {
+    # shellcheck disable=SC2086 # TUNE_ARGS holds plain flags
+    timeout --kill-after=2 $((LIMIT_TUNE - 8)) "$PY" -m gptfast.tune --out "$OUT/tuned.json" $TUNE_ARGS
+    local rc=$?
+    if [ "$DRY" = 1 ]; then
+        echo "dry run: the table is not installed"
+    elif [ -s "$OUT/tuned.json" ]; then
+        "$PY" -m gptfast.tune --install "$OUT/tuned.json" || return
+    fi
+    return $rc
+}
+export -f tune_and_install
+export OUT TUNE_ARGS LIMIT_TUNE
+if [ -f gptfast/tune.py ] || [ -f gptfast/tune/__main__.py ]; then
+    stage tune "$LIMIT_TUNE" bash -c tune_and_install
+    if [ "$DRY" != 1 ] && grep -q '^installed ' "$WORK/logs/tune.log"; then
+        NOTES+=("Tuned table installed: the stages after tune ran with its configs")
+    fi
+else
+    record tune "not available" 0 "$LIMIT_TUNE" "gptfast.tune is not in this checkout"
+    echo "=== [tune] not available: gptfast.tune is not in this checkout"
+fi
+
+bench attention "$LIMIT_ATTENTION" kernels causal_attention
+bench decode "$LIMIT_DECODE" kernels decode_attention
+bench layernorm "$LIMIT_LAYERNORM" kernels layer_norm
+bench e2e_decode "$LIMIT_E2E_DECODE" e2e decode
+bench train "$LIMIT_TRAIN" e2e train_step
+stage profile "$LIMIT_PROFILE" "$PY" -m gptfast profile generate --batch 1 "${PROFILE_ARGS[@]}" "${DEVICE[@]}" \
+    --out "$WORK/profile"
+
+NOTE_ARGS=()
+for note in "${NOTES[@]}"; do NOTE_ARGS+=(--note "$note"); done
+stage summary "$LIMIT_SUMMARY" "$PY" -m gptfast.bench.suite_summary "$WORK" --stages "$STAGES" \
+    --out "$OUT/summary.md" --tuned "$OUT/tuned.json" --title "$TITLE" "${NOTE_ARGS[@]}"
+
+# --- one archive for everything else (the channel back carries few files) ---
+cp "$STAGES" "$WORK/stages.tsv"
+tar -czf "$OUT/results.tar.gz" -C "$OUT" results
+if [ "$(stat -c %s "$OUT/results.tar.gz")" -gt $((15 * 1024 * 1024)) ]; then
+    tar -czf "$OUT/results.tar.gz" -C "$OUT" --exclude=trace.json results
+    ARCHIVE_NOTE="; the profile trace was left out (over 15 MiB)"
+fi
+rm -rf "$WORK"
+TOTAL=$(($(date +%s) - SUITE_START))
+{
+    echo
+    echo "Suite: ${TOTAL} s in all; results.tar.gz $(($(stat -c %s "$OUT/results.tar.gz") / 1024)) KiB${ARCHIVE_NOTE:-} (logs, JSON, CSV, plots, profile)."
+} >> "$OUT/summary.md"
+[ -s "$OUT/summary.md" ] || echo "(the summary stage wrote nothing: see logs/summary.log in results.tar.gz)" >> "$OUT/summary.md"
 
 echo
-echo "=== stages (total $(($(date +%s) - SUITE_START)) s; logs in $OUT)"
-column -t -s $'\t' "$STAGES" 2>/dev/null || cat "$STAGES"
+echo "=== stages (total ${TOTAL} s)"
+column -t -s $'\t' "$STAGES" 2> /dev/null || cat "$STAGES"
 echo
-cat "$OUT/summary.md" 2>/dev/null
+cat "$OUT/summary.md"

@@ -12,7 +12,14 @@ reported). The float64 inputs are the dtype inputs widened, so all three see the
 numbers. Gradients use the same random output gradient for all three.
 
 The sampler is checked differently: the C++ extension and its Python twin must choose
-identical tokens for the same seed over a few parameter mixes.
+identical tokens for the same seed over a few parameter mixes. It runs first: it is the
+only check of the C++ loop on CUDA, and on a GPU with little time the last cases are
+the ones lost. The op list is ``gptfast.ops.registry`` (each op's implementations and
+its error-ratio tolerance); this module holds the grid of shapes for each.
+
+A CUDA error that breaks the context (an illegal address, say) stops the run at that
+case, with a line naming it (``gptfast.bench.cuda_errors``): every later case in the
+same process would fail with the same message.
 
 On a machine without CUDA the ops run through the Triton interpreter (``TRITON_INTERPRET=1``
 must be set before triton is imported; ``gptfast check`` does that) on small shapes.
@@ -24,10 +31,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from gptfast.bench.cuda_errors import STOPPED, is_cuda_error, short_error, stop_message
+from gptfast.bench.results import dtype_name
+from gptfast.ops import registry
 from gptfast.testing import error_ratio, max_abs_error
 
-OPS = ("layer_norm", "causal_attention", "decode_attention", "sampler")
-DEFAULT_MAX_RATIO = 3.0
+OPS = ("sampler",) + registry.NAMES  # in run order
+DEFAULT_MAX_RATIO = registry.DEFAULT_MAX_RATIO
 
 
 @dataclass
@@ -56,14 +66,13 @@ class CheckCase:
     dtype: torch.dtype
     run: Callable[[], List[CheckResult]]
 
+    def label(self) -> str:
+        return f"{self.op} {self.variant} [{self.shape}] {dtype_name(self.dtype)}"
+
 
 # ---------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def kernel_path(t: torch.Tensor) -> str:
@@ -72,6 +81,14 @@ def kernel_path(t: torch.Tensor) -> str:
     if not use_triton(t):
         return "torch"
     return "triton-interpreter" if interpreting() else "triton"
+
+
+def _fused(op: str) -> Callable:
+    return registry.get(op).resolve("fused")
+
+
+def _reference(op: str) -> Callable:
+    return registry.get(op).resolve("reference")
 
 
 def _randn(shape, dtype, device, generator, scale=1.0, shift=0.0):
@@ -143,9 +160,7 @@ def _to64(t):
 
 def check_layer_norm(shape, dtype, device, residual: bool, non_contiguous: bool, max_ratio: float,
                      eps: float = 1e-5) -> List[CheckResult]:
-    import gptfast.ops
-    from gptfast import reference
-
+    fused_op, reference_op = _fused("layer_norm"), _reference("layer_norm")
     g = torch.Generator().manual_seed(1234)
     hidden = shape[-1]
     if non_contiguous:  # every other row of a wider buffer: a strided view
@@ -160,19 +175,19 @@ def check_layer_norm(shape, dtype, device, residual: bool, non_contiguous: bool,
         r = _randn(shape, dtype, device, g)
 
         def fused(x, r, w, b):
-            return tuple(gptfast.ops.layer_norm(x, w, b, eps, residual=r))
+            return tuple(fused_op(x, w, b, eps, residual=r))
 
         def ref(x, r, w, b):
-            return tuple(reference.layer_norm(x, w, b, eps, residual=r))
+            return tuple(reference_op(x, w, b, eps, residual=r))
 
         return _fwd_bwd("layer_norm", variant, shape_text, dtype, kernel_path(x), fused, ref, [x, r, weight, bias],
                         ["y", "h"], ["x", "residual", "weight", "bias"], max_ratio, g)
 
     def fused(x, w, b):
-        return (gptfast.ops.layer_norm(x, w, b, eps),)
+        return (fused_op(x, w, b, eps),)
 
     def ref(x, w, b):
-        return (reference.layer_norm(x, w, b, eps),)
+        return (reference_op(x, w, b, eps),)
 
     return _fwd_bwd("layer_norm", variant, shape_text, dtype, kernel_path(x), fused, ref, [x, weight, bias],
                     ["y"], ["x", "weight", "bias"], max_ratio, g)
@@ -185,9 +200,7 @@ def check_layer_norm(shape, dtype, device, residual: bool, non_contiguous: bool,
 
 def check_causal_attention(batch, heads, q_len, head_dim, q_offset, dtype, device, non_contiguous: bool,
                            max_ratio: float) -> List[CheckResult]:
-    import gptfast.ops
-    from gptfast import reference
-
+    fused_op, reference_op = _fused("causal_attention"), _reference("causal_attention")
     g = torch.Generator().manual_seed(4321)
     kv_len = q_offset + q_len
     if non_contiguous:  # q, k, v split out of one fused qkv projection, as in the model
@@ -202,10 +215,10 @@ def check_causal_attention(batch, heads, q_len, head_dim, q_offset, dtype, devic
     variant = f"q_offset={q_offset}" + (", non-contiguous" if non_contiguous else "")
 
     def fused(q, k, v):
-        return (gptfast.ops.causal_attention(q, k, v, q_offset=q_offset),)
+        return (fused_op(q, k, v, q_offset=q_offset),)
 
     def ref(q, k, v):
-        return (reference.causal_attention(q, k, v, q_offset=q_offset),)
+        return (reference_op(q, k, v, q_offset=q_offset),)
 
     return _fwd_bwd("causal_attention", variant, f"B={batch},H={heads},Tq={q_len},D={head_dim}", dtype,
                     kernel_path(q), fused, ref, [q, k, v], ["out"], ["q", "k", "v"], max_ratio, g)
@@ -219,8 +232,7 @@ def check_causal_attention(batch, heads, q_len, head_dim, q_offset, dtype, devic
 def check_decode_attention(batch, heads, cache_len, head_dim, lens, dtype, device, max_ratio: float) -> List[CheckResult]:
     """Forward only (decode has no backward). The caches are a slice of a bigger buffer whose
     stale positions (at or past each row's length) hold NaN: the op must never read them."""
-    import gptfast.ops
-    from gptfast import reference
+    fused_op, reference_op = _fused("decode_attention"), _reference("decode_attention")
 
     g = torch.Generator().manual_seed(99)
     q = _randn((batch, heads, head_dim), dtype, device, g)
@@ -236,9 +248,9 @@ def check_decode_attention(batch, heads, cache_len, head_dim, lens, dtype, devic
 
     started = time.perf_counter()
     with torch.no_grad():
-        fused = gptfast.ops.decode_attention(q, k_view, v_view, cache_lens)
-        plain = reference.decode_attention(q, clean_k, clean_v, cache_lens)
-        exact = reference.decode_attention(q.double(), clean_k.double(), clean_v.double(), cache_lens)
+        fused = fused_op(q, k_view, v_view, cache_lens)
+        plain = reference_op(q, clean_k, clean_v, cache_lens)
+        exact = reference_op(q.double(), clean_k.double(), clean_v.double(), cache_lens)
     ok, ratio, f_err, p_err, worst = _compare(["out"], [fused], [plain], [exact], max_ratio)
     return [CheckResult("decode_attention", "cache view, NaN past lens", shape, dtype_name(dtype), "fwd",
                         kernel_path(q), ok, ratio, f_err, p_err, worst, seconds=time.perf_counter() - started)]
@@ -259,7 +271,9 @@ def default_dtypes(device) -> Tuple[torch.dtype, ...]:
 
 def _shapes(device, quick: bool) -> Dict[str, list]:
     """Shapes per op. On CUDA: awkward sizes (not multiples of a block, T=1, batch 1,
-    hidden sizes that are not powers of two). Under the interpreter each launch costs
+    hidden sizes that are not powers of two). The quick grid keeps one small case of
+    each attention path the kernels specialise for: q_offset > 0, T=1, head sizes 64,
+    80, 128 and 256, a non-contiguous input. Under the interpreter each launch costs
     seconds, so the CPU grid is tiny."""
     if torch.device(device).type == "cuda":
         full = {
@@ -270,9 +284,8 @@ def _shapes(device, quick: bool) -> Dict[str, list]:
             "decode_attention": [(4, 12, 1000, 64, [1, 333, 999, 1000]), (2, 8, 4100, 128, [4100, 17]),
                                  (1, 3, 130, 80, [130])],
         }
-        if quick:  # still one non-contiguous input and D=128 per op
-            full = {"layer_norm": full["layer_norm"][1:3], "causal_attention": full["causal_attention"][1:3],
-                    "decode_attention": full["decode_attention"][:2]}
+        if quick:  # every attention case is small already; layernorm keeps the awkward and the strided one
+            full = {**full, "layer_norm": full["layer_norm"][1:3]}
         return full
     full = {
         "layer_norm": [((1, 768), False), ((3, 7, 100), False), ((5, 64), True)],
@@ -285,34 +298,51 @@ def _shapes(device, quick: bool) -> Dict[str, list]:
     return full
 
 
+def _layer_norm_cases(shapes, dtype, device, max_ratio) -> List[CheckCase]:
+    return [CheckCase("layer_norm", "residual" if residual else "plain", str(shape), dtype,
+                      _bind(check_layer_norm, shape, dtype, device, residual, non_contiguous, max_ratio))
+            for shape, non_contiguous in shapes for residual in (False, True)]
+
+
+def _causal_attention_cases(shapes, dtype, device, max_ratio) -> List[CheckCase]:
+    return [CheckCase("causal_attention", f"q_offset={offset}", f"B={b},H={h},Tq={t},D={d}", dtype,
+                      _bind(check_causal_attention, b, h, t, d, offset, dtype, device, non_contiguous, max_ratio))
+            for b, h, t, d, offset, non_contiguous in shapes]
+
+
+def _decode_attention_cases(shapes, dtype, device, max_ratio) -> List[CheckCase]:
+    return [CheckCase("decode_attention", "", f"B={b},H={h},S={s},D={d}", dtype,
+                      _bind(check_decode_attention, b, h, s, d, lens, dtype, device, max_ratio))
+            for b, h, s, d, lens in shapes]
+
+
+# The grid of each registry op (a new op in the registry needs its entry here).
+CASE_BUILDERS = {"layer_norm": _layer_norm_cases, "causal_attention": _causal_attention_cases,
+                 "decode_attention": _decode_attention_cases}
+
+
 def build_cases(device, quick: bool = False, ops: Optional[Sequence[str]] = None,
-                dtypes: Optional[Sequence[torch.dtype]] = None, max_ratio: float = DEFAULT_MAX_RATIO) -> List[CheckCase]:
+                dtypes: Optional[Sequence[torch.dtype]] = None, max_ratio: Optional[float] = None) -> List[CheckCase]:
+    """The cases in run order: the sampler first, then every op per dtype (bf16 first on
+    CUDA). ``max_ratio`` overrides each op's registry tolerance."""
     device = torch.device(device)
     ops = list(ops) if ops else list(OPS)
     unknown = set(ops) - set(OPS)
     if unknown:
         raise ValueError(f"unknown op(s) {sorted(unknown)}; choose from {OPS}")
+    missing = [name for name in registry.NAMES if name not in CASE_BUILDERS]
+    if missing:
+        raise ValueError(f"op(s) {missing} are in gptfast.ops.registry but gptfast.checker has no grid for them")
     dtypes = list(dtypes) if dtypes else list(default_dtypes(device))
     shapes = _shapes(device, quick)
     cases: List[CheckCase] = []
-    for dtype in dtypes:
-        if "layer_norm" in ops:
-            for shape, non_contiguous in shapes["layer_norm"]:
-                for residual in (False, True):
-                    cases.append(CheckCase("layer_norm", "residual" if residual else "plain", str(shape), dtype,
-                                           _bind(check_layer_norm, shape, dtype, device, residual, non_contiguous,
-                                                 max_ratio)))
-        if "causal_attention" in ops:
-            for b, h, t, d, offset, non_contiguous in shapes["causal_attention"]:
-                cases.append(CheckCase("causal_attention", f"q_offset={offset}", f"B={b},H={h},Tq={t},D={d}", dtype,
-                                       _bind(check_causal_attention, b, h, t, d, offset, dtype, device, non_contiguous,
-                                             max_ratio)))
-        if "decode_attention" in ops:
-            for b, h, s, d, lens in shapes["decode_attention"]:
-                cases.append(CheckCase("decode_attention", "", f"B={b},H={h},S={s},D={d}", dtype,
-                                       _bind(check_decode_attention, b, h, s, d, lens, dtype, device, max_ratio)))
     if "sampler" in ops:
         cases.append(CheckCase("sampler", "C++ vs twin", "", torch.float32, _bind(check_sampler, device)))
+    for dtype in dtypes:
+        for spec in registry.OPS:
+            if spec.name in ops:
+                limit = max_ratio if max_ratio is not None else spec.max_ratio
+                cases += CASE_BUILDERS[spec.name](shapes[spec.name], dtype, device, limit)
     return cases
 
 
@@ -320,29 +350,47 @@ def _bind(fn, *args):
     return lambda: fn(*args)
 
 
-def run_checks(cases: Sequence[CheckCase], log: Optional[Callable[[str], None]] = None) -> List[CheckResult]:
+def _failed_row(case: CheckCase, detail: str, seconds: float = 0.0) -> CheckResult:
+    return CheckResult(case.op, case.variant, case.shape, dtype_name(case.dtype), "fwd", "?", False, detail=detail,
+                       seconds=seconds)
+
+
+def run_checks(cases: Sequence[CheckCase], log: Optional[Callable[[str], None]] = None,
+               progress: Optional[Callable[[List[CheckResult]], None]] = None) -> List[CheckResult]:
     """Run every case; an exception is a failed row (with its message), never a lost run.
-    Ctrl-C (or SIGTERM turned into KeyboardInterrupt) ends the run with a failed
-    "interrupted" row after the results so far."""
+    ``progress(results)`` is called after every case (to save what is done).
+
+    Two things end the run early, each with a failed row after the results so far:
+    Ctrl-C (or SIGTERM turned into KeyboardInterrupt), and a CUDA error, whose row and
+    log line name the case (the context is broken; later cases would all fail)."""
     results: List[CheckResult] = []
     for i, case in enumerate(cases):
         started = time.perf_counter()
         try:
             rows = case.run()
         except KeyboardInterrupt:
-            results.append(CheckResult(case.op, case.variant, case.shape, dtype_name(case.dtype), "fwd", "?", False,
-                                       detail=f"interrupted: {len(cases) - i} case(s) not run"))
+            results.append(_failed_row(case, f"interrupted: {len(cases) - i} case(s) not run"))
             break
         except Exception as exc:
-            message = str(exc).strip().splitlines()
-            rows = [CheckResult(case.op, case.variant, case.shape, dtype_name(case.dtype), "fwd", "?", False,
-                                detail=f"{type(exc).__name__}: {message[0][:160] if message else ''}",
-                                seconds=time.perf_counter() - started)]
+            rows = [_failed_row(case, short_error(exc, 160), time.perf_counter() - started)]
+            if is_cuda_error(exc):
+                rows[0].detail = stop_message(case.label(), exc, len(cases) - i - 1)
+                results += rows
+                if log:
+                    log(f"[{i + 1}/{len(cases)}] {rows[0].detail}")
+                break
         results += rows
         if log:
             for r in rows:
                 log(f"[{i + 1}/{len(cases)}] {format_line(r)}")
+        if progress:
+            progress(results)
     return results
+
+
+def stopped_by_cuda_error(results: Sequence[CheckResult]) -> Optional[CheckResult]:
+    """The row a CUDA error stopped the run at, if one did."""
+    return next((r for r in results if r.detail.startswith(STOPPED)), None)
 
 
 # ---------------------------------------------------------------------------------
@@ -407,7 +455,7 @@ def check_sampler(device, new_tokens: int = 12) -> List[CheckResult]:
     import gptfast
     from gptfast.config import GPTConfig
     from gptfast.model import GPT
-    from gptfast.sampling import extension_status, load_extension
+    from gptfast.extension import extension_status, load_extension
 
     device = torch.device(device)
     started = time.perf_counter()

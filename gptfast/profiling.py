@@ -307,42 +307,24 @@ def _preset_block_size(preset: str) -> int:
     return GPTConfig.from_preset(preset).block_size
 
 
-OP_NAMES = ("layer_norm", "causal_attention", "decode_attention")
-
-
 def op_step(name: str, device, dtype=None):
-    """A forward (+ backward) step of one fused op on a representative shape."""
-    import gptfast.ops
+    """A forward (+ backward, for ops with gradients) step of one registry op on its
+    large example inputs on CUDA, its small ones on the CPU."""
+    from gptfast.ops import registry
 
+    spec = registry.get(name)
     device = torch.device(device)
-    gpu = device.type == "cuda"
-    dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
-    if name == "layer_norm":
-        rows, hidden = (16384, 768) if gpu else (256, 768)
-        x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
-        w = torch.ones(hidden, device=device, dtype=dtype, requires_grad=True)
-        b = torch.zeros(hidden, device=device, dtype=dtype, requires_grad=True)
-        inputs, forward = (x, w, b), lambda: gptfast.ops.layer_norm(x, w, b)
-    elif name == "causal_attention":
-        shape = (4, 12, 1024, 64) if gpu else (1, 2, 64, 32)
-        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        inputs, forward = (q, k, v), lambda: gptfast.ops.causal_attention(q, k, v)
-    elif name == "decode_attention":
-        batch, heads, cache_len, head_dim = (16, 12, 8192, 64) if gpu else (2, 2, 256, 32)
-        q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
-        k = torch.randn(batch, heads, cache_len, head_dim, device=device, dtype=dtype)
-        v = torch.randn_like(k)
-        lens = torch.full((batch,), cache_len, device=device, dtype=torch.int32)
-        inputs, forward = (), lambda: gptfast.ops.decode_attention(q, k, v, lens)
-    else:
-        raise ValueError(f"unknown op {name!r}; choose one of {OP_NAMES}")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    op = spec.resolve("fused")
+    inputs = spec.example_inputs(device, dtype, large=device.type == "cuda")
+    grad_inputs = [inputs[n] for n in spec.grad_inputs]
 
     def step():
         with torch.profiler.record_function("forward"):
-            out = forward()
-        if inputs:
+            out = op(*inputs.values())
+        if grad_inputs:
             with torch.profiler.record_function("backward"):
-                torch.autograd.grad(out, inputs, torch.ones_like(out))
+                torch.autograd.grad(out, grad_inputs, torch.ones_like(out))
         return None
 
     return step

@@ -115,6 +115,51 @@ def test_runner_skips_errors_and_budget_without_losing_other_rows():
     assert "time budget" in skipped[0].reason and skipped[0].provider == "slow"
 
 
+def test_runner_stops_at_the_first_cuda_error_naming_the_case():
+    meta = {"device": "cpu", "versions": {}, "git_commit": "x", "timestamp": "t", "peaks": {}}
+    built = []
+
+    def ok(name):
+        def build():
+            built.append(name)
+            return (lambda _: None), [None]
+        return build
+
+    def illegal_address():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors ...")
+
+    cases = [runner.Case("op", p, "fwd", "s", "float32", b, target_ms=1, max_reps=5)
+             for p, b in (("a", ok("a")), ("bad", illegal_address), ("c", ok("c")), ("d", ok("d")))]
+    lines, saved = [], []
+    rows, skipped = runner.run_cases(cases, "cpu", meta, log=lines.append,
+                                     progress=lambda r, s: saved.append(([x.provider for x in r], len(s))))
+    assert [r.provider for r in rows] == ["a"] and built == ["a"]  # nothing ran after the error
+    assert saved == [(["a"], 0), (["a"], 1)]  # saved after each case that ran
+    reasons = {s.provider: s.reason for s in skipped}
+    assert reasons["bad"].startswith("error: RuntimeError: CUDA error: an illegal memory access")
+    assert reasons["c"] == reasons["d"] == "not run: STOPPED at the first CUDA error (in op fwd bad [s] float32)"
+    assert "STOPPED at the first CUDA error, in case op fwd bad [s] float32" in lines[-1]
+    assert "2 later case(s) not run" in lines[-1]
+
+
+def test_bench_command_reports_the_cuda_error_it_stopped_at(monkeypatch, capsys):
+    from gptfast.bench.suites import layer_norm
+
+    real_build = layer_norm._build
+
+    def broken(provider, mode, *args):
+        if provider == "reference" and mode == "fwd":
+            raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+        return real_build(provider, mode, *args)
+
+    monkeypatch.setattr(layer_norm, "_build", broken)
+    code = cli.main(["bench", "--suite", "kernels", "--quick", "--device", "cpu", "--ops", "layer_norm",
+                     "--providers", "reference,torch"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "gptfast bench: not run: STOPPED at the first CUDA error (in layer_norm fwd reference" in err
+
+
 # ---- reports ---------------------------------------------------------------------------------
 
 

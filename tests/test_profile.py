@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gptfast import cli, profiling
+from gptfast.ops import registry
 
 
 def _trace_names(path):
@@ -58,3 +59,10 @@ def test_profile_rejects_bad_arguments(capsys):
     assert "unknown op" in capsys.readouterr().err
     assert cli.main(["profile", "generate", "layer_norm"]) == 2
     assert cli.main(["profile", "generate", "--new-tokens", "0"]) == 2
+
+
+@pytest.mark.parametrize("name", registry.NAMES)
+def test_every_registry_op_can_be_profiled(name, tmp_path):
+    summary = profiling.profile_op(name, str(tmp_path), device="cpu", warmup=0, active=1)
+    assert summary.phases["forward"].count == 1
+    assert ("backward" in summary.phases) == bool(registry.get(name).grad_inputs)

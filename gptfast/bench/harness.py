@@ -20,7 +20,7 @@ the call: enough to fill ``target_ms`` of measurement, within ``[min_reps, max_r
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -65,7 +65,8 @@ def _as_device(device) -> torch.device:
     return device if isinstance(device, torch.device) else torch.device(device)
 
 
-def _rep_count(estimate_ms: float, target_ms: float, min_reps: int, max_reps: int) -> int:
+def rep_count(estimate_ms: float, target_ms: float, min_reps: int, max_reps: int) -> int:
+    """Repetitions to fill ``target_ms`` at ``estimate_ms`` per call, within ``[min_reps, max_reps]``."""
     if estimate_ms <= 0:
         return max_reps
     return int(min(max_reps, max(min_reps, round(target_ms / estimate_ms))))
@@ -107,17 +108,29 @@ def time_call(
     return _time_wall_clock(fn, input_sets, warmup, target_ms, min_reps, max_reps)
 
 
+def host_timed_ms(fn: Callable[[Any], Any], arg: Any = None, device="cpu") -> Tuple[float, Any]:
+    """One call ``fn(arg)`` on the host clock, the device synchronised before and after:
+    (milliseconds, result). The wall-clock method's timer, and the one for whole loops
+    (a generate call, a decode loop) whose host work is part of what is measured."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn(arg)
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3, result
+
+
+def warm_up(fn: Callable[[Any], Any], input_sets: Sequence[Any], warmup: int, device="cpu") -> float:
+    """``warmup`` calls rotating over ``input_sets`` (absorbing JIT compiles, autotuning,
+    lazy initialisation); returns the host-clock milliseconds per call."""
+    total_ms, _ = host_timed_ms(lambda _: [fn(input_sets[i % len(input_sets)]) for i in range(warmup)], None, device)
+    return total_ms / warmup
+
+
 def _time_wall_clock(fn, input_sets, warmup, target_ms, min_reps, max_reps) -> Timing:
     n = len(input_sets)
-    start = time.perf_counter()
-    for i in range(warmup):
-        fn(input_sets[i % n])
-    estimate_ms = (time.perf_counter() - start) * 1e3 / warmup
-    samples = []
-    for i in range(_rep_count(estimate_ms, target_ms, min_reps, max_reps)):
-        t0 = time.perf_counter()
-        fn(input_sets[i % n])
-        samples.append((time.perf_counter() - t0) * 1e3)
+    estimate_ms = warm_up(fn, input_sets, warmup)
+    samples = [host_timed_ms(fn, input_sets[i % n])[0]
+               for i in range(rep_count(estimate_ms, target_ms, min_reps, max_reps))]
     return Timing(samples, WALL_CLOCK)
 
 
@@ -154,7 +167,7 @@ def _time_cuda_events(fn, input_sets, device, warmup, target_ms, min_reps, max_r
             fn(input_sets[i % n])
         end.record()
         torch.cuda.synchronize()
-        reps = _rep_count(start.elapsed_time(end) / warmup, target_ms, min_reps, max_reps)
+        reps = rep_count(start.elapsed_time(end) / warmup, target_ms, min_reps, max_reps)
         samples = _event_timed_reps(lambda i: fn(input_sets[i % n]), reps, flush)
     return Timing(samples, CUDA_EVENTS)
 
@@ -181,7 +194,7 @@ def _time_cuda_graph(fn, input_sets, device, warmup, target_ms, min_reps, max_re
         graph.replay()
         end.record()
         torch.cuda.synchronize()
-        reps = _rep_count(start.elapsed_time(end), target_ms, min_reps, max_reps)
+        reps = rep_count(start.elapsed_time(end), target_ms, min_reps, max_reps)
         samples = _event_timed_reps(lambda i: graph.replay(), reps, flush)
     del graph
     return Timing([ms / graph_calls for ms in samples], CUDA_GRAPH)

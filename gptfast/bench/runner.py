@@ -4,7 +4,7 @@ A ``Case`` describes one row before it is measured. Its ``build()`` allocates th
 inputs and returns the callable to time, so memory is held for one case at a time; it
 raises ``SkipCase`` when the provider cannot run here (not installed, GPU only ...).
 
-Cases carry a priority: when the budget runs out, the least important cases (higher
+A CUDA error stops the run (see ``gptfast.bench.cuda_errors``). Cases carry a priority: when the budget runs out, the least important cases (higher
 numbers: optional providers, torch.compile with its long compile times) are the ones
 left unmeasured. Rows come back in the order the suite listed the cases.
 """
@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from gptfast.bench.cuda_errors import STOPPED, is_cuda_error, short_error, stop_message
 from gptfast.bench.harness import time_call
 from gptfast.bench.results import Row, Skipped, fill_rates
 
@@ -65,9 +66,37 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+def _measure(case: Case, device: torch.device, meta: Dict) -> Row:
+    """Build ``case``, time it and return its row (with rates; fractions of peak on CUDA only:
+    on a CPU small inputs live in caches and the measured peaks say little)."""
+    fn = inputs = None
+    try:
+        fn, inputs = case.build()
+        timing = time_call(fn, inputs, device=device, warmup=case.warmup, target_ms=case.target_ms,
+                           min_reps=case.min_reps, max_reps=case.max_reps, cuda_graph=case.cuda_graph,
+                           **case.timing_options)
+    finally:
+        del fn, inputs
+        _release_memory(device)
+    row = Row(op=case.op, provider=case.provider, mode=case.mode, shape=case.shape, dtype=case.dtype,
+              time_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, group=case.group,
+              size=case.size, size_name=case.size_name, flops=case.flops, bytes=case.bytes, tokens=case.tokens,
+              peak=case.peak, method=timing.method, note="; ".join(n for n in (case.note, timing.note) if n),
+              device=meta["device"], versions=meta["versions"], git_commit=meta["git_commit"],
+              timestamp=meta["timestamp"])
+    return fill_rates(row, meta.get("peaks", {}) if meta.get("device_type") == "cuda" else {})
+
+
+def _failure(case: Case, exc: Exception, later: int) -> Tuple[str, Optional[str], Optional[str]]:
+    """What a case that raised becomes: (skip reason, log message or None, stop reason or None)."""
+    if isinstance(exc, SkipCase):
+        return str(exc), None, None
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "out of memory", None, None
+    reason = f"error: {short_error(exc)}"
+    if is_cuda_error(exc):
+        return reason, stop_message(case.label(), exc, later), f"not run: {STOPPED} (in {case.label()})"
+    return reason, f"FAILED {short_error(exc)}", None
 
 
 def run_cases(
@@ -77,60 +106,46 @@ def run_cases(
     *,
     budget_s: Optional[float] = None,
     log: Optional[Callable[[str], None]] = None,
+    progress: Optional[Callable[[List[Row], List[Skipped]], None]] = None,
 ) -> Tuple[List[Row], List[Skipped]]:
     """Measure every case (most important first) until ``budget_s`` seconds have passed.
 
     ``meta`` (see ``environment.run_metadata``) supplies the device, versions, commit,
-    timestamp and peaks stamped on every row. Fractions of peak are reported on CUDA
-    only: on a CPU small inputs live in caches and the measured peaks say little. Ctrl-C (or SIGTERM turned into
-    KeyboardInterrupt by the caller) stops the run and returns what was measured.
+    timestamp and peaks stamped on every row. A case that raises becomes a skipped row
+    with the error; Ctrl-C (or SIGTERM turned into KeyboardInterrupt by the caller) and a
+    CUDA error (the context is broken, so later cases would fail too: the log line names
+    the case) stop the run, and the cases not run are skipped rows saying why.
+    ``progress(rows, skipped)`` is called after every measured or failed case (to save
+    what is done, should the process be killed outright).
     """
     device = torch.device(device)
     start = time.monotonic()
     order = sorted(range(len(cases)), key=lambda i: (cases[i].priority, i))
     measured: Dict[int, Row] = {}
     skipped: List[Skipped] = []
-    interrupted = False
+    stop_reason = None
     for done, index in enumerate(order):
         case = cases[index]
-        if interrupted:
-            skipped.append(case.skipped("run interrupted"))
+        if stop_reason is None and budget_s is not None and time.monotonic() - start > budget_s:
+            stop_reason = f"time budget of {budget_s:.0f} s spent"
+        if stop_reason is not None:
+            skipped.append(case.skipped(stop_reason))
             continue
-        if budget_s is not None and time.monotonic() - start > budget_s:
-            skipped.append(case.skipped(f"time budget of {budget_s:.0f} s spent"))
-            continue
-        fn = inputs = None
         try:
-            fn, inputs = case.build()
-            timing = time_call(
-                fn, inputs, device=device, warmup=case.warmup, target_ms=case.target_ms,
-                min_reps=case.min_reps, max_reps=case.max_reps, cuda_graph=case.cuda_graph,
-                **case.timing_options,
-            )
-            row = Row(
-                op=case.op, provider=case.provider, mode=case.mode, shape=case.shape, dtype=case.dtype,
-                time_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                group=case.group, size=case.size, size_name=case.size_name,
-                flops=case.flops, bytes=case.bytes, tokens=case.tokens, peak=case.peak,
-                method=timing.method, note="; ".join(n for n in (case.note, timing.note) if n),
-                device=meta["device"], versions=meta["versions"], git_commit=meta["git_commit"],
-                timestamp=meta["timestamp"],
-            )
-            measured[index] = fill_rates(row, meta.get("peaks", {}) if meta.get("device_type") == "cuda" else {})
-            if log:
-                log(f"[{done + 1}/{len(cases)}] {case.label()}: {timing.median_ms:.4g} ms")
-        except SkipCase as exc:
-            skipped.append(case.skipped(str(exc)))
+            measured[index] = _measure(case, device, meta)
+            message = f"{measured[index].time_ms:.4g} ms"
         except KeyboardInterrupt:
-            interrupted = True
-            skipped.append(case.skipped("run interrupted"))
-        except torch.cuda.OutOfMemoryError:
-            skipped.append(case.skipped("out of memory"))
+            stop_reason = "run interrupted"
+            skipped.append(case.skipped(stop_reason))
+            continue
         except Exception as exc:  # one broken provider must not lose the other rows
-            skipped.append(case.skipped(f"error: {_short(exc)}"))
-            if log:
-                log(f"[{done + 1}/{len(cases)}] {case.label()}: FAILED {_short(exc)}")
-        finally:
-            del fn, inputs
-            _release_memory(device)
+            reason, message, stop = _failure(case, exc, len(order) - done - 1)
+            skipped.append(case.skipped(reason))
+            stop_reason = stop
+            if message is None:
+                continue
+        if log:
+            log(f"[{done + 1}/{len(cases)}] {case.label()}: {message}")
+        if progress:
+            progress([measured[i] for i in sorted(measured)], skipped)
     return [measured[i] for i in sorted(measured)], skipped

@@ -58,26 +58,15 @@ def report_saved(paths, profile_summary=None) -> int:
     return 0
 
 
-def run(args) -> int:
-    if args.from_json:
-        return report_saved(args.from_json, args.profile_summary)
-
-    import torch
-
-    from gptfast.bench import environment, report, results, runner, suites, targets
-
-    device = torch.device(args.device) if args.device else environment.default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but CUDA is not available")
-    if args.budget_s is not None and args.budget_s <= 0:
-        raise ValueError(f"--budget-s must be positive, got {args.budget_s}")
-    old_rows = report.load_json(args.compare)[0] if args.compare else None  # fail early on a bad file
+def _measure(args, device):
+    """Measure the suite's cases: (run metadata, rows, skipped rows). With ``--json`` the
+    file is rewritten after every case, so a run killed outright still leaves its rows."""
+    from gptfast.bench import environment, report, runner, suites
 
     # `timeout` sends SIGTERM: stop measuring and still write what was measured.
     with sigterm_as_interrupt():
         print(f"measuring {device} peaks (copy bandwidth, matmul rate)...", file=sys.stderr)
-        peaks = environment.measure_peaks(device)
-        meta = environment.run_metadata(device, peaks)
+        meta = environment.run_metadata(device, environment.measure_peaks(device))
         cases, skipped = suites.collect(args.suite, device, args.quick)
         cases = _keep(_keep(cases, args.ops), args.providers)
         skipped = _keep(_keep(skipped, args.ops), args.providers)
@@ -86,10 +75,16 @@ def run(args) -> int:
         log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
         print(f"{len(cases)} cases on {meta['device']}"
               + (f", budget {args.budget_s:.0f} s" if args.budget_s else "") + "...", file=sys.stderr)
-        rows, more_skipped = runner.run_cases(cases, device, meta, budget_s=args.budget_s, log=log)
-    skipped += more_skipped
-    results.fill_speedups(rows, suites.BASELINES)
-    deltas = report.compare(rows, old_rows) if old_rows is not None else None
+        save = None
+        if args.json:
+            def save(rows, more_skipped):
+                report.write_json(args.json, report.results_document(rows, skipped + more_skipped, meta))
+        rows, more_skipped = runner.run_cases(cases, device, meta, budget_s=args.budget_s, log=log, progress=save)
+    return meta, rows, skipped + more_skipped
+
+
+def _print_report(args, device, meta, rows, skipped, deltas) -> None:
+    from gptfast.bench import report, targets
 
     print(f"\n# gptfast bench --suite {args.suite}{' --quick' if args.quick else ''}\n")
     print(report.meta_text(meta) + "\n")
@@ -102,6 +97,10 @@ def run(args) -> int:
         if device.type != "cuda":
             print("\n(no CUDA device here: the rows marked 'GPU only' need one; see BENCHMARKS.md)")
 
+
+def _write_files(args, meta, rows, skipped, deltas) -> None:
+    from gptfast.bench import report
+
     if args.json:
         report.write_json(args.json, report.results_document(rows, skipped, meta, deltas, args.compare))
         print(f"\nwrote {args.json}")
@@ -111,8 +110,32 @@ def run(args) -> int:
     if args.plot:
         paths = report.write_plots(rows, args.plot)
         print(f"wrote {len(paths)} plot(s) to {args.plot}")
+
+
+def run(args) -> int:
+    if args.from_json:
+        return report_saved(args.from_json, args.profile_summary)
+
+    import torch
+
+    from gptfast.bench import environment, report, results, suites
+    from gptfast.bench.cuda_errors import STOPPED
+
+    device = torch.device(args.device) if args.device else environment.default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but CUDA is not available")
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise ValueError(f"--budget-s must be positive, got {args.budget_s}")
+    old_rows = report.load_json(args.compare)[0] if args.compare else None  # fail early on a bad file
+    meta, rows, skipped = _measure(args, device)
+    results.fill_speedups(rows, suites.BASELINES)
+    deltas = report.compare(rows, old_rows) if old_rows is not None else None
+    _print_report(args, device, meta, rows, skipped, deltas)
+    _write_files(args, meta, rows, skipped, deltas)
+    stopped = next((s for s in skipped if STOPPED in s.reason), None)
+    if stopped is not None:
+        print(f"\ngptfast bench: {stopped.reason}", file=sys.stderr)
     errors = [s for s in skipped if s.reason.startswith("error:")]
     if errors:
         print(f"\n{len(errors)} case(s) failed with an error (listed under Skipped)", file=sys.stderr)
     return 1 if errors else 0
-

@@ -20,7 +20,8 @@ def register(subparsers):
                     "in fp32/fp16 (+bf16 on CUDA), and print a pass/fail table of error ratios.",
     )
     p.add_argument("--quick", action="store_true", help="a smaller grid of shapes")
-    p.add_argument("--ops", help="comma-separated subset of: layer_norm,causal_attention,decode_attention,sampler")
+    p.add_argument("--ops", help="comma-separated subset of: sampler and the ops of gptfast.ops.registry "
+                                 "(layer_norm,causal_attention,decode_attention)")
     p.add_argument("--dtypes", help="comma-separated subset of: float32,float16,bfloat16")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--max-ratio", type=float, default=None,
@@ -53,9 +54,9 @@ def run(args) -> int:
 
     from gptfast import checker
 
+    if args.max_ratio is not None and args.max_ratio <= 0:
+        raise ValueError(f"--max-ratio must be positive, got {args.max_ratio}")
     max_ratio = args.max_ratio if args.max_ratio is not None else checker.DEFAULT_MAX_RATIO
-    if max_ratio <= 0:
-        raise ValueError(f"--max-ratio must be positive, got {max_ratio}")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
     dtypes = None
     if args.dtypes:
@@ -64,17 +65,26 @@ def run(args) -> int:
         if bad:
             raise ValueError(f"unknown dtype(s) {bad}; choose from float32, float16, bfloat16")
         dtypes = [getattr(torch, DTYPES[d]) for d in names]
-    cases = checker.build_cases(device, quick=args.quick, ops=ops, dtypes=dtypes, max_ratio=max_ratio)
+    cases = checker.build_cases(device, quick=args.quick, ops=ops, dtypes=dtypes, max_ratio=args.max_ratio)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     print(f"gptfast check: {len(cases)} cases on {where}", file=sys.stderr)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
+
+    def save(results):  # after every case: a run killed outright still leaves its results
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"device": where, "max_ratio": max_ratio, "results": [asdict(r) for r in results]}, f, indent=1)
+        os.replace(tmp, args.json)
+
     with sigterm_as_interrupt():  # `timeout`: print what was checked
-        results = checker.run_checks(cases, log=log)
+        results = checker.run_checks(cases, log=log, progress=save if args.json else None)
     print(checker.format_table(results, max_ratio))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": where, "max_ratio": max_ratio, "results": [asdict(r) for r in results]}, f, indent=1)
+        save(results)
     failed = [r for r in results if not r.passed]
+    stop = checker.stopped_by_cuda_error(results)
+    if stop is not None:
+        print(f"\ngptfast check: {stop.detail}", file=sys.stderr)
     if failed:
         print(f"\ngptfast check: {len(failed)} FAILED", file=sys.stderr)
         return 1

@@ -11,7 +11,8 @@ def register(subparsers):
                     "OUT/summary.json (time per phase, kernel time vs host gaps, host syncs per generated token).",
     )
     p.add_argument("target", nargs="?", default="generate", choices=TARGETS)
-    p.add_argument("op_name", nargs="?", help="with `op`: layer_norm, causal_attention or decode_attention")
+    p.add_argument("op_name", nargs="?", help="with `op`: an op of gptfast.ops.registry "
+                                              "(layer_norm, causal_attention, decode_attention)")
     p.add_argument("--out", default="runs/profile", help="output directory (default: runs/profile)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
@@ -55,7 +56,9 @@ def run(args) -> int:
                                           seq_len=args.seq_len, **schedule)
     else:
         if not args.op_name:
-            raise ValueError(f"`gptfast profile op` needs an op name: one of {profiling.OP_NAMES}")
+            from gptfast.ops import registry
+
+            raise ValueError(f"`gptfast profile op` needs an op name: one of {', '.join(registry.NAMES)}")
         if device.type == "cpu":
             print("note: on the CPU the op takes its torch path (a profile of the Triton interpreter means nothing)")
         summary = profiling.profile_op(args.op_name, args.out, device=device, dtype=dtype, **schedule)

@@ -1,13 +1,15 @@
 """The benchmark suites. Each module's ``cases(device, quick)`` returns the cases to
-measure and the rows it skips outright (with the reason)."""
+measure and the rows it skips outright (with the reason). The kernel suite has one
+module per op of ``gptfast.ops.registry`` (named after the op), plus the sampler step."""
 import importlib
 from typing import List, Tuple
 
 from gptfast.bench.results import Skipped
 from gptfast.bench.runner import Case
+from gptfast.ops import registry
 
 SUITES = {
-    "kernels": ("causal_attention", "decode_attention", "layer_norm", "sampler"),
+    "kernels": registry.NAMES + ("sampler",),
     "e2e": ("e2e",),
 }
 SUITES["all"] = SUITES["kernels"] + SUITES["e2e"]

@@ -17,9 +17,9 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from gptfast.bench.results import PEAK_MATMUL, Skipped
+from gptfast.bench.results import PEAK_MATMUL, Skipped, dtype_name
 from gptfast.bench.runner import CORE, EXTRA, SLOW, Case, SkipCase
-from gptfast.bench.suites.common import (MODES, dtype_name, input_set_count, is_gpu, require_fused,
+from gptfast.bench.suites.common import (MODES, input_set_count, is_gpu, require_fused,
                                          require_gpu, require_module, timed_callable)
 
 SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)

@@ -16,10 +16,6 @@ FUSED_GPU_ONLY = ("GPU only: the fused Triton kernels run on CUDA (on the CPU th
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def is_gpu(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
 

@@ -12,9 +12,9 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from gptfast.bench.results import PEAK_COPY, Skipped
+from gptfast.bench.results import PEAK_COPY, Skipped, dtype_name
 from gptfast.bench.runner import CORE, EXTRA, SLOW, Case
-from gptfast.bench.suites.common import (MODES, dtype_name, input_set_count, is_gpu, require_fused,
+from gptfast.bench.suites.common import (MODES, input_set_count, is_gpu, require_fused,
                                          require_module, timed_callable)
 
 ROWS = 16384

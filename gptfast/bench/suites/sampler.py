@@ -1,6 +1,6 @@
 """Sampler step benchmark (issue 5): one logits-processing + sampling step on (B, V) logits.
 
-The C++ extension's ``sample_step`` against its Python twin (``gptfast.reference.sampling``),
+The C++ engine's ``sample_step`` against the Python twin's (``gptfast.engines``),
 for GPT-2's vocabulary (V = 50257) at batch 1 and 8, with two parameter sets: greedy,
 and sampling with every processor on (repetition penalty, temperature, top-k, top-p,
 min-p). A step advances the decode state in place, so each timed call first rewinds the
@@ -25,26 +25,24 @@ PROVIDERS = ("cpp", "python-twin")
 MAX_NEW_TOKENS = 8
 
 
-def _step_function(provider):
+def _engine(provider):
+    from gptfast.engines import get_engine
+    from gptfast.extension import extension_status, load_extension
+
     if provider == "python-twin":
-        from gptfast.reference.sampling import sample_step, token_table
-
-        return sample_step, token_table
-    from gptfast.sampling import extension_status, load_extension
-
-    module = load_extension()
-    if module is None:
+        return get_engine("python")
+    if load_extension() is None:
         raise SkipCase(f"C++ sampling extension unavailable: {extension_status()}")
-    return module.sample_step, lambda vocab, device: module.token_table(vocab, torch.device(device))
+    return get_engine("cpp")
 
 
 def _build(provider, batch, parameter_set, device):
     from gptfast.sampling import SamplingParams, build_sampling_tensors, new_decode_state
 
-    sample_step, token_table = _step_function(provider)
+    engine = _engine(provider)
     params = [SamplingParams(max_new_tokens=MAX_NEW_TOKENS, seed=row, **PARAMETER_SETS[parameter_set])
               for row in range(batch)]
-    tensors = build_sampling_tensors(params, VOCAB, [p.seed for p in params], device, token_table=token_table)
+    tensors = build_sampling_tensors(params, VOCAB, [p.seed for p in params], device, token_table=engine.token_table)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, VOCAB, (batch, 16), generator=g).tolist()
     state = new_decode_state(prompts, params, tensors, VOCAB, device)
@@ -54,7 +52,7 @@ def _build(provider, batch, parameter_set, device):
         state.step.zero_()
         state.generated.zero_()
         state.finished.zero_()
-        return sample_step(logits, tensors, state)
+        return engine.sample_step(logits, tensors, state)
 
     return run, sets
 
