@@ -34,7 +34,7 @@ import torch
 from gptfast.bench.cuda_errors import STOPPED, is_cuda_error, short_error, stop_message
 from gptfast.bench.results import dtype_name
 from gptfast.ops import registry
-from gptfast.testing import error_ratio, max_abs_error
+from gptfast.testing import error_ratio, max_abs_error, randn
 
 OPS = ("sampler",) + registry.NAMES  # in run order
 DEFAULT_MAX_RATIO = registry.DEFAULT_MAX_RATIO
@@ -91,11 +91,6 @@ def _reference(op: str) -> Callable:
     return registry.get(op).resolve("reference")
 
 
-def _randn(shape, dtype, device, generator, scale=1.0, shift=0.0):
-    """Random values drawn in float64 on the CPU (reproducible), rounded to ``dtype``."""
-    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale + shift).to(device=device, dtype=dtype)
-
-
 def _compare(names: Sequence[str], fused, plain, exact, max_ratio: float):
     """Worst error ratio over matching tensors: (passed, ratio, fused err, plain err, name)."""
     worst = (-1.0, 0.0, 0.0, "")
@@ -138,7 +133,7 @@ def _fwd_bwd(op_name, variant, shape, dtype, path, fn_fused, fn_reference, input
         return results
 
     started = time.perf_counter()
-    seeds = [_randn(o.shape, dtype, o.device, generator) for o in fused_out]
+    seeds = [randn(*o.shape, dtype=dtype, device=o.device, generator=generator) for o in fused_out]
     fused_grads = torch.autograd.grad(fused_out, fused_in[:n_grad], seeds)
     plain_grads = torch.autograd.grad(plain_out, plain_in[:n_grad], seeds)
     exact_grads = torch.autograd.grad(exact_out, exact_in[:n_grad], [s.double() for s in seeds])
@@ -164,15 +159,15 @@ def check_layer_norm(shape, dtype, device, residual: bool, non_contiguous: bool,
     g = torch.Generator().manual_seed(1234)
     hidden = shape[-1]
     if non_contiguous:  # every other row of a wider buffer: a strided view
-        x = _randn((*shape[:-1], 2 * hidden), dtype, device, g)[..., ::2]
+        x = randn(*shape[:-1], 2 * hidden, dtype=dtype, device=device, generator=g)[..., ::2]
     else:
-        x = _randn(shape, dtype, device, g)
-    weight = _randn((hidden,), dtype, device, g, scale=0.1, shift=1.0)
-    bias = _randn((hidden,), dtype, device, g, scale=0.1)
+        x = randn(*shape, dtype=dtype, device=device, generator=g)
+    weight = randn(hidden, dtype=dtype, device=device, generator=g, scale=0.1, shift=1.0)
+    bias = randn(hidden, dtype=dtype, device=device, generator=g, scale=0.1)
     variant = ("residual" if residual else "plain") + (", non-contiguous" if non_contiguous else "")
     shape_text = "x".join(str(s) for s in shape)
     if residual:
-        r = _randn(shape, dtype, device, g)
+        r = randn(*shape, dtype=dtype, device=device, generator=g)
 
         def fused(x, r, w, b):
             return tuple(fused_op(x, w, b, eps, residual=r))
@@ -206,12 +201,12 @@ def check_causal_attention(batch, heads, q_len, head_dim, q_offset, dtype, devic
     if non_contiguous:  # q, k, v split out of one fused qkv projection, as in the model
         if q_offset:
             raise ValueError("non-contiguous attention check is defined for q_offset=0")
-        qkv = _randn((batch, q_len, 3, heads, head_dim), dtype, device, g)
+        qkv = randn(batch, q_len, 3, heads, head_dim, dtype=dtype, device=device, generator=g)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))
     else:
-        q = _randn((batch, heads, q_len, head_dim), dtype, device, g)
-        k = _randn((batch, heads, kv_len, head_dim), dtype, device, g)
-        v = _randn((batch, heads, kv_len, head_dim), dtype, device, g)
+        q = randn(batch, heads, q_len, head_dim, dtype=dtype, device=device, generator=g)
+        k = randn(batch, heads, kv_len, head_dim, dtype=dtype, device=device, generator=g)
+        v = randn(batch, heads, kv_len, head_dim, dtype=dtype, device=device, generator=g)
     variant = f"q_offset={q_offset}" + (", non-contiguous" if non_contiguous else "")
 
     def fused(q, k, v):
@@ -235,9 +230,9 @@ def check_decode_attention(batch, heads, cache_len, head_dim, lens, dtype, devic
     fused_op, reference_op = _fused("decode_attention"), _reference("decode_attention")
 
     g = torch.Generator().manual_seed(99)
-    q = _randn((batch, heads, head_dim), dtype, device, g)
-    big_k = _randn((batch + 1, heads, cache_len + 5, head_dim), dtype, device, g)
-    big_v = _randn((batch + 1, heads, cache_len + 5, head_dim), dtype, device, g)
+    q = randn(batch, heads, head_dim, dtype=dtype, device=device, generator=g)
+    big_k = randn(batch + 1, heads, cache_len + 5, head_dim, dtype=dtype, device=device, generator=g)
+    big_v = randn(batch + 1, heads, cache_len + 5, head_dim, dtype=dtype, device=device, generator=g)
     cache_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     stale = torch.arange(cache_len + 5, device=device)[None, :] >= torch.tensor(lens + [0], device=device)[:, None]
     clean_k, clean_v = big_k[:batch, :, :cache_len].clone(), big_v[:batch, :, :cache_len].clone()
@@ -254,6 +249,32 @@ def check_decode_attention(batch, heads, cache_len, head_dim, lens, dtype, devic
     ok, ratio, f_err, p_err, worst = _compare(["out"], [fused], [plain], [exact], max_ratio)
     return [CheckResult("decode_attention", "cache view, NaN past lens", shape, dtype_name(dtype), "fwd",
                         kernel_path(q), ok, ratio, f_err, p_err, worst, seconds=time.perf_counter() - started)]
+
+
+# ---------------------------------------------------------------------------------
+# int8_linear
+# ---------------------------------------------------------------------------------
+
+
+def check_int8_linear(rows, n, k, dtype, device, non_contiguous: bool, max_ratio: float) -> List[CheckResult]:
+    """Forward only (inference op). The weight is an int8 quantization of a random matrix;
+    plain PyTorch and the answer dequantise it, in ``dtype`` and in float64."""
+    fused_op, reference_op = _fused("int8_linear"), _reference("int8_linear")
+    g = torch.Generator().manual_seed(7)
+    weight = (torch.randn(n, k, generator=g) * 40).round().clamp(-127, 127).to(device=device, dtype=torch.int8)
+    scale = (0.01 + 0.01 * torch.rand(n, generator=g)).to(device)
+    bias = randn(n, dtype=dtype, device=device, generator=g, scale=0.1)
+    x = randn(rows, 2 * k if non_contiguous else k, dtype=dtype, device=device, generator=g)
+    x = x[:, ::2] if non_contiguous else x
+    shape = f"M={rows},N={n},K={k}" + (",strided" if non_contiguous else "")
+    started = time.perf_counter()
+    with torch.no_grad():
+        fused = fused_op(x, weight, scale, bias)
+        plain = reference_op(x, weight, scale, bias)
+        exact = reference_op(x.double(), weight, scale.double(), bias.double())
+    ok, ratio, f_err, p_err, worst = _compare(["out"], [fused], [plain], [exact], max_ratio)
+    return [CheckResult("int8_linear", "bias", shape, dtype_name(dtype), "fwd", kernel_path(x), ok, ratio, f_err,
+                        p_err, worst, seconds=time.perf_counter() - started)]
 
 
 # ---------------------------------------------------------------------------------
@@ -283,6 +304,8 @@ def _shapes(device, quick: bool) -> Dict[str, list]:
                                  (1, 3, 17, 80, 0, False), (1, 2, 70, 64, 100, False), (1, 2, 33, 256, 0, False)],
             "decode_attention": [(4, 12, 1000, 64, [1, 333, 999, 1000]), (2, 8, 4100, 128, [4100, 17]),
                                  (1, 3, 130, 80, [130])],
+            "int8_linear": [(1, 3072, 768, False), (17, 1000, 776, True), (64, 768, 3072, False),
+                            (300, 2304, 768, False)],
         }
         if quick:  # every attention case is small already; layernorm keeps the awkward and the strided one
             full = {**full, "layer_norm": full["layer_norm"][1:3]}
@@ -291,6 +314,7 @@ def _shapes(device, quick: bool) -> Dict[str, list]:
         "layer_norm": [((1, 768), False), ((3, 7, 100), False), ((5, 64), True)],
         "causal_attention": [(1, 2, 17, 32, 0, False), (1, 2, 5, 64, 12, False), (1, 2, 9, 16, 0, True)],
         "decode_attention": [(3, 2, 40, 64, [1, 17, 40]), (1, 2, 9, 80, [9])],
+        "int8_linear": [(1, 70, 48, False), (17, 33, 40, True)],
     }
     if quick:
         full = {k: v[:1] for k, v in full.items()}
@@ -316,9 +340,15 @@ def _decode_attention_cases(shapes, dtype, device, max_ratio) -> List[CheckCase]
             for b, h, s, d, lens in shapes]
 
 
+def _int8_linear_cases(shapes, dtype, device, max_ratio) -> List[CheckCase]:
+    return [CheckCase("int8_linear", "bias", f"M={m},N={n},K={k}", dtype,
+                      _bind(check_int8_linear, m, n, k, dtype, device, strided, max_ratio))
+            for m, n, k, strided in shapes]
+
+
 # The grid of each registry op (a new op in the registry needs its entry here).
 CASE_BUILDERS = {"layer_norm": _layer_norm_cases, "causal_attention": _causal_attention_cases,
-                 "decode_attention": _decode_attention_cases}
+                 "decode_attention": _decode_attention_cases, "int8_linear": _int8_linear_cases}
 
 
 def build_cases(device, quick: bool = False, ops: Optional[Sequence[str]] = None,

@@ -239,17 +239,14 @@ def profile_steps(step: Callable[[], Optional[int]], *, what: str, device, out_d
 
 
 def build_model(device, *, model_dir=None, preset=None, dtype=None, backend=None):
-    """A local checkpoint, or a randomly initialised preset (gpt2 in bf16 on CUDA, tiny in fp32 on the CPU)."""
-    from gptfast.config import GPTConfig
-    from gptfast.model import GPT
+    """A local checkpoint (gptfast.loading), or a randomly initialised preset (gpt2 in bf16
+    on CUDA, tiny in fp32 on the CPU)."""
+    from gptfast.loading import load_model_and_tokenizer
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if model_dir:
-        return GPT.from_pretrained(model_dir, backend=backend, device=device, dtype=dtype).eval()
-    torch.manual_seed(0)
-    config = GPTConfig.from_preset(preset or ("gpt2" if device.type == "cuda" else "tiny"))
-    return GPT(config, backend=backend).to(device=device, dtype=dtype).eval()
+    preset = preset or ("gpt2" if device.type == "cuda" else "tiny")
+    return load_model_and_tokenizer(model_dir, preset=preset, backend=backend, device=device, dtype=dtype).model.eval()
 
 
 def generation_step(model, batch: int, prompt_len: int, new_tokens: int):

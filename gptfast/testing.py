@@ -30,10 +30,11 @@ def poisoned_kernel_outputs():
 
 
 def randn(*shape, dtype: torch.dtype = torch.float32, seed: int = 0, scale: float = 1.0, shift: float = 0.0,
-          device="cpu") -> torch.Tensor:
+          device="cpu", generator: torch.Generator = None) -> torch.Tensor:
     """Seeded standard normal values times ``scale`` plus ``shift``, in ``dtype`` on
-    ``device``: drawn and scaled in float64 on the CPU, so the same on every device."""
-    g = torch.Generator().manual_seed(seed)
+    ``device``: drawn and scaled in float64 on the CPU, so the same on every device.
+    ``generator`` (a CPU generator) draws from a running stream instead of ``seed``."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift
     return t.to(device=device, dtype=dtype)
 

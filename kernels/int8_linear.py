@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gptfast.kernels._common import DEFAULT_NUM_SMS, LaunchConfig, empty, pointer, sm_count, static_entry
+from gptfast.kernels._common import (DEFAULT_NUM_SMS, TRITON_TYPE, LaunchConfig, empty, pointer, sm_count,
+                                     static_entry)
 
 PROGRAMS_PER_SM = 2  # split-K target: enough weight loads in flight per SM to cover DRAM latency
 MIN_K_PER_SPLIT = 256  # below this a chunk's fixed cost (x tile, partial write) dominates
@@ -154,14 +155,27 @@ def static_configs():
     GPT-2 shapes). Every tile multiplies on the tensor cores; the warpgroup MMA (HGMMA)
     is required where the left operand spans 64+ channels and 4+ warps, i.e. all of them.
     """
-    pointers = {"X": pointer(torch.bfloat16), "W": "*i8", "SCALE": pointer(torch.float32),
-                "BIAS": pointer(torch.bfloat16), "Y": pointer(torch.bfloat16)}
+    return [_entry(tile_config(rows), torch.bfloat16) for rows in (1, 17, 64, 1024)]
+
+
+def candidate_configs():
+    """No tuning candidates: the tiles follow from the row count alone (``tile_config``)."""
+    return []
+
+
+def precision_configs():
+    """fp32 activations multiply in IEEE fp32 (``fma.rn.f32``), not TF32 tensor cores."""
+    return [_entry(tile_config(1), torch.float32, require_hgmma=False, require_ptx=("fma.rn.f32",))]
+
+
+def _entry(cfg: LaunchConfig, dtype: torch.dtype, require_hgmma: bool = True, require_ptx=()) -> dict:
+    """A static entry as launched on contiguous x and weight with a bias."""
+    pointers = {"X": pointer(dtype), "W": "*i8", "SCALE": pointer(torch.float32), "BIAS": pointer(dtype),
+                "Y": pointer(dtype)}
     aligned = ["N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "stride_ys", "stride_ym"]
-    entries = []
-    for rows in (1, 17, 64, 1024):
-        cfg = tile_config(rows)
-        constexprs = {"stride_xk": 1, "stride_wk": 1, "stride_yn": 1, "HAS_BIAS": True, "IEEE_FP32": False,
-                      "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
-        entries.append(static_entry(f"int8_linear_{cfg.tag()}_bf16", _int8_linear_kernel, cfg, constexprs,
-                                    pointers=pointers, divisible_by_16=aligned, require_hgmma=True))
-    return entries
+    constexprs = {"stride_xk": 1, "stride_wk": 1, "stride_yn": 1, "HAS_BIAS": True,
+                  "IEEE_FP32": dtype == torch.float32, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                  "BLOCK_K": cfg.block_k}
+    name = f"int8_linear_{cfg.tag()}_{TRITON_TYPE[dtype]}"
+    return static_entry(name, _int8_linear_kernel, cfg, constexprs, pointers=pointers, divisible_by_16=aligned,
+                        require_hgmma=require_hgmma, require_ptx=require_ptx)

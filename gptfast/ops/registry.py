@@ -67,8 +67,16 @@ def _decode_attention_inputs(device, dtype, large):
             "cache_lens": torch.full((batch,), cache_len, device=device, dtype=torch.int32)}
 
 
+def _int8_linear_inputs(device, dtype, large):
+    rows, n, k = (16, 3072, 768) if large else (3, 96, 64)
+    weight = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
+    return {"x": torch.randn(rows, k, device=device, dtype=dtype), "weight_int8": weight,
+            "scale": 0.01 + 0.01 * torch.rand(n, device=device, dtype=torch.float32),
+            "bias": 0.1 * torch.randn(n, device=device, dtype=dtype)}
+
+
 _EXAMPLES = {"layer_norm": _layer_norm_inputs, "causal_attention": _causal_attention_inputs,
-             "decode_attention": _decode_attention_inputs}
+             "decode_attention": _decode_attention_inputs, "int8_linear": _int8_linear_inputs}
 
 
 def _spec(name: str, grad_inputs: Tuple[str, ...]) -> OpSpec:
@@ -80,6 +88,7 @@ OPS: Tuple[OpSpec, ...] = (
     _spec("layer_norm", ("x", "weight", "bias")),
     _spec("causal_attention", ("q", "k", "v")),
     _spec("decode_attention", ()),
+    _spec("int8_linear", ()),
 )
 NAMES: Tuple[str, ...] = tuple(op.name for op in OPS)
 

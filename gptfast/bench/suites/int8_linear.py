@@ -17,9 +17,9 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from gptfast.bench.results import PEAK_COPY, Skipped
+from gptfast.bench.results import PEAK_COPY, Skipped, dtype_name
 from gptfast.bench.runner import CORE, EXTRA, Case, SkipCase
-from gptfast.bench.suites.common import dtype_name, input_set_count, is_gpu, require_fused
+from gptfast.bench.suites.common import input_set_count, is_gpu, require_fused
 
 WEIGHTS = {"c_attn": (2304, 768), "attn.c_proj": (768, 768), "c_fc": (3072, 768), "mlp.c_proj": (768, 3072),
            "lm_head": (50257, 768)}
