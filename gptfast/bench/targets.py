@@ -96,6 +96,11 @@ def _decode_vs_compile(rows, extra):
     return _at_least(ratio, 1.3, "{:.2f}× torch.compile(reduce-overhead)")
 
 
+def _int8_decode(rows, extra):
+    ratio = _ratio(rows, "gptfast-int8", "gptfast", op="decode", shape="gpt2-124M B=1 new=256", dtype="bfloat16")
+    return _at_least(ratio, 1.6, "{:.2f}× bf16 decode")
+
+
 def _host_syncs(rows, extra):
     profile = extra.get("profile") or {}
     if profile.get("device_type") != "cuda":
@@ -120,6 +125,7 @@ TARGETS = [
     Target(5, "decode GPT-2 124M B=1, 256 tokens ≥ 8,000 tokens/s", _decode_tokens),
     Target(5, "decode ≥ 1.3× torch.compile(reduce-overhead), same run", _decode_vs_compile),
     Target(5, "host syncs per generated token ≤ 0.1 (profiler, CUDA)", _host_syncs),
+    Target(14, "int8 decode GPT-2 124M B=1 ≥ 1.6× bf16 decode, same run", _int8_decode),
     Target(6, "training GPT-2 124M T=1024 fused MFU ≥ 50%", _train_mfu),
 ]
 

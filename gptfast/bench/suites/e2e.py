@@ -54,11 +54,23 @@ def shared_model(device, dtype):
     return _models[key]
 
 
+def quantized_model(device, dtype):
+    """The shared model with weight-only int8 linear layers (gptfast.quantize), built once."""
+    key = (str(device), dtype, "int8")
+    if key not in _models:
+        import copy
+
+        from gptfast.quantization import quantize
+
+        _models[key] = quantize(copy.deepcopy(shared_model(device, dtype)), "int8")
+    return _models[key]
+
+
 def _backend_for(provider, device, decode: bool = False) -> str:
     """The model backend a provider runs. ``gptfast`` means the fused backend, which is the
     point of its prefill and training rows and needs CUDA; its decode rows are about the
     C++ loop, so on the CPU they run the torch backend."""
-    if provider in ("gptfast", "python-twin"):
+    if provider in ("gptfast", "gptfast-int8", "python-twin"):
         if is_gpu(device):
             require_fused(device)
             return "fused"
@@ -121,15 +133,15 @@ def _prompts(batch, vocab, device):
 
 
 def _build_decode(provider, batch, new_tokens, dtype, device):
-    model = shared_model(device, dtype)
+    model = quantized_model(device, dtype) if provider == "gptfast-int8" else shared_model(device, dtype)
     prompts = _prompts(batch, model.config.vocab_size, device)
-    if provider in ("gptfast", "python-twin"):
+    if provider in ("gptfast", "gptfast-int8", "python-twin"):
         import gptfast
 
         model.set_backend(_backend_for(provider, device, decode=True))
         params = gptfast.SamplingParams(temperature=0.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         prompt_lists = prompts.tolist()
-        engine = "cpp" if provider == "gptfast" else "python"
+        engine = "python" if provider == "python-twin" else "cpp"
         if engine == "cpp":
             from gptfast.extension import extension_status, load_extension
 
@@ -260,7 +272,8 @@ def cases(device, quick: bool = False) -> Tuple[List[Case], List[Skipped]]:
     new_tokens = 256 if gpu else (16 if quick else 32)  # 256: the length issue 5's targets are set for
     batches = ((1, 8) if quick else (1, 8, 64)) if gpu else ((1,) if quick else (1, 8))
     for batch in batches:
-        providers = (("gptfast", CORE), ("torch.compile", EXTRA if batch == 1 else SLOW),
+        providers = (("gptfast", CORE), ("gptfast-int8", CORE if batch == 1 else EXTRA),
+                     ("torch.compile", EXTRA if batch == 1 else SLOW),
                      ("hf", EXTRA if batch == 1 else SLOW), ("python-twin", EXTRA if batch == 1 else SLOW))
         for provider, priority in providers:
             if provider == "torch.compile" and not gpu:
