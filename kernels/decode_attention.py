@@ -50,76 +50,87 @@ NUM_STAGES = 1
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, LENS, O_PART, LSE_PART,
+    Q, K, V, LENS, KEY_START, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_lens,
-    H, S, CHUNK,
+    H_KV, GROUP, S, CHUNK,
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM; the extra lanes are masked
     BLOCK_N: tl.constexpr,  # keys per loop iteration; CHUNK is a multiple of it
+    BLOCK_G: tl.constexpr,  # next power of two >= GROUP: the query heads sharing one kv head
+    HAS_KEY_START: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    pid_bkv = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     # int64 so that b * stride_kb cannot overflow for a large (max_batch, H, max_seq, D) cache.
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b = (pid_bkv // H_KV).to(tl.int64)
+    kvh = (pid_bkv % H_KV).to(tl.int64)
 
     # This row's valid length, clamped into [1, S] so that no load leaves the cache.
     # (Clamped before narrowing, so a huge int64 length cannot wrap around to a small one.)
     cache_len = tl.load(LENS + b * stride_lens)
     cache_len = tl.minimum(tl.maximum(cache_len, 1), S).to(tl.int32)
-    # This program's keys: [lo, hi). Empty (hi <= lo) when the chunk starts past cache_len.
+    # This program's keys: [lo, hi), from the row's key_start on. Empty (hi <= lo) when the
+    # chunk lies wholly before key_start or past cache_len.
     lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, cache_len)
+    if HAS_KEY_START:
+        key_start = tl.load(KEY_START + b)
+        lo = tl.maximum(lo, tl.minimum(tl.maximum(key_start, 0), S).to(tl.int32))
+    hi = tl.minimum(split * CHUNK + CHUNK, cache_len)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, BLOCK_G)
+    g_mask = offs_g < GROUP
+    heads = kvh * GROUP + offs_g  # the query heads of this kv head's group
 
-    # The query, pre-multiplied by scale * log2(e) so that scores feed exp2 directly.
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=d_mask, other=0.0)
+    # The group's queries (BLOCK_G, BLOCK_D), pre-multiplied by scale * log2(e) so that
+    # scores feed exp2 directly. Each K/V block is loaded once for all of them.
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     q = q.to(tl.float32) * qk_scale
 
     # Loop-invariant offsets inside one (BLOCK_N, BLOCK_D) block; the scalar base pointers
     # advance instead (64-bit pointer arithmetic, so long caches with big strides are safe).
     k_offs = offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
     v_offs = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
-    k_block = K + b * stride_kb + h * stride_kh + lo.to(tl.int64) * stride_ks
-    v_block = V + b * stride_vb + h * stride_vh + lo.to(tl.int64) * stride_vs
+    k_block = K + b * stride_kb + kvh * stride_kh + lo.to(tl.int64) * stride_ks
+    v_block = V + b * stride_vb + kvh * stride_vh + lo.to(tl.int64) * stride_vs
 
-    # Online softmax state: running max m_i (base 2), running sum l_i, running sum of p*v.
-    m_i = tl.full([], float("-inf"), tl.float32)
-    l_i = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # Online softmax state per query head: running max m_i (base 2), sum l_i, sum of p*v.
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         n_mask = (start_n + offs_n) < hi
         # Masked loads never touch positions >= hi: stale entries (even NaN) stay unread.
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_block + k_offs, mask=kv_mask, other=0.0)
-        s = tl.sum(q[None, :] * k.to(tl.float32), axis=1)  # (BLOCK_N,) scores, base 2
-        s = tl.where(n_mask, s, float("-inf"))
+        s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # (BLOCK_G, BLOCK_N), base 2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
         # Every block in the loop holds at least one valid key, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        p = tl.exp2(s - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_block + v_offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         m_i = m_new
         k_block += BLOCK_N * stride_ks
         v_block += BLOCK_N * stride_vs
 
     # An empty chunk has l_i == 0: it writes o = 0 and lse = -inf, i.e. weight 0 in the merge.
     has_keys = l_i > 0.0
-    o = div(acc, tl.where(has_keys, l_i, 1.0), Q.dtype.element_ty == tl.float32)
+    o = div(acc, tl.where(has_keys, l_i, 1.0)[:, None], Q.dtype.element_ty == tl.float32)
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    part = pid_bh.to(tl.int64) * num_splits + split
-    tl.store(O_PART + part * HEAD_DIM + offs_d, o, mask=d_mask)
-    tl.store(LSE_PART + part, lse)
+    part = (b * H_KV * GROUP + heads) * num_splits + split  # (BLOCK_G,) per query head
+    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(LSE_PART + part, lse, mask=g_mask)
 
 
 @triton.jit
@@ -140,12 +151,17 @@ def _decode_reduce_kernel(
     part = pid_bh.to(tl.int64) * NUM_SPLITS + offs_s
 
     lse = tl.load(LSE_PART + part, mask=offs_s < NUM_SPLITS, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)  # finite: split 0 always covers position 0
+    # Finite unless no split saw a key (a row whose key_start is at or past its length):
+    # then every weight is 0 and the row outputs 0.
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     weight = tl.exp2(lse - lse_max)  # 0 for empty and padding splits
     # Only splits that saw keys are read, so an empty split can never inject NaN.
     o_mask = (lse > float("-inf"))[:, None] & d_mask[None, :]
     o = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)
-    out = div(tl.sum(weight[:, None] * o, axis=0), tl.sum(weight, axis=0), OUT.dtype.element_ty == tl.float32)
+    total = tl.sum(weight, axis=0)
+    out = div(tl.sum(weight[:, None] * o, axis=0), tl.where(total > 0.0, total, 1.0),
+              OUT.dtype.element_ty == tl.float32)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_d * stride_od,
              out.to(OUT.dtype.element_ty), mask=d_mask)
 
@@ -223,34 +239,45 @@ def allocate_workspace(batch_heads: int, num_splits: int, head_dim: int, device)
     return o_part, lse_part
 
 
-def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, out=None, num_splits=None, block_n=None,
-                     config=None):
-    """Launch split + reduce. q (B, H, D); caches (B, H, S, D), any strides; cache_lens (B,)
-    int32/int64. Writes and returns ``out`` (B, H, D), a new tensor in q's dtype by default.
+def group_block(heads: int, kv_heads: int) -> int:
+    """BLOCK_G: the query heads one split program serves (the next power of two >= H / H_kv)."""
+    return triton.next_power_of_2(heads // kv_heads)
+
+
+def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, key_start=None, out=None, num_splits=None,
+                     block_n=None, config=None):
+    """Launch split + reduce. q (B, H, D); caches (B, H_kv, S, D) with H_kv dividing H (query
+    head h reads kv head h // (H / H_kv)), any strides; cache_lens (B,) int32/int64;
+    ``key_start`` (B,) int32/int64 or None: row b reads positions [key_start[b], cache_lens[b])
+    (0 where none is left). Writes and returns ``out`` (B, H, D), a new tensor in q's dtype
+    by default.
 
     ``num_splits`` and ``block_n`` override the heuristics (tests use them to exercise
     several splits on tiny caches); ``config`` (a LaunchConfig with block_n and num_warps)
-    overrides ``split_config``.
+    overrides ``split_config``. One program serves a kv head's whole group of query heads,
+    so each K/V block is read once; its default key block shrinks by the group size
+    (down to 16) to keep the (group, keys, D) product in registers.
     """
     batch, heads, head_dim = q.shape
-    seq_len = k_cache.shape[2]
+    kv_heads, seq_len = k_cache.shape[1], k_cache.shape[2]
     out = check_out("decode_attention", "out", out, (batch, heads, head_dim), q.dtype, q.device)
     if out.numel() == 0:
         return out
     cfg = config or split_config(head_dim, q.dtype, q.device)
-    block_d, block_n = padded_head_dim(head_dim), block_n or cfg.block_n
+    block_g = group_block(heads, kv_heads)
+    block_d, block_n = padded_head_dim(head_dim), block_n or max(16, cfg.block_n // block_g)
     if num_splits is None:
-        num_splits = choose_num_splits(batch * heads, seq_len, sm_count(q.device))
+        num_splits = choose_num_splits(batch * kv_heads, seq_len, sm_count(q.device))
     chunk, num_splits = split_plan(seq_len, num_splits, block_n)
 
     o_part, lse_part = allocate_workspace(batch * heads, num_splits, head_dim, q.device)
     with device_guard(q.device):
-        _decode_split_kernel[(batch * heads, num_splits)](
-            q, k_cache, v_cache, cache_lens, o_part, lse_part,
+        _decode_split_kernel[(batch * kv_heads, num_splits)](
+            q, k_cache, v_cache, cache_lens, q if key_start is None else key_start.contiguous(), o_part, lse_part,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), cache_lens.stride(0),
-            heads, seq_len, chunk, scale * LOG2E,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            kv_heads, heads // kv_heads, seq_len, chunk, scale * LOG2E,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_G=block_g,
+            HAS_KEY_START=key_start is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         _decode_reduce_kernel[(batch * heads,)](
             o_part, lse_part, out, *out.stride(), heads, num_splits,
@@ -261,7 +288,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, out=None,
 
 
 # Pointer types of the kernels' tensors other than Q, K, V and OUT (which take the cache dtype).
-_FIXED_POINTERS = {"LENS": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32"}
+_FIXED_POINTERS = {"LENS": "*i32", "KEY_START": "*i64", "O_PART": "*fp32", "LSE_PART": "*fp32"}
 # The head dimension's stride 1 (and the lengths' stride 1) are constexprs, as Triton's
 # JIT specialises integer arguments equal to 1.
 _UNIT_STRIDES = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_lens": 1, "stride_od": 1}
@@ -272,10 +299,14 @@ def _pointers(fn, dtype: torch.dtype) -> dict:
             if a in fn.arg_names}
 
 
-def _split_entry(head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, suffix: str = "", require_ptx=()) -> dict:
+def _split_entry(head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, suffix: str = "", require_ptx=(),
+                 block_g: int = 1, key_start: bool = False) -> dict:
+    """The split kernel as launched with ``cfg``; ``block_g`` query heads per kv head (the
+    launcher then divides the key block by it) and per-row key starts when ``key_start``."""
     fn = _decode_split_kernel
     constexprs = {**{k: v for k, v in _UNIT_STRIDES.items() if k in fn.arg_names},
-                  "HEAD_DIM": head_dim, "BLOCK_D": padded_head_dim(head_dim), "BLOCK_N": cfg.block_n}
+                  "HEAD_DIM": head_dim, "BLOCK_D": padded_head_dim(head_dim),
+                  "BLOCK_N": max(16, cfg.block_n // block_g), "BLOCK_G": block_g, "HAS_KEY_START": key_start}
     return static_entry(f"decode_attention_split_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn, cfg, constexprs,
                         pointers=_pointers(fn, dtype), floats=("qk_scale",), require_ptx=require_ptx)
 
@@ -299,6 +330,9 @@ def static_configs():
     entries = []
     for head_dim in (64, 128):
         entries.append(_split_entry(head_dim, torch.bfloat16, _builtin_split(head_dim)))
+        # A padded batch of a grouped-query model (4 query heads per kv head, as Llama 3 8B).
+        entries.append(_split_entry(head_dim, torch.bfloat16, _builtin_split(head_dim), "_gqa4_key_start",
+                                    block_g=4, key_start=True))
         entries.append(_reduce_entry(head_dim, torch.bfloat16))
     return entries
 
