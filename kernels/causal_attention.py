@@ -118,6 +118,20 @@ def _key_regions(first_q_pos, kv_len, key_start, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
+def _load_keys(base, k_pos, stride_t, kv_len, key_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr, HAS_KEY_START: tl.constexpr):
+    """``_load_rows`` of a key (or value) block; in a checked block with key ranges the keys
+    before key_start read 0 as well, so left padding is never read (even NaN there is harmless)."""
+    if CHECK_ROWS and HAS_KEY_START:
+        offs_d = tl.arange(0, BLOCK_D)
+        inside = (k_pos >= key_start) & (k_pos < kv_len)
+        return tl.load(base + k_pos[:, None] * stride_t + offs_d[None, :],
+                       mask=inside[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        return _load_rows(base, k_pos, stride_t, kv_len, HEAD_DIM, BLOCK_D, CHECK_ROWS)
+
+
+@triton.jit
 def _visible(q_pos, k_pos, key_start, HAS_KEY_START: tl.constexpr):
     """(queries x keys) mask of a masked block: causal, and keys before key_start hidden."""
     seen = q_pos[:, None] >= k_pos[None, :]
@@ -148,8 +162,8 @@ def _attn_fwd_inner(state, q, q_pos, kv, start, end, qk_scale, key_start,
     for start_n in range(start, end, BLOCK_N):
         k_pos = start_n + offs_n
         # Unmasked blocks lie entirely before every query of the tile, so inside the keys.
-        k = _load_rows(k_base, k_pos, stride_kt, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
-        v = _load_rows(v_base, k_pos, stride_vt, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
+        k = _load_keys(k_base, k_pos, stride_kt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK, HAS_KEY_START)
+        v = _load_keys(v_base, k_pos, stride_vt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK, HAS_KEY_START)
         qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, DOT_PRECISION)
         qk = qk * qk_scale  # now in log2 units
         if CAUSAL_MASK:
@@ -209,12 +223,14 @@ def _attn_fwd_kernel(
     acc, m_i, l_i = _attn_fwd_inner(state, q, q_pos, kv, tl.maximum(lo_end, lo), hi, qk_scale, key_start,
                                     True, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
 
-    lse = m_i + tl.log2(l_i)
     if HAS_KEY_START:
         # A query before its row's key_start sees no key: output 0, and lse = +inf makes
         # every recomputed probability of the backward 0 (so its gradients are 0 too).
-        lse = tl.where(l_i > 0.0, lse, float("inf"))
-        l_i = tl.where(l_i > 0.0, l_i, 1.0)
+        seen = l_i > 0.0
+        l_i = tl.where(seen, l_i, 1.0)
+        lse = tl.where(seen, m_i + tl.log2(l_i), float("inf"))
+    else:
+        lse = m_i + tl.log2(l_i)
     acc = div(acc, l_i[:, None], O.dtype.element_ty == tl.float32)
     tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
     _store_rows(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_ot, acc.to(O.dtype.element_ty),
@@ -304,8 +320,10 @@ def _attn_bwd_dkdv_kernel(
     kv_len = q_offset + q_len
 
     k_pos = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K + off_b * stride_kb + off_kvh * stride_kh, k_pos, stride_kt, kv_len, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + off_b * stride_vb + off_kvh * stride_vh, k_pos, stride_vt, kv_len, HEAD_DIM, BLOCK_D, True)
+    k = _load_keys(K + off_b * stride_kb + off_kvh * stride_kh, k_pos, stride_kt, kv_len, key_start, HEAD_DIM, BLOCK_D,
+                   True, HAS_KEY_START)
+    v = _load_keys(V + off_b * stride_vb + off_kvh * stride_vh, k_pos, stride_vt, kv_len, key_start, HEAD_DIM, BLOCK_D,
+                   True, HAS_KEY_START)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -351,8 +369,8 @@ def _attn_bwd_dq_inner(dq, rows, q_pos, kv, start, end, qk_scale, key_start,
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         k_pos = start_n + offs_n
-        k = _load_rows(k_base, k_pos, stride_kt, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
-        v = _load_rows(v_base, k_pos, stride_vt, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
+        k = _load_keys(k_base, k_pos, stride_kt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK, HAS_KEY_START)
+        v = _load_keys(v_base, k_pos, stride_vt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK, HAS_KEY_START)
         qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, DOT_PRECISION)
         p = tl.exp2(qk * qk_scale - lse[:, None])
         if CAUSAL_MASK:
@@ -499,7 +517,17 @@ def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> L
     return _select("fwd", head_dim, dtype, device)
 
 
-def dkdv_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+# dK/dV with grouped-query heads loops over the group's query heads around the query loop,
+# which costs a few registers: at D=64 the shipped 64 x 128 tile then spills (64 bytes), so
+# grouped launches take half the query tile there (139 registers, no spills, wgmma).
+GROUPED_DKDV = {"d64_16bit": LaunchConfig(block_m=32, block_n=128, num_warps=8, num_stages=2)}
+
+
+def dkdv_config(head_dim: int, dtype: torch.dtype, device: torch.device, grouped: bool = False) -> LaunchConfig:
+    """The dK/dV launch config; ``grouped``: several query heads share each kv head."""
+    key = config_key(head_dim, dtype)
+    if grouped and device.type == "cuda" and key in GROUPED_DKDV:
+        return GROUPED_DKDV[key]
     return _select("dkdv", head_dim, dtype, device)
 
 
@@ -603,7 +631,7 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
     dk = check_out(op, "dk", dk, k.shape, k.dtype, k.device)
     dv = check_out(op, "dv", dv, v.shape, v.dtype, v.device)
     delta = check_out(op, "delta", delta, (batch, heads, q_len), torch.float32, q.device, contiguous=True)
-    kv_cfg = dkdv_cfg or dkdv_config(head_dim, q.dtype, q.device)
+    kv_cfg = dkdv_cfg or dkdv_config(head_dim, q.dtype, q.device, grouped=kv_heads != heads)
     q_cfg = dq_cfg or dq_config(head_dim, q.dtype, q.device)
     positions = _position_args(q, q_positions, key_start)
     starts = (positions.pop("Q_START"), positions.pop("KEY_START"))
@@ -644,13 +672,15 @@ def _pointers(fn, dtype: torch.dtype) -> dict:
 
 
 def _entry(kernel: str, head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, suffix: str = "", require_ptx=(),
-           positions: bool = False):
+           positions: bool = False, gqa: bool = False):
     """The static compile entry of one main-loop kernel launch on CUDA; ``positions``: the
     launch with a position tensor and per-row key starts (a padded prefill over a cache)."""
     name, fn = _KERNELS[kernel]
     tiles = _tiles(cfg, head_dim, torch.device("cuda"), dtype)
     constexprs = {k: tiles[k] for k in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "DOT_FP32", "DOT_PRECISION")}
     constexprs.update(Q_START_TENSOR=positions, HAS_KEY_START=positions)
+    if not gqa:  # a launch with one query head per kv head specialises group == 1 (Triton's JIT does)
+        constexprs["group"] = 1
     return static_entry(f"{name}_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn, cfg, constexprs,
                         pointers=_pointers(fn, dtype), floats=("qk_scale", "sm_scale"),
                         require_hgmma=(dtype != torch.float32
@@ -669,6 +699,9 @@ def static_configs(dtype: torch.dtype = torch.bfloat16, head_dims=(64, 128, 256)
             if head_dim in (64, 128):  # the padded / cached-prefill launch (GQA changes no constexpr)
                 entries.append(_entry(kernel, head_dim, dtype, shipped_config(kernel, head_dim, dtype),
                                       "_positions", positions=True))
+                grouped = GROUPED_DKDV.get(config_key(head_dim, dtype)) if kernel == "dkdv" else None
+                entries.append(_entry(kernel, head_dim, dtype, grouped or shipped_config(kernel, head_dim, dtype),
+                                      "_gqa_positions", positions=True, gqa=True))
         fn = _attn_bwd_delta_kernel
         entries.append(static_entry(
             f"attention_bwd_delta_d{head_dim}_{TRITON_TYPE[dtype]}", fn, DELTA_CONFIG,

@@ -133,6 +133,56 @@ def test_stale_cache_entries_are_ignored(garbage):
     assert torch.equal(dirty, clean)
 
 
+# Grouped-query caches (H_kv dividing H: one program serves a whole group) and per-row key
+# starts (left padding), through the public op and forced splits; a start at or past the
+# row's length (nothing to read) outputs 0.
+GQA_CASES = [
+    # (batch, heads, kv_heads, seq_len, head_dim, cache_lens, key_start, dtype, num_splits)
+    (2, 4, 2, 37, 32, [37, 20], None, torch.float32, None),
+    (2, 4, 1, 37, 80, [30, 1], None, torch.float16, 3),
+    (3, 2, 2, 50, 32, [50, 41, 20], [0, 17, 19], torch.float32, 4),
+    (3, 4, 2, 50, 64, [50, 41, 9], [33, 40, 0], torch.float16, 2),
+    (2, 3, 1, 24, 32, [24, 10], [5, 10], torch.float32, 2),  # row 1: start == length, no key
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("batch,heads,kv_heads,seq_len,head_dim,lens,starts,dtype,splits", GQA_CASES)
+def test_grouped_query_and_key_start(batch, heads, kv_heads, seq_len, head_dim, lens, starts, dtype, splits):
+    q, _, _, cache_lens = make_inputs(batch, heads, seq_len, head_dim, lens, dtype)
+    _, k, v, _ = make_inputs(batch, kv_heads, seq_len, head_dim, lens, dtype, seed=1)
+    key_start = None if starts is None else torch.tensor(starts, device=DEVICE)
+    if key_start is not None:  # the padding is never read
+        before = torch.arange(seq_len, device=DEVICE)[None, :] < key_start[:, None]
+        k = k.masked_fill(before[:, None, :, None], float("nan"))
+        v = v.masked_fill(before[:, None, :, None], float("nan"))
+    if splits is None:
+        out = decode_attention(q, k, v, cache_lens, key_start=key_start)
+    else:
+        out = kernel_module().decode_attention(q, k, v, cache_lens, q.shape[-1] ** -0.5, key_start=key_start,
+                                               num_splits=splits, block_n=16)
+    plain = reference.decode_attention(q, k, v, cache_lens, key_start=key_start)
+    want = reference.decode_attention(q.double(), k.double(), v.double(), cache_lens, key_start=key_start)
+    assert torch.isfinite(out).all()
+    assert_error_ratio(out, plain, want, what=f"decode gqa {heads}/{kv_heads} starts={starts}")
+    if starts is not None:
+        empty = key_start >= cache_lens
+        assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+
+
+def test_torch_path_grouped_query_and_key_start(monkeypatch):
+    """The torch path (SDPA with enable_gqa and a mask) takes the same arguments."""
+    monkeypatch.setattr(decode_op, "use_triton", lambda t: False)
+    q, _, _, cache_lens = make_inputs(3, 4, 30, 32, [30, 12, 5], torch.float32, device="cpu")
+    _, k, v, _ = make_inputs(3, 2, 30, 32, [30, 12, 5], torch.float32, device="cpu", seed=1)
+    key_start = torch.tensor([3, 0, 5])
+    out = decode_attention(q, k, v, cache_lens, key_start=key_start)
+    plain = reference.decode_attention(q, k, v, cache_lens, key_start=key_start)
+    want = reference.decode_attention(q.double(), k.double(), v.double(), cache_lens, key_start=key_start)
+    assert_error_ratio(out, plain, want, what="torch path gqa key_start")
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
 @needs_triton
 def test_poisoned_output_and_workspace_are_fully_written():
     kernel = kernel_module()
@@ -261,6 +311,16 @@ def test_bad_inputs_raise_clear_errors(what, build, exc, match):
     q, k, v, cache_lens = build()
     with pytest.raises(exc, match=re.escape(match)):
         decode_attention(q, k, v, cache_lens)
+
+
+def test_bad_key_start_raises_clear_errors():
+    q, k, v, cache_lens = make_inputs(2, 2, 8, 16, [8, 4], torch.float32)
+    for key_start, exc, match in ((torch.zeros(3, dtype=torch.int64), ValueError, "key_start must have shape (2,)"),
+                                  (torch.zeros(2), TypeError, "key_start must be int32 or int64"),
+                                  (torch.zeros(2, dtype=torch.int64, device="meta"), ValueError, "key_start is on"),
+                                  ([0, 0], TypeError, "key_start must be a torch.Tensor")):
+        with pytest.raises(exc, match=re.escape(match)):
+            decode_attention(q, k, v, cache_lens, key_start=key_start)
 
 
 def test_backward_is_refused_clearly():
