@@ -49,6 +49,50 @@ NUM_STAGES = 1
 
 
 @triton.jit
+def _online_softmax(q, k_block, v_block, k_offs, v_offs, lo, hi, stride_ks, stride_vs, d_mask,
+                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """The online softmax over keys [lo, hi) of one cache row: returns (acc, m_i, l_i) (the
+    running sum of p*v, max (base 2) and sum) of the queries ``q``: (BLOCK_D,) when
+    BLOCK_G == 1, else (BLOCK_G, BLOCK_D) sharing each loaded K/V block. The single query
+    keeps its own 1-D code: the 3-D broadcast of the group costs ptxas several times the
+    registers."""
+    offs_n = tl.arange(0, BLOCK_N)
+    if BLOCK_G == 1:
+        m_i = tl.full([], float("-inf"), tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros(q.shape, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros(q.shape, dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        n_mask = (start_n + offs_n) < hi
+        # Masked loads never touch positions >= hi: stale entries (even NaN) stay unread.
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_block + k_offs, mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_block + v_offs, mask=kv_mask, other=0.0).to(tl.float32)
+        # Every block in the loop holds at least one valid key, so m_new is finite.
+        if BLOCK_G == 1:
+            s = tl.where(n_mask, tl.sum(q[None, :] * k, axis=1), float("-inf"))  # (BLOCK_N,) scores, base 2
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+            p = tl.exp2(s - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        else:
+            s = tl.where(n_mask[None, :], tl.sum(q[:, None, :] * k[None, :, :], axis=2), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+        k_block += BLOCK_N * stride_ks
+        v_block += BLOCK_N * stride_vs
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, LENS, KEY_START, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_qd,
@@ -89,10 +133,13 @@ def _decode_split_kernel(
     g_mask = offs_g < GROUP
     heads = kvh * GROUP + offs_g  # the query heads of this kv head's group
 
-    # The group's queries (BLOCK_G, BLOCK_D), pre-multiplied by scale * log2(e) so that
-    # scores feed exp2 directly. Each K/V block is loaded once for all of them.
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    # The group's queries, pre-multiplied by scale * log2(e) so that scores feed exp2
+    # directly: (BLOCK_D,) for one query head per kv head, else (BLOCK_G, BLOCK_D).
+    if BLOCK_G == 1:
+        q = tl.load(Q + b * stride_qb + kvh * stride_qh + offs_d * stride_qd, mask=d_mask, other=0.0)
+    else:
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     q = q.to(tl.float32) * qk_scale
 
     # Loop-invariant offsets inside one (BLOCK_N, BLOCK_D) block; the scalar base pointers
@@ -101,36 +148,22 @@ def _decode_split_kernel(
     v_offs = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
     k_block = K + b * stride_kb + kvh * stride_kh + lo.to(tl.int64) * stride_ks
     v_block = V + b * stride_vb + kvh * stride_vh + lo.to(tl.int64) * stride_vs
-
-    # Online softmax state per query head: running max m_i (base 2), sum l_i, sum of p*v.
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        n_mask = (start_n + offs_n) < hi
-        # Masked loads never touch positions >= hi: stale entries (even NaN) stay unread.
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_block + k_offs, mask=kv_mask, other=0.0)
-        s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # (BLOCK_G, BLOCK_N), base 2
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Every block in the loop holds at least one valid key, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_block + v_offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-        m_i = m_new
-        k_block += BLOCK_N * stride_ks
-        v_block += BLOCK_N * stride_vs
+    acc, m_i, l_i = _online_softmax(q, k_block, v_block, k_offs, v_offs, lo, hi, stride_ks, stride_vs, d_mask,
+                                    BLOCK_N, BLOCK_G)
 
     # An empty chunk has l_i == 0: it writes o = 0 and lse = -inf, i.e. weight 0 in the merge.
     has_keys = l_i > 0.0
-    o = div(acc, tl.where(has_keys, l_i, 1.0)[:, None], Q.dtype.element_ty == tl.float32)
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    part = (b * H_KV * GROUP + heads) * num_splits + split  # (BLOCK_G,) per query head
-    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(LSE_PART + part, lse, mask=g_mask)
+    if BLOCK_G == 1:
+        part = (b * H_KV + kvh) * num_splits + split
+        o = div(acc, tl.where(has_keys, l_i, 1.0), Q.dtype.element_ty == tl.float32)
+        tl.store(O_PART + part * HEAD_DIM + offs_d, o, mask=d_mask)
+        tl.store(LSE_PART + part, lse)
+    else:
+        part = (b * H_KV * GROUP + heads) * num_splits + split  # (BLOCK_G,) per query head
+        o = div(acc, tl.where(has_keys, l_i, 1.0)[:, None], Q.dtype.element_ty == tl.float32)
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(LSE_PART + part, lse, mask=g_mask)
 
 
 @triton.jit
@@ -141,6 +174,7 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,  # next power of two >= NUM_SPLITS
+    HAS_KEY_START: tl.constexpr,  # a row may have no key at all (key_start >= its length)
 ):
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -151,17 +185,21 @@ def _decode_reduce_kernel(
     part = pid_bh.to(tl.int64) * NUM_SPLITS + offs_s
 
     lse = tl.load(LSE_PART + part, mask=offs_s < NUM_SPLITS, other=float("-inf"))
-    # Finite unless no split saw a key (a row whose key_start is at or past its length):
-    # then every weight is 0 and the row outputs 0.
+    # Finite without key ranges: split 0 always covers position 0. With them no split may
+    # have seen a key (a row whose key_start is at or past its length): every weight is
+    # then 0 and the row outputs 0.
     lse_max = tl.max(lse, axis=0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    if HAS_KEY_START:
+        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     weight = tl.exp2(lse - lse_max)  # 0 for empty and padding splits
     # Only splits that saw keys are read, so an empty split can never inject NaN.
     o_mask = (lse > float("-inf"))[:, None] & d_mask[None, :]
     o = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)
+    acc = tl.sum(weight[:, None] * o, axis=0)
     total = tl.sum(weight, axis=0)
-    out = div(tl.sum(weight[:, None] * o, axis=0), tl.where(total > 0.0, total, 1.0),
-              OUT.dtype.element_ty == tl.float32)
+    if HAS_KEY_START:
+        total = tl.where(total > 0.0, total, 1.0)
+    out = div(acc, total, OUT.dtype.element_ty == tl.float32)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_d * stride_od,
              out.to(OUT.dtype.element_ty), mask=d_mask)
 
@@ -282,7 +320,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, key_start
         _decode_reduce_kernel[(batch * heads,)](
             o_part, lse_part, out, *out.stride(), heads, num_splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=reduce_num_warps(block_d),
+            HAS_KEY_START=key_start is not None, num_warps=reduce_num_warps(block_d),
         )
     return out
 
@@ -307,6 +345,8 @@ def _split_entry(head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, suffix: s
     constexprs = {**{k: v for k, v in _UNIT_STRIDES.items() if k in fn.arg_names},
                   "HEAD_DIM": head_dim, "BLOCK_D": padded_head_dim(head_dim),
                   "BLOCK_N": max(16, cfg.block_n // block_g), "BLOCK_G": block_g, "HAS_KEY_START": key_start}
+    if block_g == 1:  # one query head per kv head: the launch specialises GROUP == 1 (Triton's JIT does)
+        constexprs["GROUP"] = 1
     return static_entry(f"decode_attention_split_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn, cfg, constexprs,
                         pointers=_pointers(fn, dtype), floats=("qk_scale",), require_ptx=require_ptx)
 
@@ -316,7 +356,7 @@ def _reduce_entry(head_dim: int, dtype: torch.dtype, suffix: str = "", require_p
     fn = _decode_reduce_kernel
     block_d = padded_head_dim(head_dim)
     constexprs = {"stride_od": 1, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
-                  "BLOCK_SPLITS": triton.next_power_of_2(MAX_SPLITS)}
+                  "BLOCK_SPLITS": triton.next_power_of_2(MAX_SPLITS), "HAS_KEY_START": False}
     return static_entry(f"decode_attention_reduce_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn,
                         LaunchConfig(num_warps=reduce_num_warps(block_d)), constexprs,
                         pointers=_pointers(fn, dtype), require_ptx=require_ptx)
