@@ -1,8 +1,19 @@
 """Causal flash attention for prefill and training: Triton forward and backward kernels.
 
-Shapes: q (B, H, Tq, D), k and v (B, H, Tk, D) with ``Tk == q_offset + Tq``. Query ``i``
-sits at absolute position ``q_offset + i`` and sees keys ``0 .. q_offset + i``
-(``q_offset > 0`` is chunked prefill against a KV cache, or verifying draft tokens).
+Shapes: q (B, H, Tq, D), k and v (B, H_kv, Tk, D) with ``Tk == q_offset + Tq`` and H_kv
+dividing H. Query ``i`` sits at absolute position ``q_offset + i`` and sees keys
+``0 .. q_offset + i`` (``q_offset > 0`` is chunked prefill against a KV cache, or verifying
+draft tokens). Three extensions, each read on the device (no host synchronisation):
+
+- ``Q_START_TENSOR``: the offset is the first element of a (Tq,) position tensor (a
+  compiled prefill over a whole static cache); keys past the last query are never read.
+- grouped-query heads: query head h reads kv head ``h // group``; the dK/dV program of a
+  kv head's key block walks the queries of every head of its group, so dK and dV sum over
+  the group in registers (no repeated K/V, no atomics).
+- ``HAS_KEY_START``: row b's keys before ``key_start[b]`` are hidden (whole key blocks
+  before it are skipped, the boundary block is masked and loads them as 0, so padding is
+  never read). A query before key_start sees no key: its output is 0 and its lse +inf,
+  which makes every probability the backward recomputes for it 0.
 
 Forward (FlashAttention-2). One program owns BLOCK_M queries of one (batch, head) and
 streams over key/value blocks of BLOCK_N keys, keeping a running row maximum ``m``, a
@@ -14,7 +25,8 @@ cheap ``exp2``. The key loop is split in two:
              [ blocks every query of the tile  ][ blocks on the  ]
              [ sees: no mask at all            ][ diagonal: mask ]
 
-and blocks above the diagonal are never visited. The program saves the per-row
+and blocks above the diagonal are never visited (with key ranges one more masked block,
+the one holding key_start, comes first; blocks before it are not visited either). The program saves the per-row
 log-sum-exp ``lse = m + log2(l)`` (base 2, in the pre-scaled units) for the backward.
 
 Backward. With P = softmax(S), S = scale * Q K^T and dO the output gradient:

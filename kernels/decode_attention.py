@@ -6,15 +6,18 @@ a dozen programs for a GPU with 132 SMs, each streaming tens of MB of cache alon
 cache length is cut into ``num_splits`` contiguous chunks and each chunk gets its own
 program (grid ``(B*H, num_splits)``):
 
-1. ``_decode_split_kernel``: the program for chunk ``c`` of row ``b``, head ``h`` runs
+1. ``_decode_split_kernel``: the program for chunk ``c`` of row ``b``, kv head ``h`` runs
    the online softmax (in fp32, base 2) over the keys of its chunk that are valid for that
-   row (positions ``< cache_lens[b]``), and writes its normalised partial output
+   row (positions ``< cache_lens[b]``, and ``>= key_start[b]`` with key ranges), for every
+   query head of the kv head's group at once (grouped-query attention: each K/V block is
+   loaded once for the group), and writes, per query head, its normalised partial output
    ``o_c = sum_j p_j v_j / sum_j p_j`` (fp32) and its log-sum-exp ``lse_c`` (base 2).
    A chunk that starts at or past the row's cache length reads no cache and writes
    ``o_c = 0``, ``lse_c = -inf``.
 2. ``_decode_reduce_kernel``: one program per (row, head) merges the splits:
    ``out = sum_c 2^(lse_c - M) o_c / sum_c 2^(lse_c - M)`` with ``M = max_c lse_c``.
-   Split 0 always holds at least one valid key, so ``M`` is finite.
+   Split 0 always holds at least one valid key, so ``M`` is finite (with key ranges a row
+   may have none: it outputs 0).
 
 Scores use an elementwise product and a row sum, ``sum(q[None, :] * k, axis=1)``, rather
 than ``tl.dot``: with a single query ``tl.dot`` would need M padded to 16 (15/16 of the

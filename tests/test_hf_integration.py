@@ -221,3 +221,21 @@ def test_mask_function_returns_none_for_plain_causal():
     padded[0, :2] = False
     assert torch.equal(hf.gptfast_mask(2, 5, 5, attention_mask=padded), padded)
     assert torch.equal(hf.gptfast_mask(2, 1, 8, attention_mask=ones), ones)  # StaticCache: 5 of 8 keys valid
+
+
+@pytest.mark.parametrize("kwargs", [dict(sliding_window=4), dict(output_attentions=True), dict(is_causal=False)],
+                         ids=["sliding-window", "output-attentions", "non-causal"])
+def test_attention_function_falls_back_for_what_the_kernels_cannot_express(kwargs):
+    """Called as transformers calls it: such calls run transformers' SDPA attention (its
+    result, exactly), with one warning per model config."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.config, module.is_causal = GPT2Config(), True
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=gen).to(DEVICE) for _ in range(3))
+    (got, _), warned = _fallback_warnings(lambda: hf.gptfast_attention_forward(module, q, k, v, None, **kwargs))
+    _, warned_again = _fallback_warnings(lambda: hf.gptfast_attention_forward(module, q, k, v, None, **kwargs))
+    want, _ = sdpa_attention_forward(module, q, k, v, None, **kwargs)
+    assert len(warned) == 1 and not warned_again
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
