@@ -328,6 +328,19 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.gptfast.causal_attention_bwd.default, bwd_args)
 
 
+def test_opcheck_grouped_query_positions_and_key_start():
+    """The optional position and key-start tensors through both registered ops, with
+    grouped-query k/v over a longer cache."""
+    q = _randn(2, 4, 5, 16, dtype=torch.float32, seed=21)
+    k, v = _randn(2, 2, 12, 16, dtype=torch.float32, seed=22), _randn(2, 2, 12, 16, dtype=torch.float32, seed=23)
+    positions, key_start = torch.arange(4, 9, device=DEVICE), torch.tensor([0, 6], device=DEVICE)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.25, 0, positions, key_start)
+    torch.library.opcheck(torch.ops.gptfast.causal_attention_fwd.default, args)
+    out, lse = torch.ops.gptfast.causal_attention_fwd(q.detach(), k.detach(), v.detach(), 0.25, 0, positions, key_start)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, 0, positions, key_start)
+    torch.library.opcheck(torch.ops.gptfast.causal_attention_bwd.default, bwd_args)
+
+
 def test_torch_compile_fullgraph_no_graph_break():
     torch._dynamo.reset()
     q, k, v = _qkv(1, 2, 5, 16, torch.float32, q_offset=2)
