@@ -221,6 +221,25 @@ def test_mask_function_returns_none_for_plain_causal():
     padded[0, :2] = False
     assert torch.equal(hf.gptfast_mask(2, 5, 5, attention_mask=padded), padded)
     assert torch.equal(hf.gptfast_mask(2, 1, 8, attention_mask=ones), ones)  # StaticCache: 5 of 8 keys valid
+    assert torch.equal(hf.gptfast_mask(2, 1, 8, q_offset=4), ones)  # the same without a 2-D mask
+
+
+def test_static_cache_without_attention_mask_equals_eager():
+    """A StaticCache forward without an attention mask: the unwritten cache is not attended to."""
+    from transformers import StaticCache
+
+    base = _gpt2().eval()
+    ids = torch.randint(2, VOCAB, (2, 6), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    outs = []
+    for attn in ("gptfast", "eager"):
+        model = _with(base, attn)
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            first = model(ids, past_key_values=cache, use_cache=True).logits
+            step = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+        outs.append((first, step))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs", [dict(sliding_window=4), dict(output_attentions=True), dict(is_causal=False)],

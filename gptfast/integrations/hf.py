@@ -52,15 +52,18 @@ _warned = {}
 def gptfast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
                  attention_mask=None, **kwargs):
     """The mask function of ``"gptfast"`` (as transformers' ``flash_attention_mask``): None
-    for plain causal attention, else the boolean (B, valid keys) 2-D padding mask. A mask
+    for plain causal attention, else the boolean (B, valid keys) 2-D padding mask (all True
+    for a StaticCache without padding: its length tells the valid keys). A mask
     pattern other than causal-plus-padding (sliding window, packed sequences, extra mask
     functions) gets SDPA's full 4-D mask, which the attention function hands to SDPA."""
     if mask_function is not causal_mask_function or kv_offset != 0:
         kwargs["allow_is_causal_skip"] = False
         return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                          **kwargs)
-    if attention_mask is None:
-        return None
+    if attention_mask is None:  # with a StaticCache the keys past q_offset + q_length are not written yet
+        valid = q_offset + q_length
+        return None if valid == kv_length else torch.ones(batch_size, valid, dtype=torch.bool,
+                                                            device=kwargs.get("device"))
     attention_mask = attention_mask[:, -kv_length:]
     if attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling() and bool(attention_mask.all()):
         return None
