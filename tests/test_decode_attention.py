@@ -334,6 +334,9 @@ def test_backward_is_refused_clearly():
 def test_opcheck():
     q, k, v, cache_lens = make_inputs(2, 2, 5, 16, [5, 2], torch.float32)
     torch.library.opcheck(torch.ops.gptfast.decode_attention.default, (q, k, v, cache_lens, 0.25))
+    _, k_gqa, v_gqa, _ = make_inputs(2, 1, 5, 16, [5, 2], torch.float32, seed=1)  # grouped-query, key_start
+    key_start = torch.tensor([1, 0], device=DEVICE)
+    torch.library.opcheck(torch.ops.gptfast.decode_attention.default, (q, k_gqa, v_gqa, cache_lens, 0.25, key_start))
 
 
 def test_compiles_without_graph_break():
