@@ -79,7 +79,8 @@ def _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs)
         return "output_attentions needs the attention weights"
     if dropout > 0 and module.training:
         return f"attention dropout {dropout} in training"
-    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+    is_causal = kwargs.get("is_causal")
+    if not (getattr(module, "is_causal", True) if is_causal is None else is_causal):
         return "non-causal attention"
     if query.dtype not in SUPPORTED_DTYPES or query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] != query.shape[-1]:
         return f"dtype {query.dtype} / head size {query.shape[-1]}"
