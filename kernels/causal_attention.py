@@ -1,8 +1,19 @@
 """Causal flash attention for prefill and training: Triton forward and backward kernels.
 
-Shapes: q (B, H, Tq, D), k and v (B, H, Tk, D) with ``Tk == q_offset + Tq``. Query ``i``
-sits at absolute position ``q_offset + i`` and sees keys ``0 .. q_offset + i``
-(``q_offset > 0`` is chunked prefill against a KV cache, or verifying draft tokens).
+Shapes: q (B, H, Tq, D), k and v (B, H_kv, Tk, D) with ``Tk == q_offset + Tq`` and H_kv
+dividing H. Query ``i`` sits at absolute position ``q_offset + i`` and sees keys
+``0 .. q_offset + i`` (``q_offset > 0`` is chunked prefill against a KV cache, or verifying
+draft tokens). Three extensions, each read on the device (no host synchronisation):
+
+- ``Q_START_TENSOR``: the offset is the first element of a (Tq,) position tensor (a
+  compiled prefill over a whole static cache); keys past the last query are never read.
+- grouped-query heads: query head h reads kv head ``h // group``; the dK/dV program of a
+  kv head's key block walks the queries of every head of its group, so dK and dV sum over
+  the group in registers (no repeated K/V, no atomics).
+- ``HAS_KEY_START``: row b's keys before ``key_start[b]`` are hidden (whole key blocks
+  before it are skipped, the boundary block is masked and loads them as 0, so padding is
+  never read). A query before key_start sees no key: its output is 0 and its lse +inf,
+  which makes every probability the backward recomputes for it 0.
 
 Forward (FlashAttention-2). One program owns BLOCK_M queries of one (batch, head) and
 streams over key/value blocks of BLOCK_N keys, keeping a running row maximum ``m``, a
@@ -14,7 +25,8 @@ cheap ``exp2``. The key loop is split in two:
              [ blocks every query of the tile  ][ blocks on the  ]
              [ sees: no mask at all            ][ diagonal: mask ]
 
-and blocks above the diagonal are never visited. The program saves the per-row
+and blocks above the diagonal are never visited (with key ranges one more masked block,
+the one holding key_start, comes first; blocks before it are not visited either). The program saves the per-row
 log-sum-exp ``lse = m + log2(l)`` (base 2, in the pre-scaled units) for the backward.
 
 Backward. With P = softmax(S), S = scale * Q K^T and dO the output gradient:
@@ -89,18 +101,59 @@ def _store_rows(base, rows, stride_t, tile, limit, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _key_split(first_q_pos, kv_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(lo_end, hi) of the key loop of a query tile whose first query sits at
-    ``first_q_pos``: blocks [0, lo_end) end at or before that query (no mask needed),
-    blocks [lo_end, hi) straddle the diagonal; keys past the tile's last query (or past
-    the sequence end) are never visited."""
+def _positions(Q_START, KEY_START, off_b, q_offset, Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr):
+    """(q_offset, key_start) of batch row ``off_b``: the first query's absolute position (the
+    host int, or read from the (Tq,) position tensor Q_START on the device) and the row's
+    first visible key (KEY_START[off_b], clamped at 0; 0 without key ranges)."""
+    if Q_START_TENSOR:
+        q_offset = tl.load(Q_START).to(tl.int32)
+    if HAS_KEY_START:
+        key_start = tl.maximum(tl.load(KEY_START + off_b).to(tl.int32), 0)
+    else:
+        key_start = 0
+    return q_offset, key_start
+
+
+@triton.jit
+def _key_regions(first_q_pos, kv_len, key_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key loop of a query tile whose first query sits at ``first_q_pos``, as
+    ``(lo, mid, lo_end, hi)``: blocks [lo, mid) hold the row's first visible key
+    ``key_start`` off a block boundary (masked), [mid, lo_end) lie between it and the
+    tile's first query (no mask at all), [max(lo_end, lo), hi) straddle the diagonal or
+    the sequence end (masked). Blocks before ``key_start`` and keys past the tile's last
+    query (or past ``kv_len``) are never visited."""
+    lo = (key_start // BLOCK_N) * BLOCK_N
     lo_end = ((first_q_pos + 1) // BLOCK_N) * BLOCK_N
+    mid = tl.minimum(tl.where(key_start > lo, lo + BLOCK_N, lo), lo_end)
     hi = tl.minimum(first_q_pos + BLOCK_M, kv_len)
-    return lo_end, hi
+    return lo, mid, lo_end, hi
+
+
+@triton.jit
+def _load_keys(base, k_pos, stride_t, kv_len, key_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr, HAS_KEY_START: tl.constexpr):
+    """``_load_rows`` of a key (or value) block; in a checked block with key ranges the keys
+    before key_start read 0 as well, so left padding is never read (even NaN there is harmless)."""
+    if CHECK_ROWS and HAS_KEY_START:
+        offs_d = tl.arange(0, BLOCK_D)
+        inside = (k_pos >= key_start) & (k_pos < kv_len)
+        return tl.load(base + k_pos[:, None] * stride_t + offs_d[None, :],
+                       mask=inside[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        return _load_rows(base, k_pos, stride_t, kv_len, HEAD_DIM, BLOCK_D, CHECK_ROWS)
+
+
+@triton.jit
+def _visible(q_pos, k_pos, key_start, HAS_KEY_START: tl.constexpr):
+    """(queries x keys) mask of a masked block: causal, and keys before key_start hidden."""
+    seen = q_pos[:, None] >= k_pos[None, :]
+    if HAS_KEY_START:
+        seen = seen & (k_pos[None, :] >= key_start)
+    return seen
 
 
 # Tuples passed between the kernels and their loops (Triton unpacks them at compile time):
-#   kv   = (k_base, v_base, stride_kt, stride_vt, kv_len): one (batch, head)'s keys and values
+#   kv   = (k_base, v_base, stride_kt, stride_vt, kv_len): one (batch, kv head)'s keys and values
 #   rows = per query tile, what the backward loops read (see each loop's docstring)
 
 
@@ -108,12 +161,12 @@ def _key_split(first_q_pos, kv_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _attn_fwd_inner(state, q, q_pos, kv, start, end, qk_scale,
-                    CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attn_fwd_inner(state, q, q_pos, kv, start, end, qk_scale, key_start,
+                    CAUSAL_MASK: tl.constexpr, HAS_KEY_START: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [start, end) of ``kv``; ``state = (acc, m_i, l_i)``.
-    With CAUSAL_MASK the blocks straddle the diagonal (or the sequence end): scores of
-    keys after a query become -inf."""
+    With CAUSAL_MASK the blocks straddle the diagonal, the sequence end or key_start:
+    scores of keys a query may not see become -inf."""
     acc, m_i, l_i = state
     k_base, v_base, stride_kt, stride_vt, kv_len = kv
     BLOCK_D: tl.constexpr = q.shape[1]
@@ -121,15 +174,18 @@ def _attn_fwd_inner(state, q, q_pos, kv, start, end, qk_scale,
     for start_n in range(start, end, BLOCK_N):
         k_pos = start_n + offs_n
         # Unmasked blocks lie entirely before every query of the tile, so inside the keys.
-        k = _load_rows(k_base, k_pos, stride_kt, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
-        v = _load_rows(v_base, k_pos, stride_vt, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
+        k = _load_keys(k_base, k_pos, stride_kt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK, HAS_KEY_START)
+        v = _load_keys(v_base, k_pos, stride_vt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK, HAS_KEY_START)
         qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, DOT_PRECISION)
         qk = qk * qk_scale  # now in log2 units
         if CAUSAL_MASK:
-            qk = tl.where(q_pos[:, None] >= k_pos[None, :], qk, float("-inf"))
-        # Every row sees key 0 in its first block, so m_new is finite from then on and
-        # fully masked rows of later blocks just add exp2(-inf) = 0.
+            qk = tl.where(_visible(q_pos, k_pos, key_start, HAS_KEY_START), qk, float("-inf"))
+        # Without key ranges every row sees key 0 in its first block, so m_new is finite from
+        # then on and fully masked rows of later blocks just add exp2(-inf) = 0. With them a
+        # row may have seen nothing yet (or ever: a padded query): subtract 0 instead of -inf.
         m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if HAS_KEY_START:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -140,41 +196,55 @@ def _attn_fwd_inner(state, q, q_pos, kv, start, end, qk_scale,
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, Q_START, KEY_START,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    num_heads, q_len, q_offset, qk_scale,
+    num_heads, group, q_len, q_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Grid: (B * H, query blocks). The query-block axis is walked from the last block, the
     # one with the most keys, so the longest programs start first (causal load balance).
+    # Query head h reads kv head h // group (grouped-query attention; group 1 is plain MHA).
     pid_bh = tl.program_id(0)
     start_m = tl.num_programs(1) - 1 - tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
+    off_kvh = off_h // group
+    q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, Q_START_TENSOR, HAS_KEY_START)
     kv_len = q_offset + q_len
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_pos = q_offset + offs_m  # absolute positions of this tile's queries
 
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qt, q_len, HEAD_DIM, BLOCK_D, True)
-    kv = (K + off_b * stride_kb + off_h * stride_kh, V + off_b * stride_vb + off_h * stride_vh,
+    kv = (K + off_b * stride_kb + off_kvh * stride_kh, V + off_b * stride_vb + off_kvh * stride_vh,
           stride_kt, stride_vt, kv_len)
 
     state = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
              tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
              tl.zeros([BLOCK_M], dtype=tl.float32))
-    lo_end, hi = _key_split(q_offset + start_m * BLOCK_M, kv_len, BLOCK_M, BLOCK_N)
-    state = _attn_fwd_inner(state, q, q_pos, kv, 0, lo_end, qk_scale,
-                            False, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
-    acc, m_i, l_i = _attn_fwd_inner(state, q, q_pos, kv, lo_end, hi, qk_scale,
-                                    True, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+    lo, mid, lo_end, hi = _key_regions(q_offset + start_m * BLOCK_M, kv_len, key_start, BLOCK_M, BLOCK_N)
+    state = _attn_fwd_inner(state, q, q_pos, kv, lo, mid, qk_scale, key_start,
+                            True, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+    state = _attn_fwd_inner(state, q, q_pos, kv, mid, lo_end, qk_scale, key_start,
+                            False, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+    acc, m_i, l_i = _attn_fwd_inner(state, q, q_pos, kv, tl.maximum(lo_end, lo), hi, qk_scale, key_start,
+                                    True, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
 
+    if HAS_KEY_START:
+        # A query before its row's key_start sees no key: output 0, and lse = +inf makes
+        # every recomputed probability of the backward 0 (so its gradients are 0 too).
+        seen = l_i > 0.0
+        l_i = tl.where(seen, l_i, 1.0)
+        lse = tl.where(seen, m_i + tl.log2(l_i), float("inf"))
+    else:
+        lse = m_i + tl.log2(l_i)
     acc = div(acc, l_i[:, None], O.dtype.element_ty == tl.float32)
-    tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, m_i + tl.log2(l_i), mask=offs_m < q_len)
+    tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
     _store_rows(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_ot, acc.to(O.dtype.element_ty),
                 q_len, HEAD_DIM)
 
@@ -212,7 +282,8 @@ def _attn_bwd_dkdv_inner(grads, k, v, k_pos, rows_in, start, end, q_offset, qk_s
     Works on transposed tiles (keys x queries) so that dV = P^T dO and dK = dS^T Q are
     plain products with the key block as the M dimension. Query rows past q_len load as
     zeros: their scores are 0 and lse/delta load as 0, so P = 1 but dO = 0 and Q = 0,
-    which contributes exactly nothing.
+    which contributes exactly nothing. Padded queries (before key_start) have lse = +inf,
+    so P = 0 for them.
     """
     dk, dv = grads
     q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, q_len = rows_in
@@ -238,53 +309,70 @@ def _attn_bwd_dkdv_inner(grads, k, v, k_pos, rows_in, start, end, q_offset, qk_s
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_START, KEY_START,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
-    num_heads, q_len, q_offset, qk_scale, sm_scale,
+    num_kv_heads, group, q_len, k_len, q_offset, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Grid: (B * H, key blocks); the first key blocks meet the most queries, so they go first.
-    pid_bh = tl.program_id(0)
+    # Grid: (B * H_kv, key blocks); the first key blocks meet the most queries, so they go
+    # first. A program owns one key block of one kv head and walks the queries of every
+    # query head of its group, so dK and dV sum over the group in registers (no atomics).
+    pid_bkv = tl.program_id(0)
     start_n = tl.program_id(1) * BLOCK_N
-    off_b = (pid_bh // num_heads).to(tl.int64)
-    off_h = (pid_bh % num_heads).to(tl.int64)
+    off_b = (pid_bkv // num_kv_heads).to(tl.int64)
+    off_kvh = (pid_bkv % num_kv_heads).to(tl.int64)
+    q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, Q_START_TENSOR, HAS_KEY_START)
     kv_len = q_offset + q_len
 
     k_pos = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, k_pos, stride_kt, kv_len, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, k_pos, stride_vt, kv_len, HEAD_DIM, BLOCK_D, True)
-    rows_in = (Q + off_b * stride_qb + off_h * stride_qh, DO + off_b * stride_dob + off_h * stride_doh,
-               LSE + pid_bh.to(tl.int64) * q_len, DELTA + pid_bh.to(tl.int64) * q_len,
-               stride_qt, stride_dot, q_len)
-    grads = (tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32))
+    k = _load_keys(K + off_b * stride_kb + off_kvh * stride_kh, k_pos, stride_kt, kv_len, key_start, HEAD_DIM, BLOCK_D,
+                   True, HAS_KEY_START)
+    v = _load_keys(V + off_b * stride_vb + off_kvh * stride_vh, k_pos, stride_vt, kv_len, key_start, HEAD_DIM, BLOCK_D,
+                   True, HAS_KEY_START)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     # Query row i (absolute position q_offset + i) sees key j iff q_offset + i >= j.
     # The first query block that sees any key of this block holds row start_n - q_offset;
-    # from row start_n + BLOCK_N - 1 - q_offset on, every query sees the whole block.
+    # from row start_n + BLOCK_N - 1 - q_offset on, every query sees the whole block. A
+    # block wholly before key_start is seen by no query: its loops are empty.
+    q_end = tl.where(start_n + BLOCK_N <= key_start, 0, q_len)
     mask_begin = (tl.maximum(start_n - q_offset, 0) // BLOCK_M) * BLOCK_M
     mask_end = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - q_offset, 0), BLOCK_M) * BLOCK_M
-    grads = _attn_bwd_dkdv_inner(grads, k, v, k_pos, rows_in, mask_begin, tl.minimum(mask_end, q_len),
-                                 q_offset, qk_scale, True, HEAD_DIM, BLOCK_M, DOT_FP32, DOT_PRECISION)
-    dk, dv = _attn_bwd_dkdv_inner(grads, k, v, k_pos, rows_in, mask_end, q_len,
-                                  q_offset, qk_scale, False, HEAD_DIM, BLOCK_M, DOT_FP32, DOT_PRECISION)
+    for g in range(0, group):
+        off_h = off_kvh * group + g
+        row = (off_b * num_kv_heads * group + off_h) * q_len  # this head's rows of LSE and DELTA
+        rows_in = (Q + off_b * stride_qb + off_h * stride_qh, DO + off_b * stride_dob + off_h * stride_doh,
+                   LSE + row, DELTA + row, stride_qt, stride_dot, q_len)
+        dk, dv = _attn_bwd_dkdv_inner((dk, dv), k, v, k_pos, rows_in, mask_begin, tl.minimum(mask_end, q_end),
+                                      q_offset, qk_scale, True, HEAD_DIM, BLOCK_M, DOT_FP32, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner((dk, dv), k, v, k_pos, rows_in, mask_end, q_end,
+                                      q_offset, qk_scale, False, HEAD_DIM, BLOCK_M, DOT_FP32, DOT_PRECISION)
+    if HAS_KEY_START:
+        # Each key row accumulates on its own, so the rows before key_start (which no query
+        # sees) are simply zeroed here instead of being masked in every step.
+        hidden = (k_pos < key_start)[:, None]
+        dk = tl.where(hidden, 0.0, dk)
+        dv = tl.where(hidden, 0.0, dv)
 
-    # Keys past kv_len got no contribution (the causal mask hides them) and are not stored.
-    _store_rows(DK + off_b * stride_dkb + off_h * stride_dkh, k_pos, stride_dkt,
-                (dk * sm_scale).to(DK.dtype.element_ty), kv_len, HEAD_DIM)
-    _store_rows(DV + off_b * stride_dvb + off_h * stride_dvh, k_pos, stride_dvt,
-                dv.to(DV.dtype.element_ty), kv_len, HEAD_DIM)
+    # Keys past kv_len (the rest of a static cache) got no contribution: they store zeros.
+    _store_rows(DK + off_b * stride_dkb + off_kvh * stride_dkh, k_pos, stride_dkt,
+                (dk * sm_scale).to(DK.dtype.element_ty), k_len, HEAD_DIM)
+    _store_rows(DV + off_b * stride_dvb + off_kvh * stride_dvh, k_pos, stride_dvt,
+                dv.to(DV.dtype.element_ty), k_len, HEAD_DIM)
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, rows, q_pos, kv, start, end, qk_scale,
-                       CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                       DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attn_bwd_dq_inner(dq, rows, q_pos, kv, start, end, qk_scale, key_start,
+                       CAUSAL_MASK: tl.constexpr, HAS_KEY_START: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [start, end) of ``kv``;
     ``rows = (q, do, lse, delta)`` of the query block."""
     q, do, lse, delta = rows
@@ -293,12 +381,12 @@ def _attn_bwd_dq_inner(dq, rows, q_pos, kv, start, end, qk_scale,
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         k_pos = start_n + offs_n
-        k = _load_rows(k_base, k_pos, stride_kt, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
-        v = _load_rows(v_base, k_pos, stride_vt, kv_len, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
+        k = _load_keys(k_base, k_pos, stride_kt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK, HAS_KEY_START)
+        v = _load_keys(v_base, k_pos, stride_vt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK, HAS_KEY_START)
         qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, DOT_PRECISION)
         p = tl.exp2(qk * qk_scale - lse[:, None])
         if CAUSAL_MASK:
-            p = tl.where(q_pos[:, None] >= k_pos[None, :], p, 0.0)
+            p = tl.where(_visible(q_pos, k_pos, key_start, HAS_KEY_START), p, 0.0)
         dp = _mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = _mma(ds.to(k.dtype), k, dq, DOT_FP32, DOT_PRECISION)
@@ -307,14 +395,15 @@ def _attn_bwd_dq_inner(dq, rows, q_pos, kv, start, end, qk_scale,
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, Q_START, KEY_START,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
-    num_heads, q_len, q_offset, qk_scale, sm_scale,
+    num_heads, group, q_len, q_offset, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Grid: (B * H, query blocks), longest (last) query blocks first, as in the forward.
@@ -322,6 +411,8 @@ def _attn_bwd_dq_kernel(
     start_m = tl.num_programs(1) - 1 - tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
+    off_kvh = off_h // group
+    q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, Q_START_TENSOR, HAS_KEY_START)
     kv_len = q_offset + q_len
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -333,15 +424,17 @@ def _attn_bwd_dq_kernel(
                        True),
             tl.load(LSE + pid_bh.to(tl.int64) * q_len + offs_m, mask=offs_m < q_len, other=0.0),
             tl.load(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, mask=offs_m < q_len, other=0.0))
-    kv = (K + off_b * stride_kb + off_h * stride_kh, V + off_b * stride_vb + off_h * stride_vh,
+    kv = (K + off_b * stride_kb + off_kvh * stride_kh, V + off_b * stride_vb + off_kvh * stride_vh,
           stride_kt, stride_vt, kv_len)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo_end, hi = _key_split(q_offset + start_m * BLOCK_M, kv_len, BLOCK_M, BLOCK_N)  # as in the forward
-    dq = _attn_bwd_dq_inner(dq, rows, q_pos, kv, 0, lo_end, qk_scale,
-                            False, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
-    dq = _attn_bwd_dq_inner(dq, rows, q_pos, kv, lo_end, hi, qk_scale,
-                            True, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+    lo, mid, lo_end, hi = _key_regions(q_offset + start_m * BLOCK_M, kv_len, key_start, BLOCK_M, BLOCK_N)
+    dq = _attn_bwd_dq_inner(dq, rows, q_pos, kv, lo, mid, qk_scale, key_start,
+                            True, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, rows, q_pos, kv, mid, lo_end, qk_scale, key_start,
+                            False, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, rows, q_pos, kv, tl.maximum(lo_end, lo), hi, qk_scale, key_start,
+                            True, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
 
     _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqt,
                 (dq * sm_scale).to(DQ.dtype.element_ty), q_len, HEAD_DIM)
@@ -436,7 +529,17 @@ def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> L
     return _select("fwd", head_dim, dtype, device)
 
 
-def dkdv_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+# dK/dV with grouped-query heads loops over the group's query heads around the query loop,
+# which costs a few registers: at D=64 the shipped 64 x 128 tile then spills (64 bytes), so
+# grouped launches take half the query tile there (139 registers, no spills, wgmma).
+GROUPED_DKDV = {"d64_16bit": LaunchConfig(block_m=32, block_n=128, num_warps=8, num_stages=2)}
+
+
+def dkdv_config(head_dim: int, dtype: torch.dtype, device: torch.device, grouped: bool = False) -> LaunchConfig:
+    """The dK/dV launch config; ``grouped``: several query heads share each kv head."""
+    key = config_key(head_dim, dtype)
+    if grouped and device.type == "cuda" and key in GROUPED_DKDV:
+        return GROUPED_DKDV[key]
     return _select("dkdv", head_dim, dtype, device)
 
 
@@ -483,9 +586,25 @@ def _tiles(cfg: LaunchConfig, head_dim: int, device: torch.device, dtype: torch.
                 DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, out=None, lse=None, config=None):
+def _position_args(q, q_positions, key_start):
+    """The kernels' Q_START / KEY_START pointers and their constexpr flags. An absent one is
+    replaced by q (never read: its flag is off)."""
+    return dict(Q_START=q if q_positions is None else q_positions,
+                KEY_START=q if key_start is None else key_start.contiguous(),
+                Q_START_TENSOR=q_positions is not None, HAS_KEY_START=key_start is not None)
+
+
+def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=None, key_start=None,
+                      out=None, lse=None, config=None):
     """Launch the forward kernel. Returns ``(out, lse)``: out (B, H, Tq, D) in q's dtype
-    (contiguous), lse (B, H, Tq) fp32, the base-2 log-sum-exp of ``scale * log2(e) * q.k``.
+    (contiguous), lse (B, H, Tq) fp32, the base-2 log-sum-exp of ``scale * log2(e) * q.k``
+    (+inf for a query that sees no key, i.e. before its row's ``key_start``).
+
+    k, v: (B, H_kv, Tk, D), H_kv dividing H. ``q_positions`` ((Tq,) consecutive integer
+    positions on the device) replaces ``q_offset`` by its first element, read in the kernel;
+    keys from ``q_positions[-1] + 1`` on are then never read. ``key_start`` ((B,) integers on
+    the device): row b's keys before it are invisible and never read, its queries before it
+    output 0.
 
     Inputs are assumed validated (gptfast.ops.causal_attention does it). ``out``/``lse`` may be
     preallocated; ``config`` (a LaunchConfig) overrides the table's choice.
@@ -495,51 +614,56 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, out=None, lse
     out = check_out("causal_attention", "out", out, q.shape, q.dtype, q.device)
     lse = check_out("causal_attention", "lse", lse, (batch, heads, q_len), torch.float32, q.device, contiguous=True)
     cfg = config or forward_config(head_dim, q.dtype, q.device)
+    positions = _position_args(q, q_positions, key_start)
     with device_guard(q.device):
         _attn_fwd_kernel[(batch * heads, triton.cdiv(q_len, cfg.block_m))](
-            q, k, v, out, lse,
+            q, k, v, out, lse, positions.pop("Q_START"), positions.pop("KEY_START"),
             *_bht(q), *_bht(k), *_bht(v), *_bht(out),
-            heads, q_len, q_offset, scale * LOG2E,
-            **_tiles(cfg, head_dim, q.device, q.dtype),
+            heads, heads // k.shape[1], q_len, q_offset, scale * LOG2E,
+            **positions, **_tiles(cfg, head_dim, q.device, q.dtype),
         )
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int = 0, *,
-                       dq=None, dk=None, dv=None, delta=None, dkdv_cfg=None, dq_cfg=None):
+def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int = 0, *, q_positions=None,
+                       key_start=None, dq=None, dk=None, dv=None, delta=None, dkdv_cfg=None, dq_cfg=None):
     """Launch the three backward kernels. Returns ``(dq, dk, dv)``, contiguous, in the
-    inputs' dtype and shapes. ``out`` and ``lse`` are what attention_forward returned.
+    inputs' dtype and shapes (dk, dv with the kv heads: each sums its group's query heads;
+    zero at keys no query sees). ``out`` and ``lse`` are what attention_forward returned
+    for the same ``q_offset`` / ``q_positions`` / ``key_start``.
     Output buffers (and the fp32 ``delta`` scratch of shape (B, H, Tq)) may be preallocated;
     ``dkdv_cfg`` / ``dq_cfg`` (LaunchConfigs) override the table's choices.
     """
     grad_out, q, k, v, out = (_unit_stride_d(t) for t in (grad_out, q, k, v, out))
     batch, heads, q_len, head_dim = q.shape
-    kv_len = k.shape[2]
+    kv_heads, kv_len = k.shape[1], k.shape[2]
     lse = lse.contiguous()
     op = "causal_attention"
     dq = check_out(op, "dq", dq, q.shape, q.dtype, q.device)
     dk = check_out(op, "dk", dk, k.shape, k.dtype, k.device)
     dv = check_out(op, "dv", dv, v.shape, v.dtype, v.device)
     delta = check_out(op, "delta", delta, (batch, heads, q_len), torch.float32, q.device, contiguous=True)
-    kv_cfg = dkdv_cfg or dkdv_config(head_dim, q.dtype, q.device)
+    kv_cfg = dkdv_cfg or dkdv_config(head_dim, q.dtype, q.device, grouped=kv_heads != heads)
     q_cfg = dq_cfg or dq_config(head_dim, q.dtype, q.device)
+    positions = _position_args(q, q_positions, key_start)
+    starts = (positions.pop("Q_START"), positions.pop("KEY_START"))
     with device_guard(q.device):
         _attn_bwd_delta_kernel[(batch * heads, triton.cdiv(q_len, DELTA_CONFIG.block_m))](
             out, grad_out, delta, *_bht(out), *_bht(grad_out), heads, q_len,
             HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=DELTA_CONFIG.block_m,
             num_warps=DELTA_CONFIG.num_warps,
         )
-        _attn_bwd_dkdv_kernel[(batch * heads, triton.cdiv(kv_len, kv_cfg.block_n))](
-            q, k, v, grad_out, lse, delta, dk, dv,
+        _attn_bwd_dkdv_kernel[(batch * kv_heads, triton.cdiv(kv_len, kv_cfg.block_n))](
+            q, k, v, grad_out, lse, delta, dk, dv, *starts,
             *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dk), *_bht(dv),
-            heads, q_len, q_offset, scale * LOG2E, scale,
-            **_tiles(kv_cfg, head_dim, q.device, q.dtype),
+            kv_heads, heads // kv_heads, q_len, kv_len, q_offset, scale * LOG2E, scale,
+            **positions, **_tiles(kv_cfg, head_dim, q.device, q.dtype),
         )
         _attn_bwd_dq_kernel[(batch * heads, triton.cdiv(q_len, q_cfg.block_m))](
-            q, k, v, grad_out, lse, delta, dq,
+            q, k, v, grad_out, lse, delta, dq, *starts,
             *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dq),
-            heads, q_len, q_offset, scale * LOG2E, scale,
-            **_tiles(q_cfg, head_dim, q.device, q.dtype),
+            heads, heads // kv_heads, q_len, q_offset, scale * LOG2E, scale,
+            **positions, **_tiles(q_cfg, head_dim, q.device, q.dtype),
         )
     return dq, dk, dv
 
@@ -550,16 +674,25 @@ _KERNELS = {"fwd": ("attention_fwd", _attn_fwd_kernel), "dkdv": ("attention_bwd_
             "dq": ("attention_bwd_dq", _attn_bwd_dq_kernel)}
 
 
+_FIXED_POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "Q_START": "*i64", "KEY_START": "*i64"}
+
+
 def _pointers(fn, dtype: torch.dtype) -> dict:
-    """Tensors are the upper-case arguments: LSE and DELTA fp32, the others in ``dtype``."""
-    return {a: pointer(torch.float32 if a in ("LSE", "DELTA") else dtype) for a in fn.arg_names if a.isupper()}
+    """Tensors are the upper-case arguments: LSE and DELTA fp32, the positions int64, the
+    others in ``dtype``."""
+    return {a: _FIXED_POINTERS.get(a, pointer(dtype)) for a in fn.arg_names if a.isupper()}
 
 
-def _entry(kernel: str, head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, suffix: str = "", require_ptx=()):
-    """The static compile entry of one main-loop kernel launch on CUDA."""
+def _entry(kernel: str, head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, suffix: str = "", require_ptx=(),
+           positions: bool = False, gqa: bool = False):
+    """The static compile entry of one main-loop kernel launch on CUDA; ``positions``: the
+    launch with a position tensor and per-row key starts (a padded prefill over a cache)."""
     name, fn = _KERNELS[kernel]
     tiles = _tiles(cfg, head_dim, torch.device("cuda"), dtype)
     constexprs = {k: tiles[k] for k in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "DOT_FP32", "DOT_PRECISION")}
+    constexprs.update(Q_START_TENSOR=positions, HAS_KEY_START=positions)
+    if not gqa:  # a launch with one query head per kv head specialises group == 1 (Triton's JIT does)
+        constexprs["group"] = 1
     return static_entry(f"{name}_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn, cfg, constexprs,
                         pointers=_pointers(fn, dtype), floats=("qk_scale", "sm_scale"),
                         require_hgmma=(dtype != torch.float32
@@ -575,6 +708,12 @@ def static_configs(dtype: torch.dtype = torch.bfloat16, head_dims=(64, 128, 256)
     for head_dim in head_dims:
         for kernel in _KERNELS:
             entries.append(_entry(kernel, head_dim, dtype, shipped_config(kernel, head_dim, dtype)))
+            if head_dim in (64, 128):  # the padded / cached-prefill launch (GQA changes no constexpr)
+                entries.append(_entry(kernel, head_dim, dtype, shipped_config(kernel, head_dim, dtype),
+                                      "_positions", positions=True))
+                grouped = GROUPED_DKDV.get(config_key(head_dim, dtype)) if kernel == "dkdv" else None
+                entries.append(_entry(kernel, head_dim, dtype, grouped or shipped_config(kernel, head_dim, dtype),
+                                      "_gqa_positions", positions=True, gqa=True))
         fn = _attn_bwd_delta_kernel
         entries.append(static_entry(
             f"attention_bwd_delta_d{head_dim}_{TRITON_TYPE[dtype]}", fn, DELTA_CONFIG,

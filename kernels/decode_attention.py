@@ -6,15 +6,18 @@ a dozen programs for a GPU with 132 SMs, each streaming tens of MB of cache alon
 cache length is cut into ``num_splits`` contiguous chunks and each chunk gets its own
 program (grid ``(B*H, num_splits)``):
 
-1. ``_decode_split_kernel``: the program for chunk ``c`` of row ``b``, head ``h`` runs
+1. ``_decode_split_kernel``: the program for chunk ``c`` of row ``b``, kv head ``h`` runs
    the online softmax (in fp32, base 2) over the keys of its chunk that are valid for that
-   row (positions ``< cache_lens[b]``), and writes its normalised partial output
+   row (positions ``< cache_lens[b]``, and ``>= key_start[b]`` with key ranges), for every
+   query head of the kv head's group at once (grouped-query attention: each K/V block is
+   loaded once for the group), and writes, per query head, its normalised partial output
    ``o_c = sum_j p_j v_j / sum_j p_j`` (fp32) and its log-sum-exp ``lse_c`` (base 2).
    A chunk that starts at or past the row's cache length reads no cache and writes
    ``o_c = 0``, ``lse_c = -inf``.
 2. ``_decode_reduce_kernel``: one program per (row, head) merges the splits:
    ``out = sum_c 2^(lse_c - M) o_c / sum_c 2^(lse_c - M)`` with ``M = max_c lse_c``.
-   Split 0 always holds at least one valid key, so ``M`` is finite.
+   Split 0 always holds at least one valid key, so ``M`` is finite (with key ranges a row
+   may have none: it outputs 0).
 
 Scores use an elementwise product and a row sum, ``sum(q[None, :] * k, axis=1)``, rather
 than ``tl.dot``: with a single query ``tl.dot`` would need M padded to 16 (15/16 of the
@@ -49,77 +52,121 @@ NUM_STAGES = 1
 
 
 @triton.jit
+def _online_softmax(q, k_block, v_block, k_offs, v_offs, lo, hi, stride_ks, stride_vs, d_mask,
+                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """The online softmax over keys [lo, hi) of one cache row: returns (acc, m_i, l_i) (the
+    running sum of p*v, max (base 2) and sum) of the queries ``q``: (BLOCK_D,) when
+    BLOCK_G == 1, else (BLOCK_G, BLOCK_D) sharing each loaded K/V block. The single query
+    keeps its own 1-D code: the 3-D broadcast of the group costs ptxas several times the
+    registers."""
+    offs_n = tl.arange(0, BLOCK_N)
+    if BLOCK_G == 1:
+        m_i = tl.full([], float("-inf"), tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros(q.shape, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros(q.shape, dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        n_mask = (start_n + offs_n) < hi
+        # Masked loads never touch positions >= hi: stale entries (even NaN) stay unread.
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_block + k_offs, mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_block + v_offs, mask=kv_mask, other=0.0).to(tl.float32)
+        # Every block in the loop holds at least one valid key, so m_new is finite.
+        if BLOCK_G == 1:
+            s = tl.where(n_mask, tl.sum(q[None, :] * k, axis=1), float("-inf"))  # (BLOCK_N,) scores, base 2
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+            p = tl.exp2(s - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        else:
+            s = tl.where(n_mask[None, :], tl.sum(q[:, None, :] * k[None, :, :], axis=2), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+        k_block += BLOCK_N * stride_ks
+        v_block += BLOCK_N * stride_vs
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _decode_split_kernel(
-    Q, K, V, LENS, O_PART, LSE_PART,
+    Q, K, V, LENS, KEY_START, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_lens,
-    H, S, CHUNK,
+    H_KV, GROUP, S, CHUNK,
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM; the extra lanes are masked
     BLOCK_N: tl.constexpr,  # keys per loop iteration; CHUNK is a multiple of it
+    BLOCK_G: tl.constexpr,  # next power of two >= GROUP: the query heads sharing one kv head
+    HAS_KEY_START: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    pid_bkv = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     # int64 so that b * stride_kb cannot overflow for a large (max_batch, H, max_seq, D) cache.
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b = (pid_bkv // H_KV).to(tl.int64)
+    kvh = (pid_bkv % H_KV).to(tl.int64)
 
     # This row's valid length, clamped into [1, S] so that no load leaves the cache.
     # (Clamped before narrowing, so a huge int64 length cannot wrap around to a small one.)
     cache_len = tl.load(LENS + b * stride_lens)
     cache_len = tl.minimum(tl.maximum(cache_len, 1), S).to(tl.int32)
-    # This program's keys: [lo, hi). Empty (hi <= lo) when the chunk starts past cache_len.
+    # This program's keys: [lo, hi), from the row's key_start on. Empty (hi <= lo) when the
+    # chunk lies wholly before key_start or past cache_len.
     lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, cache_len)
+    if HAS_KEY_START:
+        key_start = tl.load(KEY_START + b)
+        lo = tl.maximum(lo, tl.minimum(tl.maximum(key_start, 0), S).to(tl.int32))
+    hi = tl.minimum(split * CHUNK + CHUNK, cache_len)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, BLOCK_G)
+    g_mask = offs_g < GROUP
+    heads = kvh * GROUP + offs_g  # the query heads of this kv head's group
 
-    # The query, pre-multiplied by scale * log2(e) so that scores feed exp2 directly.
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=d_mask, other=0.0)
+    # The group's queries, pre-multiplied by scale * log2(e) so that scores feed exp2
+    # directly: (BLOCK_D,) for one query head per kv head, else (BLOCK_G, BLOCK_D).
+    if BLOCK_G == 1:
+        q = tl.load(Q + b * stride_qb + kvh * stride_qh + offs_d * stride_qd, mask=d_mask, other=0.0)
+    else:
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     q = q.to(tl.float32) * qk_scale
 
     # Loop-invariant offsets inside one (BLOCK_N, BLOCK_D) block; the scalar base pointers
     # advance instead (64-bit pointer arithmetic, so long caches with big strides are safe).
     k_offs = offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
     v_offs = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
-    k_block = K + b * stride_kb + h * stride_kh + lo.to(tl.int64) * stride_ks
-    v_block = V + b * stride_vb + h * stride_vh + lo.to(tl.int64) * stride_vs
-
-    # Online softmax state: running max m_i (base 2), running sum l_i, running sum of p*v.
-    m_i = tl.full([], float("-inf"), tl.float32)
-    l_i = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        n_mask = (start_n + offs_n) < hi
-        # Masked loads never touch positions >= hi: stale entries (even NaN) stay unread.
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_block + k_offs, mask=kv_mask, other=0.0)
-        s = tl.sum(q[None, :] * k.to(tl.float32), axis=1)  # (BLOCK_N,) scores, base 2
-        s = tl.where(n_mask, s, float("-inf"))
-        # Every block in the loop holds at least one valid key, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        p = tl.exp2(s - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        v = tl.load(v_block + v_offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-        m_i = m_new
-        k_block += BLOCK_N * stride_ks
-        v_block += BLOCK_N * stride_vs
+    k_block = K + b * stride_kb + kvh * stride_kh + lo.to(tl.int64) * stride_ks
+    v_block = V + b * stride_vb + kvh * stride_vh + lo.to(tl.int64) * stride_vs
+    acc, m_i, l_i = _online_softmax(q, k_block, v_block, k_offs, v_offs, lo, hi, stride_ks, stride_vs, d_mask,
+                                    BLOCK_N, BLOCK_G)
 
     # An empty chunk has l_i == 0: it writes o = 0 and lse = -inf, i.e. weight 0 in the merge.
     has_keys = l_i > 0.0
-    o = div(acc, tl.where(has_keys, l_i, 1.0), Q.dtype.element_ty == tl.float32)
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    part = pid_bh.to(tl.int64) * num_splits + split
-    tl.store(O_PART + part * HEAD_DIM + offs_d, o, mask=d_mask)
-    tl.store(LSE_PART + part, lse)
+    if BLOCK_G == 1:
+        part = (b * H_KV + kvh) * num_splits + split
+        o = div(acc, tl.where(has_keys, l_i, 1.0), Q.dtype.element_ty == tl.float32)
+        tl.store(O_PART + part * HEAD_DIM + offs_d, o, mask=d_mask)
+        tl.store(LSE_PART + part, lse)
+    else:
+        part = (b * H_KV * GROUP + heads) * num_splits + split  # (BLOCK_G,) per query head
+        o = div(acc, tl.where(has_keys, l_i, 1.0)[:, None], Q.dtype.element_ty == tl.float32)
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(LSE_PART + part, lse, mask=g_mask)
 
 
 @triton.jit
@@ -130,6 +177,7 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,  # next power of two >= NUM_SPLITS
+    HAS_KEY_START: tl.constexpr,  # a row may have no key at all (key_start >= its length)
 ):
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -140,12 +188,21 @@ def _decode_reduce_kernel(
     part = pid_bh.to(tl.int64) * NUM_SPLITS + offs_s
 
     lse = tl.load(LSE_PART + part, mask=offs_s < NUM_SPLITS, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)  # finite: split 0 always covers position 0
+    # Finite without key ranges: split 0 always covers position 0. With them no split may
+    # have seen a key (a row whose key_start is at or past its length): every weight is
+    # then 0 and the row outputs 0.
+    lse_max = tl.max(lse, axis=0)
+    if HAS_KEY_START:
+        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     weight = tl.exp2(lse - lse_max)  # 0 for empty and padding splits
     # Only splits that saw keys are read, so an empty split can never inject NaN.
     o_mask = (lse > float("-inf"))[:, None] & d_mask[None, :]
     o = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)
-    out = div(tl.sum(weight[:, None] * o, axis=0), tl.sum(weight, axis=0), OUT.dtype.element_ty == tl.float32)
+    acc = tl.sum(weight[:, None] * o, axis=0)
+    total = tl.sum(weight, axis=0)
+    if HAS_KEY_START:
+        total = tl.where(total > 0.0, total, 1.0)
+    out = div(acc, total, OUT.dtype.element_ty == tl.float32)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_d * stride_od,
              out.to(OUT.dtype.element_ty), mask=d_mask)
 
@@ -223,45 +280,56 @@ def allocate_workspace(batch_heads: int, num_splits: int, head_dim: int, device)
     return o_part, lse_part
 
 
-def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, out=None, num_splits=None, block_n=None,
-                     config=None):
-    """Launch split + reduce. q (B, H, D); caches (B, H, S, D), any strides; cache_lens (B,)
-    int32/int64. Writes and returns ``out`` (B, H, D), a new tensor in q's dtype by default.
+def group_block(heads: int, kv_heads: int) -> int:
+    """BLOCK_G: the query heads one split program serves (the next power of two >= H / H_kv)."""
+    return triton.next_power_of_2(heads // kv_heads)
+
+
+def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, key_start=None, out=None, num_splits=None,
+                     block_n=None, config=None):
+    """Launch split + reduce. q (B, H, D); caches (B, H_kv, S, D) with H_kv dividing H (query
+    head h reads kv head h // (H / H_kv)), any strides; cache_lens (B,) int32/int64;
+    ``key_start`` (B,) int32/int64 or None: row b reads positions [key_start[b], cache_lens[b])
+    (0 where none is left). Writes and returns ``out`` (B, H, D), a new tensor in q's dtype
+    by default.
 
     ``num_splits`` and ``block_n`` override the heuristics (tests use them to exercise
     several splits on tiny caches); ``config`` (a LaunchConfig with block_n and num_warps)
-    overrides ``split_config``.
+    overrides ``split_config``. One program serves a kv head's whole group of query heads,
+    so each K/V block is read once; its default key block shrinks by the group size
+    (down to 16) to keep the (group, keys, D) product in registers.
     """
     batch, heads, head_dim = q.shape
-    seq_len = k_cache.shape[2]
+    kv_heads, seq_len = k_cache.shape[1], k_cache.shape[2]
     out = check_out("decode_attention", "out", out, (batch, heads, head_dim), q.dtype, q.device)
     if out.numel() == 0:
         return out
     cfg = config or split_config(head_dim, q.dtype, q.device)
-    block_d, block_n = padded_head_dim(head_dim), block_n or cfg.block_n
+    block_g = group_block(heads, kv_heads)
+    block_d, block_n = padded_head_dim(head_dim), block_n or max(16, cfg.block_n // block_g)
     if num_splits is None:
-        num_splits = choose_num_splits(batch * heads, seq_len, sm_count(q.device))
+        num_splits = choose_num_splits(batch * kv_heads, seq_len, sm_count(q.device))
     chunk, num_splits = split_plan(seq_len, num_splits, block_n)
 
     o_part, lse_part = allocate_workspace(batch * heads, num_splits, head_dim, q.device)
     with device_guard(q.device):
-        _decode_split_kernel[(batch * heads, num_splits)](
-            q, k_cache, v_cache, cache_lens, o_part, lse_part,
+        _decode_split_kernel[(batch * kv_heads, num_splits)](
+            q, k_cache, v_cache, cache_lens, q if key_start is None else key_start.contiguous(), o_part, lse_part,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), cache_lens.stride(0),
-            heads, seq_len, chunk, scale * LOG2E,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            kv_heads, heads // kv_heads, seq_len, chunk, scale * LOG2E,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_G=block_g,
+            HAS_KEY_START=key_start is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         _decode_reduce_kernel[(batch * heads,)](
             o_part, lse_part, out, *out.stride(), heads, num_splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=reduce_num_warps(block_d),
+            HAS_KEY_START=key_start is not None, num_warps=reduce_num_warps(block_d),
         )
     return out
 
 
 # Pointer types of the kernels' tensors other than Q, K, V and OUT (which take the cache dtype).
-_FIXED_POINTERS = {"LENS": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32"}
+_FIXED_POINTERS = {"LENS": "*i32", "KEY_START": "*i64", "O_PART": "*fp32", "LSE_PART": "*fp32"}
 # The head dimension's stride 1 (and the lengths' stride 1) are constexprs, as Triton's
 # JIT specialises integer arguments equal to 1.
 _UNIT_STRIDES = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_lens": 1, "stride_od": 1}
@@ -272,10 +340,16 @@ def _pointers(fn, dtype: torch.dtype) -> dict:
             if a in fn.arg_names}
 
 
-def _split_entry(head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, suffix: str = "", require_ptx=()) -> dict:
+def _split_entry(head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, suffix: str = "", require_ptx=(),
+                 block_g: int = 1, key_start: bool = False) -> dict:
+    """The split kernel as launched with ``cfg``; ``block_g`` query heads per kv head (the
+    launcher then divides the key block by it) and per-row key starts when ``key_start``."""
     fn = _decode_split_kernel
     constexprs = {**{k: v for k, v in _UNIT_STRIDES.items() if k in fn.arg_names},
-                  "HEAD_DIM": head_dim, "BLOCK_D": padded_head_dim(head_dim), "BLOCK_N": cfg.block_n}
+                  "HEAD_DIM": head_dim, "BLOCK_D": padded_head_dim(head_dim),
+                  "BLOCK_N": max(16, cfg.block_n // block_g), "BLOCK_G": block_g, "HAS_KEY_START": key_start}
+    if block_g == 1:  # one query head per kv head: the launch specialises GROUP == 1 (Triton's JIT does)
+        constexprs["GROUP"] = 1
     return static_entry(f"decode_attention_split_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn, cfg, constexprs,
                         pointers=_pointers(fn, dtype), floats=("qk_scale",), require_ptx=require_ptx)
 
@@ -285,7 +359,7 @@ def _reduce_entry(head_dim: int, dtype: torch.dtype, suffix: str = "", require_p
     fn = _decode_reduce_kernel
     block_d = padded_head_dim(head_dim)
     constexprs = {"stride_od": 1, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
-                  "BLOCK_SPLITS": triton.next_power_of_2(MAX_SPLITS)}
+                  "BLOCK_SPLITS": triton.next_power_of_2(MAX_SPLITS), "HAS_KEY_START": False}
     return static_entry(f"decode_attention_reduce_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn,
                         LaunchConfig(num_warps=reduce_num_warps(block_d)), constexprs,
                         pointers=_pointers(fn, dtype), require_ptx=require_ptx)
@@ -299,6 +373,9 @@ def static_configs():
     entries = []
     for head_dim in (64, 128):
         entries.append(_split_entry(head_dim, torch.bfloat16, _builtin_split(head_dim)))
+        # A padded batch of a grouped-query model (4 query heads per kv head, as Llama 3 8B).
+        entries.append(_split_entry(head_dim, torch.bfloat16, _builtin_split(head_dim), "_gqa4_key_start",
+                                    block_g=4, key_start=True))
         entries.append(_reduce_entry(head_dim, torch.bfloat16))
     return entries
 

@@ -53,15 +53,17 @@ def _attention_and_grads(fn, q, k, v, grad_out, **kwargs):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-def check_against_float64(q, k, v, q_offset=0, scale=None, max_ratio=3.0, **launch_kwargs):
+def check_against_float64(q, k, v, q_offset=0, scale=None, max_ratio=3.0, **kwargs):
     """The error-ratio rule for out, dq, dk, dv: the fused op vs float64, relative to the
-    reference twin run in the inputs' dtype (plain PyTorch)."""
+    reference twin run in the inputs' dtype (plain PyTorch). ``kwargs`` (q_positions,
+    key_start) go to both."""
     assert q.device.type == "cuda" or _dispatch.use_triton(q), "the Triton path must serve this test"
     grad_out = _randn(*q.shape, dtype=q.dtype, seed=99)
-    fused = _attention_and_grads(causal_attention, q, k, v, grad_out, scale=scale, q_offset=q_offset)
-    plain = _attention_and_grads(reference.causal_attention, q, k, v, grad_out, scale=scale, q_offset=q_offset)
+    kwargs.update(scale=scale, q_offset=q_offset)
+    fused = _attention_and_grads(causal_attention, q, k, v, grad_out, **kwargs)
+    plain = _attention_and_grads(reference.causal_attention, q, k, v, grad_out, **kwargs)
     exact = _attention_and_grads(reference.causal_attention, q.double(), k.double(), v.double(), grad_out.double(),
-                                 scale=scale, q_offset=q_offset)
+                                 **kwargs)
     for name, f, p, e, inp in zip(("out", "dq", "dk", "dv"), fused, plain, exact, (q, q, k, v)):
         assert f.shape == inp.shape and f.dtype == inp.dtype, f"{name}: {f.dtype} {tuple(f.shape)}"
         assert_error_ratio(f, p, e, max_ratio=max_ratio, what=f"{name} {q.dtype} q{tuple(q.shape)} q_offset={q_offset}")
@@ -96,6 +98,76 @@ def test_matches_float64(q_len, head_dim, dtype):
 )
 def test_query_offset(q_len, q_offset, head_dim, dtype):
     check_against_float64(*_qkv(1, 3, q_len, head_dim, dtype, q_offset=q_offset), q_offset=q_offset)
+
+
+# Grouped-query heads (H_kv dividing H) and per-row key ranges (key_start: a left-padded
+# batch), alone and together, with T=1 and lengths off the block grid (interpreter tiles
+# are 32 x 16 forward, 16 x 32 dK/dV).
+@pytest.mark.parametrize(
+    "heads,kv_heads,q_len,q_offset,head_dim,dtype,starts",
+    [
+        (4, 2, 17, 0, 32, torch.float32, None),
+        (4, 1, 17, 0, 80, torch.float16, None),  # multi-query
+        (4, 2, 1, 0, 32, torch.float16, None),
+        (2, 2, 37, 0, 32, torch.float32, [0, 5, 33]),  # ragged: 33 starts in the last key block
+        (2, 2, 20, 0, 64, torch.float16, [16, 3, 19]),  # 16: on a block edge; 19: one real query
+        (4, 2, 9, 12, 32, torch.float32, [13, 0, 20]),  # with a cached prefix; 20 > every query
+        (4, 1, 1, 0, 32, torch.float32, [0, 0, 0]),
+    ],
+)
+def test_grouped_query_and_key_start(heads, kv_heads, q_len, q_offset, head_dim, dtype, starts):
+    batch = 1 if starts is None else len(starts)
+    q = _randn(batch, heads, q_len, head_dim, dtype=dtype, seed=3)
+    k = _randn(batch, kv_heads, q_offset + q_len, head_dim, dtype=dtype, seed=4)
+    v = _randn(batch, kv_heads, q_offset + q_len, head_dim, dtype=dtype, seed=5)
+    key_start = None if starts is None else torch.tensor(starts, device=DEVICE)
+    check_against_float64(q, k, v, q_offset=q_offset, key_start=key_start)
+
+
+def test_key_start_rows_are_defined_and_padding_is_never_read():
+    """Queries before their row's key_start output 0 with zero gradients, and NaN in the
+    padded keys changes nothing (they are never read)."""
+    q, k, v = _qkv(2, 2, 21, 32, torch.float32, seed=7)
+    key_start = torch.tensor([6, 0], dtype=torch.int32, device=DEVICE)
+    grad_out = _randn(*q.shape, dtype=q.dtype, seed=8)
+    clean = _attention_and_grads(causal_attention, q, k, v, grad_out, key_start=key_start)
+    dirty_k, dirty_v = k.clone(), v.clone()
+    dirty_k[0, :, :6], dirty_v[0, :, :6] = float("nan"), float("nan")
+    dirty = _attention_and_grads(causal_attention, q, dirty_k, dirty_v, grad_out, key_start=key_start)
+    for name, c, d in zip(("out", "dq", "dk", "dv"), clean, dirty):
+        assert torch.equal(c, d), name
+    out, dq, dk, dv = clean
+    assert torch.equal(out[0, :, :6], torch.zeros_like(out[0, :, :6]))
+    assert torch.equal(dq[0, :, :6], torch.zeros_like(dq[0, :, :6]))
+    assert torch.equal(dk[0, :, :6], torch.zeros_like(dk[0, :, :6]))
+    assert torch.equal(dv[0, :, :6], torch.zeros_like(dv[0, :, :6]))
+
+
+def test_position_tensor_over_a_static_cache_runs_the_kernel(monkeypatch):
+    """q_positions (the model's compiled prefill) runs the Triton forward and backward,
+    reads no key past the last query (the stale rest of the cache is NaN here) and gives
+    those keys zero gradients; with grouped-query heads and key_start too."""
+    calls = []
+    real = attention_kernels.attention_forward
+    monkeypatch.setattr(attention_kernels, "attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q = _randn(3, 4, 7, 32, dtype=torch.float32, seed=11)
+    cache_k = _randn(3, 2, 40, 32, dtype=torch.float32, seed=12)
+    cache_v = _randn(3, 2, 40, 32, dtype=torch.float32, seed=13)
+    positions = torch.arange(9, 16, device=DEVICE)
+    cache_k[:, :, 16:], cache_v[:, :, 16:] = float("nan"), float("nan")
+    key_start = torch.tensor([0, 4, 12], device=DEVICE)
+    grad_out = _randn(*q.shape, dtype=q.dtype, seed=14)
+    fused = _attention_and_grads(causal_attention, q, cache_k, cache_v, grad_out, q_positions=positions,
+                                 key_start=key_start)
+    assert calls, "the Triton forward must serve q_positions"
+    assert all(torch.isfinite(t).all() for t in fused)
+    assert torch.equal(fused[2][:, :, 16:], torch.zeros_like(fused[2][:, :, 16:]))
+    exact = _attention_and_grads(reference.causal_attention, q.double(), cache_k[:, :, :16].double(),
+                                 cache_v[:, :, :16].double(), grad_out.double(), q_offset=9, key_start=key_start)
+    plain = _attention_and_grads(reference.causal_attention, q, cache_k[:, :, :16], cache_v[:, :, :16], grad_out,
+                                 q_offset=9, key_start=key_start)
+    for name, f, p, e in zip(("out", "dq", "dk", "dv"), fused, plain, exact):
+        assert_error_ratio(f[:, :, :16] if name in ("dk", "dv") else f, p, e, what=f"q_positions {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -189,6 +261,24 @@ def test_torch_path_matches_reference(monkeypatch):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_path_grouped_query_and_key_start(monkeypatch):
+    """The torch path (SDPA with enable_gqa and a mask) takes the same arguments, forward
+    and backward, with the padded queries' outputs and gradients 0."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(3, 4, 6, 16)
+    k, v = torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    key_start = torch.tensor([0, 5, 9])
+    grad_out = torch.randn_like(q)
+    for kwargs in (dict(q_offset=4, key_start=key_start), dict(q_positions=torch.arange(4, 10), key_start=key_start),
+                   dict(q_offset=4)):
+        got = _attention_and_grads(causal_attention, q, k, v, grad_out, **kwargs)
+        want = _attention_and_grads(reference.causal_attention, q, k, v, grad_out, **kwargs)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        if "key_start" in kwargs:  # row 2 starts at key 9: its queries at positions 4..8 see nothing
+            assert not got[0][2, :, :5].any() and not got[1][2, :, :5].any()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -201,8 +291,14 @@ def test_bad_inputs():
     q, k, v = _qkv(1, 2, 4, 16, torch.float32)
     _bad("must be 4-D", q[0], k, v)
     _bad("k and v must have the same shape", q, k, v[:, :, :3])
-    _bad("must agree on batch, heads and head size", q, k[:, :1], v[:, :1])
-    _bad("must agree on batch, heads and head size", q[..., :8], k, v)
+    _bad("must agree on batch and head size", q.expand(2, -1, -1, -1), k, v)
+    _bad("must agree on batch and head size", q[..., :8], k, v)
+    # Grouped-query k/v are fine (2 query heads on 1 kv head), but the kv heads must divide the query heads.
+    _bad("k has 2 heads, which must divide the 3 query heads", _qkv(1, 3, 4, 16, torch.float32)[0], k, v)
+    _bad(r"key_start must have shape \(1,\)", q, k, v, key_start=torch.zeros(2, dtype=torch.int64))
+    _bad("key_start must be int32 or int64", q, k, v, key_start=torch.zeros(1), error=TypeError)
+    _bad("key_start is on meta", q, k, v, key_start=torch.zeros(1, dtype=torch.int64, device="meta"))
+    _bad("key_start must be a torch.Tensor", q, k, v, key_start=[0], error=TypeError)
     _bad("dtype torch.float16", q, k.half(), v.half(), error=TypeError)
     _bad("dtype torch.float64 is not supported", q.double(), k.double(), v.double(), error=TypeError)
     _bad("on meta", q, k.to("meta"), v)
@@ -229,6 +325,19 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.gptfast.causal_attention_fwd.default, args)
     out, lse = torch.ops.gptfast.causal_attention_fwd(q.detach(), k.detach(), v.detach(), 0.25, 3)
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, 3)
+    torch.library.opcheck(torch.ops.gptfast.causal_attention_bwd.default, bwd_args)
+
+
+def test_opcheck_grouped_query_positions_and_key_start():
+    """The optional position and key-start tensors through both registered ops, with
+    grouped-query k/v over a longer cache."""
+    q = _randn(2, 4, 5, 16, dtype=torch.float32, seed=21)
+    k, v = _randn(2, 2, 12, 16, dtype=torch.float32, seed=22), _randn(2, 2, 12, 16, dtype=torch.float32, seed=23)
+    positions, key_start = torch.arange(4, 9, device=DEVICE), torch.tensor([0, 6], device=DEVICE)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.25, 0, positions, key_start)
+    torch.library.opcheck(torch.ops.gptfast.causal_attention_fwd.default, args)
+    out, lse = torch.ops.gptfast.causal_attention_fwd(q.detach(), k.detach(), v.detach(), 0.25, 0, positions, key_start)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, 0, positions, key_start)
     torch.library.opcheck(torch.ops.gptfast.causal_attention_bwd.default, bwd_args)
 
 

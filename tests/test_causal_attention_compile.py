@@ -42,6 +42,8 @@ def test_static_configs_match_the_launch_tables():
                   "attention_bwd_dq": attention_kernels.dq_config}.get(e["name"].rsplit("_d", 1)[0])
         if picker is None:
             continue
-        cfg = picker(head_dim, torch.bfloat16, cuda)
+        grouped = "_gqa" in e["name"]  # grouped-query launches of dK/dV have their own table
+        cfg = picker(head_dim, torch.bfloat16, cuda, grouped=True) if grouped and "dkdv" in e["name"] else picker(
+            head_dim, torch.bfloat16, cuda)
         assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (
             e["constexprs"]["BLOCK_M"], e["constexprs"]["BLOCK_N"], e["num_warps"], e["num_stages"]), e["name"]

@@ -133,6 +133,56 @@ def test_stale_cache_entries_are_ignored(garbage):
     assert torch.equal(dirty, clean)
 
 
+# Grouped-query caches (H_kv dividing H: one program serves a whole group) and per-row key
+# starts (left padding), through the public op and forced splits; a start at or past the
+# row's length (nothing to read) outputs 0.
+GQA_CASES = [
+    # (batch, heads, kv_heads, seq_len, head_dim, cache_lens, key_start, dtype, num_splits)
+    (2, 4, 2, 37, 32, [37, 20], None, torch.float32, None),
+    (2, 4, 1, 37, 80, [30, 1], None, torch.float16, 3),
+    (3, 2, 2, 50, 32, [50, 41, 20], [0, 17, 19], torch.float32, 4),
+    (3, 4, 2, 50, 64, [50, 41, 9], [33, 40, 0], torch.float16, 2),
+    (2, 3, 1, 24, 32, [24, 10], [5, 10], torch.float32, 2),  # row 1: start == length, no key
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("batch,heads,kv_heads,seq_len,head_dim,lens,starts,dtype,splits", GQA_CASES)
+def test_grouped_query_and_key_start(batch, heads, kv_heads, seq_len, head_dim, lens, starts, dtype, splits):
+    q, _, _, cache_lens = make_inputs(batch, heads, seq_len, head_dim, lens, dtype)
+    _, k, v, _ = make_inputs(batch, kv_heads, seq_len, head_dim, lens, dtype, seed=1)
+    key_start = None if starts is None else torch.tensor(starts, device=DEVICE)
+    if key_start is not None:  # the padding is never read
+        before = torch.arange(seq_len, device=DEVICE)[None, :] < key_start[:, None]
+        k = k.masked_fill(before[:, None, :, None], float("nan"))
+        v = v.masked_fill(before[:, None, :, None], float("nan"))
+    if splits is None:
+        out = decode_attention(q, k, v, cache_lens, key_start=key_start)
+    else:
+        out = kernel_module().decode_attention(q, k, v, cache_lens, q.shape[-1] ** -0.5, key_start=key_start,
+                                               num_splits=splits, block_n=16)
+    plain = reference.decode_attention(q, k, v, cache_lens, key_start=key_start)
+    want = reference.decode_attention(q.double(), k.double(), v.double(), cache_lens, key_start=key_start)
+    assert torch.isfinite(out).all()
+    assert_error_ratio(out, plain, want, what=f"decode gqa {heads}/{kv_heads} starts={starts}")
+    if starts is not None:
+        empty = key_start >= cache_lens
+        assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+
+
+def test_torch_path_grouped_query_and_key_start(monkeypatch):
+    """The torch path (SDPA with enable_gqa and a mask) takes the same arguments."""
+    monkeypatch.setattr(decode_op, "use_triton", lambda t: False)
+    q, _, _, cache_lens = make_inputs(3, 4, 30, 32, [30, 12, 5], torch.float32, device="cpu")
+    _, k, v, _ = make_inputs(3, 2, 30, 32, [30, 12, 5], torch.float32, device="cpu", seed=1)
+    key_start = torch.tensor([3, 0, 5])
+    out = decode_attention(q, k, v, cache_lens, key_start=key_start)
+    plain = reference.decode_attention(q, k, v, cache_lens, key_start=key_start)
+    want = reference.decode_attention(q.double(), k.double(), v.double(), cache_lens, key_start=key_start)
+    assert_error_ratio(out, plain, want, what="torch path gqa key_start")
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
 @needs_triton
 def test_poisoned_output_and_workspace_are_fully_written():
     kernel = kernel_module()
@@ -234,7 +284,8 @@ def _bad_inputs():
         ("cache not 4-d", lambda: base(k=cache(2, 3, 16)), ValueError, "(B, H, S, D)"),
         ("k/v shapes differ", lambda: base(v=cache(2, 3, 9, 16)), ValueError, "differ in shape"),
         ("batch mismatch", lambda: base(k=cache(3, 3, 8, 16), v=cache(3, 3, 8, 16)), ValueError, "do not match q"),
-        ("head count mismatch", lambda: base(k=cache(2, 4, 8, 16), v=cache(2, 4, 8, 16)), ValueError, "do not match q"),
+        ("head count mismatch", lambda: base(k=cache(2, 4, 8, 16), v=cache(2, 4, 8, 16)), ValueError,
+         "k_cache has 4 heads, which must divide the 3 query heads"),
         ("head size mismatch", lambda: base(k=cache(2, 3, 8, 32), v=cache(2, 3, 8, 32)), ValueError, "do not match q"),
         ("head size > 256", lambda: base(q=cache(2, 3, 257), k=cache(2, 3, 8, 257), v=cache(2, 3, 8, 257)),
          ValueError, "head size 257"),
@@ -262,6 +313,16 @@ def test_bad_inputs_raise_clear_errors(what, build, exc, match):
         decode_attention(q, k, v, cache_lens)
 
 
+def test_bad_key_start_raises_clear_errors():
+    q, k, v, cache_lens = make_inputs(2, 2, 8, 16, [8, 4], torch.float32)
+    for key_start, exc, match in ((torch.zeros(3, dtype=torch.int64), ValueError, "key_start must have shape (2,)"),
+                                  (torch.zeros(2), TypeError, "key_start must be int32 or int64"),
+                                  (torch.zeros(2, dtype=torch.int64, device="meta"), ValueError, "key_start is on"),
+                                  ([0, 0], TypeError, "key_start must be a torch.Tensor")):
+        with pytest.raises(exc, match=re.escape(match)):
+            decode_attention(q, k, v, cache_lens, key_start=key_start)
+
+
 def test_backward_is_refused_clearly():
     q, k, v, cache_lens = make_inputs(1, 1, 4, 16, [4], torch.float32, device="cpu")
     q.requires_grad_(True)
@@ -273,6 +334,9 @@ def test_backward_is_refused_clearly():
 def test_opcheck():
     q, k, v, cache_lens = make_inputs(2, 2, 5, 16, [5, 2], torch.float32)
     torch.library.opcheck(torch.ops.gptfast.decode_attention.default, (q, k, v, cache_lens, 0.25))
+    _, k_gqa, v_gqa, _ = make_inputs(2, 1, 5, 16, [5, 2], torch.float32, seed=1)  # grouped-query, key_start
+    key_start = torch.tensor([1, 0], device=DEVICE)
+    torch.library.opcheck(torch.ops.gptfast.decode_attention.default, (q, k_gqa, v_gqa, cache_lens, 0.25, key_start))
 
 
 def test_compiles_without_graph_break():
@@ -305,7 +369,8 @@ def test_static_configs_describe_the_kernels():
     kernel = kernel_module()
     configs = kernel.static_configs()
     assert {c["name"] for c in configs} == {
-        f"decode_attention_{part}_d{d}_bf16" for part in ("split", "reduce") for d in (64, 128)}
+        f"decode_attention_{part}_d{d}_bf16" for part in ("split", "reduce") for d in (64, 128)} | {
+        f"decode_attention_split_d{d}_bf16_gqa4_key_start" for d in (64, 128)}
     for c in configs:
         assert set(c) >= {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "require_hgmma"}
         assert list(c["signature"]) == c["fn"].arg_names, c["name"]
@@ -346,7 +411,7 @@ def test_shipped_configs_build_for_sm90_without_spills():
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(report) == 4
+    assert len(report) == len(kernel_module().static_configs())  # 4 shipped + 2 grouped-query, key_start
     for entry in report:
         assert entry["rc"] == 0, entry
         assert "0 bytes spill stores, 0 bytes spill loads" in entry["ptxas"], entry

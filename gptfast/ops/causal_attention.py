@@ -3,13 +3,16 @@
 A drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` that also takes
 a cache offset: queries may start at absolute position ``q_offset`` of a key sequence of
 length ``q_offset + Tq`` (chunked prefill against a KV cache, verification of several
-draft tokens).
+draft tokens), or at a device tensor of positions over a whole static cache; grouped-query
+heads (k/v with fewer heads than q) and per-row key ranges (``key_start``, a left-padded
+batch).
 
 On CUDA (or on the CPU under ``TRITON_INTERPRET=1``) it runs the Triton kernels of
 ``gptfast.kernels.causal_attention`` through two registered ops:
 
-- ``gptfast::causal_attention_fwd(q, k, v, scale, q_offset) -> (out, lse)``
-- ``gptfast::causal_attention_bwd(grad_out, q, k, v, out, lse, scale, q_offset) -> (dq, dk, dv)``
+- ``gptfast::causal_attention_fwd(q, k, v, scale, q_offset, q_positions=None, key_start=None) -> (out, lse)``
+- ``gptfast::causal_attention_bwd(grad_out, q, k, v, out, lse, scale, q_offset, q_positions=None,
+  key_start=None) -> (dq, dk, dv)``
 
 with fake (meta) implementations and an autograd formula tying the two together, so
 ``torch.compile(fullgraph=True)`` sees single opaque ops and training works. Elsewhere it
@@ -43,7 +46,28 @@ def _validate_positions(q, k, q_positions) -> None:
             raise ValueError(f"causal_attention: q_positions {q_positions.tolist()} outside the {k.shape[2]} keys")
 
 
-def _validate(q, k, v, q_offset, q_positions=None) -> None:
+def validate_key_start(name: str, key_start, q) -> None:
+    """``key_start``: a (B,) int32/int64 tensor on q's device (its values are never read on
+    the host: they may be anything; negative starts count as 0)."""
+    if not isinstance(key_start, Tensor):
+        raise TypeError(f"{name}: key_start must be a torch.Tensor, got {type(key_start).__name__}")
+    if key_start.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: key_start must be int32 or int64, got {key_start.dtype}")
+    if tuple(key_start.shape) != (q.shape[0],):
+        raise ValueError(f"{name}: key_start must have shape ({q.shape[0]},) (one start per batch row), "
+                         f"got {tuple(key_start.shape)}")
+    if key_start.device != q.device:
+        raise ValueError(f"{name}: key_start is on {key_start.device} but q is on {q.device}")
+
+
+def validate_heads(name: str, heads: int, kv_heads: int, kv_name: str = "k") -> None:
+    """Grouped-query attention: the kv head count must divide the query head count."""
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"{name}: {kv_name} has {kv_heads} heads, which must divide the {heads} query heads "
+                         "(grouped-query attention: query head h reads kv head h // (H // H_kv))")
+
+
+def _validate(q, k, v, q_offset, q_positions=None, key_start=None) -> None:
     """Raise a clear exception for anything the kernels (or the torch path) cannot take."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -55,11 +79,12 @@ def _validate(q, k, v, q_offset, q_positions=None) -> None:
         raise TypeError(f"causal_attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
     if k.shape != v.shape:
         raise ValueError(f"causal_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(
-            f"causal_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, heads and head size "
-            "(B, H, *, D)"
+            f"causal_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch and head size "
+            "(B, *, *, D)"
         )
+    validate_heads("causal_attention", q.shape[1], k.shape[1])
     batch, heads, q_len, head_dim = q.shape
     if batch == 0 or heads == 0 or q_len == 0 or head_dim == 0:
         raise ValueError(f"causal_attention: empty input, q has shape {tuple(q.shape)}")
@@ -69,6 +94,8 @@ def _validate(q, k, v, q_offset, q_positions=None) -> None:
         raise TypeError(f"causal_attention: q_offset must be an int, got {type(q_offset).__name__}")
     if q_offset < 0:
         raise ValueError(f"causal_attention: q_offset must be >= 0, got {q_offset}")
+    if key_start is not None:
+        validate_key_start("causal_attention", key_start, q)
     if q_positions is not None:
         if q_offset:
             raise ValueError("causal_attention: give q_offset or q_positions, not both")
@@ -91,42 +118,45 @@ def _kernels():
 
 
 @torch.library.custom_op("gptfast::causal_attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, q_offset: int) -> Tuple[Tensor, Tensor]:
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, q_offset: int,
+                   q_positions: Optional[Tensor] = None, key_start: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Fused forward. Returns out (B, H, Tq, D) and the fp32 base-2 log-sum-exp (B, H, Tq)."""
-    out, lse = _kernels().attention_forward(q, k, v, scale, q_offset)
+    out, lse = _kernels().attention_forward(q, k, v, scale, q_offset, q_positions=q_positions, key_start=key_start)
     return out, lse
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, scale, q_offset):
+def _attention_fwd_fake(q, k, v, scale, q_offset, q_positions=None, key_start=None):
     batch, heads, q_len, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, q_len), dtype=torch.float32)
 
 
 @torch.library.custom_op("gptfast::causal_attention_bwd", mutates_args=())
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   scale: float, q_offset: int) -> Tuple[Tensor, Tensor, Tensor]:
+                   scale: float, q_offset: int, q_positions: Optional[Tensor] = None,
+                   key_start: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused backward: (dq, dk, dv), contiguous, shaped like q, k, v."""
-    return _kernels().attention_backward(grad_out, q, k, v, out, lse, scale, q_offset)
+    return _kernels().attention_backward(grad_out, q, k, v, out, lse, scale, q_offset, q_positions=q_positions,
+                                         key_start=key_start)
 
 
 @_attention_bwd.register_fake
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, scale, q_offset):
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, scale, q_offset, q_positions=None, key_start=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, q_offset = inputs
+    q, k, v, scale, q_offset, q_positions, key_start = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, q_positions, key_start)
     ctx.scale, ctx.q_offset = scale, q_offset
     ctx.mark_non_differentiable(lse)  # an internal statistic, not part of the public result
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.q_offset)
-    return dq, dk, dv, None, None
+    q, k, v, out, lse, q_positions, key_start = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.q_offset, q_positions, key_start)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -136,22 +166,30 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, q_offset: int = 0,
-                     q_positions: Optional[Tensor] = None) -> Tensor:
+                     q_positions: Optional[Tensor] = None, key_start: Optional[Tensor] = None) -> Tensor:
     """Causal attention, a drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``.
 
-    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with ``Tk == q_offset + Tq``; query ``i`` sees
-    keys ``0 .. q_offset + i``. D <= 256; float16, bfloat16 or float32; any strides (a
-    q/k/v split of a fused qkv projection is read in place). ``scale`` defaults to
-    1/sqrt(D). Differentiable in q, k and v. Returns (B, H, Tq, D).
+    q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with ``Tk == q_offset + Tq``; query ``i`` sees
+    keys ``0 .. q_offset + i``. H_kv must divide H (grouped- or multi-query attention: query
+    head h reads kv head ``h // (H // H_kv)``; K/V are never repeated). D <= 256; float16,
+    bfloat16 or float32; any strides (a q/k/v split of a fused qkv projection is read in
+    place). ``scale`` defaults to 1/sqrt(D). Differentiable in q, k and v. Returns (B, H, Tq, D).
 
-    ``q_positions`` ((Tq,) integer tensor, instead of ``q_offset``): the queries' absolute
-    positions, read on the device, never on the host; ``k``/``v`` may then be a whole static
-    KV cache (any Tk), each query seeing the keys at or before its position. This is the
-    prefill of a model whose start position is a tensor (a compiled or CUDA-graph step);
-    the kernel takes a host offset, so this form runs the torch path everywhere.
+    ``q_positions`` ((Tq,) integer tensor of consecutive positions, instead of ``q_offset``):
+    the queries' absolute positions, read on the device, never on the host; ``k``/``v`` may
+    then be a whole static KV cache (any Tk), each query seeing the keys at or before its
+    position; keys past the last query (the unwritten rest of the cache) are never read, and
+    get zero gradients. This is the prefill of a model whose start position is a tensor (a
+    compiled or CUDA-graph step).
+
+    ``key_start`` ((B,) int32/int64 tensor on q's device, per-row key ranges, e.g. a
+    left-padded batch): row b's keys before ``key_start[b]`` are invisible (never read, zero
+    gradients). Its queries at positions before ``key_start[b]`` see no key at all: by
+    definition their output is 0 and their gradients are 0. No host synchronisation.
     """
-    _validate(q, k, v, q_offset, q_positions)
+    _validate(q, k, v, q_offset, q_positions, key_start)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if use_triton(q) and q_positions is None:
-        return _attention_fwd(q, k, v, scale, q_offset)[0]
-    return torch_path.causal_attention(q, k, v, scale=scale, q_offset=q_offset, q_positions=q_positions)
+    if use_triton(q):
+        return _attention_fwd(q, k, v, scale, q_offset, q_positions, key_start)[0]
+    return torch_path.causal_attention(q, k, v, scale=scale, q_offset=q_offset, q_positions=q_positions,
+                                       key_start=key_start)

@@ -27,18 +27,20 @@ by the kernel and the torch path alike, so they can never read outside the cache
 """
 import math
 import os
+from typing import Optional
 
 import torch
 
 from gptfast.ops import torch_path
 from gptfast.ops._dispatch import check_same_device_dtype, use_triton
+from gptfast.ops.causal_attention import validate_heads, validate_key_start
 
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHECK_CUDA_LENS_ENV = "GPTFAST_CHECK_CACHE_LENS"
 
 
-def _validate(q, k_cache, v_cache, cache_lens) -> None:
+def _validate(q, k_cache, v_cache, cache_lens, key_start=None) -> None:
     """Shape, dtype and device checks: static facts only, so torch.compile traces them."""
     name = "decode_attention"
     for arg, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_lens", cache_lens)):
@@ -54,11 +56,12 @@ def _validate(q, k_cache, v_cache, cache_lens) -> None:
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"{name}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
     batch, heads, head_dim = q.shape
-    if (k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]) != (batch, heads, head_dim):
+    if (k_cache.shape[0], k_cache.shape[3]) != (batch, head_dim):
         raise ValueError(
             f"{name}: caches of shape {tuple(k_cache.shape)} do not match q of shape {tuple(q.shape)}: "
-            f"expected ({batch}, {heads}, S, {head_dim})"
+            f"expected ({batch}, H_kv, S, {head_dim})"
         )
+    validate_heads(name, heads, k_cache.shape[1], "k_cache")
     if head_dim > MAX_HEAD_DIM or head_dim < 1:
         raise ValueError(f"{name}: head size {head_dim} is not supported (1 to {MAX_HEAD_DIM})")
     if k_cache.shape[2] < 1:
@@ -72,6 +75,8 @@ def _validate(q, k_cache, v_cache, cache_lens) -> None:
         raise TypeError(f"{name}: cache_lens must be int32 or int64, got {cache_lens.dtype}")
     if cache_lens.dim() != 1 or cache_lens.shape[0] != batch:
         raise ValueError(f"{name}: cache_lens must have shape ({batch},), got {tuple(cache_lens.shape)}")
+    if key_start is not None:
+        validate_key_start(name, key_start, q)
 
 
 def _should_check_lens(cache_lens: torch.Tensor) -> bool:
@@ -96,17 +101,18 @@ def _check_lens_values(cache_lens: torch.Tensor, seq_len: int) -> None:
 
 @torch.library.custom_op("gptfast::decode_attention", mutates_args=())
 def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         cache_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                         cache_lens: torch.Tensor, scale: float,
+                         key_start: Optional[torch.Tensor] = None) -> torch.Tensor:
     _check_lens_values(cache_lens, k_cache.shape[2])
     if use_triton(q):
         from gptfast.kernels import decode_attention as kernel  # imports triton: only on this path
 
-        return kernel.decode_attention(q, k_cache, v_cache, cache_lens, scale)
-    return torch_path.decode_attention(q, k_cache, v_cache, cache_lens, scale=scale)
+        return kernel.decode_attention(q, k_cache, v_cache, cache_lens, scale, key_start=key_start)
+    return torch_path.decode_attention(q, k_cache, v_cache, cache_lens, scale=scale, key_start=key_start)
 
 
 @_decode_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_lens, scale):
+def _(q, k_cache, v_cache, cache_lens, scale, key_start=None):
     return q.new_empty(q.shape)
 
 
@@ -124,13 +130,18 @@ def _backward(ctx, grad_out):
 _decode_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def decode_attention(q, k_cache, v_cache, cache_lens, *, scale=None):
+def decode_attention(q, k_cache, v_cache, cache_lens, *, scale=None, key_start=None):
     """Attention of one query per row over the first ``cache_lens[b]`` cache positions.
 
-    q (B, H, D); k_cache, v_cache (B, H, S, D), any strides; cache_lens (B,) int32/int64
-    in [1, S]. ``scale`` defaults to 1/sqrt(D). Returns (B, H, D) in q's dtype.
-    Inference-only (no backward). See the module docstring for how cache_lens is checked.
+    q (B, H, D); k_cache, v_cache (B, H_kv, S, D), H_kv dividing H (grouped-query: query
+    head h reads kv head h // (H / H_kv); one program reads a K/V block once for the whole
+    group), any strides; cache_lens (B,) int32/int64 in [1, S]. ``key_start`` ((B,)
+    int32/int64 on q's device, optional): row b reads only positions
+    ``key_start[b] .. cache_lens[b] - 1`` (a left-padded batch; the positions before are
+    never read), and outputs 0 where that range is empty. ``scale`` defaults to 1/sqrt(D).
+    Returns (B, H, D) in q's dtype. Inference-only (no backward). See the module docstring
+    for how cache_lens is checked.
     """
-    _validate(q, k_cache, v_cache, cache_lens)
+    _validate(q, k_cache, v_cache, cache_lens, key_start)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _decode_attention_op(q, k_cache, v_cache, cache_lens, scale)
+    return _decode_attention_op(q, k_cache, v_cache, cache_lens, scale, key_start)

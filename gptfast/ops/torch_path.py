@@ -6,9 +6,11 @@ Same signatures as the fused ops and the reference twins:
 
 - ``layer_norm(x, weight, bias, eps, residual=None)``: ``F.layer_norm`` after the residual
   add; parameters are cast to the input's dtype (fp32 parameters on bf16 activations).
-- ``causal_attention(q, k, v, scale=None, q_offset=0, q_positions=None)``: SDPA.
-- ``decode_attention(q, k_cache, v_cache, cache_lens, scale=None)``: SDPA of one query per
-  row, masked by ``cache_lens`` (clamped into [1, S]); stale cache slots may hold NaN.
+- ``causal_attention(q, k, v, scale=None, q_offset=0, q_positions=None, key_start=None)``:
+  SDPA (``enable_gqa`` for grouped-query k/v, an explicit mask for offsets and key ranges).
+- ``decode_attention(q, k_cache, v_cache, cache_lens, scale=None, key_start=None)``: SDPA of
+  one query per row, masked by ``cache_lens`` (clamped into [1, S]) and ``key_start``;
+  stale cache slots may hold NaN.
 - ``gelu(x)``: GPT-2's tanh GELU.
 - ``int8_linear(x, weight_int8, scale, bias=None)``: dequantise to x's dtype, then ``F.linear``.
 
@@ -40,40 +42,63 @@ def _zero_unseen(t: Tensor, seen: Tensor) -> Tensor:
     return torch.where(seen, t, 0)
 
 
+def _padded_rows(visible: Tensor, key_pos: Tensor, key_start: Optional[Tensor]):
+    """``(mask, padded)``: the (B or 1, 1, Tq, Tk) visibility with keys before each row's
+    ``key_start`` hidden, and the (B or 1, 1, Tq, 1) queries left with no key. A padded
+    query is given key 0 to look at (SDPA would return NaN for an empty row, and NaN
+    gradients), and its output is then set to 0, so its gradients are 0 too."""
+    if key_start is None:
+        return visible, None
+    mask = visible & (key_pos >= key_start.clamp(min=0)[:, None, None, None])
+    padded = ~mask.any(dim=-1, keepdim=True)
+    return mask | (padded & (key_pos == 0)), padded
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, q_offset: int = 0,
-                     q_positions: Optional[Tensor] = None) -> Tensor:
-    """Causal SDPA. q (B, H, Tq, D); k, v (B, H, Tk, D).
+                     q_positions: Optional[Tensor] = None, key_start: Optional[Tensor] = None) -> Tensor:
+    """Causal SDPA. q (B, H, Tq, D); k, v (B, H_kv, Tk, D), H_kv dividing H (``enable_gqa``).
 
     Queries sit at absolute positions ``q_offset + i`` (then ``Tk == q_offset + Tq``), or,
     when ``q_positions`` ((Tq,) integer tensor) is given, at those positions: ``k``/``v``
     may then be a whole static cache, each query seeing the keys at or before its
     position, and the keys past every query (stale cache slots) are never read. SDPA's
     ``is_causal`` aligns its mask to the top-left corner, so an offset takes an explicit mask.
+    ``key_start`` ((B,)): row b's keys before it are hidden and its queries before it output 0.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    gqa = dict(enable_gqa=True) if k.shape[1] != q.shape[1] else {}
     key_pos = torch.arange(k.shape[2], device=q.device)
     if q_positions is not None:
         visible = key_pos[None, :] <= q_positions[:, None]  # (Tq, Tk)
         seen = (key_pos <= q_positions.max())[:, None]  # (Tk, 1): what any query sees
-        return F.scaled_dot_product_attention(q, _zero_unseen(k, seen), _zero_unseen(v, seen), attn_mask=visible,
-                                              scale=scale)
-    if q_offset == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=q_offset)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+        k, v = _zero_unseen(k, seen), _zero_unseen(v, seen)
+    elif q_offset == 0 and key_start is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
+    else:
+        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=q_offset)
+    mask, padded = _padded_rows(visible[None, None], key_pos, key_start)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+    return out if padded is None else out.masked_fill(padded, 0)
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor,
-                     scale: Optional[float] = None) -> Tensor:
+                     scale: Optional[float] = None, key_start: Optional[Tensor] = None) -> Tensor:
     """SDPA of q (B, H, D) against the first ``cache_lens[b]`` positions of each row's cache
-    (B, H, S, D); lengths are clamped into [1, S], as the kernel does. Returns (B, H, D)."""
+    (B, H_kv, S, D), from ``key_start[b]`` on when given; lengths are clamped into [1, S], as
+    the kernel does. A row whose key_start is at or past its length outputs 0. Returns (B, H, D)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    gqa = dict(enable_gqa=True) if k_cache.shape[1] != q.shape[1] else {}
     seq_len = k_cache.shape[2]
     lens = cache_lens.clamp(1, seq_len)
-    valid = (torch.arange(seq_len, device=q.device)[None, :] < lens[:, None])[:, None, :, None]  # (B, 1, S, 1)
+    key_pos = torch.arange(seq_len, device=q.device)[None, :]
+    valid = key_pos < lens[:, None]  # (B, S)
+    if key_start is not None:
+        valid = valid & (key_pos >= key_start[:, None])
+    empty = ~valid.any(dim=1)  # (B,): rows with no visible key
+    valid = (valid | (empty[:, None] & (key_pos == 0)))[:, None, :, None]  # (B, 1, S, 1)
     out = F.scaled_dot_product_attention(q.unsqueeze(2), _zero_unseen(k_cache, valid), _zero_unseen(v_cache, valid),
-                                         attn_mask=valid.transpose(-1, -2), scale=scale)
-    return out.squeeze(2)
+                                         attn_mask=valid.transpose(-1, -2), scale=scale, **gqa)
+    return out.squeeze(2).masked_fill(empty[:, None, None], 0)
 
 
 def gelu(x: Tensor) -> Tensor:

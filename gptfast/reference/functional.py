@@ -39,14 +39,32 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, residual=None):
     return y if residual is None else (y, h)
 
 
-def causal_attention(q, k, v, scale=None, q_offset: int = 0, q_positions=None):
+def _repeat_kv(t, heads: int):
+    """(B, H_kv, T, D) -> (B, heads, T, D): query head h reads kv head h // (heads // H_kv)."""
+    return t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _softmax_rows(scores, visible):
+    """Softmax of ``scores`` over the last dim where ``visible``; a row with no visible
+    entry (a padded query) gets probabilities 0 (its scores are filled with 0 first, so
+    neither the forward nor the backward meets a NaN)."""
+    empty = ~visible.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~visible, float("-inf")).masked_fill(empty, 0.0)
+    probs = torch.softmax(scores.to(_compute_dtype(scores.dtype)), dim=-1)
+    return probs.masked_fill(empty, 0.0)
+
+
+def causal_attention(q, k, v, scale=None, q_offset: int = 0, q_positions=None, key_start=None):
     """Causal multi-head attention with explicit scores, mask and softmax.
 
-    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with ``Tk == q_offset + Tq``. Query ``i`` sits
-    at absolute position ``q_offset + i`` and sees keys ``0 .. q_offset + i``. With
+    q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with ``Tk == q_offset + Tq`` and H_kv dividing
+    H (grouped-query attention; K/V are repeated here, for clarity). Query ``i`` sits at
+    absolute position ``q_offset + i`` and sees keys ``0 .. q_offset + i``. With
     ``q_offset == 0`` this is ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``.
     ``q_positions`` ((Tq,) integer tensor) places the queries at those positions instead,
     against keys of any length (a whole KV cache; keys past every query are never read).
+    ``key_start`` ((B,) integers): row b's keys before it are hidden, and its queries
+    before it see nothing and output 0.
     """
     tq, tk = q.shape[-2], k.shape[-2]
     key_pos = torch.arange(tk, device=q.device)[None, :]
@@ -57,11 +75,14 @@ def causal_attention(q, k, v, scale=None, q_offset: int = 0, q_positions=None):
     else:
         query_pos = q_positions[:, None]
         v = _zero_unseen(v, key_pos[0] <= q_positions.max())
+    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
-    scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
-    probs = torch.softmax(scores.to(_compute_dtype(scores.dtype)), dim=-1).to(q.dtype)
-    return probs @ v
+    visible = (key_pos <= query_pos)[None, None]  # (1, 1, Tq, Tk)
+    if key_start is not None:
+        visible = visible & (key_pos >= key_start.to(q.device)[:, None, None, None])
+        v = torch.where((key_pos[0] >= key_start.to(q.device)[:, None])[:, None, :, None], v, 0)
+    return _softmax_rows(scores, visible).to(q.dtype) @ v
 
 
 def _zero_unseen(v, seen):
@@ -70,18 +91,22 @@ def _zero_unseen(v, seen):
     return torch.where(seen[:, None], v, 0)
 
 
-def decode_attention(q, k_cache, v_cache, cache_lens, scale=None):
+def decode_attention(q, k_cache, v_cache, cache_lens, scale=None, key_start=None):
     """One new query per row against a KV cache whose valid length differs per row.
 
-    q: (B, H, D); k_cache, v_cache: (B, H, S, D); cache_lens: (B,) integers in [1, S],
-    the number of valid cache positions of each row (the new token's key included).
-    Positions past a row's length may hold anything, even NaN: they are never read.
-    Returns (B, H, D).
+    q: (B, H, D); k_cache, v_cache: (B, H_kv, S, D), H_kv dividing H; cache_lens: (B,)
+    integers in [1, S], the number of valid cache positions of each row (the new token's
+    key included); ``key_start`` ((B,), optional): the first valid position of each row
+    (left padding). Positions outside a row's range may hold anything, even NaN: they are
+    never read. A row with no valid position outputs 0. Returns (B, H, D).
     """
     s = k_cache.shape[-2]
+    k_cache, v_cache = _repeat_kv(k_cache, q.shape[1]), _repeat_kv(v_cache, q.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    positions = torch.arange(s, device=q.device)[None, :]
+    valid = positions < cache_lens.to(q.device)[:, None]  # (B, S)
+    if key_start is not None:
+        valid = valid & (positions >= key_start.to(q.device)[:, None])
     scores = torch.einsum("bhd,bhsd->bhs", q, k_cache) * scale
-    valid = torch.arange(s, device=q.device)[None, :] < cache_lens.to(q.device)[:, None]  # (B, S)
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    probs = torch.softmax(scores.to(_compute_dtype(scores.dtype)), dim=-1).to(q.dtype)
+    probs = _softmax_rows(scores, valid[:, None, :]).to(q.dtype)
     return torch.einsum("bhs,bhsd->bhd", probs, torch.where(valid[:, None, :, None], v_cache, 0))

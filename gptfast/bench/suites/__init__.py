@@ -11,11 +11,12 @@ from gptfast.ops import registry
 SUITES = {
     "kernels": registry.NAMES + ("sampler",),
     "e2e": ("e2e",),
+    "hf": ("hf",),
 }
-SUITES["all"] = SUITES["kernels"] + SUITES["e2e"]
+SUITES["all"] = SUITES["kernels"] + SUITES["e2e"] + SUITES["hf"]
 
 # Speedups are reported against these providers (see results.fill_speedups).
-BASELINES = {"*": "torch", "decode": "hf", "sampler_step": "python-twin"}
+BASELINES = {"*": "torch", "decode": "hf", "sampler_step": "python-twin", "hf_gpt2": "sdpa"}
 
 
 def collect(suite: str, device, quick: bool = False) -> Tuple[List[Case], List[Skipped]]:

@@ -118,6 +118,61 @@ def _build(provider, mode, batch, heads, seq_len, head_dim, dtype, device):
     return timed_callable(mode, forward, make_inputs, n_sets, grad_indices=(0, 1, 2))
 
 
+# Grouped-query, left-padded rows (GPU only): 32 query heads on 8 kv heads, D=128,
+# B*T = 16k tokens, each row left-padded by a random key_start of up to T/4. FLOPs are
+# counted as for the unpadded shape (an upper bound on the work done).
+GQA_HEADS, GQA_KV_HEADS, GQA_HEAD_DIM, GQA_SEQ_LENS = 32, 8, 128, (1024, 4096)
+
+
+def _padded_gptfast(q, k, v, key_start):
+    import gptfast.ops
+
+    return gptfast.ops.causal_attention(q, k, v, key_start=key_start)
+
+
+def _padded_torch(q, k, v, key_start):  # SDPA with the causal-and-padding mask
+    pos = torch.arange(q.shape[2], device=q.device)
+    visible = (pos[None, :] <= pos[:, None])[None] & (pos[None, None, :] >= key_start[:, None, None])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], enable_gqa=True)
+
+
+def _build_padded(provider, mode, batch, seq_len, device):
+    if provider == "gptfast":
+        require_fused(device)
+    forward = _padded_gptfast if provider == "gptfast" else _padded_torch
+    gen = torch.Generator().manual_seed(0)
+
+    def make_inputs():
+        def randn(heads):
+            return torch.randn(batch, heads, seq_len, GQA_HEAD_DIM, device=device, dtype=torch.bfloat16)
+        return [randn(GQA_HEADS), randn(GQA_KV_HEADS), randn(GQA_KV_HEADS),
+                torch.randint(0, seq_len // 4, (batch,), generator=gen).to(device)]
+
+    n_sets = input_set_count(3 * batch * GQA_HEADS * seq_len * GQA_HEAD_DIM * 2, device, cap=4)
+    return timed_callable(mode, forward, make_inputs, n_sets, grad_indices=(0, 1, 2))
+
+
+def padded_gqa_cases(device):
+    """The grouped-query, left-padded rows: cases on a GPU, skipped rows on a CPU."""
+    out, skipped = [], []
+    for mode in ("fwd", "fwd+bwd"):
+        for seq_len in GQA_SEQ_LENS:
+            batch = TOKENS // seq_len
+            shape = f"B={batch},H={GQA_HEADS},H_kv={GQA_KV_HEADS},T={seq_len},D={GQA_HEAD_DIM},key_start"
+            for provider in ("gptfast", "torch"):
+                if not is_gpu(device):
+                    skipped.append(Skipped("causal_attention", provider, mode, shape, "GPU only: bf16 at Llama scale"))
+                    continue
+                out.append(Case(
+                    op="causal_attention", provider=provider, mode=mode, shape=shape, dtype="bfloat16",
+                    build=partial(_build_padded, provider, mode, batch, seq_len, device),
+                    group=f"causal_attention {mode} gqa {GQA_HEADS}/{GQA_KV_HEADS} padded D={GQA_HEAD_DIM} bfloat16",
+                    size=seq_len, size_name="T", flops=causal_flops(batch, GQA_HEADS, seq_len, GQA_HEAD_DIM, mode),
+                    peak=PEAK_MATMUL, priority=PRIORITY[provider],
+                ))
+    return out, skipped
+
+
 def cases(device, quick: bool = False) -> Tuple[List[Case], List[Skipped]]:
     if is_gpu(device):
         dtype = torch.bfloat16
@@ -139,4 +194,5 @@ def cases(device, quick: bool = False) -> Tuple[List[Case], List[Skipped]]:
                     flops=causal_flops(batch, heads, seq_len, head_dim, mode), peak=PEAK_MATMUL,
                     priority=PRIORITY[provider], warmup=5 if provider == "torch.compile" else 3,
                 ))
-    return out, []
+    padded, skipped = padded_gqa_cases(device)
+    return out + padded, skipped

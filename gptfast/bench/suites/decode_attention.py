@@ -92,6 +92,68 @@ def _build(provider, batch, heads, cache_len, head_dim, dtype, device):
     return run, sets
 
 
+# Grouped-query, left-padded rows (GPU only): Llama-3-8B's heads (32 query heads on 8 kv
+# heads, D=128), batch 16, each row's cache starting at its own key_start (a random left
+# padding of up to half the cache). Bytes counted: the K/V actually read (positions from
+# key_start on) plus q and the output.
+GQA_HEADS, GQA_KV_HEADS, GQA_HEAD_DIM, GQA_BATCH, GQA_CACHE_LENS = 32, 8, 128, 16, (1024, 8192)
+
+
+def _padded_gptfast(q, k, v, lens, key_start):
+    import gptfast.ops
+
+    return gptfast.ops.decode_attention(q, k, v, lens, key_start=key_start)
+
+
+def _padded_torch(q, k, v, lens, key_start):  # SDPA over the whole cache, padding masked
+    visible = torch.arange(k.shape[2], device=k.device)[None, :] >= key_start[:, None]
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :],
+                                          enable_gqa=True).squeeze(2)
+
+
+def _build_padded(provider, cache_len, device):
+    if provider == "gptfast":
+        require_fused(device)
+    forward = _padded_gptfast if provider == "gptfast" else _padded_torch
+    dtype, gen = torch.bfloat16, torch.Generator().manual_seed(0)
+
+    def make_inputs():
+        q = torch.randn(GQA_BATCH, GQA_HEADS, GQA_HEAD_DIM, device=device, dtype=dtype)
+        k = torch.randn(GQA_BATCH, GQA_KV_HEADS, cache_len, GQA_HEAD_DIM, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        lens = torch.full((GQA_BATCH,), cache_len, device=device, dtype=torch.int32)
+        key_start = torch.randint(0, cache_len // 2, (GQA_BATCH,), generator=gen).to(device)
+        return q, k, v, lens, key_start
+
+    n_sets = input_set_count(kv_bytes(GQA_BATCH, GQA_KV_HEADS, cache_len, GQA_HEAD_DIM, 2), device)
+    sets = [make_inputs() for _ in range(n_sets)]
+
+    def run(inputs):
+        with torch.no_grad():
+            return forward(*inputs)
+    return run, sets
+
+
+def padded_gqa_cases(device):
+    """The grouped-query, left-padded rows: cases on a GPU, skipped rows on a CPU."""
+    out, skipped = [], []
+    for cache_len in GQA_CACHE_LENS:
+        shape = f"B={GQA_BATCH},H={GQA_HEADS},H_kv={GQA_KV_HEADS},L={cache_len},D={GQA_HEAD_DIM},key_start"
+        for provider in ("gptfast", "torch"):
+            if not is_gpu(device):
+                skipped.append(Skipped("decode_attention", provider, "fwd", shape, "GPU only: bf16 at Llama scale"))
+                continue
+            out.append(Case(
+                op="decode_attention", provider=provider, mode="fwd", shape=shape, dtype="bfloat16",
+                build=partial(_build_padded, provider, cache_len, device),
+                group=f"decode_attention gqa {GQA_HEADS}/{GQA_KV_HEADS} padded D={GQA_HEAD_DIM} bfloat16",
+                size=cache_len, size_name="cache length",
+                bytes=kv_bytes(GQA_BATCH, GQA_KV_HEADS, 3 * cache_len // 4, GQA_HEAD_DIM, 2), peak=PEAK_COPY,
+                priority=PRIORITY[provider], cuda_graph=True,
+            ))
+    return out, skipped
+
+
 def cases(device, quick: bool = False) -> Tuple[List[Case], List[Skipped]]:
     if is_gpu(device):
         dtype, batches, cache_lens, heads = torch.bfloat16, BATCHES, CACHE_LENS, HEADS
@@ -114,4 +176,5 @@ def cases(device, quick: bool = False) -> Tuple[List[Case], List[Skipped]]:
                     bytes=kv_bytes(batch, heads, cache_len, HEAD_DIM, dtype.itemsize), peak=PEAK_COPY,
                     priority=PRIORITY[provider], cuda_graph=True,
                 ))
-    return out, []
+    padded, skipped = padded_gqa_cases(device)
+    return out + padded, skipped
