@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gptfast import checker
-from gptfast.bench import report, suite_summary, warm
+from gptfast.bench import report, suite_summary, targets, warm
 from gptfast.bench.results import Row
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_summary_lists_every_stage_failures_first_and_the_extension_state(dry_ru
     summary = (out / "summary.md").read_text()
     assert len(summary) <= 12_000
     assert summary.index("## Failures") < summary.index("## Targets") < summary.index("## Check")
-    assert "DRY RUN" in summary and "12 not measured" in summary
+    assert "DRY RUN" in summary and f"{len(targets.TARGETS)} not measured" in summary  # no H200 number on a CPU
     for name in STAGES[:-1]:
         assert f"| {name} |" in summary, name
     built = _extension_imports()
