@@ -86,6 +86,24 @@ def test_greedy_stops_mid_block_and_keeps_processors(models, engine):
                 assert [[t for t, _ in row] for row in b.top_logprobs] == [[t for t, _ in row] for row in a.top_logprobs]
 
 
+def test_verify_step_matches_prefill(models):
+    """model(idx (B, T), input_pos=(B, T)): rows at different positions, causal within the
+    block, the logits of a full prefill at those positions."""
+    target, _ = models
+    idx = torch.randint(0, V, (3, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        target.setup_cache(3, 32)
+        full = target(idx, input_pos=torch.arange(20))
+        target.setup_cache(3, 32)
+        target(idx[:, :12], input_pos=torch.arange(12))
+        starts = torch.tensor([4, 9, 12])
+        positions = starts[:, None] + torch.arange(5)
+        out = target(idx.gather(1, positions), input_pos=positions)
+    torch.testing.assert_close(out, full.gather(1, positions[:, :, None].expand(-1, -1, V)), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="consecutive"):
+        target(idx[:, :3], input_pos=torch.tensor([[1, 2, 4]] * 3))
+
+
 def test_self_draft_accepts_everything(models):
     target, _ = models
     prompts = _prompts(3, seed=5)
@@ -161,12 +179,13 @@ SETTINGS = [dict(temperature=1.0), dict(temperature=0.6), dict(temperature=1.3, 
             dict(temperature=1.0, top_p=0.7), dict(temperature=0.9, min_p=0.08)]
 
 
+@pytest.mark.parametrize("engine", _engines())
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
-def test_sampling_follows_target_distribution(setting):
+def test_sampling_follows_target_distribution(setting, engine):
     target, draft = _fixed_pair()
     rows, k, new = 600, 3, 5
     params = [SamplingParams(max_new_tokens=new, seed=1000 + i, **setting) for i in range(rows)]
-    out = generate(target, [[0]] * rows, params, engine="python", draft_model=draft, num_draft_tokens=k)
+    out = generate(target, [[0]] * rows, params, engine=engine, draft_model=draft, num_draft_tokens=k)
     tokens = torch.tensor([r.token_ids for r in out])
     for index in range(1, new):  # index 0 is the plain first sample; index i: the logits at position i
         counts = torch.bincount(tokens[:, index], minlength=SV)
