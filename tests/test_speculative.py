@@ -3,17 +3,16 @@ speculative_loop): greedy output equals plain greedy output token for token; sam
 tokens follow the target's processed distribution (chi-square on models whose logits
 are fixed by construction); the C++ loop and the twin give identical tokens; bad input."""
 import math
-import types
 
 import pytest
 import torch
-import torch.nn as nn
 
 from gptfast import GPT, GPTConfig, SamplingParams, generate
 from gptfast import extension
 from gptfast.decode_state import SamplingTensors
 from gptfast.reference.speculative import filtered_z
 from gptfast.sampling import build_sampling_tensors
+from test_generation import ScriptedModel
 
 V = 48
 
@@ -116,27 +115,18 @@ def test_self_draft_accepts_everything(models):
 # ---- sampling: fixed logits by construction ------------------------------------------
 
 
-class FixedLogits(nn.Module):
-    """Stands in for GPT: the logits at position t are ``table[t]``, whatever the tokens."""
+class FixedLogits(ScriptedModel):
+    """Stands in for GPT: the logits at position t are ``table[t]``, whatever the tokens
+    (test_generation's stand-in, with its cache and parameter, and a fixed table)."""
 
     def __init__(self, table):
-        super().__init__()
-        self.config = types.SimpleNamespace(vocab_size=table.shape[1], block_size=table.shape[0])
-        self.register_buffer("table", table)
-        self.anchor = nn.Parameter(torch.zeros(1))  # generate() reads the device and dtype from a parameter
-        self.kv_cache = None
-
-    def setup_cache(self, max_batch, max_seq_len, device=None, dtype=None):
-        k = torch.zeros(max_batch, 1, max_seq_len, 1, device=device, dtype=dtype)
-        self.kv_cache = types.SimpleNamespace(max_batch=max_batch, max_seq_len=max_seq_len, k=k)
+        super().__init__(vocab_size=table.shape[1], block_size=table.shape[0])
+        self.table = table
 
     def forward(self, idx, input_pos, logits_index=None):
-        B, T = idx.shape
-        pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
-        logits = self.table[pos]
-        if logits_index is not None:
-            return logits[torch.arange(B), logits_index].unsqueeze(1)
-        return logits
+        rows = torch.arange(idx.shape[0])
+        logits = self.table[input_pos.expand(idx.shape)]
+        return logits if logits_index is None else logits[rows, logits_index].unsqueeze(1)
 
 
 SV = 10  # the sampling tests' vocabulary
@@ -247,3 +237,23 @@ def test_bad_input(models):
     meta = GPT(GPTConfig(vocab_size=V, block_size=80, n_layer=1, n_head=2, n_embd=16)).to("meta")
     with pytest.raises(ValueError, match="device"):
         generate(target, prompts, draft_model=meta)
+
+
+def test_cli_generate_with_a_draft(tmp_path, capsys):
+    from gptfast.cli import main
+
+    for name, n_layer, seed in (("target", 2, 0), ("draft", 1, 1)):  # byte-level models
+        torch.manual_seed(seed)
+        GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=n_layer, n_head=2, n_embd=32)).save_pretrained(
+            tmp_path / name)
+    common = ["generate", "--model", str(tmp_path / "target"), "--prompt", "ab", "--max-new-tokens", "12",
+              "--temperature", "0"]
+    assert main(common) == 0
+    plain = capsys.readouterr().out
+    assert main(common + ["--draft", str(tmp_path / "draft"), "--draft-tokens", "3"]) == 0
+    spec = capsys.readouterr().out
+    assert "draft tokens accepted" in spec and spec.split("\n[")[0] == plain.split("\n[")[0]
+    assert main(common + ["--draft-tokens", "3"]) == 2
+    assert "--draft-tokens needs --draft" in capsys.readouterr().err
+    assert main(common + ["--draft", str(tmp_path / "draft"), "--draft-tokens", "17"]) == 2
+    assert "num_draft_tokens" in capsys.readouterr().err
