@@ -29,8 +29,7 @@ from gptfast.paths import cache_dir
 from gptfast.sampling import SamplingParams
 
 PROMPT_LEN = 16
-TARGET = dict(n_layer=6, n_head=6, n_embd=384, max_steps=150, batch_size=2, warmup_steps=10, eval_interval=0,
-              sample_prompts=[], progress=False)
+TARGET = dict(n_layer=6, n_head=6, n_embd=384, max_steps=300, eval_interval=0, sample_prompts=[], progress=False)
 DRAFT = dict(eval_interval=0, sample_prompts=[], progress=False)
 
 

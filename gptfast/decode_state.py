@@ -61,7 +61,8 @@ class DecodeState:
 
     tokens: torch.Tensor  # (B, 1) int64
     positions: torch.Tensor  # (B, 1) int64
-    step: torch.Tensor  # (1,) int64: tokens generated so far by every running row
+    step: torch.Tensor  # (1,) int64: tokens generated so far by every running row (plain decoding; speculative
+    # rounds key their noise by each row's ``generated`` instead and leave it alone)
     generated: torch.Tensor  # (B,) int64: tokens generated per row
     finished: torch.Tensor  # (B,) bool
     finish_reason: torch.Tensor  # (B,) int64: FINISH_* codes

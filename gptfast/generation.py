@@ -12,6 +12,9 @@
    only every ``sync_every`` tokens: finished flags and new tokens in one transfer, then
    streaming and stop-string checks happen on the host.
 
+With a draft model, step 3 is speculative decoding instead (gptfast.speculative): rounds
+of k draft tokens verified by one target forward, driven from C++ as well.
+
 The parts, each in its own module: the engines that sample (gptfast.engines), the
 per-row tensors (gptfast.sampling), the host side of the loop: streaming and stop
 strings (gptfast.streaming), and the CUDA-graph cache (gptfast.decode_graphs).

@@ -22,7 +22,8 @@ def _have_cpp():
 
 
 def _engines():
-    return ["python", pytest.param("cpp", marks=pytest.mark.skipif(not _have_cpp(), reason="C++ extension unavailable"))]
+    unavailable = pytest.mark.skipif(not _have_cpp(), reason="C++ extension unavailable")
+    return ["python", pytest.param("cpp", marks=unavailable)]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,8 @@ def test_greedy_stops_mid_block_and_keeps_processors(models, engine):
         for a, b in zip(plain, spec):
             if a.logprobs is not None:
                 assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
-                assert [[t for t, _ in row] for row in b.top_logprobs] == [[t for t, _ in row] for row in a.top_logprobs]
+                ids = [[[t for t, _ in row] for row in r.top_logprobs] for r in (a, b)]
+                assert ids[0] == ids[1]
 
 
 def test_verify_step_matches_prefill(models):
@@ -257,3 +259,9 @@ def test_cli_generate_with_a_draft(tmp_path, capsys):
     assert "--draft-tokens needs --draft" in capsys.readouterr().err
     assert main(common + ["--draft", str(tmp_path / "draft"), "--draft-tokens", "17"]) == 2
     assert "num_draft_tokens" in capsys.readouterr().err
+
+
+def test_cuda_graph_needs_cuda(models):
+    target, draft = models
+    with pytest.raises(ValueError, match="cuda_graph=True needs"):
+        generate(target, _prompts(1), SamplingParams(max_new_tokens=4), draft_model=draft, cuda_graph=True)
