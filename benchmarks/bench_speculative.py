@@ -14,7 +14,7 @@ HF assisted generation: ``GPT2LMHeadModel.generate(assistant_model=..., do_sampl
 num_assistant_tokens=k, num_assistant_tokens_schedule="constant")`` on the two models
 exported with ``save_pretrained``, and plain HF greedy ``generate``.
 
-    PYTHONPATH=$PWD python benchmarks/bench_speculative.py [--new-tokens 96] [--prompts 6]
+    PYTHONPATH=$PWD python benchmarks/bench_speculative.py [--new-tokens 64] [--prompts 4] [--k 1 2 4 6]
 """
 import argparse
 import os
@@ -119,9 +119,9 @@ def hf_rows(target_dir, draft_dir, prompts, reference, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--new-tokens", type=int, default=96)
-    ap.add_argument("--prompts", type=int, default=6)
-    ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 6])
     ap.add_argument("--no-hf", action="store_true", help="skip Hugging Face assisted generation")
     args = ap.parse_args(argv)
     import transformers
