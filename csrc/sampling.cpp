@@ -36,7 +36,7 @@ using at::Tensor;
 namespace {
 
 // Bumped whenever the Python <-> C++ interface changes; the loader rejects a stale build.
-constexpr int64_t kApiVersion = 3;
+constexpr int64_t kApiVersion = 4;
 
 // ---- counter-based noise (see the twin's mix32 / row_keys / uniform_noise) -------------
 
@@ -780,6 +780,250 @@ int64_t decode_loop(py::handle params, py::handle state, py::function model_step
   return num_steps;
 }
 
+
+// ---- speculative decoding (twin: gptfast/reference/speculative.py) ----------------------
+//
+// One round per call of speculative_round: the draft proposes k tokens, the target
+// verifies them in one forward, the acceptance rule keeps a prefix plus one token, and the
+// state advances. Every step is the twin's sequence of ATen ops, so both pick the same
+// tokens; the noise comes from the same counter-based hash (CPU fast path or ATen: same bits).
+
+constexpr int64_t kStreamDraft = 1, kStreamAccept = 2, kStreamResidual = 3;
+constexpr int64_t kSaltStream = 0x2C1B3C6DLL;
+
+struct SpecState {  // mirrors gptfast.decode_state.SpeculativeState
+  Tensor prev_tokens, drafted, accepted;
+
+  static SpecState from(py::handle o) {
+    return {tensor_attr(o, "prev_tokens"), tensor_attr(o, "drafted"), tensor_attr(o, "accepted")};
+  }
+};
+
+Tensor stream_seed(const Tensor& seed, int64_t stream) {
+  return seed.bitwise_xor(((kSaltStream * stream) & 0x7FFFFFFFLL) << 32);
+}
+
+Tensor noise(const Tensor& seed, const Tensor& step, const Tensor& table, const Tensor& token_ids, bool force_aten) {
+  if (!force_aten && seed.device().is_cpu()) return uniform_noise_cpu(seed, step, table, token_ids);
+  return uniform_noise_aten(seed, step, table, token_ids);
+}
+
+Tensor filtered_z(const Tensor& x, const Tensor& xmax, const Params& p) {
+  Tensor z = x.sub(xmax.unsqueeze(1)).div(p.temperature);
+  if (p.sort_vocab) {
+    auto [cand, ids] = at::sort(z, /*stable=*/true, -1, /*descending=*/true);
+    z = at::empty_like(z).scatter_(1, ids, filter_sorted(cand, p));
+  }
+  if (p.use_min_p) z = z.masked_fill(z.lt(p.log_min_p), kNegInf);
+  return z;
+}
+
+Tensor race_full(const Tensor& log_weights, const Tensor& seed, const Tensor& step, const Tensor& table,
+                 bool force_aten) {
+  Tensor u = noise(seed, step, table, Tensor(), force_aten);
+  return log_weights.to(at::kDouble).sub(at::log(at::log(u).neg())).argmax(-1);
+}
+
+State lookahead(const State& s, const Tensor& counts, int64_t j) {
+  State view = s;
+  view.step = s.generated.add(j);
+  view.counts = counts;
+  return view;
+}
+
+Tensor is_bad(const Tensor& xmax) { return at::isnan(xmax).bitwise_or(xmax.eq(kNegInf)); }
+
+void count_tokens(const Tensor& counts, const Tensor& tokens) {
+  if (counts.defined()) counts.scatter_add_(1, tokens.unsqueeze(1), at::ones_like(tokens, at::kInt).unsqueeze(1));
+}
+
+struct Proposal {
+  Tensor drafts, bad;
+  std::vector<Tensor> weights;
+};
+
+Proposal propose(const Params& p, const State& s, const SpecState& spec, const py::function& draft_step, int64_t k,
+                 bool force_aten) {
+  Tensor counts = s.counts.defined() ? s.counts.clone() : Tensor();
+  Tensor tokens = at::cat({spec.prev_tokens, s.tokens}, 1);
+  Tensor positions = at::cat({s.positions.sub(1), s.positions}, 1);
+  std::vector<Tensor> drafts, bad;
+  Proposal out;
+  for (int64_t j = 0; j < k; ++j) {
+    State view = lookahead(s, counts, j);
+    Tensor logits = draft_step(tokens, positions).cast<Tensor>();
+    Tensor x = process_logits(logits.select(1, logits.size(1) - 1), p, view);
+    auto [xmax, top] = at::max(x, -1);
+    Tensor token = top;
+    if (!p.all_greedy) {
+      Tensor z = filtered_z(x, xmax, p);
+      token = at::where(p.greedy, top, race_full(z, stream_seed(p.seed, kStreamDraft), view.step, p.table, force_aten));
+      out.weights.push_back(z);
+    }
+    bad.push_back(is_bad(xmax));
+    drafts.push_back(token);
+    count_tokens(counts, token);
+    tokens = token.unsqueeze(1);
+    positions = s.positions.add(j + 1);
+  }
+  out.drafts = at::stack(drafts, 1);
+  out.bad = at::stack(bad, 1);
+  return out;
+}
+
+std::pair<Tensor, Tensor> judge(const Tensor& d, const Tensor& x, const Tensor& xmax, const Tensor& top,
+                                const Tensor& q_weights, const Tensor& q_bad, const Params& p, const State& view,
+                                bool force_aten) {
+  Tensor target = at::softmax(filtered_z(x, xmax, p).to(at::kDouble), -1);
+  Tensor draft = at::softmax(q_weights.to(at::kDouble), -1).masked_fill(q_bad.unsqueeze(1), 0.0);
+  Tensor zeros = at::zeros_like(d).unsqueeze(1);
+  Tensor u = noise(stream_seed(p.seed, kStreamAccept), view.step, p.table, zeros, force_aten).select(1, 0);
+  Tensor take = u.mul(draft.gather(1, d.unsqueeze(1)).select(1, 0))
+                    .lt(target.gather(1, d.unsqueeze(1)).select(1, 0))
+                    .bitwise_and(q_bad.logical_not());
+  Tensor residual = target.sub(draft).clamp_min(0.0);
+  residual = at::where(residual.sum(-1, /*keepdim=*/true).gt(0), residual, target);
+  Tensor fix = race_full(at::log(residual), stream_seed(p.seed, kStreamResidual), view.step, p.table, force_aten);
+  return {at::where(p.greedy, d.eq(top), take), at::where(p.greedy, top, fix)};
+}
+
+// Steps 2-3 on the verify logits: (block (B, k+1), accepted drafts (B,), bad indices (B, k+1)).
+std::tuple<Tensor, Tensor, Tensor> accept(const Tensor& logits, const Proposal& prop, const Params& p, const State& s,
+                                          int64_t k, bool force_aten) {
+  Tensor counts = s.counts.defined() ? s.counts.clone() : Tensor();
+  std::vector<Tensor> ok, fixes, bad;
+  for (int64_t j = 0; j <= k; ++j) {
+    State view = lookahead(s, counts, j);
+    Tensor x = process_logits(logits.select(1, j), p, view);
+    auto [xmax, top] = at::max(x, -1);
+    bad.push_back(is_bad(xmax));
+    if (j == k) {
+      if (!p.all_greedy) {
+        top = at::where(p.greedy, top, race_full(filtered_z(x, xmax, p), p.seed, view.step, p.table, force_aten));
+      }
+      fixes.push_back(top);
+      break;
+    }
+    Tensor d = prop.drafts.select(1, j);
+    if (p.all_greedy) {
+      ok.push_back(d.eq(top));
+      fixes.push_back(top);
+    } else {
+      auto [take, fix] = judge(d, x, xmax, top, prop.weights[j], prop.bad.select(1, j), p, view, force_aten);
+      ok.push_back(take);
+      fixes.push_back(fix);
+    }
+    count_tokens(counts, d);
+  }
+  Tensor n_accepted = at::stack(ok, 1).to(at::kLong).cumprod(1).sum(1);
+  Tensor index = at::arange(k + 1, prop.drafts.options());
+  Tensor block = at::where(index.lt(n_accepted.unsqueeze(1)), at::cat({prop.drafts, prop.drafts.narrow(1, 0, 1)}, 1),
+                           at::stack(fixes, 1));
+  return {block, n_accepted, at::stack(bad, 1)};
+}
+
+void put(Tensor& buffer, const Tensor& column, const Tensor& values, const Tensor& keep) {
+  std::vector<int64_t> shape{-1, 1}, expand{-1, 1};
+  for (int64_t d = 2; d < buffer.dim(); ++d) {
+    shape.push_back(1);
+    expand.push_back(buffer.size(d));
+  }
+  Tensor index = column.view(shape).expand(expand);
+  Tensor old = buffer.gather(1, index);
+  buffer.scatter_(1, index, at::where(keep.view(shape), values.unsqueeze(1), old));
+}
+
+std::pair<Tensor, Tensor> emitted(const Tensor& block, const Tensor& n_accepted, const Params& p, const State& s) {
+  Tensor index = at::arange(block.size(1), block.options());
+  Tensor n = n_accepted.add(1);
+  Tensor hit_stop = at::zeros_like(s.finished);
+  if (p.stop_mask.defined()) {
+    Tensor stops = p.stop_mask.gather(1, block).bitwise_and(index.lt(n.unsqueeze(1)));
+    Tensor any_stop = stops.any(1);
+    n = at::where(any_stop, stops.to(at::kInt).argmax(1).add(1), n);
+    hit_stop = any_stop;
+  }
+  Tensor room = p.max_new_tokens.sub(s.generated);
+  hit_stop = hit_stop.bitwise_and(n.le(room));
+  Tensor active = s.finished.logical_not();
+  return {at::where(active, at::minimum(n, room), 0), hit_stop.bitwise_and(active)};
+}
+
+void commit(const Tensor& logits, const Tensor& block, const Tensor& n_accepted, const Tensor& bad, const Params& p,
+            State& s, SpecState& spec) {
+  const int64_t k1 = block.size(1), width = s.out_tokens.size(1);
+  auto [n, hit_stop] = emitted(block, n_accepted, p, s);
+  Tensor active = s.finished.logical_not();
+  Tensor index = at::arange(k1, block.options());
+  Tensor keep = index.lt(n.unsqueeze(1));
+  Tensor bad_in = bad.bitwise_and(keep);
+  Tensor first_bad = s.generated.add(bad_in.to(at::kInt).argmax(1));
+  s.bad_step.copy_(at::where(bad_in.any(1).bitwise_and(s.bad_step.lt(0)), first_bad, s.bad_step));
+  Tensor logprobs = p.num_logprobs >= 0 ? at::log_softmax(logits.to(at::kFloat), -1) : Tensor();
+  for (int64_t i = 0; i < k1; ++i) {
+    Tensor column = s.generated.add(i).clamp_max(width - 1);
+    Tensor keep_i = keep.select(1, i);
+    put(s.out_tokens, column, block.select(1, i), keep_i);
+    if (logprobs.defined()) {
+      Tensor row = logprobs.select(1, i);
+      put(s.out_logprobs, column, row.gather(1, block.narrow(1, i, 1)).select(1, 0), keep_i);
+      if (p.num_logprobs > 0) {
+        auto [top_values, top_ids] = at::topk(row, p.num_logprobs, -1);
+        put(s.out_top_logprobs, column, top_values, keep_i);
+        put(s.out_top_ids, column, top_ids, keep_i);
+      }
+    }
+  }
+  if (s.counts.defined()) s.counts.scatter_add_(1, block, keep.to(at::kInt));
+  Tensor last = block.gather(1, n.sub(1).clamp_min(0).unsqueeze(1));
+  Tensor before = block.gather(1, n.sub(2).clamp_min(0).unsqueeze(1));
+  spec.prev_tokens.copy_(at::where(n.ge(2).unsqueeze(1), before,
+                                   at::where(n.eq(1).unsqueeze(1), s.tokens, spec.prev_tokens)));
+  s.tokens.copy_(at::where(n.ge(1).unsqueeze(1), last, s.tokens));
+  s.generated.add_(n);
+  s.positions.add_(n.unsqueeze(1));
+  Tensor done = active.bitwise_and(s.generated.ge(p.max_new_tokens));
+  Tensor reason = at::where(done, kFinishLength, s.finish_reason);
+  s.finish_reason.copy_(at::where(hit_stop, kFinishStopToken, reason));
+  s.finished.logical_or_(done.bitwise_or(hit_stop));
+  spec.drafted.add_(active.to(at::kLong).mul(k1 - 1));
+  spec.accepted.add_(at::where(active, n_accepted, 0));
+}
+
+void speculative_round(const Params& p, State& s, SpecState& spec, const py::function& draft_step,
+                       const py::function& verify_step, int64_t k, bool force_aten) {
+  Proposal prop = propose(p, s, spec, draft_step, k, force_aten);
+  Tensor positions = s.positions.add(at::arange(k + 1, s.positions.options()));
+  Tensor logits = verify_step(at::cat({s.tokens, prop.drafts}, 1), positions).cast<Tensor>();
+  auto [block, n_accepted, bad] = accept(logits, prop, p, s, k, force_aten);
+  commit(logits, block, n_accepted, bad, p, s, spec);
+}
+
+// The speculative loop: rounds, with a host sync every `sync_rounds` rounds (and when it
+// ends); on_sync gets an upper bound on any row's token count. On CPU state it also syncs
+// as soon as every row is done or a row's logits went bad, as decode_loop does.
+int64_t speculative_loop(py::handle params, py::handle state, py::handle spec_state, py::function draft_step,
+                         py::function verify_step, py::function on_sync, int64_t num_rounds, int64_t sync_rounds,
+                         int64_t k, int64_t first_step, bool force_aten) {
+  TORCH_CHECK(sync_rounds >= 1, "speculative_loop: sync_rounds must be >= 1, got ", sync_rounds);
+  TORCH_CHECK(num_rounds >= 0, "speculative_loop: num_rounds must be >= 0, got ", num_rounds);
+  TORCH_CHECK(k >= 1, "speculative_loop: k must be >= 1, got ", k);
+  Params p = Params::from(params);
+  State s = State::from(state);
+  SpecState spec = SpecState::from(spec_state);
+  check_consistent(p, s);
+  const bool host_reads_are_free = all_on_cpu_contiguous({s.finished, s.bad_step});
+  const int64_t width = s.out_tokens.size(1);
+  for (int64_t i = 0; i < num_rounds; ++i) {
+    speculative_round(p, s, spec, draft_step, verify_step, k, force_aten);
+    const int64_t bound = std::min(width, first_step + (i + 1) * (k + 1));
+    bool sync = (i + 1) % sync_rounds == 0 || i + 1 == num_rounds;
+    if (!sync && host_reads_are_free) sync = any_row_needs_the_host(s);
+    if (sync && on_sync(bound).cast<bool>()) return i + 1;
+  }
+  return num_rounds;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -815,4 +1059,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_loop", &decode_loop, "run decode steps until done, syncing with the host every sync_every tokens",
         py::arg("params"), py::arg("state"), py::arg("model_step"), py::arg("graph_replay"), py::arg("on_sync"),
         py::arg("num_steps"), py::arg("sync_every"), py::arg("first_step"), py::arg("force_aten") = false);
+  m.def("speculative_loop", &speculative_loop,
+        "speculative decoding rounds (draft k tokens, verify, accept) until done, syncing every sync_rounds rounds",
+        py::arg("params"), py::arg("state"), py::arg("spec_state"), py::arg("draft_step"), py::arg("verify_step"),
+        py::arg("on_sync"), py::arg("num_rounds"), py::arg("sync_rounds"), py::arg("k"), py::arg("first_step"),
+        py::arg("force_aten") = false);
 }

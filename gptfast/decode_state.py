@@ -61,7 +61,8 @@ class DecodeState:
 
     tokens: torch.Tensor  # (B, 1) int64
     positions: torch.Tensor  # (B, 1) int64
-    step: torch.Tensor  # (1,) int64: tokens generated so far by every running row
+    step: torch.Tensor  # (1,) int64: tokens generated so far by every running row (plain decoding; speculative
+    # rounds key their noise by each row's ``generated`` instead and leave it alone)
     generated: torch.Tensor  # (B,) int64: tokens generated per row
     finished: torch.Tensor  # (B,) bool
     finish_reason: torch.Tensor  # (B,) int64: FINISH_* codes
@@ -100,3 +101,19 @@ def copy_fields(dst, src) -> None:
 
 def _describe(t):
     return f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else repr(t)
+
+
+@dataclass
+class SpeculativeState:
+    """What speculative decoding keeps beside the ``DecodeState`` (on the device).
+
+    ``prev_tokens`` is the token before ``DecodeState.tokens`` (at position ``positions - 1``):
+    each round's first draft step feeds both, so the draft's cache also holds a fully
+    accepted block's last draft token, which the draft itself never fed. ``drafted`` and
+    ``accepted`` count, per row, the draft tokens proposed and accepted (rounds of running
+    rows only).
+    """
+
+    prev_tokens: torch.Tensor  # (B, 1) int64
+    drafted: torch.Tensor  # (B,) int64
+    accepted: torch.Tensor  # (B,) int64

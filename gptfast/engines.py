@@ -5,6 +5,7 @@ import torch
 
 from gptfast import extension
 from gptfast.reference import sampling as twin
+from gptfast.reference import speculative as speculative_twin
 
 ENGINES = ("auto", "cpp", "python")
 _TABLES = {}
@@ -37,6 +38,10 @@ class CppEngine:
         return self.module.decode_loop(p, s, model_step, graph_replay, on_sync, num_steps, sync_every, first_step,
                                        self.force_aten)
 
+    def speculative_loop(self, p, s, spec, draft_step, verify_step, on_sync, num_rounds, sync_rounds, k, first_step):
+        return self.module.speculative_loop(p, s, spec, draft_step, verify_step, on_sync, num_rounds, sync_rounds, k,
+                                            first_step)
+
 
 class PythonEngine:
     """The twin: gptfast.reference.sampling's step, and the same loop written in Python."""
@@ -67,6 +72,23 @@ class PythonEngine:
             if sync and on_sync(generated):
                 return i + 1
         return num_steps
+
+    @staticmethod
+    def speculative_loop(p, s, spec, draft_step, verify_step, on_sync, num_rounds, sync_rounds, k, first_step):
+        """Line for line ``speculative_loop`` of csrc/sampling.cpp: rounds of
+        gptfast.reference.speculative, a host sync every ``sync_rounds`` rounds (and, on CPU,
+        as soon as every row is done or a row's logits went bad)."""
+        host_reads_are_free = s.tokens.device.type == "cpu"
+        width = s.out_tokens.shape[1]
+        for i in range(num_rounds):
+            speculative_twin.speculative_round(p, s, spec, draft_step, verify_step, k)
+            bound = min(width, first_step + (i + 1) * (k + 1))
+            sync = (i + 1) % sync_rounds == 0 or i + 1 == num_rounds
+            if not sync and host_reads_are_free:
+                sync = bool(s.finished.all()) or int(s.bad_step.max()) >= 0
+            if sync and on_sync(bound):
+                return i + 1
+        return num_rounds
 
 
 def get_engine(engine: str = "auto"):

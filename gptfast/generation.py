@@ -12,6 +12,9 @@
    only every ``sync_every`` tokens: finished flags and new tokens in one transfer, then
    streaming and stop-string checks happen on the host.
 
+With a draft model, step 3 is speculative decoding instead (gptfast.speculative): rounds
+of k draft tokens verified by one target forward, driven from C++ as well.
+
 The parts, each in its own module: the engines that sample (gptfast.engines), the
 per-row tensors (gptfast.sampling), the host side of the loop: streaming and stop
 strings (gptfast.streaming), and the CUDA-graph cache (gptfast.decode_graphs).
@@ -21,7 +24,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from gptfast import cpu_linear
+from gptfast import cpu_linear, speculative
 from gptfast.decode_graphs import GRAPHS
 from gptfast.engines import get_engine
 from gptfast.sampling import SamplingParams, build_sampling_tensors, new_decode_state, resolve_seeds, to_device
@@ -137,7 +140,9 @@ def _decode_step(model, engine, p, s, cuda_graph, steps):
 @torch.no_grad()
 def generate(model, prompts, params=None, *, tokenizer=None, stream: Optional[Callable] = None, engine: str = "auto",
              sync_every: int = DEFAULT_SYNC_EVERY, cuda_graph: Optional[bool] = None,
-             eos_token_id: Optional[int] = None, packed_cpu_weights: Optional[bool] = None) -> List[GenerationResult]:
+             eos_token_id: Optional[int] = None, packed_cpu_weights: Optional[bool] = None,
+             draft_model=None, num_draft_tokens: int = speculative.DEFAULT_DRAFT_TOKENS,
+             draft_tokenizer=None) -> List[GenerationResult]:
     """Generate continuations of ``prompts`` with ``model`` (a gptfast GPT).
 
     prompts: a list of token-id lists or strings (strings need ``tokenizer``), or one
@@ -149,6 +154,10 @@ def generate(model, prompts, params=None, *, tokenizer=None, stream: Optional[Ca
     True there). eos_token_id: end-of-text token (default: the tokenizer's).
     packed_cpu_weights: run the linear layers on prepacked weights (gptfast.cpu_linear;
     CPU float32 only); None: on where it applies unless $GPTFAST_CPU_PACKED_LINEAR=0.
+    draft_model: a smaller gptfast GPT with the same tokenizer (``draft_tokenizer``, when
+    given, is checked against ``tokenizer``): speculative decoding with ``num_draft_tokens``
+    (1..16) draft tokens per round (gptfast.speculative): greedy rows give exactly the
+    tokens of plain decoding, sampled rows tokens of the same distribution.
     Returns one ``GenerationResult`` per prompt, in order.
     """
     vocab_size = model.config.vocab_size
@@ -157,12 +166,17 @@ def generate(model, prompts, params=None, *, tokenizer=None, stream: Optional[Ca
     params = _normalize_params(params, len(prompts))
     eng = get_engine(engine)
     length = _check_settings(model, prompts, params, tokenizer, sync_every)
+    if draft_model is not None:
+        length = speculative.check_draft(model, draft_model, num_draft_tokens, length, tokenizer, draft_tokenizer)
     if eos_token_id is None and tokenizer is not None:
         eos_token_id = getattr(tokenizer, "eos_token_id", None)
     seeds, max_new = resolve_seeds(params), max(p.max_new_tokens for p in params)
     p = build_sampling_tensors(params, vocab_size, seeds, weight.device, eos_token_id, token_table=eng.token_table)
     s = new_decode_state(prompts, params, p, vocab_size, weight.device)
     _ensure_cache(model, len(prompts), length, weight.device, weight.dtype)
+    if draft_model is not None:
+        return _generate_speculative(model, draft_model, num_draft_tokens, prompts, params, seeds, eng, p, s, length,
+                                     (tokenizer, stream, sync_every, cuda_graph, packed_cpu_weights))
     with cpu_linear.packed_linears(model, enabled=packed_cpu_weights):
         logits = _prefill(model, prompts, weight.device)
         with torch.profiler.record_function("sample"):
@@ -173,3 +187,26 @@ def generate(model, prompts, params=None, *, tokenizer=None, stream: Optional[Ca
             with torch.profiler.record_function("decode"):
                 eng.decode_loop(p, s, model_step, graph_replay, host.on_sync, max_new - 1, sync_every, 1)
         return host.results()
+
+
+def _generate_speculative(model, draft_model, k, prompts, params, seeds, eng, p, s, length, options):
+    """generate()'s path with a draft model: both prefills, the target's first token, then
+    speculative rounds (gptfast.speculative)."""
+    tokenizer, stream, sync_every, cuda_graph, packed = options
+    draft_weight = next(draft_model.parameters())
+    _ensure_cache(draft_model, len(prompts), length, draft_weight.device, draft_weight.dtype)
+    spec = speculative.new_speculative_state(s.tokens)
+    max_new = max(q.max_new_tokens for q in params)
+    with cpu_linear.packed_linears(model, enabled=packed), cpu_linear.packed_linears(draft_model, enabled=packed):
+        _prefill(draft_model, prompts, s.tokens.device)
+        logits = _prefill(model, prompts, s.tokens.device)
+        with torch.profiler.record_function("sample"):
+            eng.sample_step(logits[:, 0], p, s)
+        host = HostRows(prompts, params, seeds, s, tokenizer, stream)
+        if not host.on_sync(1) and max_new > 1:
+            with torch.profiler.record_function("speculative"):
+                speculative.run(model, draft_model, eng, p, s, spec, k, host.on_sync, max_new - 1, sync_every,
+                                cuda_graph)
+        results = host.results()
+    speculative.record_stats(results, spec)
+    return results

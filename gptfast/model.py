@@ -136,6 +136,18 @@ class KVCache(nn.Module):
         self.v[rows, :, pos] = v[:, :, 0]
         return self.k[:batch], self.v[:batch]
 
+    def write_rows(self, input_pos, k, v):
+        """Write T tokens' ``k``, ``v`` (B, H, T, D) per row at that row's positions
+        ``input_pos`` (B, T) (a speculative verify step); return the rows' caches."""
+        batch = k.shape[0]
+        if batch > self.rows_prefilled:
+            raise RuntimeError(f"verify step of {batch} rows, but a prefill wrote only {self.rows_prefilled} rows "
+                               "of the KV cache: prefill each row's prompt first")
+        rows = torch.arange(batch, device=k.device)[:, None]
+        self.k[rows, :, input_pos] = k.transpose(1, 2)
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k[:batch], self.v[:batch]
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, backend: Backend):
@@ -150,7 +162,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, input_pos=None):
         """Project, write the cache, attend, project. ``input_pos``: None (no cache), (T,)
-        (a prefill: every row at positions p..p+T-1) or (B, 1) (a decode step)."""
+        (a prefill: every row at positions p..p+T-1), (B, 1) (a decode step) or (B, T)
+        (a verify step: each row's own T consecutive positions)."""
         B, T, C = x.shape
         ops = self._backend.ops
         # One matmul for q, k and v; the split below leaves them as strided views.
@@ -161,9 +174,13 @@ class CausalSelfAttention(nn.Module):
         elif input_pos.dim() == 1:  # prefill: the whole cache, each query seeing up to its position
             keys, values = self.kv_cache.write_prefill(input_pos, k, v)
             y = ops.causal_attention(q, keys, values, q_positions=input_pos)
-        else:  # decode: one new token per row, at that row's own position
+        elif T == 1:  # decode: one new token per row, at that row's own position
             keys, values = self.kv_cache.write_decode(input_pos, k, v)
             y = ops.decode_attention(q[:, :, 0], keys, values, input_pos[:, 0] + 1).unsqueeze(2)
+        else:  # verify: T tokens per row at its own positions; all keys first, then query j sees up to its own
+            keys, values = self.kv_cache.write_rows(input_pos, k, v)
+            y = torch.stack([ops.decode_attention(q[:, :, j], keys, values, input_pos[:, j] + 1) for j in range(T)],
+                            dim=2)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -294,7 +311,9 @@ class GPT(nn.Module):
         """Logits (B, T, vocab), or ``(logits, loss)`` when ``targets`` (B, T) is given.
 
         ``input_pos`` (needs ``setup_cache``): shape (T,) prefills positions p..p+T-1 of
-        rows 0..B-1; shape (B, 1) decodes one token per row at that row's position.
+        rows 0..B-1; shape (B, 1) decodes one token per row at that row's position; shape
+        (B, T), T > 1, verifies T tokens per row at that row's consecutive positions
+        (speculative decoding: causal within the block, over the row's cache).
         ``logits_index`` ((B,) integer tensor): compute the logits of one position per
         row only, ``idx[b, logits_index[b]]``'s, returned as (B, 1, vocab); a prefill
         needs no others, and the LM head is the largest matmul of a small model.
@@ -357,7 +376,7 @@ class GPT(nn.Module):
         if input_pos.dim() == 1:
             _check_prefill_positions(input_pos, T, cache.max_seq_len)
         else:
-            _check_decode_positions(input_pos, idx, cache.max_seq_len)
+            _check_row_positions(input_pos, idx, cache.max_seq_len)
         return B, T
 
     def _check_targets(self, idx, targets, logits_index):
@@ -434,17 +453,22 @@ def _check_prefill_positions(input_pos, T: int, limit: int) -> None:
         raise ValueError(f"prefill input_pos must be consecutive positions p, p+1, ..., p+T-1, got {input_pos.tolist()}")
 
 
-def _check_decode_positions(input_pos, idx, limit: int) -> None:
-    """A decode step's positions: one per row, inside the cache (values on CPU only: a CUDA
-    decode step may run inside a captured graph; the generation loop bounds positions)."""
-    if input_pos.shape != (idx.shape[0], 1) or idx.shape[1] != 1:
+def _check_row_positions(input_pos, idx, limit: int) -> None:
+    """Per-row positions of a decode (B, 1) or verify (B, T) step: idx's shape, inside the
+    cache, consecutive within a row (values on CPU only: a CUDA step may run inside a
+    captured graph; the generation loop bounds positions)."""
+    if input_pos.dim() != 2 or input_pos.shape != idx.shape:
         raise ValueError(
-            f"decode expects idx of shape (B, 1) and input_pos of shape (B, 1); got idx {tuple(idx.shape)}, "
+            f"decode expects idx and input_pos of one shape (B, T) (T > 1: a verify step); got idx {tuple(idx.shape)}, "
             f"input_pos {tuple(input_pos.shape)}"
         )
-    if _host_checks(input_pos) and bool(((input_pos < 0) | (input_pos >= limit)).any()):
+    if not _host_checks(input_pos):
+        return
+    if bool(((input_pos < 0) | (input_pos >= limit)).any()):
         raise ValueError(f"context overflow: decode positions {input_pos.flatten().tolist()} outside the KV cache of "
                          f"{limit} positions")
+    if input_pos.shape[1] > 1 and not bool((input_pos[:, 1:] - input_pos[:, :-1] == 1).all()):
+        raise ValueError(f"verify input_pos must hold consecutive positions per row, got {input_pos.tolist()}")
 
 
 def _loss(logits, targets):

@@ -24,7 +24,8 @@ class GenerationResult:
     ``token_ids`` are the generated tokens: a stop token that ended the row is included;
     tokens after a stop string are dropped. ``text`` (with a tokenizer) is their decoding
     without the stop token and cut before the stop string. ``finish_reason`` is "stop"
-    (stop token or string; ``stop_reason`` says which) or "length".
+    (stop token or string; ``stop_reason`` says which) or "length". With a draft model,
+    ``draft_tokens`` and ``accepted_draft_tokens`` count its proposals and the accepted ones.
     """
 
     prompt_token_ids: List[int]
@@ -35,6 +36,8 @@ class GenerationResult:
     text: Optional[str] = None
     logprobs: Optional[List[float]] = None
     top_logprobs: Optional[List[List[tuple]]] = None
+    draft_tokens: Optional[int] = None  # speculative decoding: draft tokens proposed for this row
+    accepted_draft_tokens: Optional[int] = None  # ... and accepted by the target
 
 
 class HostRows:
@@ -52,13 +55,15 @@ class HostRows:
         self.sent_tokens = [0] * B
         self.sent_text = [0] * B
         self.checked = [0] * B  # tokens whose text was already searched for stop strings
-        self.synced = 0  # device steps already read
+        self.synced = [0] * B  # output columns already read, per row
 
     def on_sync(self, generated: int) -> bool:
-        """Read steps [synced, generated) of every row; return True when all rows are done."""
+        """Read each row's new tokens (no row has more than ``generated``: rows may differ,
+        as in speculative decoding); return True when all rows are done."""
         s, B = self.state, len(self.tokens)
-        flags = torch.stack([s.finish_reason, s.bad_step], dim=1)
-        packed = torch.cat([flags, s.out_tokens[:, self.synced:generated]], dim=1).cpu()  # the one sync
+        start = min(self.synced)
+        flags = torch.stack([s.finish_reason, s.bad_step, s.generated], dim=1)
+        packed = torch.cat([flags, s.out_tokens[:, start:generated]], dim=1).cpu()  # the one sync
         if (packed[:, 1] >= 0).any():
             row = int((packed[:, 1] >= 0).nonzero()[0])
             raise InvalidLogitsError(
@@ -66,13 +71,14 @@ class HostRows:
                 "logit bias and min_new_tokens masking); check the model's weights and dtype (fp16 overflow?) and "
                 "that logit_bias does not ban every token"
             )
-        self.synced = generated
         stop_string_rows = []
         for row in range(B):
             if self.done[row]:
                 continue
             self.checked[row] = len(self.tokens[row])
-            self.tokens[row].extend(t for t in packed[row, 2:].tolist() if t >= 0)
+            end = int(packed[row, 2])
+            self.tokens[row].extend(packed[row, 3 + self.synced[row] - start:3 + end - start].tolist())
+            self.synced[row] = end
             device_reason = int(packed[row, 0])
             if device_reason == FINISH_STOP_TOKEN:
                 self._finish(row, "stop", self.tokens[row][-1])

@@ -24,6 +24,10 @@ def register(subparsers):
     p.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda or cuda:N (auto: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--backend", default=None, choices=["reference", "torch", "fused"])
+    p.add_argument("--draft", metavar="DIR", default=None,
+                   help="speculative decoding: a smaller draft model directory (same tokenizer as --model)")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="speculative decoding: draft tokens per round, 1..16 (with --draft; default 4)")
     p.add_argument("--int8", action="store_true",
                    help="quantize the linear layers to weight-only int8 after loading (see gptfast quantize)")
     p.set_defaults(func=run)
@@ -37,6 +41,7 @@ def run(args) -> int:
     from gptfast.loading import load_model_and_tokenizer
     from gptfast.quantization import is_quantized, quantize
     from gptfast.sampling import SamplingParams
+    from gptfast.speculative import DEFAULT_DRAFT_TOKENS
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -56,6 +61,14 @@ def run(args) -> int:
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     if args.int8 and not is_quantized(model):
         quantize(model, "int8")
+    speculative = {}
+    if args.draft is not None:
+        draft = load_model_and_tokenizer(args.draft, tokenizer=args.tokenizer, backend=args.backend,
+                                         device=args.device, dtype=dtype)
+        k = DEFAULT_DRAFT_TOKENS if args.draft_tokens is None else args.draft_tokens
+        speculative = dict(draft_model=draft.model.eval(), num_draft_tokens=k, draft_tokenizer=draft.tokenizer)
+    elif args.draft_tokens is not None:
+        raise ValueError("--draft-tokens needs --draft DIR")
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")
@@ -68,9 +81,12 @@ def run(args) -> int:
         sys.stdout.flush()
 
     start = time.perf_counter()
-    result = generate(model, [prompt_ids], params, tokenizer=tokenizer, stream=show, engine=engine.name)[0]
+    result = generate(model, [prompt_ids], params, tokenizer=tokenizer, stream=show, engine=engine.name,
+                      **speculative)[0]
     elapsed = time.perf_counter() - start
     n = len(result.token_ids)
+    accepted = (f"; draft tokens accepted {result.accepted_draft_tokens}/{result.draft_tokens}"
+                if result.draft_tokens is not None else "")
     print(f"\n[{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s; engine {engine.name}, "
-          f"finish {result.finish_reason}, seed {result.seed}]")
+          f"finish {result.finish_reason}, seed {result.seed}{accepted}]")
     return 0

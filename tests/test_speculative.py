@@ -1,0 +1,267 @@
+"""Speculative decoding (gptfast.speculative, gptfast.reference.speculative, the C++
+speculative_loop): greedy output equals plain greedy output token for token; sampled
+tokens follow the target's processed distribution (chi-square on models whose logits
+are fixed by construction); the C++ loop and the twin give identical tokens; bad input."""
+import math
+
+import pytest
+import torch
+
+from gptfast import GPT, GPTConfig, SamplingParams, generate
+from gptfast import extension
+from gptfast.decode_state import SamplingTensors
+from gptfast.reference.speculative import filtered_z
+from gptfast.sampling import build_sampling_tensors
+from test_generation import ScriptedModel
+
+V = 48
+
+
+def _have_cpp():
+    return hasattr(extension.load_extension(), "speculative_loop")
+
+
+def _engines():
+    unavailable = pytest.mark.skipif(not _have_cpp(), reason="C++ extension unavailable")
+    return ["python", pytest.param("cpp", marks=unavailable)]
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A 2-layer target and a 1-layer draft in float64 (no near-ties between argmaxes of
+    the batched verify step and the plain decode step)."""
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(vocab_size=V, block_size=80, n_layer=2, n_head=2, n_embd=32), backend="torch")
+    torch.manual_seed(1)
+    draft = GPT(GPTConfig(vocab_size=V, block_size=80, n_layer=1, n_head=2, n_embd=16), backend="torch")
+    return target.double().eval(), draft.double().eval()
+
+
+def _prompts(n, seed=0, lengths=(3, 9, 1, 14, 6)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+
+
+def _same(plain, spec):
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert [(r.finish_reason, r.stop_reason) for r in spec] == [(r.finish_reason, r.stop_reason) for r in plain]
+
+
+@pytest.mark.parametrize("engine", _engines())
+@pytest.mark.parametrize("batch", [1, 5])
+def test_greedy_equals_plain_greedy(models, engine, batch):
+    target, draft = models
+    params = SamplingParams(max_new_tokens=16, temperature=0)
+    for seed in range(1 if batch > 1 else 3):
+        prompts = _prompts(batch, seed)
+        plain = generate(target, prompts, params, engine="python")
+        for k in range(1, 9):
+            spec = generate(target, prompts, params, engine=engine, draft_model=draft, num_draft_tokens=k)
+            _same(plain, spec)
+            assert all(r.draft_tokens > 0 and 0 <= r.accepted_draft_tokens <= r.draft_tokens for r in spec)
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_greedy_stops_mid_block_and_keeps_processors(models, engine):
+    """Stop tokens inside an accepted block end the row there; penalties, min_new_tokens,
+    logit bias and logprobs keep their meaning; rows with different settings mix."""
+    target, draft = models
+    prompts = _prompts(5, seed=3)
+    base = generate(target, prompts, SamplingParams(max_new_tokens=24, temperature=0), engine="python")
+    stop = base[0].token_ids[7]  # a token in the middle of row 0's output
+    params = [SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=(stop,)),
+              SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=(stop,), min_new_tokens=10),
+              SamplingParams(max_new_tokens=17, temperature=0, repetition_penalty=1.6, logprobs=3),
+              SamplingParams(max_new_tokens=24, temperature=0, presence_penalty=0.7, frequency_penalty=0.4,
+                             logit_bias={base[3].token_ids[2]: -50.0}),
+              SamplingParams(max_new_tokens=5, temperature=0, logprobs=0)]
+    plain = generate(target, prompts, params, engine="python")
+    assert plain[0].finish_reason == "stop" and len(plain[0].token_ids) < 24
+    for k in (2, 5, 8):
+        spec = generate(target, prompts, params, engine=engine, draft_model=draft, num_draft_tokens=k)
+        _same(plain, spec)
+        for a, b in zip(plain, spec):
+            if a.logprobs is not None:
+                assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+                ids = [[[t for t, _ in row] for row in r.top_logprobs] for r in (a, b)]
+                assert ids[0] == ids[1]
+
+
+def test_verify_step_matches_prefill(models):
+    """model(idx (B, T), input_pos=(B, T)): rows at different positions, causal within the
+    block, the logits of a full prefill at those positions."""
+    target, _ = models
+    idx = torch.randint(0, V, (3, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        target.setup_cache(3, 32)
+        full = target(idx, input_pos=torch.arange(20))
+        target.setup_cache(3, 32)
+        target(idx[:, :12], input_pos=torch.arange(12))
+        starts = torch.tensor([4, 9, 12])
+        positions = starts[:, None] + torch.arange(5)
+        out = target(idx.gather(1, positions), input_pos=positions)
+    torch.testing.assert_close(out, full.gather(1, positions[:, :, None].expand(-1, -1, V)), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="consecutive"):
+        target(idx[:, :3], input_pos=torch.tensor([[1, 2, 4]] * 3))
+
+
+def test_self_draft_accepts_everything(models):
+    target, _ = models
+    prompts = _prompts(3, seed=5)
+    params = SamplingParams(max_new_tokens=21, temperature=0)
+    spec = generate(target, prompts, params, engine="python", draft_model=target, num_draft_tokens=4)
+    _same(generate(target, prompts, params, engine="python"), spec)
+    assert all(r.accepted_draft_tokens == r.draft_tokens == 16 for r in spec)  # 4 rounds of 4 + 1 tokens
+
+
+# ---- sampling: fixed logits by construction ------------------------------------------
+
+
+class FixedLogits(ScriptedModel):
+    """Stands in for GPT: the logits at position t are ``table[t]``, whatever the tokens
+    (test_generation's stand-in, with its cache and parameter, and a fixed table)."""
+
+    def __init__(self, table):
+        super().__init__(vocab_size=table.shape[1], block_size=table.shape[0])
+        self.table = table
+
+    def forward(self, idx, input_pos, logits_index=None):
+        rows = torch.arange(idx.shape[0])
+        logits = self.table[input_pos.expand(idx.shape)]
+        return logits if logits_index is None else logits[rows, logits_index].unsqueeze(1)
+
+
+SV = 10  # the sampling tests' vocabulary
+
+
+def _fixed_pair():
+    g = torch.Generator().manual_seed(7)
+    target = torch.randn(16, SV, generator=g) * 1.5
+    draft = target.flip(-1) * 0.7 + torch.randn(16, SV, generator=g)  # a quite different distribution
+    return FixedLogits(target), FixedLogits(draft)
+
+
+def _target_probs(table_row, params):
+    """The target's processed distribution at one position (the sampler's filters)."""
+    p: SamplingTensors = build_sampling_tensors([params], SV, [0], "cpu")
+    x = table_row[None].float()
+    return torch.softmax(filtered_z(x, x.max(dim=-1).values, p).double(), dim=-1)[0]
+
+
+def _chi_square(counts, probs):
+    """Pearson's statistic and degrees of freedom over the tokens the target can emit;
+    cells with expected count < 5 are pooled; any count on a zero-probability token fails."""
+    assert counts[probs == 0].sum() == 0, "a token the target's processed distribution excludes was emitted"
+    keep = probs > 0
+    expected, observed = probs[keep] * counts.sum(), counts[keep].double()
+    small = expected < 5
+    if small.any():
+        expected = torch.cat([expected[~small], expected[small].sum()[None]])
+        observed = torch.cat([observed[~small], observed[small].sum()[None]])
+    return float(((observed - expected) ** 2 / expected).sum()), len(expected) - 1
+
+
+def _chi2_limit(df):
+    """The chi-square statistic's 0.9999 quantile (Wilson-Hilferty), a loose but fixed bar."""
+    z = 3.719
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+SETTINGS = [dict(temperature=1.0), dict(temperature=0.6), dict(temperature=1.3, top_k=4),
+            dict(temperature=1.0, top_p=0.7), dict(temperature=0.9, min_p=0.08)]
+
+
+@pytest.mark.parametrize("engine", _engines())
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_sampling_follows_target_distribution(setting, engine):
+    target, draft = _fixed_pair()
+    rows, k, new = 600, 3, 5
+    params = [SamplingParams(max_new_tokens=new, seed=1000 + i, **setting) for i in range(rows)]
+    out = generate(target, [[0]] * rows, params, engine=engine, draft_model=draft, num_draft_tokens=k)
+    tokens = torch.tensor([r.token_ids for r in out])
+    for index in range(1, new):  # index 0 is the plain first sample; index i: the logits at position i
+        counts = torch.bincount(tokens[:, index], minlength=SV)
+        stat, df = _chi_square(counts, _target_probs(target.table[index], params[0]))
+        assert stat < _chi2_limit(max(df, 1)), (index, stat, df, counts.tolist())
+    accepted = sum(r.accepted_draft_tokens for r in out) / sum(r.draft_tokens for r in out)
+    assert 0 < accepted < 1  # both the accept and the residual paths ran
+
+
+@pytest.mark.parametrize("setting", SETTINGS[2:] + [dict(temperature=0.8, repetition_penalty=1.3, top_k=6)],
+                         ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_cpp_and_twin_sample_identical_tokens(models, setting):
+    if not _have_cpp():
+        pytest.skip("C++ extension unavailable")
+    target, draft = models
+    prompts = _prompts(5, seed=11)
+    params = [SamplingParams(max_new_tokens=18, seed=40 + i, **setting) for i in range(4)]
+    params.append(SamplingParams(max_new_tokens=18, temperature=0))  # a greedy row in the batch
+    for k in (1, 4):
+        twin = generate(target, prompts, params, engine="python", draft_model=draft, num_draft_tokens=k)
+        cpp = generate(target, prompts, params, engine="cpp", draft_model=draft, num_draft_tokens=k)
+        assert [r.token_ids for r in cpp] == [r.token_ids for r in twin]
+        assert [r.accepted_draft_tokens for r in cpp] == [r.accepted_draft_tokens for r in twin]
+
+
+def test_seed_fixes_a_row_whatever_its_batch(models):
+    target, draft = models
+    prompts = _prompts(4, seed=13)
+    params = [SamplingParams(max_new_tokens=12, seed=5 + i, temperature=0.9, top_k=10) for i in range(4)]
+    together = generate(target, prompts, params, engine="python", draft_model=draft, num_draft_tokens=3)
+    alone = generate(target, prompts[2:3], params[2:3], engine="python", draft_model=draft, num_draft_tokens=3)
+    assert alone[0].token_ids == together[2].token_ids
+
+
+# ---- bad input -------------------------------------------------------------------------
+
+
+def test_bad_input(models):
+    target, draft = models
+    prompts = _prompts(2)
+    other = GPT(GPTConfig(vocab_size=V + 1, block_size=80, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate(target, prompts, draft_model=other.double())
+    for k in (0, 17, 2.0, True, None):
+        with pytest.raises(ValueError, match="num_draft_tokens"):
+            generate(target, prompts, draft_model=draft, num_draft_tokens=k)
+    with pytest.raises(TypeError, match="draft_model"):
+        generate(target, prompts, draft_model=object())
+    with pytest.raises(ValueError, match="draft_model's context"):
+        short = GPT(GPTConfig(vocab_size=V, block_size=24, n_layer=1, n_head=2, n_embd=16)).double()
+        generate(target, prompts, SamplingParams(max_new_tokens=20), draft_model=short, num_draft_tokens=4)
+    with pytest.raises(ValueError, match="share the tokenizer"):
+        from gptfast.tokenizer import ByteTokenizer
+
+        class Shifted(ByteTokenizer):
+            pass
+
+        generate(target, prompts, tokenizer=ByteTokenizer(), draft_tokenizer=Shifted(), draft_model=draft)
+    meta = GPT(GPTConfig(vocab_size=V, block_size=80, n_layer=1, n_head=2, n_embd=16)).to("meta")
+    with pytest.raises(ValueError, match="device"):
+        generate(target, prompts, draft_model=meta)
+
+
+def test_cli_generate_with_a_draft(tmp_path, capsys):
+    from gptfast.cli import main
+
+    for name, n_layer, seed in (("target", 2, 0), ("draft", 1, 1)):  # byte-level models
+        torch.manual_seed(seed)
+        GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=n_layer, n_head=2, n_embd=32)).save_pretrained(
+            tmp_path / name)
+    common = ["generate", "--model", str(tmp_path / "target"), "--prompt", "ab", "--max-new-tokens", "12",
+              "--temperature", "0"]
+    assert main(common) == 0
+    plain = capsys.readouterr().out
+    assert main(common + ["--draft", str(tmp_path / "draft"), "--draft-tokens", "3"]) == 0
+    spec = capsys.readouterr().out
+    assert "draft tokens accepted" in spec and spec.split("\n[")[0] == plain.split("\n[")[0]
+    assert main(common + ["--draft-tokens", "3"]) == 2
+    assert "--draft-tokens needs --draft" in capsys.readouterr().err
+    assert main(common + ["--draft", str(tmp_path / "draft"), "--draft-tokens", "17"]) == 2
+    assert "num_draft_tokens" in capsys.readouterr().err
+
+
+def test_cuda_graph_needs_cuda(models):
+    target, draft = models
+    with pytest.raises(ValueError, match="cuda_graph=True needs"):
+        generate(target, _prompts(1), SamplingParams(max_new_tokens=4), draft_model=draft, cuda_graph=True)
