@@ -83,22 +83,47 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = N
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor,
                      scale: Optional[float] = None, key_start: Optional[Tensor] = None) -> Tensor:
-    """SDPA of q (B, H, D) against the first ``cache_lens[b]`` positions of each row's cache
+    """Attention of q (B, H, D) over the first ``cache_lens[b]`` positions of each row's cache
     (B, H_kv, S, D), from ``key_start[b]`` on when given; lengths are clamped into [1, S], as
-    the kernel does. A row whose key_start is at or past its length outputs 0. Returns (B, H, D)."""
+    the kernel does. A row whose key_start is at or past its length outputs 0. Returns (B, H, D).
+
+    Stale cache slots may hold NaN. A masked SDPA would let it through (NaN + -inf in the
+    scores, 0 * NaN in the probabilities' product), so in general the scores of unseen
+    positions are masked after ``q·K`` and V is copied with those positions zeroed; grouped-
+    query heads fold into the query dimension (K and V are never repeated). Copying V each
+    step is the cost of that safety: in eager mode on the CPU, where reading a value needs
+    no device sync, a cache whose values are all finite (one sum each over K and V, no copy)
+    goes straight to SDPA instead."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    gqa = dict(enable_gqa=True) if k_cache.shape[1] != q.shape[1] else {}
-    seq_len = k_cache.shape[2]
+    batch, heads, head_dim = q.shape
+    kv_heads, seq_len = k_cache.shape[1], k_cache.shape[2]
     lens = cache_lens.clamp(1, seq_len)
     key_pos = torch.arange(seq_len, device=q.device)[None, :]
     valid = key_pos < lens[:, None]  # (B, S)
     if key_start is not None:
         valid = valid & (key_pos >= key_start[:, None])
-    empty = ~valid.any(dim=1)  # (B,): rows with no visible key
-    valid = (valid | (empty[:, None] & (key_pos == 0)))[:, None, :, None]  # (B, 1, S, 1)
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), _zero_unseen(k_cache, valid), _zero_unseen(v_cache, valid),
-                                         attn_mask=valid.transpose(-1, -2), scale=scale, **gqa)
-    return out.squeeze(2).masked_fill(empty[:, None, None], 0)
+    empty = ~valid.any(dim=1)  # (B,): rows with no visible key; key 0 keeps their softmax defined
+    valid = valid | (empty[:, None] & (key_pos == 0))
+    if _finite_on_host(k_cache, v_cache):
+        gqa = dict(enable_gqa=True) if kv_heads != heads else {}
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache, attn_mask=valid[:, None, None, :],
+                                             scale=scale, **gqa).squeeze(2)
+    else:
+        grouped = q.reshape(batch, kv_heads, heads // kv_heads, 1, head_dim)  # (B, H_kv, G, 1, D)
+        scores = torch.matmul(grouped, k_cache.unsqueeze(2).transpose(-1, -2)) * scale  # (B, H_kv, G, 1, S)
+        scores = scores.masked_fill(~valid[:, None, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, _zero_unseen(v_cache, valid[:, None, :, None]).unsqueeze(2))
+    return out.reshape(batch, heads, head_dim).masked_fill(empty[:, None, None], 0)
+
+
+def _finite_on_host(*tensors: Tensor) -> bool:
+    """True when every value of ``tensors`` is finite and that can be known for free: eager
+    mode on the CPU (elsewhere False, decided without reading anything). A finite sum means
+    no NaN or inf anywhere (either would make the sum non-finite)."""
+    if torch.compiler.is_compiling() or any(t.device.type != "cpu" for t in tensors):
+        return False
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
 
 
 def gelu(x: Tensor) -> Tensor:
