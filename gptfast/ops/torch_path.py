@@ -92,38 +92,33 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
     positions are masked after ``q·K`` and V is copied with those positions zeroed; grouped-
     query heads fold into the query dimension (K and V are never repeated). Copying V each
     step is the cost of that safety: in eager mode on the CPU, where reading a value needs
-    no device sync, a cache whose values are all finite (one sum each over K and V, no copy)
-    goes straight to SDPA instead."""
+    no device sync, the masked SDPA runs first and its (B, H, D) output is kept when finite
+    (a stale NaN would have made it NaN); only a non-finite one is recomputed the safe way."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     batch, heads, head_dim = q.shape
     kv_heads, seq_len = k_cache.shape[1], k_cache.shape[2]
     lens = cache_lens.clamp(1, seq_len)
     key_pos = torch.arange(seq_len, device=q.device)[None, :]
-    valid = key_pos < lens[:, None]  # (B, S)
-    if key_start is not None:
+    valid = key_pos < lens[:, None]  # (B, S); lens >= 1, so every row sees key 0 ...
+    empty = None
+    if key_start is not None:  # ... unless key_start hides it
         valid = valid & (key_pos >= key_start[:, None])
-    empty = ~valid.any(dim=1)  # (B,): rows with no visible key; key 0 keeps their softmax defined
-    valid = valid | (empty[:, None] & (key_pos == 0))
-    if _finite_on_host(k_cache, v_cache):
+        empty = ~valid.any(dim=1)  # (B,): rows with no visible key; key 0 keeps their softmax defined
+        valid = valid | (empty[:, None] & (key_pos == 0))
+    out = None
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
         gqa = dict(enable_gqa=True) if kv_heads != heads else {}
         out = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache, attn_mask=valid[:, None, None, :],
                                              scale=scale, **gqa).squeeze(2)
-    else:
+        out = out if bool(torch.isfinite(out.sum())) else None  # a finite sum: no NaN or inf anywhere
+    if out is None:
         grouped = q.reshape(batch, kv_heads, heads // kv_heads, 1, head_dim)  # (B, H_kv, G, 1, D)
         scores = torch.matmul(grouped, k_cache.unsqueeze(2).transpose(-1, -2)) * scale  # (B, H_kv, G, 1, S)
         scores = scores.masked_fill(~valid[:, None, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, _zero_unseen(v_cache, valid[:, None, :, None]).unsqueeze(2))
-    return out.reshape(batch, heads, head_dim).masked_fill(empty[:, None, None], 0)
-
-
-def _finite_on_host(*tensors: Tensor) -> bool:
-    """True when every value of ``tensors`` is finite and that can be known for free: eager
-    mode on the CPU (elsewhere False, decided without reading anything). A finite sum means
-    no NaN or inf anywhere (either would make the sum non-finite)."""
-    if torch.compiler.is_compiling() or any(t.device.type != "cpu" for t in tensors):
-        return False
-    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+    out = out.reshape(batch, heads, head_dim)
+    return out if empty is None else out.masked_fill(empty[:, None, None], 0)
 
 
 def gelu(x: Tensor) -> Tensor:
