@@ -35,8 +35,8 @@ from gptfast.sampling import SamplingParams
 PROMPT_LEN = 16
 CORPUS_BYTES = 2_000_000  # the tiny preset's corpus: prompts and perplexities come from its validation split
 _QUIET = dict(eval_interval=0, ckpt_interval=0, sample_prompts=[], progress=False)
-TARGET = dict(n_layer=6, n_head=4, n_embd=256, max_steps=TARGET_STEPS, lr=1.5e-3, warmup_steps=40, **_QUIET)
-DRAFT = dict(n_layer=1, n_head=2, n_embd=96, max_steps=DRAFT_STEPS, **_QUIET)
+TARGET = dict(n_layer=6, n_head=4, n_embd=256, max_steps=900, lr=1.5e-3, warmup_steps=40, **_QUIET)
+DRAFT = dict(n_layer=1, n_head=2, n_embd=96, max_steps=1000, **_QUIET)
 
 
 def trained(name, overrides):
