@@ -11,9 +11,9 @@ That is GPT-2's pre-LN block, reordered so every add rides along with a norm.
 Generation runs over a static KV cache allocated once (``setup_cache``): a forward with
 ``input_pos`` of shape (T,) is a prefill of positions p..p+T-1 for every row; one with
 shape (B, 1) is a decode step, one position per row, and (B, T) a speculative verify step
-(each row's own T consecutive positions, one ``causal_attention(..., q_positions=input_pos)``
-call over each row's cache). Attention reads top-down: project,
-write the cache (``KVCache.write_prefill`` / ``write_decode``), attend, project. Neither
+(each row's own T consecutive positions: one ``causal_attention(..., q_positions=input_pos)``
+call over each row's cache). Attention reads top-down: project, write the cache
+(``KVCache.write_prefill`` / ``write_decode`` / ``write_rows``), attend, project. Neither
 step reads a position on the host: a prefill attends over the whole cache with each
 query masked at its position (``causal_attention(..., q_positions=input_pos)``), so
 prefill and decode steps compile with ``torch.compile(fullgraph=True)`` and the CUDA
