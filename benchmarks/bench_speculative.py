@@ -1,7 +1,7 @@
 """Speculative decoding (issue 15) on the CPU: acceptance rate per k, tokens/s against plain
 decode, and against Hugging Face assisted generation on the same two models.
 
-Models: a target (the ``tiny`` training preset widened to 6 x 256, 700 steps) and a draft
+Models: a target (the ``tiny`` training preset widened to 6 x 256, 1100 steps) and a draft
 (1 x 128, 1000 steps), both trained by ``gptfast.training.train`` on the embedded
 standard-library corpus (byte level) and cached in run directories (reused when present),
 so one command reproduces everything. The target must be the better model (their
@@ -35,7 +35,7 @@ from gptfast.sampling import SamplingParams
 PROMPT_LEN = 16
 CORPUS_BYTES = 2_000_000  # the tiny preset's corpus: prompts and perplexities come from its validation split
 _QUIET = dict(eval_interval=0, ckpt_interval=0, sample_prompts=[], progress=False)
-TARGET = dict(n_layer=6, n_head=4, n_embd=256, max_steps=700, **_QUIET)
+TARGET = dict(n_layer=6, n_head=4, n_embd=256, max_steps=1100, **_QUIET)
 DRAFT = dict(n_layer=1, n_head=2, n_embd=128, max_steps=1000, **_QUIET)
 
 
