@@ -10,8 +10,10 @@ That is GPT-2's pre-LN block, reordered so every add rides along with a norm.
 
 Generation runs over a static KV cache allocated once (``setup_cache``): a forward with
 ``input_pos`` of shape (T,) is a prefill of positions p..p+T-1 for every row; one with
-shape (B, 1) is a decode step, one position per row. Attention reads top-down: project,
-write the cache (``KVCache.write_prefill`` / ``write_decode``), attend, project. Neither
+shape (B, 1) is a decode step, one position per row, and (B, T) a speculative verify step
+(each row's own T consecutive positions: one ``causal_attention(..., q_positions=input_pos)``
+call over each row's cache). Attention reads top-down: project, write the cache
+(``KVCache.write_prefill`` / ``write_decode`` / ``write_rows``), attend, project. Neither
 step reads a position on the host: a prefill attends over the whole cache with each
 query masked at its position (``causal_attention(..., q_positions=input_pos)``), so
 prefill and decode steps compile with ``torch.compile(fullgraph=True)`` and the CUDA
@@ -177,10 +179,9 @@ class CausalSelfAttention(nn.Module):
         elif T == 1:  # decode: one new token per row, at that row's own position
             keys, values = self.kv_cache.write_decode(input_pos, k, v)
             y = ops.decode_attention(q[:, :, 0], keys, values, input_pos[:, 0] + 1).unsqueeze(2)
-        else:  # verify: T tokens per row at its own positions; all keys first, then query j sees up to its own
+        else:  # verify: T tokens per row at its own positions, one attention call over each row's cache
             keys, values = self.kv_cache.write_rows(input_pos, k, v)
-            y = torch.stack([ops.decode_attention(q[:, :, j], keys, values, input_pos[:, j] + 1) for j in range(T)],
-                            dim=2)
+            y = ops.causal_attention(q, keys, values, q_positions=input_pos)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -5,8 +5,10 @@ dividing H. Query ``i`` sits at absolute position ``q_offset + i`` and sees keys
 ``0 .. q_offset + i`` (``q_offset > 0`` is chunked prefill against a KV cache, or verifying
 draft tokens). Three extensions, each read on the device (no host synchronisation):
 
-- ``Q_START_TENSOR``: the offset is the first element of a (Tq,) position tensor (a
-  compiled prefill over a whole static cache); keys past the last query are never read.
+- ``Q_START_TENSOR``: the offset is the first element of a position tensor, read per
+  batch row at ``Q_START + b * stride_pos_b``: a (Tq,) tensor shared by every row
+  (stride 0: a compiled prefill over a whole static cache) or a (B, Tq) one (each row's
+  own positions: a speculative verify step); keys past a row's last query are never read.
 - grouped-query heads: query head h reads kv head ``h // group``; the dK/dV program of a
   kv head's key block walks the queries of every head of its group, so dK and dV sum over
   the group in registers (no repeated K/V, no atomics).
@@ -101,12 +103,14 @@ def _store_rows(base, rows, stride_t, tile, limit, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _positions(Q_START, KEY_START, off_b, q_offset, Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr):
+def _positions(Q_START, KEY_START, off_b, q_offset, stride_pos_b, Q_START_TENSOR: tl.constexpr,
+               HAS_KEY_START: tl.constexpr):
     """(q_offset, key_start) of batch row ``off_b``: the first query's absolute position (the
-    host int, or read from the (Tq,) position tensor Q_START on the device) and the row's
-    first visible key (KEY_START[off_b], clamped at 0; 0 without key ranges)."""
+    host int, or read on the device from row ``off_b`` of the position tensor Q_START, whose
+    batch stride is ``stride_pos_b``, 0 for a (Tq,) tensor) and the row's first visible key
+    (KEY_START[off_b], clamped at 0; 0 without key ranges)."""
     if Q_START_TENSOR:
-        q_offset = tl.load(Q_START).to(tl.int32)
+        q_offset = tl.load(Q_START + off_b * stride_pos_b).to(tl.int32)
     if HAS_KEY_START:
         key_start = tl.maximum(tl.load(KEY_START + off_b).to(tl.int32), 0)
     else:
@@ -201,7 +205,7 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    num_heads, group, q_len, q_offset, qk_scale,
+    num_heads, group, q_len, q_offset, stride_pos_b, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -214,7 +218,8 @@ def _attn_fwd_kernel(
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
     off_kvh = off_h // group
-    q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, Q_START_TENSOR, HAS_KEY_START)
+    q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, stride_pos_b, Q_START_TENSOR,
+                                    HAS_KEY_START)
     kv_len = q_offset + q_len
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -316,7 +321,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
-    num_kv_heads, group, q_len, k_len, q_offset, qk_scale, sm_scale,
+    num_kv_heads, group, q_len, k_len, q_offset, stride_pos_b, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -328,7 +333,8 @@ def _attn_bwd_dkdv_kernel(
     start_n = tl.program_id(1) * BLOCK_N
     off_b = (pid_bkv // num_kv_heads).to(tl.int64)
     off_kvh = (pid_bkv % num_kv_heads).to(tl.int64)
-    q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, Q_START_TENSOR, HAS_KEY_START)
+    q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, stride_pos_b, Q_START_TENSOR,
+                                    HAS_KEY_START)
     kv_len = q_offset + q_len
 
     k_pos = start_n + tl.arange(0, BLOCK_N)
@@ -401,7 +407,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
-    num_heads, group, q_len, q_offset, qk_scale, sm_scale,
+    num_heads, group, q_len, q_offset, stride_pos_b, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -412,7 +418,8 @@ def _attn_bwd_dq_kernel(
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
     off_kvh = off_h // group
-    q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, Q_START_TENSOR, HAS_KEY_START)
+    q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, stride_pos_b, Q_START_TENSOR,
+                                    HAS_KEY_START)
     kv_len = q_offset + q_len
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -586,6 +593,12 @@ def _tiles(cfg: LaunchConfig, head_dim: int, device: torch.device, dtype: torch.
                 DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _position_stride(q_positions) -> int:
+    """The kernels' ``stride_pos_b``: the batch stride of a (B, Tq) position tensor; 0 for a
+    (Tq,) one (every row reads the same positions) or none."""
+    return q_positions.stride(0) if q_positions is not None and q_positions.dim() == 2 else 0
+
+
 def _position_args(q, q_positions, key_start):
     """The kernels' Q_START / KEY_START pointers and their constexpr flags. An absent one is
     replaced by q (never read: its flag is off)."""
@@ -601,8 +614,8 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
     (+inf for a query that sees no key, i.e. before its row's ``key_start``).
 
     k, v: (B, H_kv, Tk, D), H_kv dividing H. ``q_positions`` ((Tq,) consecutive integer
-    positions on the device) replaces ``q_offset`` by its first element, read in the kernel;
-    keys from ``q_positions[-1] + 1`` on are then never read. ``key_start`` ((B,) integers on
+    positions on the device, or (B, Tq): each row's own) replaces ``q_offset`` by its (row's)
+    first element, read in the kernel; keys past a row's last query are then never read. ``key_start`` ((B,) integers on
     the device): row b's keys before it are invisible and never read, its queries before it
     output 0.
 
@@ -619,7 +632,7 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
         _attn_fwd_kernel[(batch * heads, triton.cdiv(q_len, cfg.block_m))](
             q, k, v, out, lse, positions.pop("Q_START"), positions.pop("KEY_START"),
             *_bht(q), *_bht(k), *_bht(v), *_bht(out),
-            heads, heads // k.shape[1], q_len, q_offset, scale * LOG2E,
+            heads, heads // k.shape[1], q_len, q_offset, _position_stride(q_positions), scale * LOG2E,
             **positions, **_tiles(cfg, head_dim, q.device, q.dtype),
         )
     return out, lse
@@ -647,6 +660,7 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
     q_cfg = dq_cfg or dq_config(head_dim, q.dtype, q.device)
     positions = _position_args(q, q_positions, key_start)
     starts = (positions.pop("Q_START"), positions.pop("KEY_START"))
+    pos_stride = _position_stride(q_positions)
     with device_guard(q.device):
         _attn_bwd_delta_kernel[(batch * heads, triton.cdiv(q_len, DELTA_CONFIG.block_m))](
             out, grad_out, delta, *_bht(out), *_bht(grad_out), heads, q_len,
@@ -656,13 +670,13 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
         _attn_bwd_dkdv_kernel[(batch * kv_heads, triton.cdiv(kv_len, kv_cfg.block_n))](
             q, k, v, grad_out, lse, delta, dk, dv, *starts,
             *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dk), *_bht(dv),
-            kv_heads, heads // kv_heads, q_len, kv_len, q_offset, scale * LOG2E, scale,
+            kv_heads, heads // kv_heads, q_len, kv_len, q_offset, pos_stride, scale * LOG2E, scale,
             **positions, **_tiles(kv_cfg, head_dim, q.device, q.dtype),
         )
         _attn_bwd_dq_kernel[(batch * heads, triton.cdiv(q_len, q_cfg.block_m))](
             q, k, v, grad_out, lse, delta, dq, *starts,
             *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dq),
-            heads, heads // kv_heads, q_len, q_offset, scale * LOG2E, scale,
+            heads, heads // kv_heads, q_len, q_offset, pos_stride, scale * LOG2E, scale,
             **positions, **_tiles(q_cfg, head_dim, q.device, q.dtype),
         )
     return dq, dk, dv
@@ -684,17 +698,21 @@ def _pointers(fn, dtype: torch.dtype) -> dict:
 
 
 def _entry(kernel: str, head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, suffix: str = "", require_ptx=(),
-           positions: bool = False, gqa: bool = False):
+           positions: bool = False, gqa: bool = False, row_positions: bool = False):
     """The static compile entry of one main-loop kernel launch on CUDA; ``positions``: the
-    launch with a position tensor and per-row key starts (a padded prefill over a cache)."""
+    launch with a (Tq,) position tensor (batch stride 0) and per-row key starts (a padded
+    prefill over a cache); ``row_positions``: the launch with a (B, Tq) position tensor and
+    no key starts (a speculative verify step), whose batch stride (Tq) is no multiple of 16."""
     name, fn = _KERNELS[kernel]
     tiles = _tiles(cfg, head_dim, torch.device("cuda"), dtype)
     constexprs = {k: tiles[k] for k in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "DOT_FP32", "DOT_PRECISION")}
-    constexprs.update(Q_START_TENSOR=positions, HAS_KEY_START=positions)
+    constexprs.update(Q_START_TENSOR=positions or row_positions, HAS_KEY_START=positions)
     if not gqa:  # a launch with one query head per kv head specialises group == 1 (Triton's JIT does)
         constexprs["group"] = 1
+    strides = [a for a in fn.arg_names if a.startswith("stride") and a not in constexprs]
     return static_entry(f"{name}_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn, cfg, constexprs,
                         pointers=_pointers(fn, dtype), floats=("qk_scale", "sm_scale"),
+                        divisible_by_16=[a for a in strides if not (row_positions and a == "stride_pos_b")],
                         require_hgmma=(dtype != torch.float32
                                        and (kernel, padded_head_dim(head_dim)) not in NO_TENSOR_CORES),
                         require_ptx=require_ptx)
@@ -714,6 +732,8 @@ def static_configs(dtype: torch.dtype = torch.bfloat16, head_dims=(64, 128, 256)
                 grouped = GROUPED_DKDV.get(config_key(head_dim, dtype)) if kernel == "dkdv" else None
                 entries.append(_entry(kernel, head_dim, dtype, grouped or shipped_config(kernel, head_dim, dtype),
                                       "_gqa_positions", positions=True, gqa=True))
+                entries.append(_entry(kernel, head_dim, dtype, shipped_config(kernel, head_dim, dtype),
+                                      "_row_positions", row_positions=True))
         fn = _attn_bwd_delta_kernel
         entries.append(static_entry(
             f"attention_bwd_delta_d{head_dim}_{TRITON_TYPE[dtype]}", fn, DELTA_CONFIG,

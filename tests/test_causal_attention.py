@@ -170,6 +170,65 @@ def test_position_tensor_over_a_static_cache_runs_the_kernel(monkeypatch):
         assert_error_ratio(f[:, :, :16] if name in ("dk", "dv") else f, p, e, what=f"q_positions {name}")
 
 
+def _row_positions_over_a_stale_cache(starts, heads, kv_heads, q_len, cache_len, head_dim, dtype, seed):
+    """q and a (B, H_kv, cache_len, D) cache whose slots past each row's last query are NaN
+    (the unwritten rest of a static cache), with (B, Tq) positions: row b at
+    ``starts[b] .. starts[b] + Tq - 1``."""
+    batch = len(starts)
+    q = _randn(batch, heads, q_len, head_dim, dtype=dtype, seed=seed)
+    k = _randn(batch, kv_heads, cache_len, head_dim, dtype=dtype, seed=seed + 1)
+    v = _randn(batch, kv_heads, cache_len, head_dim, dtype=dtype, seed=seed + 2)
+    positions = torch.tensor(starts, device=DEVICE)[:, None] + torch.arange(q_len, device=DEVICE)
+    for row, start in enumerate(starts):
+        k[row, :, start + q_len:], v[row, :, start + q_len:] = float("nan"), float("nan")
+    return q, k, v, positions
+
+
+# Per-row positions (a speculative verify step): ragged rows, starts and ends on and off
+# the interpreter's block grid (32 x 16 forward, 16 x 32 dK/dV), NaN in every row's
+# unwritten cache part, grouped-query k/v and key ranges.
+@pytest.mark.parametrize(
+    "starts,heads,kv_heads,q_len,head_dim,dtype,key_start",
+    [
+        ([0, 11, 30], 4, 2, 5, 32, torch.float32, None),
+        ([7, 0, 26], 2, 2, 5, 80, torch.float16, None),
+        ([3, 19], 4, 1, 20, 32, torch.float16, None),  # multi-query; 20 queries cross a forward block edge
+        ([0, 16], 2, 2, 1, 64, torch.float32, None),  # T=1 per row
+        ([12], 2, 1, 6, 32, torch.float32, None),  # batch 1
+        ([9, 4, 14], 4, 2, 7, 32, torch.float32, [0, 6, 20]),  # with key ranges; row 2 sees keys 20.. only
+    ],
+)
+def test_per_row_positions(starts, heads, kv_heads, q_len, head_dim, dtype, key_start):
+    """q_positions of shape (B, Tq): each row's queries at its own positions over its own
+    cache row, forward and backward by the error-ratio rule against float64; no key past a
+    row's last query is read (NaN there), and those keys get zero gradients."""
+    q, k, v, positions = _row_positions_over_a_stale_cache(starts, heads, kv_heads, q_len, 40, head_dim, dtype, 31)
+    key_start = None if key_start is None else torch.tensor(key_start, device=DEVICE)
+    check_against_float64(q, k, v, q_positions=positions, key_start=key_start)
+    grad_out = _randn(*q.shape, dtype=q.dtype, seed=99)
+    out, dq, dk, dv = _attention_and_grads(causal_attention, q, k, v, grad_out, q_positions=positions,
+                                           key_start=key_start)
+    for row, start in enumerate(starts):
+        stale = slice(start + q_len, None)
+        assert not dk[row, :, stale].any() and not dv[row, :, stale].any(), f"row {row}: stale keys got gradients"
+
+
+def test_per_row_positions_reference_is_each_rows_own_offset():
+    """The twin's (B, Tq) positions (float64, over the NaN-tailed cache) equal, row by row,
+    its q_offset form over that row's written keys only."""
+    starts, q_len = [0, 11, 30], 5
+    q, k, v, positions = _row_positions_over_a_stale_cache(starts, 4, 2, q_len, 40, 32, torch.float64, 41)
+    grad_out = _randn(*q.shape, dtype=q.dtype, seed=42)
+    rows = _attention_and_grads(reference.causal_attention, q, k, v, grad_out, q_positions=positions)
+    for row, start in enumerate(starts):
+        end = start + q_len
+        one = _attention_and_grads(reference.causal_attention, q[row:row + 1], k[row:row + 1, :, :end],
+                                   v[row:row + 1, :, :end], grad_out[row:row + 1], q_offset=start)
+        for name, got, want in zip(("out", "dq", "dk", "dv"), rows, one):
+            got = got[row:row + 1, :, :end] if name in ("dk", "dv") else got[row:row + 1]
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"row {row} {name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_non_contiguous_qkv_split(dtype):
     """q, k, v as views of one fused projection (B, T, 3, H, D), read without copies."""
@@ -279,6 +338,22 @@ def test_torch_path_grouped_query_and_key_start(monkeypatch):
             assert not got[0][2, :, :5].any() and not got[1][2, :, :5].any()
 
 
+def test_torch_path_per_row_positions(monkeypatch):
+    """The torch path (SDPA with a per-row mask) takes (B, Tq) positions over a cache whose
+    unwritten part is NaN, forward and backward, matching the twin in float64."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, positions = _row_positions_over_a_stale_cache([0, 11, 30], 4, 2, 5, 40, 16, torch.float64, 51)
+    q, k, v, positions = q.cpu(), k.cpu(), v.cpu(), positions.cpu()
+    assert not _dispatch.use_triton(q.float())
+    grad_out = torch.randn_like(q)
+    got = _attention_and_grads(causal_attention, q.float(), k.float(), v.float(), grad_out.float(),
+                               q_positions=positions)
+    want = _attention_and_grads(reference.causal_attention, q, k, v, grad_out, q_positions=positions)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5, msg=name)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -308,6 +383,19 @@ def test_bad_inputs():
     _bad("q_offset must be >= 0", q, k, v, q_offset=-1)
     _bad("q_offset must be an int", q, k, v, q_offset=1.0, error=TypeError)
     _bad("empty input", q[:, :, :0], k[:, :, :0], v[:, :, :0])
+    positions = torch.arange(4)
+    _bad(r"q_positions must be a \(4,\) or \(1, 4\) integer tensor .* got \(2, 4\)", q, k, v,
+         q_positions=positions.expand(2, 4))
+    _bad(r"q_positions must be a \(4,\) or \(1, 4\) integer tensor .* got \(1, 5\)", q, k, v,
+         q_positions=torch.arange(5)[None])
+    _bad(r"q_positions must be a \(4,\) or \(1, 4\) integer tensor .* got \(1, 1, 4\)", q, k, v,
+         q_positions=positions[None, None])
+    _bad("q_positions must be .* torch.float32", q, k, v, q_positions=positions[None].float())
+    _bad("q_positions must be a torch.Tensor", q, k, v, q_positions=[[0, 1, 2, 3]], error=TypeError)
+    _bad("q_positions .* outside the 4 keys", q, k, v, q_positions=positions[None] + 1)
+    _bad("q_positions .* must be consecutive", q, k, v, q_positions=torch.tensor([[0, 1, 3, 2]]))
+    _bad("q_positions is on meta", q, k, v, q_positions=positions[None].to("meta"))
+    _bad("give q_offset or q_positions, not both", q, k, v, q_offset=1, q_positions=positions[None])
 
 
 def test_head_size_limit():
@@ -338,6 +426,18 @@ def test_opcheck_grouped_query_positions_and_key_start():
     torch.library.opcheck(torch.ops.gptfast.causal_attention_fwd.default, args)
     out, lse = torch.ops.gptfast.causal_attention_fwd(q.detach(), k.detach(), v.detach(), 0.25, 0, positions, key_start)
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, 0, positions, key_start)
+    torch.library.opcheck(torch.ops.gptfast.causal_attention_bwd.default, bwd_args)
+
+
+def test_opcheck_per_row_positions():
+    """(B, Tq) positions through both registered ops (fake tensors, autograd, AOT dispatch)."""
+    q = _randn(2, 4, 5, 16, dtype=torch.float32, seed=24)
+    k, v = _randn(2, 2, 12, 16, dtype=torch.float32, seed=25), _randn(2, 2, 12, 16, dtype=torch.float32, seed=26)
+    positions = torch.tensor([[0], [6]], device=DEVICE) + torch.arange(5, device=DEVICE)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.25, 0, positions)
+    torch.library.opcheck(torch.ops.gptfast.causal_attention_fwd.default, args)
+    out, lse = torch.ops.gptfast.causal_attention_fwd(q.detach(), k.detach(), v.detach(), 0.25, 0, positions)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25, 0, positions)
     torch.library.opcheck(torch.ops.gptfast.causal_attention_bwd.default, bwd_args)
 
 

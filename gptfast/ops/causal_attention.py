@@ -3,9 +3,9 @@
 A drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` that also takes
 a cache offset: queries may start at absolute position ``q_offset`` of a key sequence of
 length ``q_offset + Tq`` (chunked prefill against a KV cache, verification of several
-draft tokens), or at a device tensor of positions over a whole static cache; grouped-query
-heads (k/v with fewer heads than q) and per-row key ranges (``key_start``, a left-padded
-batch).
+draft tokens), or at a device tensor of positions over a whole static cache (shared by
+every row, or one row of positions per batch row); grouped-query heads (k/v with fewer
+heads than q) and per-row key ranges (``key_start``, a left-padded batch).
 
 On CUDA (or on the CPU under ``TRITON_INTERPRET=1``) it runs the Triton kernels of
 ``gptfast.kernels.causal_attention`` through two registered ops:
@@ -32,18 +32,24 @@ MAX_HEAD_DIM = 256
 
 
 def _validate_positions(q, k, q_positions) -> None:
-    """``q_positions``: a (Tq,) integer tensor on q's device; its values are checked (in
-    [0, Tk)) only where that reads no device memory and traces: CPU tensors, eagerly."""
+    """``q_positions``: a (Tq,) or (B, Tq) integer tensor on q's device; its values are
+    checked (in [0, Tk), consecutive along each row) only where that reads no device memory
+    and traces: CPU tensors, eagerly."""
     if not isinstance(q_positions, Tensor):
         raise TypeError(f"causal_attention: q_positions must be a torch.Tensor, got {type(q_positions).__name__}")
-    if q_positions.dtype not in (torch.int32, torch.int64) or tuple(q_positions.shape) != (q.shape[2],):
-        raise ValueError(f"causal_attention: q_positions must be a ({q.shape[2]},) integer tensor, got "
-                         f"{tuple(q_positions.shape)} {q_positions.dtype}")
+    batch, q_len = q.shape[0], q.shape[2]
+    shapes = ((q_len,), (batch, q_len))
+    if q_positions.dtype not in (torch.int32, torch.int64) or tuple(q_positions.shape) not in shapes:
+        raise ValueError(f"causal_attention: q_positions must be a ({q_len},) or ({batch}, {q_len}) integer tensor "
+                         f"(shared or per-row query positions), got {tuple(q_positions.shape)} {q_positions.dtype}")
     if q_positions.device != q.device:
         raise ValueError(f"causal_attention: q_positions is on {q_positions.device} but q is on {q.device}")
     if q_positions.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(((q_positions < 0) | (q_positions >= k.shape[2])).any()):
             raise ValueError(f"causal_attention: q_positions {q_positions.tolist()} outside the {k.shape[2]} keys")
+        if bool((q_positions.diff(dim=-1) != 1).any()):
+            raise ValueError(f"causal_attention: q_positions {q_positions.tolist()} must be consecutive "
+                             "(p, p+1, ..., along each row)")
 
 
 def validate_key_start(name: str, key_start, q) -> None:
@@ -180,7 +186,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] 
     then be a whole static KV cache (any Tk), each query seeing the keys at or before its
     position; keys past the last query (the unwritten rest of the cache) are never read, and
     get zero gradients. This is the prefill of a model whose start position is a tensor (a
-    compiled or CUDA-graph step).
+    compiled or CUDA-graph step). A (B, Tq) tensor gives each row its own consecutive
+    positions over its own cache row (a speculative verify step: T draft tokens per row at
+    that row's length); keys past a row's last query position are never read.
 
     ``key_start`` ((B,) int32/int64 tensor on q's device, per-row key ranges, e.g. a
     left-padded batch): row b's keys before ``key_start[b]`` are invisible (never read, zero

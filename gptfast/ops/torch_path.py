@@ -7,7 +7,8 @@ Same signatures as the fused ops and the reference twins:
 - ``layer_norm(x, weight, bias, eps, residual=None)``: ``F.layer_norm`` after the residual
   add; parameters are cast to the input's dtype (fp32 parameters on bf16 activations).
 - ``causal_attention(q, k, v, scale=None, q_offset=0, q_positions=None, key_start=None)``:
-  SDPA (``enable_gqa`` for grouped-query k/v, an explicit mask for offsets and key ranges).
+  SDPA (``enable_gqa`` for grouped-query k/v, an explicit mask for offsets, positions
+  (shared (Tq,) or per-row (B, Tq)) and key ranges).
 - ``decode_attention(q, k_cache, v_cache, cache_lens, scale=None, key_start=None)``: SDPA of
   one query per row, masked by ``cache_lens`` (clamped into [1, S]) and ``key_start``;
   stale cache slots may hold NaN.
@@ -59,9 +60,10 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = N
     """Causal SDPA. q (B, H, Tq, D); k, v (B, H_kv, Tk, D), H_kv dividing H (``enable_gqa``).
 
     Queries sit at absolute positions ``q_offset + i`` (then ``Tk == q_offset + Tq``), or,
-    when ``q_positions`` ((Tq,) integer tensor) is given, at those positions: ``k``/``v``
-    may then be a whole static cache, each query seeing the keys at or before its
-    position, and the keys past every query (stale cache slots) are never read. SDPA's
+    when ``q_positions`` ((Tq,) integer tensor, or (B, Tq): each row's own) is given, at
+    those positions: ``k``/``v`` may then be a whole static cache, each query seeing the
+    keys at or before its position, and the keys past a row's last query (stale cache
+    slots) are never read (they are zeroed: a mask alone lets their NaN through). SDPA's
     ``is_causal`` aligns its mask to the top-left corner, so an offset takes an explicit mask.
     ``key_start`` ((B,)): row b's keys before it are hidden and its queries before it output 0.
     """
@@ -69,14 +71,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = N
     gqa = dict(enable_gqa=True) if k.shape[1] != q.shape[1] else {}
     key_pos = torch.arange(k.shape[2], device=q.device)
     if q_positions is not None:
-        visible = key_pos[None, :] <= q_positions[:, None]  # (Tq, Tk)
-        seen = (key_pos <= q_positions.max())[:, None]  # (Tk, 1): what any query sees
+        rows = q_positions.reshape(-1, q.shape[2])  # (B or 1, Tq)
+        visible = (key_pos <= rows[:, :, None])[:, None]  # (B or 1, 1, Tq, Tk)
+        seen = (key_pos <= rows.amax(dim=1, keepdim=True))[:, None, :, None]  # (B or 1, 1, Tk, 1): what the row sees
         k, v = _zero_unseen(k, seen), _zero_unseen(v, seen)
     elif q_offset == 0 and key_start is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
     else:
-        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=q_offset)
-    mask, padded = _padded_rows(visible[None, None], key_pos, key_start)
+        visible = torch.ones(1, 1, q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=q_offset)
+    mask, padded = _padded_rows(visible, key_pos, key_start)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
     return out if padded is None else out.masked_fill(padded, 0)
 

@@ -61,8 +61,9 @@ def causal_attention(q, k, v, scale=None, q_offset: int = 0, q_positions=None, k
     H (grouped-query attention; K/V are repeated here, for clarity). Query ``i`` sits at
     absolute position ``q_offset + i`` and sees keys ``0 .. q_offset + i``. With
     ``q_offset == 0`` this is ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``.
-    ``q_positions`` ((Tq,) integer tensor) places the queries at those positions instead,
-    against keys of any length (a whole KV cache; keys past every query are never read).
+    ``q_positions`` ((Tq,) integer tensor, or (B, Tq): each row's own) places the queries
+    at those positions instead, against keys of any length (a whole KV cache; keys past a
+    row's last query are never read: they may hold NaN).
     ``key_start`` ((B,) integers): row b's keys before it are hidden, and its queries
     before it see nothing and output 0.
     """
@@ -73,12 +74,13 @@ def causal_attention(q, k, v, scale=None, q_offset: int = 0, q_positions=None, k
             raise ValueError(f"causal_attention: keys length {tk} must equal q_offset ({q_offset}) + queries length ({tq})")
         query_pos = torch.arange(tq, device=q.device)[:, None] + q_offset
     else:
-        query_pos = q_positions[:, None]
-        v = _zero_unseen(v, key_pos[0] <= q_positions.max())
+        query_pos = q_positions.reshape(-1, 1, tq, 1)  # (B or 1, 1, Tq, 1)
+        seen = key_pos <= query_pos.amax(dim=2)  # (B or 1, 1, Tk): keys some query of the row sees
+        k, v = _zero_unseen(k, seen), _zero_unseen(v, seen)
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
-    visible = (key_pos <= query_pos)[None, None]  # (1, 1, Tq, Tk)
+    visible = key_pos <= query_pos  # (Tq, Tk), or (B or 1, 1, Tq, Tk) by position tensor
     if key_start is not None:
         visible = visible & (key_pos >= key_start.to(q.device)[:, None, None, None])
         v = torch.where((key_pos[0] >= key_start.to(q.device)[:, None])[:, None, :, None], v, 0)
@@ -86,9 +88,9 @@ def causal_attention(q, k, v, scale=None, q_offset: int = 0, q_positions=None, k
 
 
 def _zero_unseen(v, seen):
-    """``v`` (..., S, D) with the positions where ``seen`` (S,) is False set to 0: their
+    """``v`` (..., S, D) with the positions where ``seen`` (..., S) is False set to 0: their
     probability is 0, but 0 * NaN (a stale cache slot) is NaN."""
-    return torch.where(seen[:, None], v, 0)
+    return torch.where(seen[..., None], v, 0)
 
 
 def decode_attention(q, k_cache, v_cache, cache_lens, scale=None, key_start=None):
