@@ -119,6 +119,26 @@ def _positions(Q_START, KEY_START, off_b, q_offset, stride_pos_b, Q_START_TENSOR
 
 
 @triton.jit
+def _query_tile(Q_START, KEY_START, num_heads, group, q_len, q_offset, stride_pos_b, BLOCK_M: tl.constexpr,
+                Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr):
+    """Where a program of the forward or the dQ kernel works, as ``(pid_bh, start_m, off_b,
+    off_h, off_kvh, q_offset, key_start, kv_len, offs_m, q_pos)``. Grid: (B * H, query
+    blocks); the query-block axis is walked from the last block, the one with the most keys,
+    so the longest programs start first (causal load balance). Query head h reads kv head
+    h // group (grouped-query attention; group 1 is plain MHA). ``q_pos``: the absolute
+    positions of the tile's queries."""
+    pid_bh = tl.program_id(0)
+    start_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, stride_pos_b, Q_START_TENSOR,
+                                    HAS_KEY_START)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    kv_len = q_offset + q_len
+    return pid_bh, start_m, off_b, off_h, off_h // group, q_offset, key_start, kv_len, offs_m, q_offset + offs_m
+
+
+@triton.jit
 def _key_regions(first_q_pos, kv_len, key_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The key loop of a query tile whose first query sits at ``first_q_pos``, as
     ``(lo, mid, lo_end, hi)``: blocks [lo, mid) hold the row's first visible key
@@ -210,20 +230,8 @@ def _attn_fwd_kernel(
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Grid: (B * H, query blocks). The query-block axis is walked from the last block, the
-    # one with the most keys, so the longest programs start first (causal load balance).
-    # Query head h reads kv head h // group (grouped-query attention; group 1 is plain MHA).
-    pid_bh = tl.program_id(0)
-    start_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    off_b = (pid_bh // num_heads).to(tl.int64)
-    off_h = (pid_bh % num_heads).to(tl.int64)
-    off_kvh = off_h // group
-    q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, stride_pos_b, Q_START_TENSOR,
-                                    HAS_KEY_START)
-    kv_len = q_offset + q_len
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_pos = q_offset + offs_m  # absolute positions of this tile's queries
+    pid_bh, start_m, off_b, off_h, off_kvh, q_offset, key_start, kv_len, offs_m, q_pos = _query_tile(
+        Q_START, KEY_START, num_heads, group, q_len, q_offset, stride_pos_b, BLOCK_M, Q_START_TENSOR, HAS_KEY_START)
 
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qt, q_len, HEAD_DIM, BLOCK_D, True)
     kv = (K + off_b * stride_kb + off_kvh * stride_kh, V + off_b * stride_vb + off_kvh * stride_vh,
@@ -412,18 +420,8 @@ def _attn_bwd_dq_kernel(
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Grid: (B * H, query blocks), longest (last) query blocks first, as in the forward.
-    pid_bh = tl.program_id(0)
-    start_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    off_b = (pid_bh // num_heads).to(tl.int64)
-    off_h = (pid_bh % num_heads).to(tl.int64)
-    off_kvh = off_h // group
-    q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, stride_pos_b, Q_START_TENSOR,
-                                    HAS_KEY_START)
-    kv_len = q_offset + q_len
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_pos = q_offset + offs_m
+    pid_bh, start_m, off_b, off_h, off_kvh, q_offset, key_start, kv_len, offs_m, q_pos = _query_tile(
+        Q_START, KEY_START, num_heads, group, q_len, q_offset, stride_pos_b, BLOCK_M, Q_START_TENSOR, HAS_KEY_START)
 
     # Rows past q_len load zeros (lse and delta too); they stay finite and are not stored.
     rows = (_load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qt, q_len, HEAD_DIM, BLOCK_D, True),
