@@ -37,3 +37,14 @@ def check_same_device_dtype(name: str, **tensors) -> None:
             raise ValueError(f"{name}: {other_name} is on {t.device} but {first_name} is on {first.device}")
         if t.dtype != first.dtype:
             raise TypeError(f"{name}: {other_name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}")
+
+
+def register_inference_only(op, message: str) -> None:
+    """Give a registered op an autograd formula that raises ``RuntimeError(message)`` on
+    backward: it runs under autograd (no error until a gradient is asked for) but has no
+    derivative."""
+
+    def backward(ctx, grad_out):
+        raise RuntimeError(message)
+
+    op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from gptfast.ops import torch_path
-from gptfast.ops._dispatch import check_same_device_dtype, use_triton
+from gptfast.ops._dispatch import check_same_device_dtype, register_inference_only, use_triton
 from gptfast.ops.causal_attention import validate_heads, validate_key_start
 
 MAX_HEAD_DIM = 256
@@ -116,18 +116,11 @@ def _(q, k_cache, v_cache, cache_lens, scale, key_start=None):
     return q.new_empty(q.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    pass
-
-
-def _backward(ctx, grad_out):
-    raise RuntimeError(
-        "decode_attention is inference-only and has no backward; "
-        "use gptfast.ops.causal_attention (with q_offset) for attention that needs gradients"
-    )
-
-
-_decode_attention_op.register_autograd(_backward, setup_context=_setup_context)
+register_inference_only(
+    _decode_attention_op,
+    "decode_attention is inference-only and has no backward; "
+    "use gptfast.ops.causal_attention (with q_offset) for attention that needs gradients",
+)
 
 
 def decode_attention(q, k_cache, v_cache, cache_lens, *, scale=None, key_start=None):

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from gptfast.ops import torch_path
-from gptfast.ops._dispatch import use_triton
+from gptfast.ops._dispatch import register_inference_only, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QMAX = 127  # symmetric int8: -127..127 (-128 is never produced)
@@ -130,18 +130,11 @@ def _(x2, weight, scale, bias):
     return x2.new_empty((x2.shape[0], weight.shape[0]))
 
 
-def _setup_context(ctx, inputs, output):
-    pass
-
-
-def _backward(ctx, grad_out):
-    raise RuntimeError(
-        "int8_linear is inference-only and has no backward; train the floating-point model "
-        "and quantize it afterwards (gptfast.quantize)"
-    )
-
-
-_int8_linear_op.register_autograd(_backward, setup_context=_setup_context)
+register_inference_only(
+    _int8_linear_op,
+    "int8_linear is inference-only and has no backward; train the floating-point model "
+    "and quantize it afterwards (gptfast.quantize)",
+)
 
 
 def int8_linear(x, weight_int8, scale, bias=None):
