@@ -170,6 +170,74 @@ def test_grouped_query_and_key_start(batch, heads, kv_heads, seq_len, head_dim, 
         assert torch.equal(out[empty], torch.zeros_like(out[empty]))
 
 
+# Every group size the tensor-core products pad (1, 2, 4, 8 query heads per kv head, and
+# 16: no padding), one pass and forced splits, lengths 1 and not a multiple of the key
+# block, batch 1, caches sliced from bigger buffers (one in (B, S, H, D) layout).
+GROUP_CASES = [
+    # (batch, kv_heads, group, seq_len, head_dim, cache_lens, dtype, num_splits)
+    (1, 2, 1, 45, 64, [45], torch.float16, 1),
+    (1, 1, 2, 45, 32, [1], torch.float32, 3),
+    (2, 2, 4, 53, 64, [53, 17], torch.float16, 1),
+    (2, 1, 4, 53, 80, [1, 40], torch.float32, 4),
+    (3, 1, 8, 37, 32, [37, 16, 1], torch.float16, 2),
+    (1, 2, 8, 70, 128, [69], torch.float32, 1),
+    (1, 1, 16, 33, 16, [33], torch.float16, 2),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("batch,kv_heads,group,seq_len,head_dim,lens,dtype,splits", GROUP_CASES)
+def test_group_sizes_one_pass_and_splits(batch, kv_heads, group, seq_len, head_dim, lens, dtype, splits):
+    kernel = kernel_module()
+    heads = kv_heads * group
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(batch, 2 * heads, head_dim, generator=gen).to(DEVICE, dtype)[:, ::2]  # strided heads
+    k = torch.randn(batch + 1, kv_heads, 2 * seq_len, head_dim, generator=gen).to(DEVICE, dtype)[:batch, :, ::2]
+    v = torch.randn(batch, seq_len + 3, kv_heads + 1, head_dim, generator=gen).to(DEVICE, dtype)
+    v = v[:, :seq_len, :kv_heads].transpose(1, 2)  # (B, S, H, D) layout
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    cache_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    stale = torch.arange(seq_len, device=DEVICE)[None, :] >= cache_lens[:, None]
+    for cache in (k, v):  # in place, keeping the views: past each row's length is NaN
+        cache.masked_fill_(stale[:, None, :, None], float("nan"))
+    with poisoned_kernel_outputs():
+        out = kernel.decode_attention(q, k, v, cache_lens, head_dim ** -0.5, num_splits=splits, block_n=16)
+    plain = reference.decode_attention(q, k, v, cache_lens)
+    want = reference.decode_attention(q.double(), k.double(), v.double(), cache_lens)
+    assert_error_ratio(out, plain, want, what=f"decode group {group} {splits} split(s) {dtype}")
+
+
+@needs_triton
+def test_one_pass_writes_the_output_directly(monkeypatch):
+    """One split: the split kernel normalises and writes ``out`` itself (no reduction
+    launch, no workspace), with key ranges (an empty row outputs 0) and at the heuristic's
+    choice for a short cache."""
+    kernel = kernel_module()
+    assert kernel.choose_num_splits(1, kernel.ONE_PASS_MAX_KEYS) == 1
+    assert kernel.choose_num_splits(1, kernel.ONE_PASS_MAX_KEYS + 1) > 1
+    launched = []
+    real_reduce = kernel._decode_reduce_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real_reduce[grid]
+
+    monkeypatch.setattr(kernel, "_decode_reduce_kernel", Spy())
+    q, _, _, cache_lens = make_inputs(3, 4, 40, 32, [40, 9, 30], torch.float16)
+    _, k, v, _ = make_inputs(3, 2, 40, 32, [40, 9, 30], torch.float16, seed=2)
+    key_start = torch.tensor([3, 9, 0], device=DEVICE)
+    with poisoned_kernel_outputs():
+        out = kernel.decode_attention(q, k, v, cache_lens, 0.2, key_start=key_start, block_n=16)
+        split = kernel.decode_attention(q, k, v, cache_lens, 0.2, key_start=key_start, num_splits=3, block_n=16)
+    assert len(launched) == 1  # only the forced split ran the reduction
+    plain = reference.decode_attention(q, k, v, cache_lens, scale=0.2, key_start=key_start)
+    want = reference.decode_attention(q.double(), k.double(), v.double(), cache_lens, scale=0.2, key_start=key_start)
+    for result in (out, split):
+        assert_error_ratio(result, plain, want, what="one pass vs split")
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
 def test_torch_path_grouped_query_and_key_start(monkeypatch):
     """The torch path (SDPA with enable_gqa and a mask) takes the same arguments."""
     monkeypatch.setattr(decode_op, "use_triton", lambda t: False)
@@ -370,13 +438,30 @@ def test_static_configs_describe_the_kernels():
     configs = kernel.static_configs()
     assert {c["name"] for c in configs} == {
         f"decode_attention_{part}_d{d}_bf16" for part in ("split", "reduce") for d in (64, 128)} | {
-        f"decode_attention_split_d{d}_bf16_gqa4_key_start" for d in (64, 128)}
+        f"decode_attention_split_d{d}_bf16_gqa4_key_start" for d in (64, 128)} | {
+        "decode_attention_split_d64_bf16_one_pass", "decode_attention_split_d128_bf16_gqa8"}
     for c in configs:
         assert set(c) >= {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "require_hgmma"}
         assert list(c["signature"]) == c["fn"].arg_names, c["name"]
         assert {n for n, t in c["signature"].items() if t == "constexpr"} == set(c["constexprs"]), c["name"]
-        assert c["require_hgmma"] is False
+        # Every bf16 split config runs both products on Hopper's tensor cores.
+        assert c["require_hgmma"] is ("_split_" in c["name"]), c["name"]
         assert set(c["divisible_by_16"]) <= {n for n, t in c["signature"].items() if t == "i32"}, c["name"]
+    for c in kernel.candidate_configs():
+        assert c["require_hgmma"] and c["num_stages"] >= 2, c["name"]
+
+
+def test_builtin_configs_pipeline_within_shared_memory():
+    """Every built-in split config keeps at least two stages of K and V blocks (loads in
+    flight) within one SM's shared memory, and two programs per SM at 16-bit D <= 128."""
+    kernel = kernel_module()
+    for head_dim in (16, 32, 64, 80, 128, 256):
+        for itemsize in (2, 4):
+            cfg = kernel._builtin_split(head_dim, itemsize)
+            stage = 2 * cfg.block_n * kernel.padded_head_dim(head_dim) * itemsize
+            assert cfg.num_stages >= 2 and cfg.num_stages * stage <= kernel.MAX_STAGE_BYTES, (head_dim, itemsize)
+            if itemsize == 2 and head_dim <= 128:
+                assert cfg.block_n >= 64 and cfg.num_stages * stage <= kernel.STAGE_BUDGET, head_dim
 
 
 _COMPILE_SCRIPT = r"""
