@@ -5,10 +5,10 @@ At decode time each (batch row, query head) has ONE query and a cache of up to S
 values; with grouped-query attention the ``G = H / H_kv`` query heads of a group share one
 kv head. The work is reading the cache: per step ``2 * B * H_kv * S * D`` elements (K and
 V) against ``4 * B * H * S * D`` flops, i.e. ``G`` multiply-adds per loaded element. At
-bf16 that is ``G`` flops per byte: even G = 8 (8 flops/byte x ~4.5 TB/s = 36 TFLOP/s) is
+bf16 that is ``G`` flops per byte: even G = 8 (8 flops/byte x 4.8 TB/s = 38 TFLOP/s) is
 far below the tensor cores' ~800 TFLOP/s, so the step's limit is the bytes:
 ``t >= 4 * B * H_kv * S * D / bandwidth`` (bf16; e.g. B8 H_kv 8 S32k D128: 1.07 GB,
-about 250 us at the H200's ~4.2-4.5 TB/s; B8 H_kv 32: 4.3 GB, about 1 ms). Everything
+224 us at the H200's nominal 4.8 TB/s; B8 H_kv 32: 4.3 GB, 0.9 ms). Everything
 here serves that bound: read each K/V byte once, keep enough bytes in flight, fill the
 chip.
 
@@ -32,8 +32,8 @@ of the K and V blocks in flight through shared memory, cp.async), so each progra
 (elementwise products, which the pipeliner leaves alone, made the previous kernel wait on
 DRAM latency every block).
 
-**Bytes in flight.** Little's law: ~4.5 TB/s x ~1 us of DRAM latency = ~4.5 MB in flight
-chip-wide, ~35 KB per SM. The built-in D=128 config (BLOCK_N 64, 3 stages) holds 2 x 32 KB
+**Bytes in flight.** Little's law: 4.8 TB/s x ~1 us of DRAM latency = ~4.8 MB in flight
+chip-wide, ~36 KB per SM. The built-in D=128 config (BLOCK_N 64, 3 stages) holds 2 x 32 KB
 per program; two programs fit per SM (96 KB of shared memory each), so ~128 KB per SM.
 
 **Splits.** The cache length is cut into ``num_splits`` contiguous chunks (grid
