@@ -177,7 +177,7 @@ def test_a_warm_worker_stops_at_its_first_cuda_error(monkeypatch, capsys):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     fake = [("a", lambda: ran.append("a")), ("bad", fails), ("c", lambda: ran.append("c"))]
-    monkeypatch.setattr(warm, "tasks", lambda device, e2e=False: fake)
+    monkeypatch.setattr(warm, "tasks", lambda device, *flags: fake)
     assert warm.run_worker("cpu", 0, 1, False) == 1
     out = capsys.readouterr().out
     assert ran == ["a"] and "warm[0] STOPPED at the first CUDA error, in case bad" in out
