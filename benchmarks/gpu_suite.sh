@@ -1,29 +1,40 @@
 #!/usr/bin/env bash
-# The whole GPU run in one command, for an H200 (or any CUDA GPU), within 7 minutes:
+# The whole GPU run in one command, for an H200 (or any CUDA GPU), within 8 minutes:
 #
 #     benchmarks/gpu_suite.sh OUT_DIR            # on the GPU machine
 #     benchmarks/gpu_suite.sh --dry-run OUT_DIR  # the same plumbing on a CPU, tiny shapes (CI runs it)
 #
 # Stages, most valuable numbers first, each in its own process under `timeout` (SIGTERM at
-# its limit, SIGKILL GRACE seconds later), so a slow or broken stage never loses the others:
-#   build       the C++ sampling extension in place, then `import gptfast._C`; if that fails,
-#               every later stage runs with GPTFAST_NO_EXT=1 (Python twin) and the summary says so
+# its limit, SIGKILL GRACE seconds later, to the stage's whole process group), so a slow
+# or broken stage never loses the others:
+#   build       the C++ sampling extension in place, then `import gptfast._C`, in the background
+#               while env and warm run (those two run with GPTFAST_NO_EXT=1); if it fails, every
+#               later stage runs with GPTFAST_NO_EXT=1 (Python twin) and the summary says so
 #   env         gptfast info (builds nothing), nvidia-smi
-#   warm        compile every kernel the later stages launch, in parallel processes, into one
-#               TRITON_CACHE_DIR (gptfast.bench.warm), so compiles do not eat the stage limits
+#   warm        compile, in parallel processes, every kernel the later stages launch into one
+#               TRITON_CACHE_DIR, every tuning candidate, and the end-to-end torch.compile cases
+#               into one TORCHINDUCTOR_CACHE_DIR (gptfast.bench.warm), so compiles do not eat
+#               the stage limits
 #   check       gptfast check --quick: the sampler first, then every op, bf16 first
-#   tune        python -m gptfast.tune --out OUT_DIR/tuned.json, then --install it into kernels/tuned/
-#               so the later stages run the tuned configs (not in a dry run; "not available" where absent)
+#   tune        python -m gptfast.tune --quick --budget-s: every candidate of every kernel and key
+#               (checked against the twin, then timed briefly), most valuable keys first; then
+#               --install the table into kernels/tuned/ so the later stages run the tuned
+#               configs (not in a dry run; "not available" where gptfast.tune is absent)
+#   tests       the test suite on the GPU, in parallel (pytest -n, -v: failures named as they come)
 #   attention   causal attention fwd/bwd vs SDPA          (gptfast bench --suite kernels)
 #   decode      decode attention over a KV cache
 #   layernorm   layernorm fwd/bwd vs F.layer_norm
 #   e2e_decode  GPT-2 124M decode, batch 1 and 8          (gptfast bench --suite e2e)
-#   train       GPT-2 124M training step, MFU
+#   train       GPT-2 124M training step, MFU: fused, torch eager, torch.compile
+#   hf          HF transformers GPT-2 with gptfast        (gptfast bench --suite hf --quick)
+#   overhead    host microseconds per eager call           (gptfast bench --suite overhead;
+#               "not available" where that suite is absent)
 #   profile     gptfast profile generate: batch 1, 256 new tokens (host syncs per token)
-#   summary     gptfast.bench.suite_summary: failures first, targets, check counts, stages
+#   summary     gptfast.bench.suite_summary: failures first, targets, check and test counts, stages
 # A stage that hits a CUDA error stops at that case and names it; the next stage starts a
 # fresh process. The bench stages stop starting new cases BUDGET_MARGIN seconds before their
 # limit (least important cases cut first) and write what they measured when stopped.
+# Kernel rows carry the kernel time (CUDA-graph replay) and the eager time (plain calls).
 #
 # OUT_DIR ends up holding at most four files: summary.md, stages.tsv (stage, status, seconds,
 # limit_s, note), tuned.json (when the tune stage wrote it) and results.tar.gz (every JSON,
@@ -44,26 +55,32 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-GRACE=${GRACE:-3}
-BUDGET_MARGIN=${BUDGET_MARGIN:-12}
-LIMIT_BUILD=${LIMIT_BUILD:-82}
-LIMIT_ENV=${LIMIT_ENV:-8}
-LIMIT_WARM=${LIMIT_WARM:-40}
-LIMIT_CHECK=${LIMIT_CHECK:-38}
-LIMIT_TUNE=${LIMIT_TUNE:-45}
-LIMIT_ATTENTION=${LIMIT_ATTENTION:-40}
-LIMIT_DECODE=${LIMIT_DECODE:-18}
-LIMIT_LAYERNORM=${LIMIT_LAYERNORM:-18}
-LIMIT_E2E_DECODE=${LIMIT_E2E_DECODE:-40}
-LIMIT_TRAIN=${LIMIT_TRAIN:-25}
-LIMIT_PROFILE=${LIMIT_PROFILE:-20}
-LIMIT_SUMMARY=${LIMIT_SUMMARY:-8}
+GRACE=${GRACE:-2}
+BUDGET_MARGIN=${BUDGET_MARGIN:-8}
+# build runs alongside env and warm; the others one after another (tests/test_gpu_suite.py
+# checks that the limits, kill grace included, add up to at most 480 s).
+LIMIT_BUILD=${LIMIT_BUILD:-55}
+LIMIT_ENV=${LIMIT_ENV:-10}
+LIMIT_WARM=${LIMIT_WARM:-50}
+LIMIT_CHECK=${LIMIT_CHECK:-20}
+LIMIT_TUNE=${LIMIT_TUNE:-60}
+LIMIT_TESTS=${LIMIT_TESTS:-134}
+LIMIT_ATTENTION=${LIMIT_ATTENTION:-30}
+LIMIT_DECODE=${LIMIT_DECODE:-14}
+LIMIT_LAYERNORM=${LIMIT_LAYERNORM:-14}
+LIMIT_E2E_DECODE=${LIMIT_E2E_DECODE:-30}
+LIMIT_TRAIN=${LIMIT_TRAIN:-30}
+LIMIT_HF=${LIMIT_HF:-26}
+LIMIT_OVERHEAD=${LIMIT_OVERHEAD:-12}
+LIMIT_PROFILE=${LIMIT_PROFILE:-15}
+LIMIT_SUMMARY=${LIMIT_SUMMARY:-6}
 
 if [ "$DRY" = 1 ]; then
     export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
     DEVICE=(--device cpu)
     JOBS=2
     TUNE_ARGS="--dry-run --device-name dry-run-cpu"
+    TESTS_ARGS=(-n 2 tests/test_train_config.py)  # the stage's plumbing on one quick file
     PROFILE_ARGS=(--new-tokens 8)
     BENCH_ARGS=(--providers gptfast,torch)  # the plumbing, not every provider
     TITLE="gptfast GPU suite: DRY RUN on the CPU (fake device name dry-run-cpu; no number here means anything)"
@@ -72,6 +89,7 @@ else
     JOBS=$(nproc 2> /dev/null || echo 8)
     [ "$JOBS" -gt 16 ] && JOBS=16
     TUNE_ARGS="--quick"
+    TESTS_ARGS=(-n "$((JOBS > 15 ? 14 : JOBS > 2 ? JOBS - 1 : 1))" tests)
     PROFILE_ARGS=(--new-tokens 256)
     BENCH_ARGS=()
     TITLE="gptfast GPU suite"
@@ -81,6 +99,8 @@ if [ -z "${TRITON_CACHE_DIR:-}" ]; then  # one fresh cache for every stage, remo
     trap 'rm -rf "$TRITON_CACHE_DIR"' EXIT
 fi
 export TRITON_CACHE_DIR
+# inductor's compiled graphs (the warm stage's torch.compile cases), fresh for this run too
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$TRITON_CACHE_DIR/inductor}"
 
 WORK="$OUT/results"
 rm -rf "$WORK" "$OUT/summary.md" "$OUT/stages.tsv" "$OUT/tuned.json" "$OUT/results.tar.gz"
@@ -114,9 +134,11 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run it under timeout, log to results
     return $rc
 }
 
-bench() {  # bench NAME LIMIT SUITE OPS: one benchmark stage
-    local name=$1 limit=$2 suite=$3 ops=$4
-    stage "$name" "$limit" "$PY" -m gptfast bench --suite "$suite" --quick --ops "$ops" -v "${DEVICE[@]}" "${BENCH_ARGS[@]}" \
+bench() {  # bench NAME LIMIT SUITE [OPS]: one benchmark stage (no OPS: the whole suite, every provider)
+    local name=$1 limit=$2 suite=$3 ops=${4:-}
+    local select=("${BENCH_ARGS[@]}")
+    if [ -n "$ops" ]; then select+=(--ops "$ops"); else select=(); fi
+    stage "$name" "$limit" "$PY" -m gptfast bench --suite "$suite" --quick -v "${DEVICE[@]}" "${select[@]}" \
         --budget-s $((limit > BUDGET_MARGIN + 5 ? limit - BUDGET_MARGIN : 5)) \
         --json "$WORK/$name.json" --csv "$WORK/$name.csv" --plot "$WORK/plots"
 }
@@ -139,23 +161,33 @@ build_ext() {
 }
 export -f build_ext
 export DRY
-if stage build "$LIMIT_BUILD" bash -c build_ext; then
+# build in the background (its own line in stages.tsv, put first once it is done); env and
+# warm run meanwhile without the extension, which is being written
+STAGES_MAIN=$STAGES
+(STAGES="$WORK/build.tsv" && stage build "$LIMIT_BUILD" bash -c build_ext) &
+BUILD_PID=$!
+stage env "$LIMIT_ENV" env GPTFAST_NO_EXT=1 bash -c env_report
+stage warm "$LIMIT_WARM" env GPTFAST_NO_EXT=1 "$PY" -m gptfast.bench.warm --jobs "$JOBS" --e2e --tune --compile "${DEVICE[@]}"
+if wait "$BUILD_PID"; then
     NOTES+=("C++ extension: import gptfast._C works")
 else
     export GPTFAST_NO_EXT=1
     NOTES+=("C++ extension NOT available (build or import failed, see logs/build.log): every later stage ran with GPTFAST_NO_EXT=1, the Python twin sampler; C++ loop rows are missing")
     echo "    later stages run with GPTFAST_NO_EXT=1"
 fi
+[ -s "$WORK/build.tsv" ] || printf 'build\tfailed (no record)\t0\t%s\t\n' "$LIMIT_BUILD" > "$WORK/build.tsv"
+{ head -n 1 "$STAGES_MAIN"; cat "$WORK/build.tsv"; tail -n +2 "$STAGES_MAIN"; } > "$STAGES_MAIN.tmp"
+mv "$STAGES_MAIN.tmp" "$STAGES_MAIN"
+rm -f "$WORK/build.tsv"
 
-stage env "$LIMIT_ENV" bash -c env_report
-stage warm "$LIMIT_WARM" "$PY" -m gptfast.bench.warm --jobs "$JOBS" --e2e "${DEVICE[@]}"
 stage check "$LIMIT_CHECK" "$PY" -m gptfast check --quick -v "${DEVICE[@]}" --json "$WORK/check.json"
 
 # Tune, then install what was tuned (a table cut short is still valid) into kernels/tuned/,
 # where the launchers of the later stages find it; a dry run installs nothing into the checkout.
 tune_and_install() {
     # shellcheck disable=SC2086 # TUNE_ARGS holds plain flags
-    timeout --kill-after=2 $((LIMIT_TUNE - 8)) "$PY" -m gptfast.tune --out "$OUT/tuned.json" $TUNE_ARGS
+    timeout --kill-after=2 $((LIMIT_TUNE - 6)) "$PY" -m gptfast.tune --out "$OUT/tuned.json" $TUNE_ARGS \
+        --budget-s $((LIMIT_TUNE - 16))
     local rc=$?
     if [ "$DRY" = 1 ]; then
         echo "dry run: the table is not installed"
@@ -176,11 +208,22 @@ else
     echo "=== [tune] not available: gptfast.tune is not in this checkout"
 fi
 
+# The tests on the device, in parallel; -v prints each outcome as it comes, so a stage cut
+# short still names the failures seen so far (the summary reads them from logs/tests.log).
+stage tests "$LIMIT_TESTS" "$PY" -m pytest -v -rfE -p no:cacheprovider "${TESTS_ARGS[@]}"
+
 bench attention "$LIMIT_ATTENTION" kernels causal_attention
 bench decode "$LIMIT_DECODE" kernels decode_attention
 bench layernorm "$LIMIT_LAYERNORM" kernels layer_norm
 bench e2e_decode "$LIMIT_E2E_DECODE" e2e decode
 bench train "$LIMIT_TRAIN" e2e train_step
+bench hf "$LIMIT_HF" hf
+if [ -f gptfast/bench/suites/overhead.py ]; then
+    bench overhead "$LIMIT_OVERHEAD" overhead
+else
+    record overhead "not available" 0 "$LIMIT_OVERHEAD" "gptfast/bench/suites/overhead.py is not in this checkout"
+    echo "=== [overhead] not available: gptfast/bench/suites/overhead.py is not in this checkout"
+fi
 stage profile "$LIMIT_PROFILE" "$PY" -m gptfast profile generate --batch 1 "${PROFILE_ARGS[@]}" "${DEVICE[@]}" \
     --out "$WORK/profile"
 

@@ -1,6 +1,6 @@
 """Tune the Triton kernels on the device at hand and write a tuned configuration table.
 
-    python -m gptfast.tune --out FILE.json [--quick] [--dry-run [--device-name NAME]]
+    python -m gptfast.tune --out FILE.json [--quick] [--budget-s S] [--dry-run [--device-name NAME]]
     python -m gptfast.tune --install FILE.json
 
 For each tunable kernel (attention forward / dK-dV / dQ at D 64 and 128, the decode
@@ -17,7 +17,13 @@ Correctness is checked on one batch row and two heads of each benchmark shape (s
 sequence length and head size, so the same tiles, causal split and edges; the reference
 in float64 needs memory quadratic in T), timing on the full shape.
 
-``--quick``: the first 4 candidates and the first shape of each kernel. ``--dry-run``:
+Kernels are tuned most valuable first (``ORDER``: GPT-2's head size and width, then the
+larger ones), so a run stopped by ``--budget-s`` or a time limit leaves the keys that
+matter most. Timing is short (``Context.time``: a few warm-up calls, tens of milliseconds
+of repetitions; CUDA-graph replay for the microsecond kernels): the compiles are meant
+to be done beforehand, in parallel (``warm_tasks``, run by ``gptfast.bench.warm``).
+
+``--quick``: every candidate on the first shape of each kernel. ``--dry-run``:
 the same plumbing on a CPU through the Triton interpreter (tiny shapes, two candidates,
 a fake device named by ``--device-name``), seconds long: the rehearsal of the GPU suite.
 ``--install FILE``: validate a table and copy it into ``kernels/tuned/`` under its
@@ -30,9 +36,23 @@ import math
 import os
 import shutil
 import sys
+import time
 from typing import Callable, List, Optional
 
 MAX_RATIO = 3.0  # the error-ratio rule's limit (gptfast.testing.assert_error_ratio)
+
+# (kernel, key), most valuable first: GPT-2 124M's attention (D 64), layernorm (hidden
+# 768) and decode, then D 128 and the wider layernorms. Anything not listed comes last.
+ORDER = (
+    ("causal_attention.fwd", "d64_16bit"), ("decode_attention.split", "d64_16bit"),
+    ("layer_norm.fwd", "n1024_16bit"), ("layer_norm.bwd", "n1024_16bit"),
+    ("causal_attention.dkdv", "d64_16bit"), ("causal_attention.dq", "d64_16bit"),
+    ("causal_attention.fwd", "d128_16bit"), ("causal_attention.dkdv", "d128_16bit"),
+    ("causal_attention.dq", "d128_16bit"), ("decode_attention.split", "d128_16bit"),
+    ("layer_norm.fwd", "n4096_16bit"), ("layer_norm.bwd", "n4096_16bit"),
+    ("layer_norm.fwd", "n2048_16bit"), ("layer_norm.bwd", "n2048_16bit"),
+    ("layer_norm.fwd", "n8192_16bit"), ("layer_norm.bwd", "n8192_16bit"),
+)
 
 
 @dataclasses.dataclass
@@ -214,15 +234,46 @@ class Context:
         return self._pick([{"rows": 16384, "hidden": h} for h in hidden])
 
     def candidates(self, tunable):
-        return tunable.candidates[:2 if self.dry_run else 4 if self.quick else None]
+        return tunable.candidates[:2 if self.dry_run else None]
 
     def time(self, fn, cuda_graph):
+        """Short timing: the candidates compiled beforehand, tens of milliseconds tell them apart."""
         from gptfast.bench.harness import time_call
 
         if self.dry_run:
             return time_call(fn, device=self.device, warmup=1, target_ms=1.0, min_reps=1, max_reps=2)
-        return time_call(fn, device=self.device, warmup=3, target_ms=50.0 if self.quick else 150.0,
-                         min_reps=5, max_reps=100, cuda_graph=cuda_graph)
+        return time_call(fn, device=self.device, warmup=2, target_ms=15.0 if self.quick else 60.0,
+                         min_reps=5, max_reps=40, cuda_graph=cuda_graph)
+
+
+def all_tunables(ctx) -> list:
+    """Every tunable kernel and key, in ``ORDER``."""
+    tunables = _attention_tunables(ctx) + _decode_tunables(ctx) + _layer_norm_tunables(ctx)
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return sorted(tunables, key=lambda t: rank.get((t.kernel, t.key), len(ORDER)))
+
+
+def warm_tasks(device, dry_run: bool = False) -> list:
+    """``(label, run)`` per candidate of every tunable (``--quick``'s shapes): ``run``
+    launches the candidate on the checked slice and on the timed shape, so that its
+    compiled kernels are in Triton's cache (``TRITON_CACHE_DIR``) before the tune stage.
+    Inputs are made inside each task, in the process that runs it."""
+    import torch
+
+    device = torch.device(device)
+    ctx = Context(device, torch.float16 if dry_run else torch.bfloat16, quick=True, dry_run=dry_run)
+
+    def task(tunable, cfg):
+        def run():
+            inputs = tunable.make(tunable.shapes[0])
+            tunable.run(tunable.check_slice(inputs), cfg)
+            tunable.run(inputs, cfg)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return run
+
+    return [(f"tune {t.kernel} {t.key} {cfg.tag()}", task(t, cfg)) for t in all_tunables(ctx)
+            for cfg in ctx.candidates(t)]
 
 
 def check_candidate(tunable, inputs, cfg, plain, exact) -> float:
@@ -321,7 +372,7 @@ def run_tuning(args) -> int:
     device = torch.device("cpu" if args.dry_run else "cuda")
     ctx = Context(device, torch.float16 if args.dry_run else torch.bfloat16, args.quick, args.dry_run)
     identity = identity_for(args, device)
-    tunables = _attention_tunables(ctx) + _decode_tunables(ctx) + _layer_norm_tunables(ctx)
+    tunables = all_tunables(ctx)
     if args.kernels:
         wanted = set(args.kernels.split(","))
         tunables = [t for t in tunables if t.kernel in wanted or t.kernel.split(".")[0] in wanted]
@@ -330,7 +381,13 @@ def run_tuning(args) -> int:
             return 2
     winners, results = {}, []
     write_table(args.out, identity, winners, results)
-    for tunable in tunables:
+    started = time.monotonic()
+    for done, tunable in enumerate(tunables):
+        if args.budget_s is not None and time.monotonic() - started > args.budget_s:
+            left = ", ".join(f"{t.kernel} {t.key}" for t in tunables[done:])
+            print(f"time budget of {args.budget_s:g} s spent: not tuned (built-in configs stay): {left}")
+            print(f"tuned {len(winners)} of {len(tunables)} kernel shapes for {identity['name']}; table: {args.out}")
+            return 0
         try:
             winner = tune_one(ctx, tunable, results)
         except CudaErrorStop as e:
@@ -370,7 +427,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device-name", help="device name recorded in the table (with --dry-run: the fake "
                         "device, default dry-run-cpu)")
     parser.add_argument("--kernels", help="comma-separated kernels or modules, e.g. layer_norm,causal_attention.fwd")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new kernel after this many seconds (the table keeps what was tuned)")
     args = parser.parse_args(argv)
+    if args.budget_s is not None and not args.budget_s > 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
     if args.install:
         print(f"installed {install(args.install)}")
         return 0

@@ -270,7 +270,11 @@ def test_bench_command_writes_json_csv_plots_and_compares(tmp_path, capsys):
         for name in OPTIONAL_NUMBER_FIELDS:
             assert row[name] is None or isinstance(row[name], float)
         assert row["p20_ms"] <= row["time_ms"] <= row["p80_ms"]
-        assert row["gbps"] > 0 and row["speedup"] == pytest.approx(1.0)
+        assert row["gbps"] > 0 and row["eager_ms"] == row["time_ms"] and row["kernel_ms"] is None  # CPU: no graph
+        if row["unstable"]:  # a loaded CPU: no ratio given as a fact
+            assert row["speedup"] is None and row["speedup_note"] == "unstable timing"
+        else:
+            assert row["speedup"] == pytest.approx(1.0)
         assert row["fraction_of_peak"] is None  # reported on CUDA only
     assert {s["provider"] for s in doc["skipped"]} == {"gptfast"}
     compared = {(c["mode"], c["provider"]): c["delta_pct"] for c in doc["compare"]["rows"]}
@@ -305,3 +309,58 @@ def test_every_target_finds_its_rows_in_the_gpu_grid():
     # The quick e2e grid still measures the issue-5 decode shape (256 new tokens).
     quick_cases, _ = suites.collect("e2e", torch.device("cuda"), quick=True)
     assert any(c.op == "decode" and c.shape == "gpt2-124M B=1 new=256" for c in quick_cases)
+
+
+# ---- kernel vs eager time, unstable rows, the machine's load --------------------------------
+
+
+def test_a_wide_spread_is_unstable_and_gives_no_speedup():
+    assert not harness.Timing([1.0, 1.02, 0.99, 1.01, 1.0], harness.WALL_CLOCK).unstable
+    noisy = harness.Timing([2.1, 213.0, 3.0, 150.0, 6.7], harness.WALL_CLOCK)
+    assert noisy.unstable and noisy.spread > harness.UNSTABLE_SPREAD
+    rows = [_row("gptfast", 1.0), _row("torch", 6.747, unstable=True), _row("reference", 2.0, shape="other"),
+            _row("torch", 4.0, shape="other")]
+    results.fill_speedups(rows, "torch")
+    assert rows[0].speedup is None and rows[0].speedup_note == "unstable torch timing"
+    assert rows[1].speedup is None and rows[1].speedup_note == "unstable timing"
+    assert rows[2].speedup == pytest.approx(2.0) and rows[2].speedup_note == ""
+    table = report.markdown_table(rows)
+    assert "none: unstable torch timing" in table and "6.747" in table and "unstable" in table
+    assert "6.75×" not in table and "0.15×" not in table  # no ratio printed for the unstable pair
+
+
+def test_kernel_and_eager_times_have_their_own_columns(tmp_path):
+    kernel = _row("gptfast", 0.02, kernel_ms=0.02, eager_ms=0.126, method=harness.CUDA_GRAPH)
+    whole = _row("gptfast", 180.7, op="decode", mode="e2e", eager_ms=180.7)
+    table = report.markdown_table([kernel, whole])
+    header = table.splitlines()[0]
+    assert "| kernel ms | eager ms |" in header and "median ms" not in header
+    assert "| 0.02 | 0.126 |" in table and "|  | 180.7 |" in table  # no eager time shown as a kernel time
+    report.write_csv(str(tmp_path / "r.csv"), [kernel])
+    with open(tmp_path / "r.csv") as f:
+        row = next(csv.DictReader(f))
+    assert row["kernel_ms"] == "0.02" and row["eager_ms"] == "0.126" and row["unstable"] == "False"
+
+
+def test_cpu_kernel_and_eager_timing_is_the_wall_clock():
+    kernel, eager = harness.time_kernel_and_eager(lambda _: None, device="cpu", warmup=1, target_ms=1, max_reps=5)
+    assert kernel is None and eager.method == harness.WALL_CLOCK
+
+
+def test_runner_rows_carry_the_eager_time_and_the_load_average():
+    meta = {"device": "cpu", "versions": {}, "git_commit": "x", "timestamp": "t", "peaks": {}}
+    case = runner.Case("op", "a", "fwd", "s", "float32", lambda: ((lambda _: None), [None]), cuda_graph=True,
+                       target_ms=1, max_reps=5)
+    rows, _ = runner.run_cases([case], "cpu", meta)
+    assert rows[0].kernel_ms is None and rows[0].eager_ms == rows[0].time_ms
+    assert "load_avg_1m_end" in meta
+
+
+def test_a_loaded_machine_is_warned_about_with_its_load_average():
+    meta = {**_meta(), "load_avg_1m": 5.68, "load_avg_1m_end": 7.89, "cpu_count": 2}
+    text = report.meta_text(meta)
+    assert "1-min load average 5.68 (start), 7.89 (end) on 2 cores" in text
+    assert "WARNING: the machine was loaded while measuring (1-minute load average 7.89 > 2 cores)" in text
+    quiet = {**meta, "load_avg_1m": 0.3, "load_avg_1m_end": 0.5, "cpu_count": 16}
+    assert "WARNING" not in report.meta_text(quiet) and report.load_warning(quiet) == ""
+    assert environment.run_metadata("cpu", {})["cpu_count"] >= 1

@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptfast import checker
 from gptfast.bench import report, suite_summary, targets, warm
@@ -19,8 +20,8 @@ from gptfast.bench.results import Row
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_suite.sh"
-STAGES = ("build", "env", "warm", "check", "tune", "attention", "decode", "layernorm", "e2e_decode", "train",
-          "profile", "summary")
+STAGES = ("build", "env", "warm", "check", "tune", "tests", "attention", "decode", "layernorm", "e2e_decode", "train",
+          "hf", "overhead", "profile", "summary")
 STATUS = re.compile(r"^(ok|timed out|failed \(exit \d+\)|not available)$")
 ALLOWED_FILES = {"summary.md", "stages.tsv", "tuned.json", "results.tar.gz"}
 
@@ -59,8 +60,10 @@ def test_every_stage_has_a_status_and_the_main_ones_ran(dry_run):
     assert tuple(rows) == STAGES
     for name, fields in rows.items():
         assert STATUS.match(fields[1]), (name, fields[1])
-    for name in ("check", "summary"):
+    for name in ("check", "tests", "summary", "hf"):
         assert rows[name][1] == "ok", rows[name]
+    overhead_present = (REPO / "gptfast" / "bench" / "suites" / "overhead.py").exists()
+    assert (rows["overhead"][1] == "not available") == (not overhead_present)
     tune_present = (REPO / "gptfast" / "tune.py").exists() or (REPO / "gptfast" / "tune" / "__main__.py").exists()
     assert (rows["tune"][1] == "not available") == (not tune_present)
 
@@ -84,18 +87,43 @@ def test_the_archive_holds_every_log_and_result(dry_run):
     with tarfile.open(out / "results.tar.gz") as tar:
         names = set(tar.getnames())
     for name in STAGES:
-        if name != "tune" or f"results/logs/{name}.log" in names:
+        if name not in ("tune", "overhead") or f"results/logs/{name}.log" in names:
             assert f"results/logs/{name}.log" in names, name
     assert {"results/check.json", "results/profile/summary.json", "results/stages.tsv"} <= names
-    assert {f"results/{n}.json" for n in ("attention", "decode", "layernorm", "e2e_decode", "train")} <= names
+    assert {f"results/{n}.json" for n in ("attention", "decode", "layernorm", "e2e_decode", "train", "hf")} <= names
 
 
-def test_stage_limits_with_kill_grace_fit_in_seven_minutes():
+def test_the_tests_stage_ran_and_the_summary_counts_it(dry_run):
+    out, _ = dry_run
+    with tarfile.open(out / "results.tar.gz") as tar:
+        log = tar.extractfile("results/logs/tests.log").read().decode()
+    assert re.search(r"\[gw\d\] \[\s*\d+%\] PASSED tests/test_train_config.py::", log)  # -n 2 -v: as they come
+    summary = (out / "summary.md").read_text()
+    assert "## Tests" in summary and re.search(r"pytest: \d+ passed", summary)
+
+
+def test_warm_up_compiles_every_tuning_candidate_first_compiles_dealt_first():
+    from gptfast import tune
+
+    labels = [label for label, _ in warm.tasks("cuda", e2e=True, tune=True, compile=True)]
+    compiles = [label for label in labels if label.startswith("compile ")]
+    assert compiles and labels[:len(compiles)] == compiles  # the longest tasks start first
+    assert any("train_step" in label for label in compiles)
+    ctx = tune.Context(torch.device("cuda"), torch.bfloat16, quick=True, dry_run=False)
+    wanted = {f"tune {t.kernel} {t.key} {cfg.tag()}" for t in tune.all_tunables(ctx) for cfg in ctx.candidates(t)}
+    assert len(wanted) >= 16 and wanted <= set(labels)
+
+
+def test_stage_limits_with_kill_grace_fit_in_eight_minutes():
+    """build runs alongside env and warm; every other stage after the one before."""
     text = SCRIPT.read_text()
-    limits = dict(re.findall(r"^LIMIT_(\w+)=\$\{LIMIT_\w+:-(\d+)\}", text, flags=re.M))
+    limits = {k.lower(): int(v) for k, v in re.findall(r"^LIMIT_(\w+)=\$\{LIMIT_\w+:-(\d+)\}", text, flags=re.M)}
     grace = int(re.search(r"^GRACE=\$\{GRACE:-(\d+)\}", text, flags=re.M).group(1))
-    assert {k.lower() for k in limits} == set(STAGES)
-    assert sum(int(v) + grace for v in limits.values()) <= 420
+    assert set(limits) == set(STAGES)
+    first = max(limits["build"] + grace, limits["env"] + limits["warm"] + 2 * grace)
+    rest = sum(v + grace for k, v in limits.items() if k not in ("build", "env", "warm"))
+    assert first + rest <= 480
+    assert limits["tests"] <= 150 and 50 <= limits["tune"] <= 70
 
 
 # ---- the summary on its own: failures first, cut to fit -----------------------------------
@@ -149,8 +177,34 @@ def test_a_warm_worker_stops_at_its_first_cuda_error(monkeypatch, capsys):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     fake = [("a", lambda: ran.append("a")), ("bad", fails), ("c", lambda: ran.append("c"))]
-    monkeypatch.setattr(warm, "tasks", lambda device, e2e=False: fake)
+    monkeypatch.setattr(warm, "tasks", lambda device, *flags: fake)
     assert warm.run_worker("cpu", 0, 1, False) == 1
     out = capsys.readouterr().out
     assert ran == ["a"] and "warm[0] STOPPED at the first CUDA error, in case bad" in out
     assert "1 later case(s) not run" in out
+
+
+def test_the_summary_names_failed_tests_even_when_pytest_was_cut_short(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "tests.log").write_text(
+        "[gw0] [  1%] PASSED tests/test_a.py::test_ok \n"
+        "[gw3] [  2%] FAILED tests/test_layer_norm.py::test_bwd[bfloat16] \n"
+        "tests/test_b.py::test_plain FAILED [  3%]\n"
+        "[gw1] [  4%] ERROR tests/test_c.py::test_fixture \n"
+        "[gw2] [  5%] SKIPPED tests/test_d.py::test_cpu_only \n")
+    stages = tmp_path / "stages.tsv"
+    stages.write_text("stage\tstatus\tseconds\tlimit_s\tnote\ntests\ttimed out\t136\t134\t\n")
+    text = suite_summary.build(str(tmp_path), str(stages))
+    failures = text[text.index("## Failures"):text.index("## Targets")]
+    assert "stage **tests**: timed out" in failures
+    for test in ("FAILED tests/test_layer_norm.py::test_bwd[bfloat16]", "FAILED tests/test_b.py::test_plain",
+                 "ERROR tests/test_c.py::test_fixture"):
+        assert f"- test {test}" in failures, test
+    assert "stopped before its end" in text and "1 passed" in text and "1 skipped" in text
+    # A finished run: the -rf lines add the reason, the final line the counts.
+    with open(tmp_path / "logs" / "tests.log", "a") as f:
+        f.write("FAILED tests/test_layer_norm.py::test_bwd[bfloat16] - AssertionError: ratio 7.5\n"
+                "============ 2 failed, 1 passed, 1 skipped, 1 error in 130.20s (0:02:10) ============\n")
+    text = suite_summary.build(str(tmp_path), str(stages))
+    assert "- test FAILED tests/test_layer_norm.py::test_bwd[bfloat16]: AssertionError: ratio 7.5" in text
+    assert "pytest: 2 failed, 1 passed, 1 skipped, 1 error" in text

@@ -192,3 +192,29 @@ def test_install_copies_a_valid_table(tmp_path, tuned_dir):
     source.write_text("[]")
     with pytest.raises(_tuned.TunedTableError, match=str(source)):
         tune.install(str(source), str(tmp_path / "kernels_tuned"))
+
+
+def test_most_valuable_keys_come_first_and_every_key_is_ordered():
+    ctx = tune.Context(CUDA, torch.bfloat16, quick=True, dry_run=False)
+    names = [(t.kernel, t.key) for t in tune.all_tunables(ctx)]
+    assert names[:4] == list(tune.ORDER[:4]) and set(names) <= set(tune.ORDER)
+    assert {k for k, _ in names} == {"causal_attention.fwd", "causal_attention.dkdv", "causal_attention.dq",
+                                     "decode_attention.split", "layer_norm.fwd", "layer_norm.bwd"}
+    tunable = tune.all_tunables(ctx)[0]
+    assert ctx.candidates(tunable) == tunable.candidates  # --quick: every candidate, the first shape
+
+
+def test_a_spent_budget_leaves_a_valid_table_of_the_first_keys(tmp_path):
+    out = tmp_path / "tuned.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get(
+        "PYTHONPATH")])))
+    run = subprocess.run([sys.executable, "-m", "gptfast.tune", "--out", str(out), "--dry-run", "--budget-s", "0.001",
+                          "--kernels", "decode_attention,layer_norm"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "time budget of 0.001 s spent: not tuned" in run.stdout
+    table = _tuned.read_table(str(out))
+    assert list(table["configs"]) == [("decode_attention.split", "d64_16bit")]  # the first in ORDER, only
+    bad = subprocess.run([sys.executable, "-m", "gptfast.tune", "--out", str(out), "--dry-run", "--budget-s", "0"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "--budget-s must be positive, got 0" in bad.stderr

@@ -12,7 +12,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -103,9 +103,20 @@ def measure_peaks(device) -> Dict[str, float]:
     return dict(_PEAKS[key])
 
 
+def load_average() -> Optional[float]:
+    """The host's 1-minute load average (None where the OS does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def run_metadata(device, peaks: Dict[str, float]) -> Dict:
-    """The header of a result file: shared by all its rows."""
+    """The header of a result file: shared by all its rows. ``load_avg_1m`` is the host's
+    load when measuring starts (``report.load_warning`` warns when it exceeds the cores)."""
     return {
+        "load_avg_1m": load_average(),
+        "cpu_count": os.cpu_count(),
         "device": device_name(device),
         "device_type": torch.device(device).type,
         "versions": versions(),

@@ -7,11 +7,20 @@ Three ways to time one call of ``fn(inputs)``:
   L2; each repetition is bracketed by its own pair of CUDA events and all are read
   after a single synchronisation at the end (no host sync between repetitions).
 * **CUDA-graph replay** (``cuda_graph=True``, for kernels of a few microseconds, whose
-  launch overhead would otherwise dominate): ``graph_calls`` calls are captured into
-  one CUDA graph, each replay is timed with events and divided by ``graph_calls``.
+  launch overhead would otherwise dominate): up to ``graph_calls`` calls (enough for
+  about a millisecond of work) are captured into one CUDA graph on the harness's side
+  stream (``side_stream``), each replay is timed with events and divided by the calls.
   If capture fails (an op that syncs with the host), the events method is used and
   the result says so.
 * **Wall clock** on the CPU: ``time.perf_counter`` around each call.
+
+``time_kernel_and_eager`` times one callable both ways on CUDA: the *kernel* time
+(graph replay: what the GPU spends, host launch cost removed) and the *eager* time
+(events around plain calls: what a caller of the op sees, host-bound for small
+kernels); a report keeps the two in separate columns, never one as the other.
+
+A timing whose p20-p80 spread exceeds ``UNSTABLE_SPREAD`` of its median is *unstable*
+(a loaded machine, clock changes): reports mark it and give no speedup from it.
 
 Repetitions rotate over several input sets, so that a later repetition does not find
 data an earlier one left in a cache. The number of repetitions adapts to the speed of
@@ -28,6 +37,11 @@ import torch
 WALL_CLOCK = "wall-clock"
 CUDA_EVENTS = "cuda-events+l2-flush"
 CUDA_GRAPH = "cuda-graph"
+
+# (p80 - p20) / median above this: the timing is too noisy to compare.
+UNSTABLE_SPREAD = 0.25
+# A CUDA graph holds enough calls for about this much GPU work (at least one call).
+GRAPH_WORK_MS = 1.0
 
 
 @dataclass
@@ -47,6 +61,15 @@ class Timing:
         self.median_ms = percentile(self.samples_ms, 50)
         self.p20_ms = percentile(self.samples_ms, 20)
         self.p80_ms = percentile(self.samples_ms, 80)
+
+    @property
+    def spread(self) -> float:
+        """(p80 - p20) / median: the relative width of the middle of the samples."""
+        return (self.p80_ms - self.p20_ms) / self.median_ms if self.median_ms > 0 else math.inf
+
+    @property
+    def unstable(self) -> bool:
+        return self.spread > UNSTABLE_SPREAD
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -106,6 +129,31 @@ def time_call(
                 return timing
         return _time_cuda_events(fn, input_sets, device, warmup, target_ms, min_reps, max_reps, flush_l2)
     return _time_wall_clock(fn, input_sets, warmup, target_ms, min_reps, max_reps)
+
+
+def time_kernel_and_eager(
+    fn: Callable[[Any], Any],
+    input_sets: Optional[Sequence[Any]] = None,
+    *,
+    device="cpu",
+    warmup: int = 3,
+    target_ms: float = 200.0,
+    min_reps: int = 5,
+    max_reps: int = 100,
+    flush_l2: bool = True,
+    graph_calls: int = 20,
+) -> Tuple[Optional[Timing], Timing]:
+    """``(kernel, eager)`` timings of ``fn``: on CUDA the kernel time by CUDA-graph replay
+    (None when capture fails: the eager timing's note says why) and the eager time by
+    events around plain calls, each with half of ``target_ms``; elsewhere ``(None,
+    wall clock)``."""
+    options = dict(device=device, warmup=warmup, min_reps=min_reps, max_reps=max_reps, flush_l2=flush_l2)
+    if _as_device(device).type != "cuda":
+        return None, time_call(fn, input_sets, target_ms=target_ms, **options)
+    graph = time_call(fn, input_sets, target_ms=target_ms / 2, cuda_graph=True, graph_calls=graph_calls, **options)
+    if graph.method != CUDA_GRAPH:  # capture failed: what was measured is the eager time
+        return None, graph
+    return graph, time_call(fn, input_sets, target_ms=target_ms / 2, **options)
 
 
 def host_timed_ms(fn: Callable[[Any], Any], arg: Any = None, device="cpu") -> Tuple[float, Any]:
@@ -172,20 +220,41 @@ def _time_cuda_events(fn, input_sets, device, warmup, target_ms, min_reps, max_r
     return Timing(samples, CUDA_EVENTS)
 
 
+_SIDE_STREAMS = {}
+
+
+def side_stream(device) -> "torch.cuda.Stream":
+    """The one non-default stream per device on which graphs are warmed up and captured.
+    Work whose autograd backward is captured later (a forward run before timing) runs
+    its forward here too: backward ops run on their forward's stream, and capture
+    cannot record work on another stream."""
+    device = _as_device(device)
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
+
+
 def _time_cuda_graph(fn, input_sets, device, warmup, target_ms, min_reps, max_reps, flush_l2, graph_calls) -> Timing:
     n = len(input_sets)
     flush = l2_flush_buffer(device) if flush_l2 else None
     with torch.cuda.device(device):
-        # Capture needs the callable warmed up on a side stream first (lazy init, JIT).
-        side = torch.cuda.Stream()
+        # Capture needs the callable warmed up on the capture stream first (lazy init, JIT).
+        side = side_stream(device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for i in range(warmup):
+            for i in range(warmup - 1):
                 fn(input_sets[i % n])
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(input_sets[(warmup - 1) % n])  # the last warm-up call (past any compile): the estimate
+            end.record()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+        # Enough calls per graph to amortise the replay's own launch, no more.
+        graph_calls = max(1, min(graph_calls, math.ceil(GRAPH_WORK_MS / max(start.elapsed_time(end), 1e-3))))
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             for i in range(graph_calls):
                 fn(input_sets[i % n])
         graph.replay()

@@ -14,9 +14,10 @@ from gptfast.bench.results import SCHEMA_VERSION, Row, Skipped, throughput, unit
 # ---------------------------------------------------------------------------------
 
 CSV_COLUMNS = (
-    "op", "provider", "mode", "shape", "dtype", "time_ms", "p20_ms", "p80_ms", "tflops", "gbps",
-    "tokens_per_s", "mfu", "fraction_of_peak", "peak", "speedup", "baseline", "method", "note",
-    "device", "versions", "git_commit", "timestamp",
+    "op", "provider", "mode", "shape", "dtype", "time_ms", "p20_ms", "p80_ms", "kernel_ms", "eager_ms",
+    "eager_p20_ms", "eager_p80_ms", "unstable", "tflops", "gbps", "tokens_per_s", "mfu", "fraction_of_peak",
+    "peak", "speedup", "baseline", "speedup_note", "method", "note", "device", "versions", "git_commit",
+    "timestamp",
 )
 
 
@@ -127,19 +128,42 @@ def rate_text(row: Row) -> str:
     return text
 
 
+def kernel_cell(row: Row) -> str:
+    """The kernel (CUDA-graph replay) time, or empty: never the eager time in its place."""
+    return _fmt(row.kernel_ms, ".4g")
+
+
+def eager_cell(row: Row) -> str:
+    """The eager (plain calls) time; rows timed only as whole calls (no kernel time) show
+    their time here."""
+    return _fmt(row.eager_ms if row.eager_ms is not None else (row.time_ms if row.kernel_ms is None else None),
+                ".4g")
+
+
+def speedup_text(row: Row, vs: str = " vs ") -> str:
+    """The speedup, or why there is none (an unstable timing: no ratio printed as a fact)."""
+    if row.speedup is not None:
+        return f"{row.speedup:.2f}×{vs}{row.baseline}"
+    return f"none: {row.speedup_note}" if row.speedup_note else ""
+
+
 def markdown_table(rows: Sequence[Row], deltas: Optional[Dict] = None) -> str:
-    """One table of all rows, grouped by op and mode, providers side by side per shape."""
-    header = ["op", "mode", "shape", "dtype", "provider", "median ms", "p20–p80 ms", "rate", "% of peak", "speedup"]
+    """One table of all rows, grouped by op and mode, providers side by side per shape.
+
+    ``kernel ms``: CUDA-graph replay; ``eager ms``: plain calls (or the whole call, for
+    rows with no kernel time); ``p20–p80`` belongs to the time the rate comes from (the
+    kernel time where there is one); ``unstable`` marks a wide spread."""
+    header = ["op", "mode", "shape", "dtype", "provider", "kernel ms", "eager ms", "p20–p80 ms", "rate",
+              "% of peak", "speedup"]
     if deltas is not None:
         header.append("Δ% time")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = sorted(rows, key=lambda r: (r.op, r.mode, r.group, r.size if r.size is not None else 0, r.shape, r.dtype, r.provider))
     for r in order:
+        spread = f"{_fmt(r.p20_ms, '.4g')}–{_fmt(r.p80_ms, '.4g')}" + (" unstable" if r.unstable else "")
         cells = [
-            r.op, r.mode, r.shape, r.dtype, r.provider, _fmt(r.time_ms, ".4g"),
-            f"{_fmt(r.p20_ms, '.4g')}–{_fmt(r.p80_ms, '.4g')}", rate_text(r),
-            _fmt(None if r.fraction_of_peak is None else 100 * r.fraction_of_peak, ".1f"),
-            "" if r.speedup is None else f"{r.speedup:.2f}× vs {r.baseline}",
+            r.op, r.mode, r.shape, r.dtype, r.provider, kernel_cell(r), eager_cell(r), spread, rate_text(r),
+            _fmt(None if r.fraction_of_peak is None else 100 * r.fraction_of_peak, ".1f"), speedup_text(r),
         ]
         if deltas is not None:
             d = deltas.get(r.key())
@@ -175,7 +199,25 @@ def meta_text(meta: Dict) -> str:
             f"measured peaks: copy {peaks.get('copy_gbps', 0):,.0f} GB/s, "
             f"{peaks.get('matmul_dtype', '')} matmul {peaks.get('matmul_tflops', 0):.4g} TFLOP/s"
         )
-    return " | ".join(p for p in parts if p)
+    if meta.get("load_avg_1m") is not None:
+        end = meta.get("load_avg_1m_end")
+        parts.append(f"1-min load average {meta['load_avg_1m']:.2f}"
+                     + (f" (start), {end:.2f} (end)" if end is not None else "")
+                     + f" on {meta.get('cpu_count', '?')} cores")
+    text = " | ".join(p for p in parts if p)
+    warning = load_warning(meta)
+    return text + ("\n\n" + warning if warning else "")
+
+
+def load_warning(meta: Dict) -> str:
+    """A warning line when the host was loaded while measuring (the 1-minute load average,
+    at the start or the end of the run, above the core count), else empty."""
+    cores = meta.get("cpu_count")
+    loads = [meta.get(k) for k in ("load_avg_1m", "load_avg_1m_end") if meta.get(k) is not None]
+    if not cores or not loads or max(loads) <= cores:
+        return ""
+    return (f"WARNING: the machine was loaded while measuring (1-minute load average {max(loads):.2f} > "
+            f"{cores} cores): host-side times are unreliable; rows marked unstable give no speedup")
 
 
 # ---------------------------------------------------------------------------------

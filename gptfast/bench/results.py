@@ -4,6 +4,13 @@ A row is one (op, provider, mode, shape, dtype) measurement. Its work per call -
 FLOPs, bytes moved or tokens produced -- turns the median time into TFLOP/s, GB/s or
 tokens/s; the device's measured peak turns that into a fraction of peak; the baseline
 provider's row with the same op, mode, shape and dtype turns it into a speedup.
+
+Kernel rows carry two times, never one in place of the other: ``kernel_ms`` (CUDA-graph
+replay: the GPU's time) and ``eager_ms`` (plain calls: what a caller sees, host launch
+cost included); ``time_ms`` (with ``p20_ms``/``p80_ms``), from which rates and speedups
+come, is the kernel time where there is one, else the eager (or whole-call) time, and
+``method`` says which. A row whose time spread is wide is ``unstable``: it gets no
+speedup, and neither does a row compared against it (``speedup_note`` says why).
 """
 import dataclasses
 from dataclasses import dataclass, field
@@ -47,6 +54,12 @@ class Row:
     speedup: Optional[float] = None
     baseline: Optional[str] = None
     method: str = ""
+    kernel_ms: Optional[float] = None  # CUDA-graph replay, per call
+    eager_ms: Optional[float] = None  # plain calls (CUDA events or wall clock), per call
+    eager_p20_ms: Optional[float] = None
+    eager_p80_ms: Optional[float] = None
+    unstable: bool = False  # time_ms's p20-p80 spread is wider than harness.UNSTABLE_SPREAD
+    speedup_note: str = ""  # why a speedup was withheld
     note: str = ""
     device: str = ""
     versions: Dict[str, str] = field(default_factory=dict)
@@ -126,10 +139,16 @@ def fill_speedups(rows: List[Row], baseline: Union[str, Dict[str, str]]) -> List
     def baseline_of(op: str) -> Optional[str]:
         return baseline if isinstance(baseline, str) else baseline.get(op, baseline.get("*"))
 
-    base = {(r.op, r.mode, r.shape, r.dtype): r.time_ms for r in rows if r.provider == baseline_of(r.op)}
+    base = {(r.op, r.mode, r.shape, r.dtype): r for r in rows if r.provider == baseline_of(r.op)}
     for r in rows:
-        t = base.get((r.op, r.mode, r.shape, r.dtype))
-        if t is not None and r.time_ms > 0:
-            r.speedup = t / r.time_ms
-            r.baseline = baseline_of(r.op)
+        b = base.get((r.op, r.mode, r.shape, r.dtype))
+        if b is None or r.time_ms <= 0:
+            continue
+        r.baseline = baseline_of(r.op)
+        if r.unstable or b.unstable:  # a ratio of noisy times is no fact
+            r.speedup = None
+            r.speedup_note = "unstable timing" if r.unstable else f"unstable {r.baseline} timing"
+        else:
+            r.speedup = b.time_ms / r.time_ms
+            r.speedup_note = ""
     return rows

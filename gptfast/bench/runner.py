@@ -15,8 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from gptfast.bench.environment import load_average
 from gptfast.bench.cuda_errors import STOPPED, is_cuda_error, short_error, stop_message
-from gptfast.bench.harness import time_call
+from gptfast.bench.harness import time_call, time_kernel_and_eager
 from gptfast.bench.results import Row, Skipped, fill_rates
 
 # Priorities: the rows issue targets are judged on, the other providers, then the
@@ -44,7 +45,7 @@ class Case:
     tokens: Optional[float] = None
     peak: Optional[str] = None
     priority: int = CORE
-    cuda_graph: bool = False
+    cuda_graph: bool = False  # a kernel row: on CUDA, time graph replay (kernel) and plain calls (eager)
     warmup: int = 3
     target_ms: float = 100.0
     min_reps: int = 5
@@ -70,18 +71,24 @@ def _measure(case: Case, device: torch.device, meta: Dict) -> Row:
     """Build ``case``, time it and return its row (with rates; fractions of peak on CUDA only:
     on a CPU small inputs live in caches and the measured peaks say little)."""
     fn = inputs = None
+    options = dict(device=device, warmup=case.warmup, target_ms=case.target_ms, min_reps=case.min_reps,
+                   max_reps=case.max_reps, **case.timing_options)
     try:
         fn, inputs = case.build()
-        timing = time_call(fn, inputs, device=device, warmup=case.warmup, target_ms=case.target_ms,
-                           min_reps=case.min_reps, max_reps=case.max_reps, cuda_graph=case.cuda_graph,
-                           **case.timing_options)
+        if case.cuda_graph:  # a kernel row: the graph-replay and the eager time, each in its column
+            kernel, eager = time_kernel_and_eager(fn, inputs, **options)
+        else:
+            kernel, eager = None, time_call(fn, inputs, **options)
     finally:
         del fn, inputs
         _release_memory(device)
+    timing = kernel or eager  # the headline time: the kernel's where there is one
     row = Row(op=case.op, provider=case.provider, mode=case.mode, shape=case.shape, dtype=case.dtype,
               time_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, group=case.group,
               size=case.size, size_name=case.size_name, flops=case.flops, bytes=case.bytes, tokens=case.tokens,
-              peak=case.peak, method=timing.method, note="; ".join(n for n in (case.note, timing.note) if n),
+              peak=case.peak, method=timing.method, kernel_ms=None if kernel is None else kernel.median_ms,
+              eager_ms=eager.median_ms, eager_p20_ms=eager.p20_ms, eager_p80_ms=eager.p80_ms,
+              unstable=timing.unstable, note="; ".join(n for n in (case.note, eager.note) if n),
               device=meta["device"], versions=meta["versions"], git_commit=meta["git_commit"],
               timestamp=meta["timestamp"])
     return fill_rates(row, meta.get("peaks", {}) if meta.get("device_type") == "cuda" else {})
@@ -114,7 +121,8 @@ def run_cases(
     timestamp and peaks stamped on every row. A case that raises becomes a skipped row
     with the error; Ctrl-C (or SIGTERM turned into KeyboardInterrupt by the caller) and a
     CUDA error (the context is broken, so later cases would fail too: the log line names
-    the case) stop the run, and the cases not run are skipped rows saying why.
+    the case) stop the run, and the cases not run are skipped rows saying why. At the end
+    ``meta["load_avg_1m_end"]`` is set to the host's load average.
     ``progress(rows, skipped)`` is called after every measured or failed case (to save
     what is done, should the process be killed outright).
     """
@@ -148,4 +156,5 @@ def run_cases(
             log(f"[{done + 1}/{len(cases)}] {case.label()}: {message}")
         if progress:
             progress([measured[i] for i in sorted(measured)], skipped)
+    meta["load_avg_1m_end"] = load_average()  # with the start's: report.load_warning
     return [measured[i] for i in sorted(measured)], skipped

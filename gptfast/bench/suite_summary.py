@@ -5,9 +5,11 @@ characters of a run's output (what comes back from a GPU lease besides a few fil
         [--tuned TUNED_JSON] [--title TEXT]
 
 Order, most needed first: what failed (stages that failed or timed out, failed check
-rows, benchmark cases that raised), the targets of BENCHMARKS.md (met / missed / not
+rows, the tests stage's failed tests -- read from its log as pytest printed them, so a
+stage cut short still names the failures seen so far -- benchmark cases that raised), the targets of BENCHMARKS.md (met / missed / not
 measured), the check's pass counts per op and dtype, the stage table, the profile's host
-syncs, then the ``gptfast`` benchmark rows, cut to fit (every row is in the results
+syncs, the tests stage's counts, then the ``gptfast`` benchmark rows (kernel and eager
+time in separate columns; unstable rows give no speedup), cut to fit (every row is in the results
 archive). Reads what the stages wrote into RESULTS_DIR: ``check.json``, every bench
 results file (``*.json`` with rows), ``profile/summary.json``.
 """
@@ -16,6 +18,7 @@ import csv
 import glob
 import json
 import os
+import re
 from collections import Counter
 from typing import Dict, List, Optional, Sequence
 
@@ -55,9 +58,59 @@ def _load(path: str) -> Optional[Dict]:
         return json.load(f)
 
 
-def _failures(stages, check, skipped) -> List[str]:
+# pytest -v progress lines: "[gw3] [ 12%] FAILED tests/x.py::t" (xdist) or "tests/x.py::t FAILED [ 12%]";
+# "-rf" summary lines: "FAILED tests/x.py::t - reason".
+_XDIST_LINE = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)")
+_PLAIN_LINE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_SHORT_LINE = re.compile(r"^(FAILED|ERROR) (\S+::\S+|\S+\.py)(?: - (.*))?$")
+_FINAL_LINE = re.compile(r"^=+ (.*(?:passed|failed|error|skipped|no tests ran).*) in [\d.]+s")
+
+
+def read_tests_log(path: str) -> Optional[Dict]:
+    """What the tests stage's pytest printed (``-v -rfE``, as it went): outcome counts, the
+    failed / errored test ids with a reason where the final summary gave one, and the
+    final line (absent when the stage was cut short). None when there is no log."""
+    if not os.path.exists(path):
+        return None
+    counts: Counter = Counter()
+    failed: Dict[str, str] = {}
+    final = None
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            m = _XDIST_LINE.match(line)
+            outcome, test = (m.group(1), m.group(2)) if m else (None, None)
+            if m is None and (m := _PLAIN_LINE.match(line)):
+                test, outcome = m.group(1), m.group(2)
+            if outcome:
+                counts[outcome] += 1
+                if outcome in ("FAILED", "ERROR"):
+                    failed.setdefault(f"{outcome} {test}", "")
+                continue
+            if m := _SHORT_LINE.match(line):
+                failed[f"{m.group(1)} {m.group(2)}"] = (m.group(3) or "")[:160]
+            elif m := _FINAL_LINE.match(line):
+                final = m.group(1)
+    return {"counts": dict(counts), "failed": failed, "final": final}
+
+
+def _tests_section(tests) -> List[str]:
+    if tests is None:
+        return ["not run (no logs/tests.log)"]
+    c = tests["counts"]
+    seen = ", ".join(f"{n} {k.lower()}" for k, n in sorted(c.items())) or "no test reported"
+    return [f"pytest: {tests['final']}" if tests["final"] else
+            f"pytest was stopped before its end (time limit?): seen so far {seen}"]
+
+
+def _failures(stages, check, skipped, tests=None) -> List[str]:
     lines = [f"- stage **{s['stage']}**: {s['status']}" + (f" ({s['note']})" if s.get("note") else "")
              for s in stages if s["status"] not in ("ok", "not available")]
+    failed_tests = list((tests or {}).get("failed", {}).items())
+    for test, why in failed_tests[:LIST_AT_MOST]:
+        lines.append(f"- test {test}" + (f": {why}" if why else ""))
+    if len(failed_tests) > LIST_AT_MOST:
+        lines.append(f"- … {len(failed_tests) - LIST_AT_MOST} more failed tests (results.tar.gz: logs/tests.log)")
     failed = [r for r in (check or {}).get("results", []) if not r["passed"]]
     for r in failed[:LIST_AT_MOST]:
         lines.append(f"- check FAIL {r['op']} {r['variant']} [{r['shape']}] {r['dtype']} {r['direction']}: "
@@ -121,12 +174,15 @@ def _rows_section(rows, room: int) -> List[str]:
     ours = [r for r in rows if r.provider == "gptfast"]
     if not ours:
         return ["no gptfast rows were measured"]
-    lines = ["| op | mode | shape | dtype | median ms | rate | % of peak | speedup |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["kernel ms: CUDA-graph replay; eager ms: plain calls (whole calls for end-to-end rows); "
+             "rate, % of peak and speedup from the kernel time where there is one", "",
+             "| op | mode | shape | dtype | kernel ms | eager ms | rate | % of peak | speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
     used = sum(len(x) + 1 for x in lines)
     for i, r in enumerate(sorted(ours, key=lambda r: (r.op, r.mode, r.shape))):
         peak = "" if r.fraction_of_peak is None else f"{r.fraction_of_peak:.0%}"
-        speedup = "" if r.speedup is None else f"{r.speedup:.2f}× {r.baseline}"
-        line = f"| {r.op} | {r.mode} | {r.shape} | {r.dtype} | {r.time_ms:.4g} | {report.rate_text(r)} | {peak} | {speedup} |"
+        line = (f"| {r.op} | {r.mode} | {r.shape} | {r.dtype} | {report.kernel_cell(r)} | {report.eager_cell(r)} | "
+                f"{report.rate_text(r)} | {peak} | {report.speedup_text(r, ' ')} |")
         if used + len(line) + 80 > room:
             lines.append(f"\n… {len(ours) - i} more gptfast rows, and all other providers, in results.tar.gz")
             break
@@ -148,10 +204,12 @@ def build(results_dir: str, stages_path: str, tuned_path: Optional[str] = None, 
         parts += [report.meta_text(meta), ""]
     tuned = _load(tuned_path) if tuned_path else None
     parts += [f"Tuned table: {'written (tuned.json)' if tuned is not None else 'not written'}", ""]
-    failures = _failures(stages, check, skipped)
+    tests = read_tests_log(os.path.join(results_dir, "logs", "tests.log"))
+    failures = _failures(stages, check, skipped, tests)
     parts += ["## Failures", ""] + (failures or ["none"]) + [""]
     parts += ["## Targets (BENCHMARKS.md)", ""] + _targets_section(rows, profile) + [""]
     parts += ["## Check", ""] + _check_section(check) + [""]
+    parts += ["## Tests", ""] + _tests_section(tests) + [""]
     parts += ["## Stages", ""] + _stages_section(stages) + [""]
     parts += ["## Profile", ""] + _profile_section(profile) + [""]
     text = "\n".join(parts)

@@ -70,7 +70,7 @@ def _measure(args, device):
         cases, skipped = suites.collect(args.suite, device, args.quick)
         cases = _keep(_keep(cases, args.ops), args.providers)
         skipped = _keep(_keep(skipped, args.ops), args.providers)
-        if not cases:
+        if not cases and (args.ops or args.providers or not skipped):  # all skipped here (GPU only): a report
             raise ValueError("no benchmark case matches --ops/--providers")
         log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
         print(f"{len(cases)} cases on {meta['device']}"

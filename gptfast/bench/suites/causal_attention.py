@@ -168,7 +168,7 @@ def padded_gqa_cases(device):
                     build=partial(_build_padded, provider, mode, batch, seq_len, device),
                     group=f"causal_attention {mode} gqa {GQA_HEADS}/{GQA_KV_HEADS} padded D={GQA_HEAD_DIM} bfloat16",
                     size=seq_len, size_name="T", flops=causal_flops(batch, GQA_HEADS, seq_len, GQA_HEAD_DIM, mode),
-                    peak=PEAK_MATMUL, priority=PRIORITY[provider],
+                    peak=PEAK_MATMUL, priority=PRIORITY[provider], cuda_graph=True,
                 ))
     return out, skipped
 
@@ -193,6 +193,7 @@ def cases(device, quick: bool = False) -> Tuple[List[Case], List[Skipped]]:
                     group=f"causal_attention {mode} D={head_dim} {dtype_name(dtype)}", size=seq_len, size_name="T",
                     flops=causal_flops(batch, heads, seq_len, head_dim, mode), peak=PEAK_MATMUL,
                     priority=PRIORITY[provider], warmup=5 if provider == "torch.compile" else 3,
+                    cuda_graph=True,
                 ))
     padded, skipped = padded_gqa_cases(device)
     return out + padded, skipped

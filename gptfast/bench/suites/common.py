@@ -60,14 +60,30 @@ class GradSet:
     grad_out: torch.Tensor
 
 
+def _forward_for_capture(forward: Callable, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``forward(*inputs)``, on CUDA run on ``harness.side_stream``: autograd runs each
+    backward op on its forward's stream, and a CUDA graph captures one stream's work."""
+    if not inputs[0].is_cuda:
+        return forward(*inputs)
+    from gptfast.bench.harness import side_stream
+
+    stream = side_stream(inputs[0].device)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = forward(*inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    return out
+
+
 def timed_callable(mode: str, forward: Callable, make_inputs: Callable[[], Sequence[torch.Tensor]],
                    n_sets: int, grad_indices: Sequence[int]):
     """Input sets and the callable that times ``mode`` of ``forward(*inputs)``.
 
     ``fwd`` times the forward alone on inputs that need no gradient. ``bwd`` runs the
     forward once per input set up front and times only ``torch.autograd.grad`` through
-    it (``retain_graph`` keeps the graph for the next repetition). ``fwd+bwd`` times both.
-    Gradients go to the inputs at ``grad_indices``.
+    it (``retain_graph`` keeps the graph for the next repetition; on CUDA that forward runs
+    on the harness's capture stream, so the backward can be graph-captured). ``fwd+bwd``
+    times both. Gradients go to the inputs at ``grad_indices``.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -81,7 +97,7 @@ def timed_callable(mode: str, forward: Callable, make_inputs: Callable[[], Seque
             inputs[i].requires_grad_(True)
         leaves = [inputs[i] for i in grad_indices]
         if mode == "bwd":
-            out = forward(*inputs)
+            out = _forward_for_capture(forward, inputs)
             sets.append(GradSet(out, leaves, torch.randn_like(out)))
         else:
             sets.append((inputs, leaves))

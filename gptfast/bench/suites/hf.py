@@ -22,6 +22,7 @@ PROVIDERS = ("eager", "sdpa", "gptfast")
 TRAIN_BATCH, TRAIN_LEN = 8, 1024
 GEN_BATCH, PROMPT_LEN, NEW_TOKENS = 8, 128, 128
 TIMING = dict(warmup=1, min_reps=3, max_reps=10, target_ms=1000.0)
+QUICK_TIMING = dict(warmup=1, min_reps=2, max_reps=5, target_ms=400.0)  # a GPU suite stage of ~30 s
 
 _models = {}
 
@@ -89,5 +90,5 @@ def cases(device, quick: bool = False) -> Tuple[List[Case], List[Skipped]]:
                 continue
             out.append(Case(op="hf_gpt2", provider=provider, mode=mode, shape=shape, dtype="bfloat16",
                             build=partial(build, provider, device), group=f"hf_gpt2 {mode} gpt2-124M bfloat16",
-                            tokens=tokens, priority=CORE, **TIMING))
+                            tokens=tokens, priority=CORE, **(QUICK_TIMING if quick else TIMING)))
     return out, skipped

@@ -109,5 +109,6 @@ def cases(device, quick: bool = False) -> Tuple[List[Case], List[Skipped]]:
                     group=f"layer_norm {mode} {rows} rows {dtype_name(dtype)}", size=hidden, size_name="hidden",
                     bytes=TRAFFIC[mode] * rows * hidden * dtype.itemsize, peak=PEAK_COPY,
                     priority=PRIORITY[provider], warmup=5 if provider == "torch.compile" else 3,
+                    cuda_graph=True,
                 ))
     return out, []
