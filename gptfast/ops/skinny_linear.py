@@ -202,7 +202,7 @@ def _validate_kv(x, weight, k_cache, v_cache, positions) -> None:
         bad = (positions < 0) | (positions >= seq_len)
         if bool(bad.any()):
             b, t = (int(i) for i in bad.nonzero()[0])
-            _fail(op, "positions", f"[{b}, {t}] = {int(positions[b, t])} is outside [0, {seq_len}) "
+            _fail(op, f"positions[{b}, {t}]", f"= {int(positions[b, t])} is outside [0, {seq_len}) "
                   f"(the cache holds {seq_len} positions)")
 
 
