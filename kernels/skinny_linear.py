@@ -212,15 +212,17 @@ def block_m_for(m: int) -> int:
     return 16 if m <= MAX_ROWS else 32
 
 
-def builtin_config(m: int) -> LaunchConfig:
-    """64 output channels x the rows, K in steps of 128, 4 warps, 3 stages."""
-    return LaunchConfig(num_warps=4, num_stages=3, block_m=block_m_for(m), block_n=64, block_k=128)
+def builtin_config(m: int, kind: str = "16bit") -> LaunchConfig:
+    """64 output channels x the rows, K in steps of 128, 4 warps, 3 stages; fp32 activations
+    (IEEE products on the CUDA cores, the weight tile held in registers) step K by 32."""
+    return LaunchConfig(num_warps=4, num_stages=3, block_m=block_m_for(m), block_n=64,
+                        block_k=32 if kind == "fp32" else 128)
 
 
 def tile_config(m: int, n: int, k: int, kind: str, device: Optional[torch.device] = None) -> LaunchConfig:
     """The launch config: the device's tuned one for (N, K) when its table has it, else the
     built-in one (the row tile always follows from ``m``)."""
-    builtin = builtin_config(m)
+    builtin = builtin_config(m, kind)
     if device is None or device.type != "cuda":
         return builtin
     tuned = pick("skinny_linear.fwd", config_key(n, k, kind), builtin, device)
@@ -417,5 +419,5 @@ def candidate_configs():
 def precision_configs():
     """fp32 activations: IEEE fp32 products (``fma.rn.f32``, no TF32), and the layer
     norm's and GELU's divisions round to nearest (``div.rn.f32``)."""
-    return [_entry("fc_gelu_fp32", builtin_config(1), torch.float32, layer_norm=True, gelu=True, split_k=True,
+    return [_entry("fc_gelu_fp32", builtin_config(1, "fp32"), torch.float32, layer_norm=True, gelu=True, split_k=True,
                    require_ptx=("fma.rn.f32", "div.rn.f32"))]
