@@ -295,3 +295,13 @@ def test_static_configs_listed():
     assert {c["constexprs"]["QUANTIZED"] for c in configs} == {False, True}
     assert not any(c["require_hgmma"] for c in configs)
     assert all(cfgs[0] == kernel().builtin_config(1) for cfgs in kernel().CANDIDATES["fwd"].values())
+
+
+@needs_triton
+def test_opcheck():
+    x, weight, kw = make(2, 12, 8, torch.float32, ln=True, residual=True)
+    args = (x, weight, kw["bias"], None, kw["ln_weight"], kw["ln_bias"], kw["residual"], 1e-5, True)
+    torch.library.opcheck(torch.ops.gptfast.skinny_linear.default, args)
+    x, weight, kw, k_cache, v_cache, positions = _kv_inputs(2, 1, torch.float32, False, False)
+    torch.library.opcheck(torch.ops.gptfast.skinny_linear_kv.default,
+                          (x, weight, kw["bias"], k_cache, v_cache, positions, None, None, None, 1e-5))
