@@ -75,8 +75,16 @@ def _int8_linear_inputs(device, dtype, large):
             "bias": 0.1 * torch.randn(n, device=device, dtype=dtype)}
 
 
+def _skinny_linear_inputs(device, dtype, large):
+    rows, n, k = (16, 3072, 768) if large else (3, 96, 64)
+    return {"x": torch.randn(rows, k, device=device, dtype=dtype),
+            "weight": 0.05 * torch.randn(n, k, device=device, dtype=dtype),
+            "bias": 0.1 * torch.randn(n, device=device, dtype=dtype)}
+
+
 _EXAMPLES = {"layer_norm": _layer_norm_inputs, "causal_attention": _causal_attention_inputs,
-             "decode_attention": _decode_attention_inputs, "int8_linear": _int8_linear_inputs}
+             "decode_attention": _decode_attention_inputs, "int8_linear": _int8_linear_inputs,
+             "skinny_linear": _skinny_linear_inputs}
 
 
 def _spec(name: str, grad_inputs: Tuple[str, ...]) -> OpSpec:
@@ -89,6 +97,7 @@ OPS: Tuple[OpSpec, ...] = (
     _spec("causal_attention", ("q", "k", "v")),
     _spec("decode_attention", ()),
     _spec("int8_linear", ()),
+    _spec("skinny_linear", ()),
 )
 NAMES: Tuple[str, ...] = tuple(op.name for op in OPS)
 
