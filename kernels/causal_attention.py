@@ -42,8 +42,8 @@ Backward. With P = softmax(S), S = scale * Q K^T and dO the output gradient:
   3. ``_attn_bwd_dq_kernel``: one program per query block; walks the key blocks from 0
      to the diagonal, the same loop shape as the forward.
 Splitting dQ from dK/dV recomputes P twice but needs no atomics and no fp32 dQ buffer,
-and every program writes its own rows, so results are deterministic. The ``atomic_dq``
-variants of the dK/dV kernel fuse the two passes instead: each (key block, query block)
+and every program writes its own rows, so results are deterministic. The atomic
+variant (``tma_atomic_dq``) of the dK/dV kernel fuses the two passes instead: each (key block, query block)
 step of the dK/dV program, which already holds dS, adds its share dS K of dQ to an fp32
 (B * H, Tq, D) sum with atomic adds (the delta kernel clears it, a last small kernel
 scales and casts it into dQ). That is five products per step instead of the split's
@@ -618,7 +618,7 @@ _CANDIDATE_TILES = {  # kernel -> BLOCK_D -> (block_m, block_n, warps, stages[, 
                   (32, 64, 4, 2, "tma_atomic_dq")),
              128: ((32, 128, 8, 2), (16, 128, 8, 2), (32, 128, 8, 2, "tma"), (64, 64, 8, 2, "tma"),
                    (32, 128, 8, 2, "tma_atomic_dq"), (16, 128, 8, 2, "tma_atomic_dq"),
-                   (64, 64, 8, 2, "tma_atomic_dq"), (32, 64, 4, 2, "tma_atomic_dq"))},
+                   (64, 64, 8, 2, "tma_atomic_dq"))},  # (32, 64, 4, 2, tma_atomic_dq) spills at D=128
     "dq": {64: ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2, "tma"), (128, 64, 8, 3, "tma"),
                 (128, 128, 8, 2, "tma"), (128, 32, 8, 3, "tma"), (64, 64, 4, 2, "tma"), (64, 128, 4, 2, "tma")),
            128: ((128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2, "tma"), (128, 64, 8, 2, "tma"),
@@ -639,14 +639,16 @@ DELTA_CONFIG = LaunchConfig(block_m=64, num_warps=4, num_stages=1)
 # Code paths of each kernel (LaunchConfig.variant -> its constexpr flags). ``tma``: the
 # tiles a loop streams (K and V in the forward and dQ passes; Q and dO in the dK/dV pass)
 # and the forward's output come through device-side tensor descriptors (Hopper's copy
-# engine: UTMALDG / UTMASTG), not per-thread pointer loads. ``atomic_dq``: the dK/dV pass
-# also adds dS K to an fp32 dQ sum with atomics, and no dQ pass runs (see the docstring).
+# engine: UTMALDG / UTMASTG), not per-thread pointer loads. ``tma_atomic_dq``: that, and the
+# dK/dV pass also adds dS K to an fp32 dQ sum with atomics, so no dQ pass runs (see the
+# docstring). Inputs a descriptor cannot read fall back to pointer loads (and, for the
+# atomic variant, keep the atomics: a path compiled on demand, not in the static report).
 _FLAGS = {None: {"USE_TMA": False}, "tma": {"USE_TMA": True}}
 VARIANTS = {
     "fwd": _FLAGS,
     "dq": _FLAGS,
     "dkdv": {None: {"USE_TMA": False, "ATOMIC_DQ": False}, "tma": {"USE_TMA": True, "ATOMIC_DQ": False},
-             "atomic_dq": {"USE_TMA": False, "ATOMIC_DQ": True}, "tma_atomic_dq": {"USE_TMA": True, "ATOMIC_DQ": True}},
+             "tma_atomic_dq": {"USE_TMA": True, "ATOMIC_DQ": True}},
 }
 
 
@@ -816,7 +818,7 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
 def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int = 0, *, q_positions=None,
                        key_start=None, dq=None, dk=None, dv=None, delta=None, dkdv_cfg=None, dq_cfg=None):
     """Launch the backward kernels (delta, dK/dV, then dQ: its own pass, or the conversion of
-    the fp32 sums the dK/dV pass added up with the ``atomic_dq`` variants, which need the
+    the fp32 sums the dK/dV pass added up with the ``tma_atomic_dq`` variant, which needs the
     fp32 scratch ``dq_acc``). Returns ``(dq, dk, dv)``, contiguous, in the
     inputs' dtype and shapes (dk, dv with the kv heads: each sums its group's query heads;
     zero at keys no query sees). ``out`` and ``lse`` are what attention_forward returned

@@ -288,7 +288,7 @@ def test_shipped_gpu_tiles_under_interpreter(head_dim):
 
 # The kernels' variants (attention_kernels.VARIANTS): tensor-descriptor tiles (``tma``,
 # which the interpreter runs too) and the fused backward adding dQ with fp32 atomics
-# (``atomic_dq``), on the interpreter's small tiles, with the padded head size, lengths
+# (``tma_atomic_dq``), on the interpreter's small tiles, with the padded head size, lengths
 # off the block grid, a cached prefix, grouped-query heads and key ranges.
 _TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
@@ -303,7 +303,7 @@ def _variant_cfgs(fwd=None, dkdv=None, dq=None):
     [
         (("tma", "tma", "tma"), 1, 2, 2, 37, 0, 80, torch.float16, None),
         (("tma", "tma_atomic_dq", None), 2, 4, 2, 21, 12, 32, torch.float32, [13, 0]),
-        ((None, "atomic_dq", None), 1, 3, 1, 17, 5, 64, torch.float16, None),
+        ((None, "tma_atomic_dq", None), 1, 3, 1, 17, 5, 64, torch.float16, None),
         (("tma", "tma", "tma"), 3, 2, 1, 20, 0, 32, torch.float32, [16, 3, 19]),
     ],
 )
