@@ -14,6 +14,10 @@ Same signatures as the fused ops and the reference twins:
   stale cache slots may hold NaN.
 - ``gelu(x)``: GPT-2's tanh GELU.
 - ``int8_linear(x, weight_int8, scale, bias=None)``: dequantise to x's dtype, then ``F.linear``.
+- ``linear_cross_entropy(hidden, weight, targets, ignore_index=-100)``: ``F.linear`` (all the
+  logits), then ``F.cross_entropy`` in float32, summed and divided by the counted targets
+  clamped to 1. The fused op's own fallback is its chunked loop with the per-row step in
+  PyTorch (it must not hold the logits); this is the unfused composition it replaces.
 
 Inputs are not validated here: the ops of ``gptfast.ops`` validate before they dispatch,
 and the model passes only shapes it built. Nothing here reads a tensor's value on the
@@ -132,3 +136,13 @@ def gelu(x: Tensor) -> Tensor:
 def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ (weight_int8 * scale[:, None])^T + bias``: the weight dequantised to x's dtype."""
     return F.linear(x, weight_int8.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of ``F.linear(hidden, weight)`` (in float32, float64 kept) over the
+    targets that are not ``ignore_index``; 0 when there are none (no NaN, no host read)."""
+    logits = F.linear(hidden, weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, weight.shape[0])
+    flat = targets.reshape(-1).long()
+    total = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="sum")
+    return total / (flat != ignore_index).sum().clamp(min=1)
