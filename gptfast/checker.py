@@ -353,7 +353,7 @@ def _shapes(device, quick: bool) -> Dict[str, list]:
         "causal_attention": [(1, 2, 17, 32, 0, False), (1, 2, 5, 64, 12, False), (1, 2, 9, 16, 0, True)],
         "decode_attention": [(3, 2, 40, 64, [1, 17, 40]), (1, 2, 9, 80, [9])],
         "int8_linear": [(1, 70, 48, False), (17, 33, 40, True)],
-        "linear_cross_entropy": [(19, 300, 32, "some ignored", 8), (1, 77, 16, "some ignored", None),
+        "linear_cross_entropy": [(19, 300, 32, "some ignored", 8), (1, 77, 64, "some ignored", None),
                                  (9, 50, 24, "non-contiguous", 4), (6, 40, 16, "all ignored", None)],
     }
     if quick:

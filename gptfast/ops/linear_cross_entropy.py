@@ -16,13 +16,17 @@ matmul, then one pass over them (``gptfast.kernels.linear_cross_entropy``: a Tri
 kernel on CUDA or under the interpreter, the same steps in PyTorch elsewhere) takes each
 row's log-sum-exp and loss in float32 and overwrites the logits with
 d(loss)/d(logits) = (softmax - onehot) / n_valid. Two more matmuls turn that into the
-chunk's rows of d(loss)/d(hidden) and add its share of d(loss)/d(weight) (summed over
-chunks in float32 for fp16/bf16 weights, and kept in float32 until the backward). The backward then only scales the two stored gradients
+chunk's rows of d(loss)/d(hidden) and add its share of d(loss)/d(weight); for fp16/bf16
+inputs both matmuls write float32 (cuBLAS ``out_dtype`` on CUDA), so the stored gradients
+are rounded to the inputs' dtype once, after the backward's scaling, as PyTorch's are. The backward then only scales the two stored gradients
 by the incoming gradient of the loss. Gradients are computed only for the inputs that
 need them (none under ``torch.no_grad()``: then the op is one matmul and one pass per
 chunk). Precision follows ``F.cross_entropy(F.linear(hidden, weight).float(), ...)``:
 logits and their gradient in the inputs' dtype, the softmax statistics and the loss in
-float32 (float64 stays float64).
+float32 (float64 stays float64). One difference remains: the gradient of the logits is
+rounded before the incoming gradient of the loss scales it (that scale is not known in
+the forward), PyTorch's after; the error-ratio rule holds, with its usual noise on very
+small outputs.
 
 Semantics (the training loop's, ``gptfast.model``): the loss is the sum over counted
 targets divided by their number clamped to 1, so when every target is ignored the loss
@@ -143,10 +147,6 @@ def _rows_(logits, targets, count, loss, ignore_index, write_grad) -> None:
 # ----------------------------------------------------------------------------- registered op
 
 
-def _empty_grad(t: Tensor) -> Tensor:
-    return t.new_empty((0,))
-
-
 @torch.library.custom_op("gptfast::linear_cross_entropy_fwd", mutates_args=())
 def _linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, chunk_rows: int,
                               grad_hidden: bool, grad_weight: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -157,8 +157,47 @@ def _linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, i
 
 
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for fp16/bf16 (the weight gradient sums over every chunk), else the dtype itself."""
+    """float32 for fp16/bf16 (gradients stay unrounded until the backward scales them), else the dtype."""
     return torch.promote_types(dtype, torch.float32)
+
+
+class _WideMatmul:
+    """``out (+)= a @ b`` into a float32 ``out`` for fp16/bf16 ``a`` and ``b``: the products
+    summed in float32 and never rounded to the narrow dtype (PyTorch's own gradient, in
+    one matmul, is rounded once; rounding each chunk's, then again after scaling by the
+    loss's gradient, would not meet the error-ratio rule). On CUDA cuBLAS writes float32
+    directly (``out_dtype``); elsewhere (and on a torch without it) the operands are
+    widened to float32 first (the weight once per call)."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+        self.native = weight.device.type == "cuda"
+        self._wide_weight = None
+
+    def wide_weight(self) -> Tensor:
+        if self._wide_weight is None:
+            self._wide_weight = self.weight.float()
+        return self._wide_weight
+
+    def mm(self, a: Tensor, out: Tensor) -> None:
+        """out = a @ weight."""
+        if self.native:
+            try:
+                torch.mm(a, self.weight, out_dtype=torch.float32, out=out)
+                return
+            except (RuntimeError, TypeError, NotImplementedError):
+                self.native = False
+        torch.mm(a.float(), self.wide_weight(), out=out)
+
+    def addmm_(self, acc: Tensor, a: Tensor, b: Tensor) -> None:
+        """acc += a @ b."""
+        if self.native:
+            try:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                return
+            except (RuntimeError, TypeError, NotImplementedError):
+                self.native = False
+        acc.addmm_(a.float(), b.float())
 
 
 def _forward(hidden, weight, targets, ignore_index, chunk_rows, need_dh, need_dw):
@@ -167,20 +206,21 @@ def _forward(hidden, weight, targets, ignore_index, chunk_rows, need_dh, need_dw
     wide = _grad_dtype(dtype)
     count = (targets != ignore_index).sum().reshape(1)
     losses = torch.empty(n_rows, dtype=wide, device=device)
-    d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else _empty_grad(hidden)
+    d_hidden = hidden.new_empty(hidden.shape if need_dh else (0,), dtype=wide)
     d_weight = torch.zeros(weight.shape, dtype=wide, device=device) if need_dw else weight.new_empty((0,), dtype=wide)
-    # fp16/bf16: each chunk's product is rounded once, then summed in float32.
-    partial = torch.empty(weight.shape, dtype=dtype, device=device) if need_dw and dtype != wide else None
+    widen = _WideMatmul(weight) if dtype != wide else None
     buffer = torch.empty((min(chunk_rows, n_rows), vocab), dtype=dtype, device=device)
     for start in range(0, n_rows, chunk_rows):
         end = min(start + chunk_rows, n_rows)
         logits, h = buffer[:end - start], hidden[start:end]
         torch.mm(h, weight.t(), out=logits)
         _rows_(logits, targets[start:end], count, losses[start:end], ignore_index, need_dh or need_dw)
-        if need_dh:
+        if need_dh and widen is not None:
+            widen.mm(logits, out=d_hidden[start:end])
+        elif need_dh:
             torch.mm(logits, weight, out=d_hidden[start:end])
-        if partial is not None:
-            d_weight.add_(torch.mm(logits.t(), h, out=partial))
+        if need_dw and widen is not None:
+            widen.addmm_(d_weight, logits.t(), h)
         elif need_dw:
             d_weight.addmm_(logits.t(), h)
     loss = losses.sum() / count[0].clamp(min=1)
@@ -190,7 +230,7 @@ def _forward(hidden, weight, targets, ignore_index, chunk_rows, need_dh, need_dw
 @_linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, targets, ignore_index, chunk_rows, grad_hidden, grad_weight):
     loss = hidden.new_empty((), dtype=_grad_dtype(hidden.dtype))
-    d_hidden = hidden.new_empty(hidden.shape) if grad_hidden else _empty_grad(hidden)
+    d_hidden = hidden.new_empty(hidden.shape if grad_hidden else (0,), dtype=_grad_dtype(hidden.dtype))
     d_weight = weight.new_empty(weight.shape if grad_weight else (0,), dtype=_grad_dtype(weight.dtype))
     return loss, d_hidden, d_weight
 
@@ -198,20 +238,19 @@ def _(hidden, weight, targets, ignore_index, chunk_rows, grad_hidden, grad_weigh
 def _setup_context(ctx, inputs, output):
     _loss, d_hidden, d_weight = output
     ctx.save_for_backward(d_hidden, d_weight)
-    ctx.weight_dtype = inputs[1].dtype
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
     ctx.mark_non_differentiable(d_hidden, d_weight)
 
 
 def _scaled(grad: Tensor, grad_loss: Tensor, dtype: torch.dtype) -> Tensor:
-    """``grad * grad_loss`` in ``dtype``, multiplied in at least float32 (one rounding for fp16/bf16)."""
-    wide = _grad_dtype(grad.dtype)
-    return (grad.to(wide) * grad_loss.to(wide)).to(dtype)
+    """``grad`` (float32 for fp16/bf16 inputs) times ``grad_loss``, then rounded once to ``dtype``."""
+    return (grad * grad_loss.to(grad.dtype)).to(dtype)
 
 
 def _backward(ctx, grad_loss, _grad_d_hidden, _grad_d_weight):
     d_hidden, d_weight = ctx.saved_tensors
-    dh = _scaled(d_hidden, grad_loss, d_hidden.dtype) if ctx.needs_input_grad[0] else None
-    dw = _scaled(d_weight, grad_loss, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+    dh = _scaled(d_hidden, grad_loss, ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+    dw = _scaled(d_weight, grad_loss, ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
     return dh, dw, None, None, None, None, None
 
 
