@@ -28,6 +28,8 @@ import triton.language as tl
 
 from ._common import LOG2E, TRITON_TYPE, LaunchConfig, device_guard, div, pointer, static_entry
 
+_LOG2E = tl.constexpr(LOG2E)  # exp(x) == exp2(x * LOG2E)
+_LN2 = tl.constexpr(1.0 / LOG2E)  # log(x) == log2(x) * LN2
 MAX_BLOCK_V = 4096  # logits per step of a row walk (16 fp32 values per thread at 8 warps)
 
 
@@ -50,9 +52,9 @@ def _cross_entropy_rows_kernel(
         mask = start + cols < n_cols
         x = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((x - m_new) * LOG2E), axis=0)
+        s = s * tl.exp2((m - m_new) * _LOG2E) + tl.sum(tl.exp2((x - m_new) * _LOG2E), axis=0)
         m = m_new
-    lse = m + tl.log2(s) / LOG2E
+    lse = m + tl.log2(s) * _LN2
 
     ignored = target == ignore_index
     in_range = (target >= 0) & (target < n_cols)
@@ -68,7 +70,7 @@ def _cross_entropy_rows_kernel(
             offs = start + cols
             mask = offs < n_cols
             x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            p = tl.exp2((x - lse) * LOG2E)
+            p = tl.exp2((x - lse) * _LOG2E)
             grad = (p - tl.where(offs == target, 1.0, 0.0)) * scale
             tl.store(row_ptr + offs, grad.to(LOGITS.dtype.element_ty), mask=mask)
 
