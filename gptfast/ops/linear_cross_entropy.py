@@ -17,9 +17,9 @@ kernel on CUDA or under the interpreter, the same steps in PyTorch elsewhere) ta
 row's log-sum-exp and loss in float32 and overwrites the logits with
 d(loss)/d(logits) = (softmax - onehot) / n_valid. Two more matmuls turn that into the
 chunk's rows of d(loss)/d(hidden) and add its share of d(loss)/d(weight); for fp16/bf16
-inputs both matmuls write float32 (cuBLAS ``out_dtype`` on CUDA), so the stored gradients
-are rounded to the inputs' dtype once, after the backward's scaling, as PyTorch's are. The backward then only scales the two stored gradients
-by the incoming gradient of the loss. Gradients are computed only for the inputs that
+inputs both matmuls write float32 (cuBLAS ``out_dtype`` on CUDA). The backward then only
+scales the two stored gradients by the incoming gradient of the loss and rounds them
+once to the inputs' dtypes. Gradients are computed only for the inputs that
 need them (none under ``torch.no_grad()``: then the op is one matmul and one pass per
 chunk). Precision follows ``F.cross_entropy(F.linear(hidden, weight).float(), ...)``:
 logits and their gradient in the inputs' dtype, the softmax statistics and the loss in
