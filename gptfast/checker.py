@@ -335,6 +335,37 @@ def check_skinny_linear(variant, rows, n, k, dtype, device, non_contiguous: bool
             ok, ratio, f_err, p_err, worst = _compare(["out"], [fused], [plain], [exact], max_ratio)
     return [CheckResult("skinny_linear", variant, shape, dtype_name(dtype), "fwd", path, ok, ratio, f_err, p_err,
                         worst, seconds=time.perf_counter() - started)]
+# linear_cross_entropy
+# ---------------------------------------------------------------------------------
+
+
+def check_linear_cross_entropy(rows, vocab, hidden, dtype, device, variant: str, max_ratio: float,
+                               chunk_rows: Optional[int] = None) -> List[CheckResult]:
+    """Loss and the gradients of hidden and weight. ``variant``: "some ignored" (every
+    fifth target from the second is -100), "all ignored" (loss 0, gradients 0) or "non-contiguous"
+    (hidden a strided view). ``chunk_rows`` forces several chunks on small shapes."""
+    fused_op, reference_op = _fused("linear_cross_entropy"), _reference("linear_cross_entropy")
+    g = torch.Generator().manual_seed(2357)
+    if variant == "non-contiguous":
+        h = randn(rows, 2 * hidden, dtype=dtype, device=device, generator=g)[:, ::2]
+    else:
+        h = randn(rows, hidden, dtype=dtype, device=device, generator=g)
+    weight = randn(vocab, hidden, dtype=dtype, device=device, generator=g, scale=hidden ** -0.5)
+    targets = torch.randint(0, vocab, (rows,), generator=g).to(device)
+    if variant == "all ignored":
+        targets.fill_(-100)
+    elif variant == "some ignored":
+        targets[1::5] = -100
+
+    def fused(h, w, t):
+        return (fused_op(h, w, t, chunk_rows=chunk_rows),)
+
+    def ref(h, w, t):
+        return (reference_op(h, w, t),)
+
+    shape = f"N={rows},V={vocab},C={hidden}" + (f",chunk={chunk_rows}" if chunk_rows else "")
+    return _fwd_bwd("linear_cross_entropy", variant, shape, dtype, kernel_path(h), fused, ref, [h, weight, targets],
+                    ["loss"], ["hidden", "weight"], max_ratio, g)
 
 
 # ---------------------------------------------------------------------------------
@@ -369,6 +400,10 @@ def _shapes(device, quick: bool) -> Dict[str, list]:
             # (M, N, K, strided x); N, K GPT-2's and awkward ones; M = 1, 3 (verify), 16.
             "skinny_linear": [(1, 768, 768, False), (3, 3072, 768, True), (16, 768, 3072, False),
                               (1, 1000, 1600, False)],
+            # (rows, vocab, hidden, variant, chunk_rows): GPT-2's vocabulary over several chunks,
+            # one row, vocabularies that are not a multiple of the kernel's step
+            "linear_cross_entropy": [(1000, 50257, 768, "some ignored", None), (1, 50257, 768, "some ignored", None),
+                                     (300, 5000, 200, "non-contiguous", 64), (64, 4097, 128, "all ignored", 16)],
         }
         if quick:  # every attention case is small already; layernorm keeps the awkward and the strided one
             full = {**full, "layer_norm": full["layer_norm"][1:3]}
@@ -379,6 +414,8 @@ def _shapes(device, quick: bool) -> Dict[str, list]:
         "decode_attention": [(3, 2, 40, 64, [1, 17, 40]), (1, 2, 9, 80, [9])],
         "int8_linear": [(1, 70, 48, False), (17, 33, 40, True)],
         "skinny_linear": [(3, 96, 70, True)],
+        "linear_cross_entropy": [(19, 300, 32, "some ignored", 8), (1, 77, 64, "some ignored", None),
+                                 (9, 50, 24, "non-contiguous", 4), (6, 40, 16, "all ignored", None)],
     }
     if quick:
         full = {k: v[:1] for k, v in full.items()}
@@ -417,12 +454,17 @@ def _skinny_linear_cases(shapes, dtype, device, max_ratio) -> List[CheckCase]:
     return [CheckCase("skinny_linear", variant, f"M={m},N={n},K={k}", dtype,
                       _bind(check_skinny_linear, variant, m, n, k, dtype, device, strided, max_ratio))
             for m, n, k, strided in shapes for variant in SKINNY_VARIANTS]
+def _linear_cross_entropy_cases(shapes, dtype, device, max_ratio) -> List[CheckCase]:
+    return [CheckCase("linear_cross_entropy", variant, f"N={n},V={v},C={c}", dtype,
+                      _bind(check_linear_cross_entropy, n, v, c, dtype, device, variant, max_ratio, chunk))
+            for n, v, c, variant, chunk in shapes]
 
 
 # The grid of each registry op (a new op in the registry needs its entry here).
 CASE_BUILDERS = {"layer_norm": _layer_norm_cases, "causal_attention": _causal_attention_cases,
                  "decode_attention": _decode_attention_cases, "int8_linear": _int8_linear_cases,
-                 "skinny_linear": _skinny_linear_cases}
+                 "skinny_linear": _skinny_linear_cases,
+                 "linear_cross_entropy": _linear_cross_entropy_cases}
 
 
 def build_cases(device, quick: bool = False, ops: Optional[Sequence[str]] = None,

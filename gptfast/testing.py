@@ -38,7 +38,7 @@ def randn(*shape, dtype: torch.dtype = torch.float32, seed: int = 0, scale: floa
     ``device``: drawn and scaled in float64 on the CPU, so the same on every device.
     ``generator`` (a CPU generator) draws from a running stream instead of ``seed``."""
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
-    t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift
+    t = torch.randn(*(shape or ((),)), generator=g, dtype=torch.float64) * scale + shift  # () : a scalar
     return t.to(device=device, dtype=dtype)
 
 

@@ -14,4 +14,5 @@ Importing this package does not import triton; importing a kernel module does, s
 """
 
 # Modules whose static_configs() the compile report visits, in report order.
-KERNEL_MODULES = ("layer_norm", "causal_attention", "decode_attention", "int8_linear", "skinny_linear")
+KERNEL_MODULES = ("layer_norm", "causal_attention", "decode_attention", "int8_linear", "skinny_linear",
+                  "linear_cross_entropy")

@@ -15,7 +15,7 @@ from gptfast.kernels import KERNEL_MODULES
 
 # The instruction each module's fp32 path must show in its PTX.
 FP32_PTX = {"layer_norm": "div.rn.f32", "causal_attention": "div.rn.f32", "decode_attention": "div.rn.f32",
-            "int8_linear": "fma.rn.f32", "skinny_linear": "fma.rn.f32"}
+            "int8_linear": "fma.rn.f32", "skinny_linear": "fma.rn.f32", "linear_cross_entropy": "div.rn.f32"}
 
 
 @pytest.mark.parametrize("module", KERNEL_MODULES)

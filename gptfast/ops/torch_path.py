@@ -18,6 +18,10 @@ Same signatures as the fused ops and the reference twins:
   activation=None, residual=None)``: ``F.layer_norm``, ``F.linear`` (int8 dequantised), GELU, add;
   ``skinny_linear_kv(...)``: the same projection, its k and v columns written into the caches
   with one index write each.
+- ``linear_cross_entropy(hidden, weight, targets, ignore_index=-100)``: ``F.linear`` (all the
+  logits), then ``F.cross_entropy`` in float32, summed and divided by the counted targets
+  clamped to 1. The fused op's own fallback is its chunked loop with the per-row step in
+  PyTorch (it must not hold the logits); this is the unfused composition it replaces.
 
 Inputs are not validated here: the ops of ``gptfast.ops`` validate before they dispatch,
 and the model passes only shapes it built. Nothing here reads a tensor's value on the
@@ -164,3 +168,11 @@ def skinny_linear_kv(x: Tensor, weight: Tensor, bias: Optional[Tensor], k_cache:
     k_cache[rows, :, pos] = kv[:, :, 0]  # (B, T, H_kv, D) into (B, T) slots of (H_kv, D)
     v_cache[rows, :, pos] = kv[:, :, 1]
     return y[..., :q_cols]
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of ``F.linear(hidden, weight)`` (in float32, float64 kept) over the
+    targets that are not ``ignore_index``; 0 when there are none (no NaN, no host read)."""
+    logits = F.linear(hidden, weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, weight.shape[0])
+    flat = targets.reshape(-1).long()
+    total = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="sum")
+    return total / (flat != ignore_index).sum().clamp(min=1)
