@@ -1,7 +1,7 @@
 """Static compile report: every shipped Triton kernel configuration, compiled for the H200.
 
 Runs on any machine, GPU or not. For each module named in
-``gptfast.kernels.KERNEL_MODULES`` that exists, the report visits the entries of
+``gptfast.kernels._registry.KERNEL_MODULES`` that exists, the report visits the entries of
 ``static_configs()`` (the configurations the module ships), of ``candidate_configs()``
 (its tuning candidates, see ``gptfast.tune``) and of ``precision_configs()`` (fp32 paths
 whose PTX must round to nearest), the latter two where the module has them. Entries are
@@ -236,7 +236,7 @@ def _report_in_this_process(modules) -> list:
 def default_modules() -> tuple:
     import gptfast  # noqa: F401
 
-    from gptfast.kernels import KERNEL_MODULES
+    from gptfast.kernels._registry import KERNEL_MODULES
 
     return tuple(KERNEL_MODULES)
 
@@ -301,7 +301,8 @@ def format_report(rows: list) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gptfast.compile_report", description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
-    parser.add_argument("--modules", help="comma-separated kernel modules (default: gptfast.kernels.KERNEL_MODULES)")
+    parser.add_argument("--modules",
+                        help="comma-separated kernel modules (default: gptfast.kernels._registry.KERNEL_MODULES)")
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)  # internal: compile here, write rows to this file
     args = parser.parse_args(argv)
     modules = tuple(m for m in args.modules.split(",") if m) if args.modules else None

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from gptfast import compile_report as report
-from gptfast.kernels import KERNEL_MODULES
+from gptfast.kernels._registry import KERNEL_MODULES
 
 
 # The instruction each module's fp32 path must show in its PTX.
