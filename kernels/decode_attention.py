@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DEFAULT_NUM_SMS, LOG2E, LaunchConfig, check_out, device_guard, div, empty, padded_head_dim,
+from ._common import (DEFAULT_NUM_SMS, LOG2E, LaunchConfig, check_out, device_guard, div, empty, launch, padded_head_dim,
                       pointer, sm_count, static_entry, TRITON_TYPE)
 from ._tuned import pick
 
@@ -313,14 +313,14 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, key_start
 
     o_part, lse_part = allocate_workspace(batch * heads, num_splits, head_dim, q.device)
     with device_guard(q.device):
-        _decode_split_kernel[(batch * kv_heads, num_splits)](
+        launch(_decode_split_kernel, (batch * kv_heads, num_splits),
             q, k_cache, v_cache, cache_lens, q if key_start is None else key_start.contiguous(), o_part, lse_part,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), cache_lens.stride(0),
             kv_heads, heads // kv_heads, seq_len, chunk, scale * LOG2E,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_G=block_g,
             HAS_KEY_START=key_start is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        _decode_reduce_kernel[(batch * heads,)](
+        launch(_decode_reduce_kernel, (batch * heads,),
             o_part, lse_part, out, *out.stride(), heads, num_splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)),
             HAS_KEY_START=key_start is not None, num_warps=reduce_num_warps(block_d),

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptfast.kernels._common import (DEFAULT_NUM_SMS, TRITON_TYPE, LaunchConfig, empty, pointer, sm_count,
+from gptfast.kernels._common import (DEFAULT_NUM_SMS, TRITON_TYPE, LaunchConfig, empty, launch, pointer, sm_count,
                                      static_entry)
 
 PROGRAMS_PER_SM = 2  # split-K target: enough weight loads in flight per SM to cover DRAM latency
@@ -133,7 +133,7 @@ def int8_linear(x, weight, scale, bias=None, *, split_k=None, out=None):
         splits = triton.cdiv(max(k, 1), k_per_split)
     y = out if splits == 1 else empty((splits, m, n), torch.float32, x.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), splits)
-    _int8_linear_kernel[grid](
+    launch(_int8_linear_kernel, grid,
         x, weight, scale, bias if bias is not None else scale, y,
         m, n, k, k_per_split,
         *x.stride(), *weight.stride(),

@@ -35,11 +35,13 @@ layer calls it before reaching these launchers.
 Launchers expect validated inputs: 2-D tensors whose last dimension is contiguous
 (any row stride), on one device, floating dtypes.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchConfig, check_out, device_guard, div, empty, pointer, rsqrt, sm_count, static_entry
+from ._common import LaunchConfig, check_out, device_guard, div, empty, launch, pointer, rsqrt, sm_count, static_entry
 from ._tuned import pick
 
 # Widest row one program holds (in elements). The backward keeps about five float32
@@ -173,6 +175,7 @@ def config_key(n_cols: int, dtype: torch.dtype) -> str:
     return f"n{block_n_for(n_cols)}_{'fp32' if dtype == torch.float32 else '16bit'}"
 
 
+@functools.lru_cache(maxsize=None)
 def _builtin_fwd(n_cols: int) -> LaunchConfig:
     block_n = block_n_for(n_cols)
     block_rows = max(1, min(_MAX_BLOCK_ROWS, _FWD_ELEMS_PER_PROGRAM // block_n))
@@ -181,6 +184,7 @@ def _builtin_fwd(n_cols: int) -> LaunchConfig:
     return LaunchConfig(block_rows=block_rows, num_warps=num_warps)
 
 
+@functools.lru_cache(maxsize=None)
 def _builtin_bwd(n_cols: int) -> LaunchConfig:
     # About 8 columns per thread (h, dy, weight and two accumulators each), at most 16 warps.
     return LaunchConfig(num_warps=max(4, min(16, block_n_for(n_cols) // 256)))
@@ -309,7 +313,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None,
     grid = (triton.cdiv(n_rows, cfg.block_rows),)
     # Absent optional tensors are passed as x: the constexpr flags keep the kernel off them.
     with device_guard(dev):
-        _layer_norm_fwd_kernel[grid](
+        launch(_layer_norm_fwd_kernel, grid,
             x, residual if residual is not None else x, y, h if h is not None else y,
             weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
             _row_stride(x), _row_stride(residual) if residual is not None else 0,
@@ -345,7 +349,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, co
     db_partial = empty((programs, n_cols), torch.float32, dev) if compute_db else None
     if n_rows > 0:
         with device_guard(dev):
-            _layer_norm_bwd_kernel[(programs,)](
+            launch(_layer_norm_bwd_kernel, (programs,),
                 dy, h, weight if weight is not None else h, mean, rstd,
                 dh_in if dh_in is not None else dy, dx,
                 dw_partial if compute_dw else dx, db_partial if compute_db else dx,
