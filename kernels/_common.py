@@ -55,9 +55,19 @@ def sm_count(device: torch.device) -> int:
     return _cuda_sm_count(cuda_index(device)) if device.type == "cuda" else DEFAULT_NUM_SMS
 
 
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for host ints, without the cost of calling a triton constexpr function."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` for host ints >= 0, as cheap as plain Python."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def padded_head_dim(head_dim: int) -> int:
     """BLOCK_D: the next power of two >= max(head_dim, 16) (tl.dot needs K >= 16)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 _NULL_GUARD = contextlib.nullcontext()

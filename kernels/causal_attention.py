@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, LaunchConfig, check_out, device_guard, div, launch, padded_head_dim, pointer, static_entry,
+from ._common import (cdiv, LOG2E, LaunchConfig, check_out, device_guard, div, launch, padded_head_dim, pointer, static_entry,
                       TRITON_TYPE)
 from ._tuned import pick
 
@@ -627,7 +627,7 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
     cfg = config or forward_config(head_dim, q.dtype, q.device)
     positions = _position_args(q, q_positions, key_start)
     with device_guard(q.device):
-        launch(_attn_fwd_kernel, (batch * heads, triton.cdiv(q_len, cfg.block_m)),
+        launch(_attn_fwd_kernel, (batch * heads, cdiv(q_len, cfg.block_m)),
             q, k, v, out, lse, positions.pop("Q_START"), positions.pop("KEY_START"),
             *_bht(q), *_bht(k), *_bht(v), *_bht(out),
             heads, heads // k.shape[1], q_len, q_offset, _position_stride(q_positions), scale * LOG2E,
@@ -660,18 +660,18 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
     starts = (positions.pop("Q_START"), positions.pop("KEY_START"))
     pos_stride = _position_stride(q_positions)
     with device_guard(q.device):
-        launch(_attn_bwd_delta_kernel, (batch * heads, triton.cdiv(q_len, DELTA_CONFIG.block_m)),
+        launch(_attn_bwd_delta_kernel, (batch * heads, cdiv(q_len, DELTA_CONFIG.block_m)),
             out, grad_out, delta, *_bht(out), *_bht(grad_out), heads, q_len,
             HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=DELTA_CONFIG.block_m,
             num_warps=DELTA_CONFIG.num_warps,
         )
-        launch(_attn_bwd_dkdv_kernel, (batch * kv_heads, triton.cdiv(kv_len, kv_cfg.block_n)),
+        launch(_attn_bwd_dkdv_kernel, (batch * kv_heads, cdiv(kv_len, kv_cfg.block_n)),
             q, k, v, grad_out, lse, delta, dk, dv, *starts,
             *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dk), *_bht(dv),
             kv_heads, heads // kv_heads, q_len, kv_len, q_offset, pos_stride, scale * LOG2E, scale,
             **positions, **_tiles(kv_cfg, head_dim, q.device, q.dtype),
         )
-        launch(_attn_bwd_dq_kernel, (batch * heads, triton.cdiv(q_len, q_cfg.block_m)),
+        launch(_attn_bwd_dq_kernel, (batch * heads, cdiv(q_len, q_cfg.block_m)),
             q, k, v, grad_out, lse, delta, dq, *starts,
             *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dq),
             heads, heads // kv_heads, q_len, q_offset, pos_stride, scale * LOG2E, scale,

@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DEFAULT_NUM_SMS, LOG2E, LaunchConfig, check_out, device_guard, div, empty, launch, padded_head_dim,
+from ._common import (cdiv, next_power_of_2, DEFAULT_NUM_SMS, LOG2E, LaunchConfig, check_out, device_guard, div, empty,
+                      launch, padded_head_dim,
                       pointer, sm_count, static_entry, TRITON_TYPE)
 from ._tuned import pick
 
@@ -322,7 +323,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, key_start
         )
         launch(_decode_reduce_kernel, (batch * heads,),
             o_part, lse_part, out, *out.stride(), heads, num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=max(2, next_power_of_2(num_splits)),
             HAS_KEY_START=key_start is not None, num_warps=reduce_num_warps(block_d),
         )
     return out

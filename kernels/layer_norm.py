@@ -41,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchConfig, check_out, device_guard, div, empty, launch, pointer, rsqrt, sm_count, static_entry
+from ._common import (LaunchConfig, cdiv, check_out, device_guard, div, empty, launch, next_power_of_2, pointer,
+                      rsqrt, sm_count, static_entry)
 from ._tuned import pick
 
 # Widest row one program holds (in elements). The backward keeps about five float32
@@ -167,7 +168,7 @@ def _layer_norm_bwd_kernel(
 
 
 def block_n_for(n_cols: int) -> int:
-    return triton.next_power_of_2(n_cols)
+    return next_power_of_2(n_cols)
 
 
 def config_key(n_cols: int, dtype: torch.dtype) -> str:
@@ -310,7 +311,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None,
         return y, h, mean, rstd
 
     cfg = config or fwd_config(n_cols, x.dtype, dev)
-    grid = (triton.cdiv(n_rows, cfg.block_rows),)
+    grid = (cdiv(n_rows, cfg.block_rows),)
     # Absent optional tensors are passed as x: the constexpr flags keep the kernel off them.
     with device_guard(dev):
         launch(_layer_norm_fwd_kernel, grid,

@@ -37,11 +37,16 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
-def _kernels():
-    # Imported here so that importing gptfast.ops (or the torch path) never imports triton.
-    from gptfast.kernels import layer_norm as kernels
+_kernel_module = []
 
-    return kernels
+
+def _kernels():
+    # Imported on first use so that importing gptfast.ops (or the torch path) never imports triton.
+    if not _kernel_module:
+        from gptfast.kernels import layer_norm as kernels
+
+        _kernel_module.append(kernels)
+    return _kernel_module[0]
 
 
 def _validate(x, weight, bias, eps, residual) -> None:
