@@ -137,7 +137,10 @@ def pick(kernel: str, key: str, builtin: LaunchConfig, device: torch.device) -> 
 
     Cached per (kernel, key, builtin, device, tables directory): asking the device for its
     identity costs microseconds, paid on every launch otherwise."""
-    where = (device.type, cuda_index(device)) if device.type == "cuda" else (device.type, device.index)
+    index = device.index
+    if index is None and device.type == "cuda" and torch.cuda.is_available():
+        index = torch.cuda.current_device()  # a bare "cuda" is the current device
+    where = (device.type, index)
     cache_key = (kernel, key, builtin, where, TUNED_DIR, device_identity)
     config = _picked.get(cache_key)
     if config is None:
