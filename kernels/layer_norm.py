@@ -283,6 +283,8 @@ def _vector(t, n_cols: int):
 
 def _check_out(name: str, out, shape, dtype, device) -> torch.Tensor:
     """A caller's buffer checked (or a fresh one); wide rows must also be 16-aligned."""
+    if out is None:
+        return empty(shape, dtype, device)
     out = check_out("layer_norm", name, out, shape, dtype, device)
     if out.dim() == 2 and shape[1] > MAX_HIDDEN_UNALIGNED and not _is_16_aligned(out):
         raise ValueError(f"layer_norm: {name} must be 16-byte aligned with a row stride that is a multiple of 16")
@@ -346,8 +348,11 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, co
     dx = _check_out("dx_out", dx_out, (n_rows, n_cols), h.dtype, dev)
     cfg = config or bwd_config(n_cols, h.dtype, dev)
     programs = bwd_num_programs(n_rows, dev, cfg.num_warps) if n_rows else 0
-    dw_partial = empty((programs, n_cols), torch.float32, dev) if compute_dw else None
-    db_partial = empty((programs, n_cols), torch.float32, dev) if compute_db else None
+    # The dweight and dbias partials share one allocation.
+    partials = (empty((int(compute_dw) + int(compute_db), programs, n_cols), torch.float32, dev)
+                if compute_dw or compute_db else None)
+    dw_partial = partials[0] if compute_dw else None
+    db_partial = partials[-1] if compute_db else None
     if n_rows > 0:
         with device_guard(dev):
             launch(_layer_norm_bwd_kernel, (programs,),
@@ -362,9 +367,14 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, co
             )
     # Second pass of the dweight/dbias reduction: sum the G float32 partial rows
     # (with no rows at all, the sum over zero partials is the correct zero gradient).
-    dw = dw_partial.sum(0).to(dw_dtype) if compute_dw else None
-    db = db_partial.sum(0).to(db_dtype) if compute_db else None
+    # (separate sums: the registered op's outputs may not alias each other)
+    dw = _as_dtype(dw_partial.sum(0), dw_dtype) if compute_dw else None
+    db = _as_dtype(db_partial.sum(0), db_dtype) if compute_db else None
     return dx, dw, db
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # --------------------------------------------------------------------------------------

@@ -86,6 +86,25 @@ def test_host_int_helpers_match_triton():
     assert all(_common.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 200) for b in range(1, 33))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the compiled fast path)")
+def test_launch_fast_path_on_cuda_matches_triton_path():
+    """Each layer_norm call after the first of its specialisation takes the cached launcher;
+    misaligned and odd-stride calls interleaved with aligned ones stay right."""
+    from gptfast import ops
+
+    base = torch.randn(64, 800, device="cuda")
+    w, b = torch.randn(768, device="cuda"), torch.randn(768, device="cuda")
+    views = [base[:, :768], base[:, 1:769], base[:, :768].contiguous(), base[:, 3:771].half()]
+    before = len(_common._handles)
+    for _ in range(3):
+        for x in views:
+            got = ops.layer_norm(x, w.to(x.dtype), b.to(x.dtype))
+            want = torch.nn.functional.layer_norm(x.float(), (768,), w, b).to(x.dtype)
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    assert len(_common._handles) >= before + len(views)  # one cached handle per specialisation
+    torch.cuda.synchronize()
+
+
 def test_skipped_launches_leave_outputs_unwritten():
     from gptfast import ops
 

@@ -58,6 +58,7 @@ def _validate(x, weight, bias, eps, residual) -> None:
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"layer_norm: x needs a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
     hidden = x.shape[-1]
+    device = x.device
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -65,12 +66,12 @@ def _validate(x, weight, bias, eps, residual) -> None:
             raise TypeError(f"layer_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"layer_norm: {name} has dtype {t.dtype}; use float16, bfloat16, float32 or float64")
-        if tuple(t.shape) != (hidden,):
+        if t.shape != (hidden,):
             raise ValueError(
                 f"layer_norm: {name} must have shape ({hidden},) to match x's hidden size, got {tuple(t.shape)}"
             )
-        if t.device != x.device:
-            raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}")
+        if t.device != device:
+            raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {device}")
     if residual is not None:
         if not isinstance(residual, Tensor):
             raise TypeError(f"layer_norm: residual must be a torch.Tensor or None, got {type(residual).__name__}")
@@ -86,7 +87,7 @@ def _validate(x, weight, bias, eps, residual) -> None:
 
 def _rows(t: Tensor) -> Tensor:
     """``t`` as a (rows, hidden) matrix whose last dimension is contiguous (a view when possible)."""
-    rows = t.reshape(-1, t.shape[-1])
+    rows = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
     return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
 
 
@@ -102,6 +103,8 @@ def _forward(x: Tensor, weight, bias, eps: float, residual=None):
     without residual; contiguous, shaped and typed like x), float32 mean and rstd (x.shape[:-1])."""
     y, h, mean, rstd = _kernels().layer_norm_fwd(_rows(x), weight, bias, eps,
                                                  residual=None if residual is None else _rows(residual))
+    if x.dim() == 2:  # already shaped (a view costs microseconds, paid per eager call)
+        return y, h, mean, rstd
     stats = x.shape[:-1]
     return y.view(x.shape), None if h is None else h.view(x.shape), mean.view(stats), rstd.view(stats)
 
@@ -177,8 +180,12 @@ def _save_for_param_grads(ctx, weight, bias, mean, rstd, weight_index: int):
 
 def _param_grads(ctx, dw, db):
     """The float32 dweight/dbias as autograd wants them: None where not needed, else in each parameter's dtype."""
-    return (dw.to(ctx.weight_dtype) if ctx.needs_dweight else None,
-            db.to(ctx.bias_dtype) if ctx.needs_dbias else None)
+    return (_as_dtype(dw, ctx.weight_dtype) if ctx.needs_dweight else None,
+            _as_dtype(db, ctx.bias_dtype) if ctx.needs_dbias else None)
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _layer_norm_setup_context(ctx, inputs, output):
