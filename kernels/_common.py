@@ -205,6 +205,8 @@ def launch(fn, grid, *args, **kwargs):
         kernel = fn.run(*args, grid=grid, warmup=False, **kwargs)
         if hasattr(kernel, "result"):  # an asynchronous compile
             kernel = kernel.result()
+        if kernel is None:  # nothing compiled to keep (Triton declined to compile here)
+            return
         names = fn.arg_names[len(args):]
         # Cache it when every parameter was given (no defaults) and every keyword value is a
         # constexpr or option (the key holds keyword values as they are).
