@@ -45,12 +45,12 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor = None):
         dims = len(self.normalized_shape)
+        if dims == 1 and x.dim() >= 1 and x.shape[-1] == self.normalized_shape[0]:  # the common case, checked cheaply
+            return layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
         if x.dim() < dims or tuple(x.shape[x.dim() - dims:]) != self.normalized_shape:
             raise ValueError(
                 f"LayerNorm: input of shape {tuple(x.shape)} does not end in normalized_shape {self.normalized_shape}"
             )
-        if dims == 1:
-            return layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
         # Normalise the trailing dims as one flattened hidden dimension.
         if residual is not None and residual.shape != x.shape:
             raise ValueError(f"LayerNorm: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")

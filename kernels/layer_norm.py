@@ -35,11 +35,14 @@ layer calls it before reaching these launchers.
 Launchers expect validated inputs: 2-D tensors whose last dimension is contiguous
 (any row stride), on one device, floating dtypes.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchConfig, check_out, device_guard, div, empty, pointer, rsqrt, sm_count, static_entry
+from ._common import (LaunchConfig, cdiv, check_out, device_guard, div, empty, launch, next_power_of_2, pointer,
+                      rsqrt, sm_count, static_entry)
 from ._tuned import pick
 
 # Widest row one program holds (in elements). The backward keeps about five float32
@@ -165,7 +168,7 @@ def _layer_norm_bwd_kernel(
 
 
 def block_n_for(n_cols: int) -> int:
-    return triton.next_power_of_2(n_cols)
+    return next_power_of_2(n_cols)
 
 
 def config_key(n_cols: int, dtype: torch.dtype) -> str:
@@ -173,6 +176,7 @@ def config_key(n_cols: int, dtype: torch.dtype) -> str:
     return f"n{block_n_for(n_cols)}_{'fp32' if dtype == torch.float32 else '16bit'}"
 
 
+@functools.lru_cache(maxsize=None)
 def _builtin_fwd(n_cols: int) -> LaunchConfig:
     block_n = block_n_for(n_cols)
     block_rows = max(1, min(_MAX_BLOCK_ROWS, _FWD_ELEMS_PER_PROGRAM // block_n))
@@ -181,6 +185,7 @@ def _builtin_fwd(n_cols: int) -> LaunchConfig:
     return LaunchConfig(block_rows=block_rows, num_warps=num_warps)
 
 
+@functools.lru_cache(maxsize=None)
 def _builtin_bwd(n_cols: int) -> LaunchConfig:
     # About 8 columns per thread (h, dy, weight and two accumulators each), at most 16 warps.
     return LaunchConfig(num_warps=max(4, min(16, block_n_for(n_cols) // 256)))
@@ -278,6 +283,8 @@ def _vector(t, n_cols: int):
 
 def _check_out(name: str, out, shape, dtype, device) -> torch.Tensor:
     """A caller's buffer checked (or a fresh one); wide rows must also be 16-aligned."""
+    if out is None:
+        return empty(shape, dtype, device)
     out = check_out("layer_norm", name, out, shape, dtype, device)
     if out.dim() == 2 and shape[1] > MAX_HIDDEN_UNALIGNED and not _is_16_aligned(out):
         raise ValueError(f"layer_norm: {name} must be 16-byte aligned with a row stride that is a multiple of 16")
@@ -306,10 +313,10 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None,
         return y, h, mean, rstd
 
     cfg = config or fwd_config(n_cols, x.dtype, dev)
-    grid = (triton.cdiv(n_rows, cfg.block_rows),)
+    grid = (cdiv(n_rows, cfg.block_rows),)
     # Absent optional tensors are passed as x: the constexpr flags keep the kernel off them.
     with device_guard(dev):
-        _layer_norm_fwd_kernel[grid](
+        launch(_layer_norm_fwd_kernel, grid,
             x, residual if residual is not None else x, y, h if h is not None else y,
             weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
             _row_stride(x), _row_stride(residual) if residual is not None else 0,
@@ -341,11 +348,14 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, co
     dx = _check_out("dx_out", dx_out, (n_rows, n_cols), h.dtype, dev)
     cfg = config or bwd_config(n_cols, h.dtype, dev)
     programs = bwd_num_programs(n_rows, dev, cfg.num_warps) if n_rows else 0
-    dw_partial = empty((programs, n_cols), torch.float32, dev) if compute_dw else None
-    db_partial = empty((programs, n_cols), torch.float32, dev) if compute_db else None
+    # The dweight and dbias partials share one allocation.
+    partials = (empty((int(compute_dw) + int(compute_db), programs, n_cols), torch.float32, dev)
+                if compute_dw or compute_db else None)
+    dw_partial = partials[0] if compute_dw else None
+    db_partial = partials[-1] if compute_db else None
     if n_rows > 0:
         with device_guard(dev):
-            _layer_norm_bwd_kernel[(programs,)](
+            launch(_layer_norm_bwd_kernel, (programs,),
                 dy, h, weight if weight is not None else h, mean, rstd,
                 dh_in if dh_in is not None else dy, dx,
                 dw_partial if compute_dw else dx, db_partial if compute_db else dx,
@@ -357,9 +367,14 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, co
             )
     # Second pass of the dweight/dbias reduction: sum the G float32 partial rows
     # (with no rows at all, the sum over zero partials is the correct zero gradient).
-    dw = dw_partial.sum(0).to(dw_dtype) if compute_dw else None
-    db = db_partial.sum(0).to(db_dtype) if compute_db else None
+    # (separate sums: the registered op's outputs may not alias each other)
+    dw = _as_dtype(dw_partial.sum(0), dw_dtype) if compute_dw else None
+    db = _as_dtype(db_partial.sum(0), db_dtype) if compute_db else None
     return dx, dw, db
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # --------------------------------------------------------------------------------------

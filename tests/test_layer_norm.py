@@ -155,6 +155,28 @@ def test_residual_variant_matches_float64(shape, dtype, kind):
     torch.testing.assert_close(fused["dx"], fused["dresidual"], rtol=0, atol=0)
 
 
+def test_one_process_serves_changing_specialisations_in_sequence():
+    """The eager fast path caches per specialisation (gptfast.kernels._common.launch, the
+    config lookups): aligned then misaligned pointers, row strides that are and are not
+    multiples of 16, dtype changes and widths crossing block sizes, one after another in
+    one process, each still right. (On CUDA this exercises the cached compiled launchers.)"""
+    hidden = 48
+    base = _randn(9, hidden + 16, dtype=torch.float32, seed=3)
+    sequence = [
+        base[:, :hidden],  # aligned, row stride 64
+        base[:, 1:hidden + 1],  # pointer 4 bytes off, same row stride
+        base[:, :hidden].contiguous(),  # aligned, row stride 48
+        _randn(9, hidden + 5, dtype=torch.float32, seed=4)[:, :hidden],  # row stride 53
+        base[:, :hidden].half(),  # dtype change
+        base[:, :hidden],  # back to the first specialisation
+        _randn(9, 16, dtype=torch.float32, seed=5),  # block 16
+        _randn(9, 17, dtype=torch.float32, seed=6),  # block 32
+        _randn(9, 33, dtype=torch.float32, seed=7),  # block 64
+    ]
+    for x in sequence:
+        check_layer_norm(x, *_params(x.shape[-1], x.dtype), residual=x.flip(0) if x.shape[-1] == hidden else None)
+
+
 def test_residual_variant_with_unused_h():
     """Only y reaches the loss: h's incoming gradient is zero."""
     x, residual = _randn(5, 64, seed=4), _randn(5, 64, seed=5)

@@ -17,6 +17,10 @@ On CUDA (or on the CPU under ``TRITON_INTERPRET=1``) it runs the Triton kernels 
 with fake (meta) implementations and an autograd formula tying the two together, so
 ``torch.compile(fullgraph=True)`` sees single opaque ops and training works. Elsewhere it
 runs ``gptfast.ops.torch_path.causal_attention`` (SDPA).
+
+Eager calls (outside ``torch.compile``) skip the registered ops, whose dispatch costs
+several times a torch op's host time: the launcher directly when no gradient is needed,
+else ``CausalAttentionFunction``, an ``autograd.Function`` over the same launchers.
 """
 import math
 from typing import Optional, Tuple
@@ -113,11 +117,16 @@ def _validate(q, k, v, q_offset, q_positions=None, key_start=None) -> None:
         )
 
 
-def _kernels():
-    # Imported here so that the torch path never imports triton.
-    from gptfast.kernels import causal_attention as kernels
+_kernel_module = []
 
-    return kernels
+
+def _kernels():
+    # Imported on first use so that the torch path never imports triton.
+    if not _kernel_module:
+        from gptfast.kernels import causal_attention as kernels
+
+        _kernel_module.append(kernels)
+    return _kernel_module[0]
 
 
 # ----------------------------------------------------------------------------- registered ops
@@ -168,6 +177,29 @@ def _backward(ctx, grad_out, _grad_lse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- eager path
+
+
+class CausalAttentionFunction(torch.autograd.Function):
+    """The eager path with gradients: ``apply(q, k, v, scale, q_offset, q_positions,
+    key_start)``, the registered ops' results and gradients without their dispatch cost."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, q_offset, q_positions, key_start):
+        out, lse = _kernels().attention_forward(q, k, v, scale, q_offset, q_positions=q_positions,
+                                                key_start=key_start)
+        ctx.save_for_backward(q, k, v, out, lse, q_positions, key_start)
+        ctx.scale, ctx.q_offset = scale, q_offset
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, q_positions, key_start = ctx.saved_tensors
+        dq, dk, dv = _kernels().attention_backward(grad_out, q, k, v, out, lse, ctx.scale, ctx.q_offset,
+                                                   q_positions=q_positions, key_start=key_start)
+        return dq, dk, dv, None, None, None, None
+
+
 # ----------------------------------------------------------------------------- public function
 
 
@@ -198,6 +230,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] 
     _validate(q, k, v, q_offset, q_positions, key_start)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if use_triton(q):
-        return _attention_fwd(q, k, v, scale, q_offset, q_positions, key_start)[0]
+        if torch.compiler.is_compiling():  # the registered op: one opaque node for the compiler
+            return _attention_fwd(q, k, v, scale, q_offset, q_positions, key_start)[0]
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return CausalAttentionFunction.apply(q, k, v, scale, q_offset, q_positions, key_start)
+        return _kernels().attention_forward(q, k, v, scale, q_offset, q_positions=q_positions,
+                                            key_start=key_start)[0]
     return torch_path.causal_attention(q, k, v, scale=scale, q_offset=q_offset, q_positions=q_positions,
                                        key_start=key_start)

@@ -19,7 +19,9 @@ Where it runs:
 - otherwise the torch path: dequantise to x's dtype, then ``F.linear``.
 
 The op is registered as ``torch.ops.gptfast.int8_linear`` with a fake implementation,
-so ``torch.compile(fullgraph=True)`` sees one op and CUDA graphs can capture it.
+so ``torch.compile(fullgraph=True)`` sees one op and CUDA graphs can capture it. Eager
+calls that need no gradient run its implementation (``_linear``) directly, skipping the
+registered op's dispatch cost.
 Inference-only: calling ``backward`` through it raises a RuntimeError.
 """
 from typing import Optional
@@ -112,9 +114,8 @@ def _use_cpu_kernel(x2) -> bool:
             and cpu_kernel() is not None)
 
 
-@torch.library.custom_op("gptfast::int8_linear", mutates_args=())
-def _int8_linear_op(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _linear(x2, weight, scale, bias):
+    """The op's implementation (registered op and eager path alike)."""
     if use_triton(x2):
         from gptfast.kernels import int8_linear as kernel  # imports triton: only on this path
 
@@ -123,6 +124,12 @@ def _int8_linear_op(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         return cpu_kernel()(x2.contiguous(), weight.contiguous(), scale.contiguous(),
                             None if bias is None else bias.contiguous())
     return torch_path.int8_linear(x2, weight, scale, bias)
+
+
+@torch.library.custom_op("gptfast::int8_linear", mutates_args=())
+def _int8_linear_op(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _linear(x2, weight, scale, bias)
 
 
 @_int8_linear_op.register_fake
@@ -145,5 +152,11 @@ def int8_linear(x, weight_int8, scale, bias=None):
     """
     _validate(x, weight_int8, scale, bias)
     n, k = weight_int8.shape
-    y = _int8_linear_op(x.reshape(-1, k), weight_int8, scale, bias)
+    x2 = x.reshape(-1, k)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            x.requires_grad or scale.requires_grad or (bias is not None and bias.requires_grad))):
+        # compiled: one opaque node; gradients asked for: the op's backward raises its clear error
+        y = _int8_linear_op(x2, weight_int8, scale, bias)
+    else:
+        y = _linear(x2, weight_int8, scale, bias)
     return y.view(*x.shape[:-1], n)
