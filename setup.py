@@ -5,7 +5,7 @@ The Triton kernels live in ``kernels/`` at the top of the repository and install
 extension in ``csrc/`` is built here when torch is importable at build time
 (``pip install --no-build-isolation -e .``); otherwise gptfast JIT-builds it on first
 use, and falls back to its Python twin if no compiler is available.
-``python -m gptfast.extension`` checks afterwards that ``gptfast._C`` imports.
+``python -m gptfast.runtime.extension`` checks afterwards that ``gptfast._C`` imports.
 """
 import glob
 import os
@@ -25,7 +25,7 @@ if sources and os.environ.get("GPTFAST_NO_BUILD_EXT") != "1":
     except ImportError:  # torch not importable at build time: gptfast JIT-builds on first use
         pass
     else:
-        # gptfast.extension.EXTENSION_CFLAGS (the JIT build's flags), kept identical by a test;
+        # gptfast.runtime.extension.EXTENSION_CFLAGS (the JIT build's flags), kept identical by a test;
         # -g0 comes after Python's own CFLAGS (-g) and wins over them.
         ext_modules = [CppExtension("gptfast._C", sources,
                                     extra_compile_args=["-O3", "-std=c++17", "-fno-trapping-math", "-g0"])]

@@ -24,17 +24,17 @@ import time
 import torch
 
 from gptfast.config import GPTConfig
-from gptfast.generation import generate
+from gptfast.generation.generate import generate
 from gptfast.model import GPT
-from gptfast.paths import cache_dir
+from gptfast.runtime.paths import cache_dir
 from gptfast.quantization import quantize
-from gptfast.sampling import SamplingParams
+from gptfast.generation.sampling_params import SamplingParams
 
 PROMPT_LEN = 16
 
 
 def trained_model(run_dir):
-    from gptfast.checkpoint import checkpoint_path, load_model_dir
+    from gptfast.checkpoints.training_state import checkpoint_path, load_model_dir
     from gptfast.training import TrainConfig, train
 
     if not checkpoint_path(run_dir).exists():
@@ -50,7 +50,7 @@ def greedy(model, prompts, new_tokens):
 
 
 def accuracy(args):
-    from gptfast.data import load_dataset
+    from gptfast.training.data import load_dataset
     from gptfast.tokenizer import load_tokenizer
     from gptfast.training import evaluate
 

@@ -39,8 +39,8 @@ _LAZY = {
     "GPT": "gptfast.model",
     "GPTConfig": "gptfast.config",
     "KVCache": "gptfast.model",
-    "SamplingParams": "gptfast.sampling",
-    "generate": "gptfast.generation",
+    "SamplingParams": "gptfast.generation.sampling_params",
+    "generate": "gptfast.generation.generate",
     "load_tokenizer": "gptfast.tokenizer",
     "quantize": "gptfast.quantization",
 }

@@ -18,7 +18,7 @@ the ones lost. The op list is ``gptfast.ops.registry`` (each op's implementation
 its error-ratio tolerance); this module holds the grid of shapes for each.
 
 A CUDA error that breaks the context (an illegal address, say) stops the run at that
-case, with a line naming it (``gptfast.bench.cuda_errors``): every later case in the
+case, with a line naming it (``gptfast.runtime.cuda_errors``): every later case in the
 same process would fail with the same message.
 
 On a machine without CUDA the ops run through the Triton interpreter (``TRITON_INTERPRET=1``
@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from gptfast.bench.cuda_errors import STOPPED, is_cuda_error, short_error, stop_message
+from gptfast.runtime.cuda_errors import STOPPED, is_cuda_error, short_error, stop_message
 from gptfast.bench.results import dtype_name
 from gptfast.ops import registry
 from gptfast.testing import error_ratio, max_abs_error, randn
@@ -485,7 +485,7 @@ def check_sampler(device, new_tokens: int = 12) -> List[CheckResult]:
     import gptfast
     from gptfast.config import GPTConfig
     from gptfast.model import GPT
-    from gptfast.extension import extension_status, load_extension
+    from gptfast.runtime.extension import extension_status, load_extension
 
     device = torch.device(device)
     started = time.perf_counter()

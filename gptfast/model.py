@@ -1,7 +1,7 @@
 """The GPT-2 model: a thin composition of ops, in the spirit of nanoGPT.
 
 Parameter names follow Hugging Face's GPT2LMHeadModel (``transformer.h.0.attn.c_attn``
-…), so checkpoints map one to one (Conv1D weights transposed; see gptfast.hf).
+…), so checkpoints map one to one (Conv1D weights transposed; see gptfast.checkpoints.hf_gpt2).
 
 The residual stream uses layernorm's fused residual-add: each block receives the
 stream ``h`` and the previous sublayer's output ``delta`` and computes
@@ -21,7 +21,7 @@ steps never wait on the device. The backend (gptfast.backends) is one ``Backend`
 per model, which every layer reads.
 
 The model imports nothing above it: generation lives in ``gptfast.generate`` and CPU
-weight packing in ``gptfast.cpu_linear``.
+weight packing in ``gptfast.generation.cpu_linear``.
 """
 import math
 import warnings
@@ -402,13 +402,13 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, backend=None, device=None, dtype=None) -> "GPT":
         """Load a local Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin)."""
-        from gptfast.hf import load_pretrained
+        from gptfast.checkpoints.hf_gpt2 import load_pretrained
 
         return load_pretrained(cls, path, backend=backend, device=device, dtype=dtype)
 
     def save_pretrained(self, path) -> None:
         """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` loads."""
-        from gptfast.hf import save_pretrained
+        from gptfast.checkpoints.hf_gpt2 import save_pretrained
 
         save_pretrained(self, path)
 

@@ -239,9 +239,9 @@ def profile_steps(step: Callable[[], Optional[int]], *, what: str, device, out_d
 
 
 def build_model(device, *, model_dir=None, preset=None, dtype=None, backend=None):
-    """A local checkpoint (gptfast.loading), or a randomly initialised preset (gpt2 in bf16
+    """A local checkpoint (gptfast.checkpoints.loader), or a randomly initialised preset (gpt2 in bf16
     on CUDA, tiny in fp32 on the CPU)."""
-    from gptfast.loading import load_model_and_tokenizer
+    from gptfast.checkpoints.loader import load_model_and_tokenizer
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

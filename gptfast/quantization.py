@@ -16,7 +16,7 @@ both; the head's copy costs a quarter of the embedding's bytes.
 
 Checkpoints. ``save_quantized(model, dir)`` writes ``model.safetensors`` with gptfast's
 own tensor names and (N, K) nn.Linear layouts (not Hugging Face's Conv1D), and
-``config.json``: the GPT-2 config of ``gptfast.hf.config_to_hf`` plus a
+``config.json``: the GPT-2 config of ``gptfast.checkpoints.hf_gpt2.config_to_hf`` plus a
 ``"gptfast_quantization"`` entry recording the scheme. ``load_quantized(dir)`` rebuilds
 the model from it; ``is_quantized_checkpoint(dir)`` tells the two kinds of directory
 apart (for ``GPT.from_pretrained``). Transformers cannot load such a directory.
@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from gptfast.config import GPTConfig
-from gptfast.hf import QUANTIZATION_KEY, SAFETENSORS, CheckpointError, config_from_hf, config_to_hf
+from gptfast.checkpoints.hf_gpt2 import QUANTIZATION_KEY, SAFETENSORS, CheckpointError, config_from_hf, config_to_hf
 from gptfast.ops.int8_linear import int8_linear, quantize_weight
 
 SCHEMES = ("int8",)
@@ -191,7 +191,7 @@ def load_quantized(path, config: GPTConfig = None, *, backend=None, device=None,
     config, else CheckpointError names the differing fields. ``dtype`` casts the
     floating-point tensors (embeddings, layernorms, biases, scales); int8 weights stay.
     """
-    from gptfast.hf import load_state_dict
+    from gptfast.checkpoints.hf_gpt2 import load_state_dict
     from gptfast.model import GPT
 
     path = os.fspath(path)

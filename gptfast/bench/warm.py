@@ -56,7 +56,7 @@ def tasks(device, e2e: bool = False) -> List[Task]:
 
 def run_worker(device, index: int, jobs: int, e2e: bool) -> int:
     """Run tasks ``index``, ``index + jobs``, ...; one line per task. Returns the failures."""
-    from gptfast.bench.cuda_errors import is_cuda_error, short_error, stop_message
+    from gptfast.runtime.cuda_errors import is_cuda_error, short_error, stop_message
     from gptfast.bench.runner import SkipCase
 
     mine = tasks(device, e2e)[index::jobs]

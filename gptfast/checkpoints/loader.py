@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from gptfast import checkpoint as ckpt_io
+from gptfast.checkpoints import training_state as ckpt_io
 from gptfast import quantization
 from gptfast.tokenizer import has_tokenizer_files, load_tokenizer
 

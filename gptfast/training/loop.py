@@ -14,11 +14,11 @@ samples a few lines; every ``ckpt_interval`` steps a checkpoint is written atomi
 The RNG states, the data sampler's generator and the optimizer state all go into the
 checkpoint, so ``resume=True`` reproduces the uninterrupted run's losses exactly.
 
-Where the pieces live: settings in ``gptfast.train_config``, the model and tokenizer from
-``gptfast.loading``, data in ``gptfast.data``, AdamW and the schedule in ``gptfast.optim``,
-validation loss and samples in ``gptfast.evaluation``, console / metrics.jsonl /
-throughput in ``gptfast.train_log``, checkpoints and the final export in
-``gptfast.checkpoint``, ranks in ``gptfast.distributed``. This module is the loop.
+Where the pieces live: settings in ``gptfast.training.config``, the model and tokenizer from
+``gptfast.checkpoints.loader``, data in ``gptfast.training.data``, AdamW and the schedule in ``gptfast.training.optim``,
+validation loss and samples in ``gptfast.training.evaluation``, console / metrics.jsonl /
+throughput in ``gptfast.training.log``, checkpoints and the final export in
+``gptfast.checkpoints.training_state``, ranks in ``gptfast.training.distributed``. This module is the loop.
 
 Usage::
 
@@ -36,10 +36,10 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
-from gptfast import checkpoint as ckpt_io
-from gptfast.atomic_files import remove_stale_temp_files
-from gptfast.data import IGNORE_INDEX, BatchSampler, load_dataset
-from gptfast.distributed import (
+from gptfast.checkpoints import training_state as ckpt_io
+from gptfast.runtime.atomic_files import remove_stale_temp_files
+from gptfast.training.data import IGNORE_INDEX, BatchSampler, load_dataset
+from gptfast.training.distributed import (
     DistContext,
     any_rank,
     full_state_dicts,
@@ -49,13 +49,13 @@ from gptfast.distributed import (
     run_agreed,
     wrap_model,
 )
-from gptfast.evaluation import EvalResult, evaluate, sample_text
-from gptfast.loading import load_model_and_tokenizer
-from gptfast.mfu import flops_per_token, mfu as model_flops_utilisation, resolve_peak_tflops
-from gptfast.optim import build_optimizer, lr_at, set_lr
-from gptfast.precision import autocast, autocast_dtype
-from gptfast.train_config import TRAIN_PRESETS, TrainConfig, load_config_file
-from gptfast.train_log import Throughput, TrainLog
+from gptfast.training.evaluation import EvalResult, evaluate, sample_text
+from gptfast.checkpoints.loader import load_model_and_tokenizer
+from gptfast.training.mfu import flops_per_token, mfu as model_flops_utilisation, resolve_peak_tflops
+from gptfast.training.optim import build_optimizer, lr_at, set_lr
+from gptfast.training.precision import autocast, autocast_dtype
+from gptfast.training.config import TRAIN_PRESETS, TrainConfig, load_config_file
+from gptfast.training.log import Throughput, TrainLog
 
 __all__ = [
     "TrainConfig",

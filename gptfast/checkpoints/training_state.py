@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptfast.atomic_files import remove_stale_temp_files, write_atomically
+from gptfast.runtime.atomic_files import remove_stale_temp_files, write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "gptfast-train-checkpoint"
@@ -130,7 +130,7 @@ def export_model(model, tokenizer_path, out_dir, ctx, fsdp: bool) -> bool:
     (so a run directory doubles as a model directory). Every rank calls (FSDP gathers the
     shards into a plain CPU model first); rank 0 writes. Returns whether this rank wrote."""
     if fsdp:
-        from gptfast.distributed import full_model_state_dict
+        from gptfast.training.distributed import full_model_state_dict
         from gptfast.model import GPT
 
         full_state = full_model_state_dict(model, fsdp=True)

@@ -27,8 +27,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from gptfast import paths
-from gptfast.atomic_files import remove_stale_temp_files, write_atomically
+from gptfast.runtime import paths
+from gptfast.runtime.atomic_files import remove_stale_temp_files, write_atomically
 
 # Bump when the on-disk token format or the document separator changes.
 TOKEN_CACHE_VERSION = 1

@@ -180,7 +180,7 @@ def load_pretrained(cls, path, backend=None, device=None, dtype=None):
         raise CheckpointError(
             f"{path} holds a {hf_config[QUANTIZATION_KEY].get('scheme', 'quantized')!r} quantized gptfast checkpoint: "
             "load it with gptfast.quantization.load_quantized(path) (the CLI verbs and "
-            "gptfast.loading.load_model_and_tokenizer do)"
+            "gptfast.checkpoints.loader.load_model_and_tokenizer do)"
         )
     config = config_from_hf(hf_config, source=config_path)
     model = cls(config, backend=backend)

@@ -6,9 +6,9 @@ from typing import List, Optional
 
 import torch
 
-from gptfast.data import IGNORE_INDEX, Dataset
-from gptfast.distributed import DistContext
-from gptfast.precision import autocast
+from gptfast.training.data import IGNORE_INDEX, Dataset
+from gptfast.training.distributed import DistContext
+from gptfast.training.precision import autocast
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ def evaluate(
 ) -> EvalResult:
     """Mean next-token loss and perplexity of ``model`` on ``data``.
 
-    ``data``: a :class:`gptfast.data.Dataset` (its validation split is used) or one split.
+    ``data``: a :class:`gptfast.training.data.Dataset` (its validation split is used) or one split.
     Pretraining data is scored on consecutive non-overlapping windows of ``block_size``
     (default: the model's context); fine-tuning data on its completion tokens only.
     ``max_batches`` caps the batches per rank; ``dtype`` enables autocast; ``dist``
