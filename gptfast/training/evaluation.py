@@ -90,18 +90,19 @@ def sample_text(model, tokenizer, prompts, max_new_tokens: int, temperature: flo
 
     The KV cache it sets up stays on the model, so the next evaluation reuses it (and,
     on CUDA, the captured decode graph); training forwards do not touch it."""
-    import gptfast
+    from gptfast.generation.generate import generate
+    from gptfast.generation.sampling_params import SamplingParams
 
     gpt = base_module(model)
     block = gpt.config.block_size
     fallback = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else tokenizer.encode("\n")
     prompt_ids = [(tokenizer.encode(p) or fallback)[-(block - 1):] for p in prompts]
     new_tokens = min(max_new_tokens, block - max(len(ids) for ids in prompt_ids))
-    params = gptfast.SamplingParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k or 0, seed=seed)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k or 0, seed=seed)
     was_training = gpt.training
     gpt.eval()
     try:
-        results = gptfast.generate(gpt, prompt_ids, params, tokenizer=tokenizer)
+        results = generate(gpt, prompt_ids, params, tokenizer=tokenizer)
     finally:
         gpt.train(was_training)
     return [tokenizer.decode(ids) + r.text for ids, r in zip(prompt_ids, results)]
