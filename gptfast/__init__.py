@@ -38,7 +38,7 @@ _mount_kernels()
 _LAZY = {
     "GPT": "gptfast.model",
     "GPTConfig": "gptfast.config",
-    "KVCache": "gptfast.model",
+    "KVCache": "gptfast.kv_cache",
     "SamplingParams": "gptfast.generation.sampling_params",
     "generate": "gptfast.generation.generate",
     "load_tokenizer": "gptfast.tokenizer",

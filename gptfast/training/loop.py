@@ -42,6 +42,7 @@ from gptfast.training.data import IGNORE_INDEX, BatchSampler, load_dataset
 from gptfast.training.distributed import (
     DistContext,
     any_rank,
+    full_model_state_dict,
     full_state_dicts,
     gradient_sync,
     init_distributed,
@@ -51,6 +52,7 @@ from gptfast.training.distributed import (
 )
 from gptfast.training.evaluation import EvalResult, evaluate, sample_text
 from gptfast.checkpoints.loader import load_model_and_tokenizer
+from gptfast.model import GPT
 from gptfast.training.mfu import flops_per_token, mfu as model_flops_utilisation, resolve_peak_tflops
 from gptfast.training.optim import build_optimizer, lr_at, set_lr
 from gptfast.training.precision import autocast, autocast_dtype
@@ -216,7 +218,7 @@ class _Run:
             self.eval_and_sample()
         if self.saved_step != self.step:
             self.save_checkpoint()
-        if self.cfg.export and ckpt_io.export_model(self.model, self.tokenizer_path, self.out_dir, self.ctx, self.cfg.fsdp):
+        if self.cfg.export and _export_model(self.model, self.tokenizer_path, self.out_dir, self.ctx, self.cfg.fsdp):
             self.log.message(f"exported the model (Hugging Face format) to {self.out_dir}")
         # Leave together: when train() returns on any rank, rank 0's checkpoint and
         # export are on disk, and no rank tears the process group down while
@@ -405,3 +407,20 @@ class _Run:
         if ctx.is_main:
             with open(self.out_dir / "train_config.json", "w") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
+
+
+def _export_model(model, tokenizer_path, out_dir, ctx, fsdp: bool) -> bool:
+    """The final weights in Hugging Face format, and the tokenizer's files, into ``out_dir``
+    (so a run directory doubles as a model directory). Every rank calls (FSDP gathers the
+    shards into a plain CPU model first); rank 0 writes. Returns whether this rank wrote."""
+    if fsdp:
+        full_state = full_model_state_dict(model, fsdp=True)
+        if not ctx.is_main:
+            return False
+        model = GPT(model.config)
+        model.load_state_dict(full_state)
+    if not ctx.is_main:
+        return False
+    model.save_pretrained(out_dir)
+    ckpt_io.export_tokenizer_files(tokenizer_path, out_dir)
+    return True
