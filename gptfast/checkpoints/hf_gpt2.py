@@ -24,10 +24,10 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing a file or does not match the model."""
 
 
-# config.json keys whose GPTConfig field has another name, for messages that name both.
-# config.json key of a weight-only quantized checkpoint (gptfast.quantization writes it):
+# config.json key of a weight-only quantized checkpoint (checkpoints.quantized writes it):
 # such a directory holds int8 tensors in gptfast's layout, which HF GPT-2 cannot read.
 QUANTIZATION_KEY = "gptfast_quantization"
+# config.json keys whose GPTConfig field has another name, for messages that name both.
 HF_NAMES = {"block_size": "n_positions", "dropout": "resid_pdrop", "pos_embedding": "gptfast_pos_embedding"}
 
 
