@@ -1,4 +1,4 @@
-"""Pretraining and fine-tuning loop: ``train(cfg)`` and ``evaluate(model, data)``.
+"""The pretraining and fine-tuning loop: ``train(cfg)``.
 
 One optimizer step:
 
@@ -50,28 +50,16 @@ from gptfast.training.distributed import (
     run_agreed,
     wrap_model,
 )
-from gptfast.training.evaluation import EvalResult, evaluate, sample_text
+from gptfast.training.evaluation import evaluate, sample_text
 from gptfast.checkpoints.loader import load_model_and_tokenizer
 from gptfast.model import GPT
 from gptfast.training.mfu import flops_per_token, mfu as model_flops_utilisation, resolve_peak_tflops
 from gptfast.training.optim import build_optimizer, lr_at, set_lr
 from gptfast.training.precision import autocast, autocast_dtype
-from gptfast.training.config import TRAIN_PRESETS, TrainConfig, load_config_file
+from gptfast.training.config import TrainConfig
 from gptfast.training.log import Throughput, TrainLog
 
-__all__ = [
-    "TrainConfig",
-    "TRAIN_PRESETS",
-    "TrainResult",
-    "StepInfo",
-    "EvalResult",
-    "train",
-    "evaluate",
-    "lr_at",
-    "build_optimizer",
-    "sample_text",
-    "load_config_file",
-]
+__all__ = ["train", "TrainResult", "StepInfo"]
 
 # Model settings of a TrainConfig, passed to the loader as GPTConfig overrides.
 _MODEL_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "dropout")
