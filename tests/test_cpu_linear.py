@@ -1,13 +1,13 @@
-"""Prepacked CPU linear layers (gptfast.cpu_linear) and the prefill's ``logits_index``."""
+"""Prepacked CPU linear layers (gptfast.generation.cpu_linear) and the prefill's ``logits_index``."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gptfast import cpu_linear
+from gptfast.generation import cpu_linear
 from gptfast.config import GPTConfig
-from gptfast.generation import generate
+from gptfast.generation.generate import generate
 from gptfast.model import GPT
-from gptfast.sampling import SamplingParams
+from gptfast.generation.sampling_params import SamplingParams
 
 needs_packing = pytest.mark.skipif(not cpu_linear.available(), reason="this PyTorch build has no oneDNN linear packing")
 

@@ -24,11 +24,6 @@ PEAK_COPY = "copy_gbps"
 PEAK_MATMUL = "matmul_tflops"
 
 
-def dtype_name(dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``: a dtype as result rows and check results name it."""
-    return str(dtype).replace("torch.", "")
-
-
 @dataclass
 class Row:
     op: str

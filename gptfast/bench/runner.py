@@ -4,7 +4,7 @@ A ``Case`` describes one row before it is measured. Its ``build()`` allocates th
 inputs and returns the callable to time, so memory is held for one case at a time; it
 raises ``SkipCase`` when the provider cannot run here (not installed, GPU only ...).
 
-A CUDA error stops the run (see ``gptfast.bench.cuda_errors``). Cases carry a priority: when the budget runs out, the least important cases (higher
+A CUDA error stops the run (see ``gptfast.runtime.cuda_errors``). Cases carry a priority: when the budget runs out, the least important cases (higher
 numbers: optional providers, torch.compile with its long compile times) are the ones
 left unmeasured. Rows come back in the order the suite listed the cases.
 """
@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from gptfast.bench.environment import load_average
-from gptfast.bench.cuda_errors import STOPPED, is_cuda_error, short_error, stop_message
+from gptfast.runtime.cuda_errors import STOPPED, is_cuda_error, short_error, stop_message
 from gptfast.bench.harness import time_call, time_kernel_and_eager
 from gptfast.bench.results import Row, Skipped, fill_rates
 

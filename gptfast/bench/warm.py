@@ -86,7 +86,7 @@ def tasks(device, e2e: bool = False, tune: bool = False, compile: bool = False) 
 
 def run_worker(device, index: int, jobs: int, e2e: bool, tune: bool = False, compile: bool = False) -> int:
     """Run tasks ``index``, ``index + jobs``, ...; one line per task. Returns the failures."""
-    from gptfast.bench.cuda_errors import is_cuda_error, short_error, stop_message
+    from gptfast.runtime.cuda_errors import is_cuda_error, short_error, stop_message
     from gptfast.bench.runner import SkipCase
 
     mine = tasks(device, e2e, tune, compile)[index::jobs]

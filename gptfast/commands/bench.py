@@ -119,7 +119,7 @@ def run(args) -> int:
     import torch
 
     from gptfast.bench import environment, report, results, suites
-    from gptfast.bench.cuda_errors import STOPPED
+    from gptfast.runtime.cuda_errors import STOPPED
 
     device = torch.device(args.device) if args.device else environment.default_device()
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -35,7 +35,7 @@ import torch
 
 from gptfast.ops import torch_path
 from gptfast.ops._dispatch import check_same_device_dtype, register_inference_only, use_triton
-from gptfast.ops.causal_attention import validate_heads, validate_key_start
+from gptfast.ops._validation import host_readable, validate_heads, validate_key_start
 
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -82,7 +82,7 @@ def _validate(q, k_cache, v_cache, cache_lens, key_start=None) -> None:
 
 
 def _should_check_lens(cache_lens: torch.Tensor) -> bool:
-    if cache_lens.device.type == "cpu":
+    if host_readable(cache_lens):
         return True
     if cache_lens.device.type == "cuda" and os.environ.get(CHECK_CUDA_LENS_ENV, "0") == "1":
         return not torch.cuda.is_current_stream_capturing()

@@ -97,7 +97,7 @@ def cpu_kernel():
     """``torch.ops.gptfast_cpu.int8_linear`` of the loaded gptfast extension, or None
     (no extension, or one built before csrc/int8_linear.cpp). Looked up once."""
     if not _cpu_kernel:
-        from gptfast.extension import load_extension  # builds or loads gptfast._C (and registers the op)
+        from gptfast.runtime.extension import load_extension  # builds or loads gptfast._C (and registers the op)
 
         op = None
         if load_extension() is not None:

@@ -145,7 +145,7 @@ def _build_decode(provider, batch, new_tokens, dtype, device):
         prompt_lists = prompts.tolist()
         engine = "python" if provider == "python-twin" else "cpp"
         if engine == "cpp":
-            from gptfast.extension import extension_status, load_extension
+            from gptfast.runtime.extension import extension_status, load_extension
 
             if load_extension() is None:
                 raise SkipCase(f"C++ sampling extension unavailable: {extension_status()}")
@@ -210,8 +210,8 @@ def count_params(config) -> int:
 
 
 def train_flops_per_token(config, n_params: int, seq_len: int) -> float:
-    """``6*N + 12*L*C*T``: the PaLM convention that ``gptfast train`` (gptfast.mfu) and llm.c use."""
-    from gptfast.mfu import flops_per_token
+    """``6*N + 12*L*C*T``: the PaLM convention that ``gptfast train`` (gptfast.training.mfu) and llm.c use."""
+    from gptfast.training.mfu import flops_per_token
 
     return flops_per_token(n_params, config.n_layer, config.n_embd, seq_len)
 

@@ -1,4 +1,4 @@
-"""Pretraining and fine-tuning loop: ``train(cfg)`` and ``evaluate(model, data)``.
+"""The pretraining and fine-tuning loop: ``train(cfg)``.
 
 One optimizer step:
 
@@ -14,11 +14,11 @@ samples a few lines; every ``ckpt_interval`` steps a checkpoint is written atomi
 The RNG states, the data sampler's generator and the optimizer state all go into the
 checkpoint, so ``resume=True`` reproduces the uninterrupted run's losses exactly.
 
-Where the pieces live: settings in ``gptfast.train_config``, the model and tokenizer from
-``gptfast.loading``, data in ``gptfast.data``, AdamW and the schedule in ``gptfast.optim``,
-validation loss and samples in ``gptfast.evaluation``, console / metrics.jsonl /
-throughput in ``gptfast.train_log``, checkpoints and the final export in
-``gptfast.checkpoint``, ranks in ``gptfast.distributed``. This module is the loop.
+Where the pieces live: settings in ``gptfast.training.config``, the model and tokenizer from
+``gptfast.checkpoints.loader``, data in ``gptfast.training.data``, AdamW and the schedule in ``gptfast.training.optim``,
+validation loss and samples in ``gptfast.training.evaluation``, console / metrics.jsonl /
+throughput in ``gptfast.training.log``, checkpoints and the final export in
+``gptfast.checkpoints.training_state``, ranks in ``gptfast.training.distributed``. This module is the loop.
 
 Usage::
 
@@ -36,12 +36,13 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
-from gptfast import checkpoint as ckpt_io
-from gptfast.atomic_files import remove_stale_temp_files
-from gptfast.data import IGNORE_INDEX, BatchSampler, load_dataset
-from gptfast.distributed import (
+from gptfast.checkpoints import training_state as ckpt_io
+from gptfast.runtime.atomic_files import remove_stale_temp_files
+from gptfast.training.data import IGNORE_INDEX, BatchSampler, load_dataset
+from gptfast.training.distributed import (
     DistContext,
     any_rank,
+    full_model_state_dict,
     full_state_dicts,
     gradient_sync,
     init_distributed,
@@ -49,27 +50,16 @@ from gptfast.distributed import (
     run_agreed,
     wrap_model,
 )
-from gptfast.evaluation import EvalResult, evaluate, sample_text
-from gptfast.loading import load_model_and_tokenizer
-from gptfast.mfu import flops_per_token, mfu as model_flops_utilisation, resolve_peak_tflops
-from gptfast.optim import build_optimizer, lr_at, set_lr
-from gptfast.precision import autocast, autocast_dtype
-from gptfast.train_config import TRAIN_PRESETS, TrainConfig, load_config_file
-from gptfast.train_log import Throughput, TrainLog
+from gptfast.training.evaluation import evaluate, sample_text
+from gptfast.checkpoints.loader import load_model_and_tokenizer
+from gptfast.model import GPT
+from gptfast.training.mfu import flops_per_token, mfu as model_flops_utilisation, resolve_peak_tflops
+from gptfast.training.optim import build_optimizer, lr_at, set_lr
+from gptfast.training.precision import autocast, autocast_dtype
+from gptfast.training.config import TrainConfig
+from gptfast.training.log import Throughput, TrainLog
 
-__all__ = [
-    "TrainConfig",
-    "TRAIN_PRESETS",
-    "TrainResult",
-    "StepInfo",
-    "EvalResult",
-    "train",
-    "evaluate",
-    "lr_at",
-    "build_optimizer",
-    "sample_text",
-    "load_config_file",
-]
+__all__ = ["train", "TrainResult", "StepInfo"]
 
 # Model settings of a TrainConfig, passed to the loader as GPTConfig overrides.
 _MODEL_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "dropout")
@@ -216,7 +206,7 @@ class _Run:
             self.eval_and_sample()
         if self.saved_step != self.step:
             self.save_checkpoint()
-        if self.cfg.export and ckpt_io.export_model(self.model, self.tokenizer_path, self.out_dir, self.ctx, self.cfg.fsdp):
+        if self.cfg.export and _export_model(self.model, self.tokenizer_path, self.out_dir, self.ctx, self.cfg.fsdp):
             self.log.message(f"exported the model (Hugging Face format) to {self.out_dir}")
         # Leave together: when train() returns on any rank, rank 0's checkpoint and
         # export are on disk, and no rank tears the process group down while
@@ -405,3 +395,20 @@ class _Run:
         if ctx.is_main:
             with open(self.out_dir / "train_config.json", "w") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
+
+
+def _export_model(model, tokenizer_path, out_dir, ctx, fsdp: bool) -> bool:
+    """The final weights in Hugging Face format, and the tokenizer's files, into ``out_dir``
+    (so a run directory doubles as a model directory). Every rank calls (FSDP gathers the
+    shards into a plain CPU model first); rank 0 writes. Returns whether this rank wrote."""
+    if fsdp:
+        full_state = full_model_state_dict(model, fsdp=True)
+        if not ctx.is_main:
+            return False
+        model = GPT(model.config)
+        model.load_state_dict(full_state)
+    if not ctx.is_main:
+        return False
+    model.save_pretrained(out_dir)
+    ckpt_io.export_tokenizer_files(tokenizer_path, out_dir)
+    return True

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from gptfast.atomic_files import write_atomically
+from gptfast.runtime.atomic_files import write_atomically
 
 METRICS_NAME = "metrics.jsonl"
 

@@ -13,8 +13,8 @@ from typing import List, Optional
 
 from gptfast.backends import BACKENDS
 from gptfast.config import PRESETS as MODEL_PRESETS
-from gptfast.devices import check_device_name
-from gptfast.precision import AUTOCAST_SETTINGS
+from gptfast.runtime.devices import check_device_name
+from gptfast.training.precision import AUTOCAST_SETTINGS
 
 DTYPES = AUTOCAST_SETTINGS
 SEED_LIMIT = 2**31  # numpy seeds must be < 2**32; each rank adds its rank, each evaluation its step
