@@ -31,7 +31,8 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from gptfast.bench.results import Skipped, dtype_name
+from gptfast.bench.results import Skipped
+from gptfast.runtime.devices import dtype_name
 from gptfast.bench.runner import SkipCase, Case
 from gptfast.bench.suites.common import is_gpu
 
