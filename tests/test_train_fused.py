@@ -125,3 +125,26 @@ def test_compiled_training_gives_the_eager_losses_and_shows_the_compile(backend,
 def test_compile_backend_is_validated():
     with pytest.raises(ValueError, match="compile_backend must be one of .* got 'nope'"):
         TrainConfig.from_dict(dict(compile_backend="nope")).validate()
+
+
+# ---- the bench's training rows -------------------------------------------------------------------
+
+
+def test_e2e_train_rows_are_the_four_providers_and_the_cpu_ones_run():
+    """GPU grid: fused and torch backends, eager and compiled, in one run. CPU: the torch
+    rows (a compiled step with aot_eager) run; the fused ones are listed as GPU-only."""
+    from gptfast.bench.suites import e2e
+
+    gpu_cases, _ = e2e.cases(torch.device("cuda"), quick=True)
+    train_rows = {c.provider for c in gpu_cases if c.op == "train_step"}
+    assert train_rows == {"torch", "torch.compile", "gptfast", "gptfast+compile"}
+    cpu_cases, skipped = e2e.cases(torch.device("cpu"), quick=True)
+    assert {c.provider for c in cpu_cases if c.op == "train_step"} == {"torch", "torch.compile"}
+    assert {s.provider for s in skipped if s.op == "train_step"} >= {"gptfast", "gptfast+compile"}
+    torch._dynamo.reset()
+    steps = {}
+    for provider in ("torch", "torch.compile"):
+        run_step, sets = e2e._build_train(provider, 2, 16, torch.device("cpu"))
+        steps[provider] = [run_step(sets[0]).item() for _ in range(2)]
+    assert steps["torch"][1] < steps["torch"][0]  # AdamW stepped between the two calls
+    assert steps["torch.compile"] == pytest.approx(steps["torch"], rel=1e-5)
