@@ -214,8 +214,12 @@ class GPT(nn.Module):
 
     # ---- forward -----------------------------------------------------------------
 
-    def forward(self, idx, targets=None, input_pos=None, logits_index=None):
+    def forward(self, idx, targets=None, input_pos=None, logits_index=None, return_logits=True):
         """Logits (B, T, vocab), or ``(logits, loss)`` when ``targets`` (B, T) is given.
+
+        ``return_logits=False`` (with ``targets``; training and evaluation pass it) returns
+        ``(None, loss)``: head and loss are one op, the backend's ``linear_cross_entropy``,
+        which in the fused backend never holds all the logits. The loss is the same.
 
         ``input_pos`` (needs ``setup_cache``): shape (T,) prefills positions p..p+T-1 of
         rows 0..B-1; shape (B, 1) decodes one token per row at that row's position; shape
@@ -236,6 +240,8 @@ class GPT(nn.Module):
         B, T = self._check_inputs(idx, input_pos, logits_index)
         if targets is not None:
             self._check_targets(idx, targets, logits_index)
+        elif not return_logits:
+            raise ValueError("return_logits=False returns only the loss: it needs targets")
         pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos
         if self.config.pos_embedding == "learned":
             pos_emb = self.transformer.wpe(pos)
@@ -249,6 +255,9 @@ class GPT(nn.Module):
             rows = torch.arange(B, device=idx.device)
             h, delta = h[rows, logits_index].unsqueeze(1), delta[rows, logits_index].unsqueeze(1)
         x, _ = self.transformer.ln_f(delta, residual=h)
+        if not return_logits:  # the training step: the head inside the loss, no logits held
+            _warn_if_nothing_counted(targets)
+            return None, self._backend.ops.linear_cross_entropy(x, self.lm_head.weight, targets, IGNORE_INDEX)
         logits = self.lm_head(x)
         if targets is None:
             return logits
@@ -310,13 +319,18 @@ class GPT(nn.Module):
         hf_gpt2.write(path, self.config, self.state_dict(), pos_table=table)
 
 
+def _warn_if_nothing_counted(targets):
+    """Warn (where reading targets is free: see host_readable) when every one is ignored."""
+    if host_readable(targets) and not bool((targets != IGNORE_INDEX).any()):
+        warnings.warn("every target is -100 (ignored): the loss is 0 and so is its gradient", RuntimeWarning,
+                      stacklevel=4)
+
+
 def _loss(logits, targets):
     """Mean cross-entropy over the targets that are not IGNORE_INDEX; 0 when there are none
     (the sum over no targets divided by a count clamped to 1: no NaN and no host read)."""
     flat = targets.reshape(-1).long()
     counted = (flat != IGNORE_INDEX).sum()
-    if host_readable(flat) and int(counted) == 0:
-        warnings.warn("every target is -100 (ignored): the loss is 0 and so is its gradient", RuntimeWarning,
-                      stacklevel=3)
+    _warn_if_nothing_counted(flat)
     total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), flat, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / counted.clamp(min=1)

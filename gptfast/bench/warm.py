@@ -14,7 +14,7 @@ land in the shared cache (``TRITON_CACHE_DIR``, which the caller sets for every
 stage), and the later stages find them there. The shapes are the stages' own, so the
 cache keys match. ``--tune`` adds every tuning candidate of ``gptfast.tune`` (on its
 ``--quick`` shapes, ``gptfast.tune.warm_tasks``), so the tune stage only times;
-``--compile`` adds the end-to-end suite's ``torch.compile`` cases (one build and two
+``--compile`` adds the end-to-end suite's compiled cases (``torch.compile``, ``gptfast+compile``) (one build and two
 calls each), whose compiled graphs land in inductor's cache (``TORCHINDUCTOR_CACHE_DIR``)
 for the benchmark stages. Those take longest, so they are dealt first.
 
@@ -66,7 +66,7 @@ def _compile_tasks(device) -> List[Task]:
         return run
 
     cases, _ = suites.collect("e2e", device, quick=True)
-    return [(f"compile {c.label()}", twice(c)) for c in cases if c.provider == "torch.compile"]
+    return [(f"compile {c.label()}", twice(c)) for c in cases if c.provider in ("torch.compile", "gptfast+compile")]
 
 
 def _tune_tasks(device) -> List[Task]:

@@ -67,7 +67,7 @@ def evaluate(
         for x, y in split.eval_batches(batch_size, block_size, max_batches, ctx.rank, ctx.world_size):
             x, y = x.to(device), y.to(device)
             with autocast(device, dtype):
-                _, loss = gpt(x, targets=y)
+                _, loss = gpt(x, targets=y, return_logits=False)
             n = (y != IGNORE_INDEX).sum()
             totals[0] += loss.double() * n
             totals[1] += n

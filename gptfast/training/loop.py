@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import random
+import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -133,7 +134,10 @@ class _Run:
         self.finetune = self.dataset.kind == "finetune"
         self.train_model = wrap_model(self.model, ctx, fsdp=cfg.fsdp, param_dtype=self.amp_dtype if cfg.fsdp else None)
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            # The whole model as one graph with the fused ops inside (opaque custom ops);
+            # under DDP/FSDP dynamo splits the graph at the gradient buckets, so no fullgraph there.
+            self.train_model = torch.compile(self.train_model, fullgraph=not ctx.enabled, dynamic=False,
+                                             backend=cfg.compile_backend)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.sampler = BatchSampler(
             train_shard, cfg.batch_size, self.block_size, seed=cfg.seed * 10007 + ctx.rank + 1,
@@ -154,6 +158,7 @@ class _Run:
         self.saved_step = -1  # the step of this run's checkpoint on disk (-1: none yet)
         self.evaluated_step = -1  # the step of the latest evaluation
         self.stop = False  # the callback asked to end the run
+        self.compiled = False  # whether the compiled step has run (its first call compiles)
         self.throughput = Throughput()
         if cfg.resume:
             run_agreed(ctx, self._restore)
@@ -179,9 +184,17 @@ class _Run:
         """One optimizer step, then what is due after it: log, evaluation, callback, checkpoint."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg)
+        compiling = cfg.compile and not self.compiled
+        if compiling:
+            self.log.compiling()
+            started = time.perf_counter()
         loss_sum, count, processed = self.train_step(lr)
         self.step += 1
         self.throughput.add(processed * self.ctx.world_size)
+        if compiling:  # the compile is not training time: tokens/s counts from the next step
+            self.log.compiled(time.perf_counter() - started)
+            self.compiled = True
+            self.throughput.restart()
         is_log = self.step % cfg.log_interval == 0 or self.step == cfg.max_steps
         is_eval = (cfg.eval_interval and self.step % cfg.eval_interval == 0) or self.step == cfg.max_steps
         loss = self.global_loss(loss_sum, count) if is_log or is_eval or self.callback is not None else None
@@ -233,7 +246,7 @@ class _Run:
             last = i == len(batches) - 1
             with gradient_sync(self.train_model, enabled=last or not ctx.enabled, fsdp=cfg.fsdp):
                 with autocast(self.device, self.amp_dtype), torch.profiler.record_function("forward"):
-                    _, loss = self.train_model(x, targets=y)
+                    _, loss = self.train_model(x, targets=y, return_logits=False)  # no logits held
                 # DDP averages over ranks, hence world_size / global_count: the sum is the global token mean.
                 with torch.profiler.record_function("backward"):  # ranges for `gptfast profile train`
                     (loss * (counts[i] * ctx.world_size / global_count)).backward()
