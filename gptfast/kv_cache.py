@@ -8,10 +8,16 @@ own T consecutive positions). Writes index the cache with that tensor on its dev
 ``check_step`` validates a step before anything is written: shapes always, position
 values where that is free (``gptfast.ops._validation.check_positions``: CPU tensors
 outside ``torch.compile``).
+
+Two ways to write a decode / verify step's rows: ``write_rows`` takes projected k and v
+(one indexed write per cache), ``project_rows`` (the fused backend's decode step) runs
+the layer norm + QKV projection itself and writes k and v from inside that launch
+(``gptfast.nn.decode_linear_kv``, i.e. ``gptfast.ops.skinny_linear_kv``): no separate write.
 """
 import torch
 import torch.nn as nn
 
+from gptfast.nn import decode_linear_kv
 from gptfast.ops._validation import check_positions, describe
 
 
@@ -69,14 +75,27 @@ class KVCache(nn.Module):
         """Write T tokens' ``k``, ``v`` (B, H, T, D) per row at that row's positions
         ``input_pos`` (B, T) (a decode step: T = 1; a verify step: T > 1); return the rows'
         caches (B, H, S, D) for attention."""
-        batch, steps = k.shape[0], k.shape[2]
+        batch = k.shape[0]
+        self._check_prefilled(batch, k.shape[2])
+        rows = torch.arange(batch, device=k.device)[:, None]
+        self.k[rows, :, input_pos] = k.transpose(1, 2)
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k[:batch], self.v[:batch]
+
+    def project_rows(self, x, input_pos, linear, norm):
+        """The fused decode / verify write: ``q, k, v = linear(norm(x))`` for x (B, T, C) in
+        one launch that stores k and v straight into the cache at ``input_pos`` (B, T).
+        ``linear``: the QKV projection (``nn.Linear`` or ``Int8Linear``, columns [q | k | v]);
+        ``norm``: its layer norm. Returns q (B, T, Q) and the rows' caches (B, H, S, D)."""
+        batch = x.shape[0]
+        self._check_prefilled(batch, x.shape[1])
+        q = decode_linear_kv(x, linear, norm, self.k, self.v, input_pos)
+        return q, self.k[:batch], self.v[:batch]
+
+    def _check_prefilled(self, batch: int, steps: int) -> None:
         if batch > self.rows_prefilled:
             raise RuntimeError(
                 f"{'decode' if steps == 1 else 'verify'} step of {batch} rows, but a prefill wrote only "
                 f"{self.rows_prefilled} rows of the KV cache: prefill each row's prompt first "
                 "(model(idx, input_pos=torch.arange(T)))"
             )
-        rows = torch.arange(batch, device=k.device)[:, None]
-        self.k[rows, :, input_pos] = k.transpose(1, 2)
-        self.v[rows, :, input_pos] = v.transpose(1, 2)
-        return self.k[:batch], self.v[:batch]

@@ -10,14 +10,14 @@ stream ``h`` and the previous sublayer's output ``delta`` and computes
 That is GPT-2's pre-LN block, reordered so every add rides along with a norm.
 
 Generation runs over a static KV cache allocated once (``setup_cache``): a forward with
-``input_pos`` of shape (T,) is a prefill of positions p..p+T-1 for every row; one with
-shape (B, 1) is a decode step, one position per row, and (B, T) a speculative verify step
-(each row's own T consecutive positions). Attention reads top-down: project, write the
-cache, attend, project. No step reads a position on the host (a prefill attends over the
-whole cache with each query masked at its position), so the steps compile with
-``torch.compile(fullgraph=True)`` and the CUDA steps never wait on the device. Values
-(token ids, targets, positions) are checked only where that is free: CPU tensors outside
-``torch.compile`` (``gptfast.ops._validation.host_readable``); shapes always.
+``input_pos`` of shape (T,) is a prefill of positions p..p+T-1 for every row; (B, 1) a
+decode step, one position per row; (B, T) a speculative verify step (each row's own T
+consecutive positions). On the fused backend the last two run ``GPT._decode_step``.
+Attention reads top-down: project, write the cache, attend, project. No step reads a
+position on the host (a prefill attends over the whole cache with each query masked at
+its position), so the steps compile with ``torch.compile(fullgraph=True)`` and the CUDA
+steps never wait on the device. Values (token ids, targets, positions) are checked only
+where that is free: CPU tensors outside ``torch.compile``; shapes always.
 
 The backend (gptfast.backends) is one ``Backend`` object per model, which every layer
 reads. The model imports nothing above it: generation lives in ``gptfast.generate``.
@@ -33,6 +33,7 @@ from gptfast.backends import Backend
 from gptfast.checkpoints import hf_gpt2
 from gptfast.config import GPTConfig
 from gptfast.kv_cache import KVCache
+from gptfast.nn import decode_linear
 from gptfast.ops._validation import check_ids, describe, host_readable
 
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss
@@ -83,13 +84,19 @@ class CausalSelfAttention(nn.Module):
             keys, values = self.kv_cache.write_prefill(input_pos, k, v)
             y = ops.causal_attention(q, keys, values, q_positions=input_pos)
         else:  # decode (T = 1) or verify (T > 1): each row's tokens at its own positions
-            keys, values = self.kv_cache.write_rows(input_pos, k, v)
-            if T == 1:
-                y = ops.decode_attention(q[:, :, 0], keys, values, input_pos[:, 0] + 1).unsqueeze(2)
-            else:  # one attention call over each row's cache
-                y = ops.causal_attention(q, keys, values, q_positions=input_pos)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+            y = self.attend_rows(q, *self.kv_cache.write_rows(input_pos, k, v), input_pos)
+            return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+    def attend_rows(self, q, keys, values, input_pos, cache_lens=None):
+        """Decode (T = 1) / verify attention of q (B, H, T, D) over the rows' caches, as (B, T, C)."""
+        B, H, T, D = q.shape
+        if T == 1:
+            lens = input_pos[:, 0] + 1 if cache_lens is None else cache_lens
+            y = self._backend.ops.decode_attention(q[:, :, 0], keys, values, lens).unsqueeze(2)
+        else:
+            y = self._backend.ops.causal_attention(q, keys, values, q_positions=input_pos)
+        return y.transpose(1, 2).reshape(B, T, H * D)
 
 
 class MLP(nn.Module):
@@ -248,6 +255,9 @@ class GPT(nn.Module):
         else:
             pos_emb = self.pos_table[pos].to(self.transformer.wte.weight.dtype)
         h = self.transformer.drop(self.transformer.wte(idx) + pos_emb)
+        if targets is None and input_pos is not None and input_pos.dim() == 2 and self._backend.name == "fused" \
+                and not (self.training and self.config.dropout > 0):  # a fused decode / verify step
+            return self._decode_step(h, input_pos, logits_index)
         delta = None
         for block in self.transformer.h:
             h, delta = block(h, delta, input_pos)
@@ -262,6 +272,21 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return logits, _loss(logits, targets)
+
+    def _decode_step(self, h, input_pos, logits_index):
+        """Fused decode / verify, per block: LN + QKV + cache write, attention (1-2 launches), out-proj +
+        residual, LN + up-proj + GELU, down-proj + residual (gptfast.nn.decode_linear); then LN + LM head."""
+        B, T, C = h.shape
+        cache_lens = input_pos[:, 0] + 1 if T == 1 else None  # once for every layer
+        for block in self.transformer.h:
+            attn, mlp = block.attn, block.mlp
+            q, keys, values = attn.kv_cache.project_rows(h, input_pos, attn.c_attn, block.ln_1)
+            y = attn.attend_rows(q.view(B, T, attn.n_head, -1).transpose(1, 2), keys, values, input_pos, cache_lens)
+            h = decode_linear(y, attn.c_proj, residual=h)
+            h = decode_linear(decode_linear(h, mlp.c_fc, block.ln_2, activation="gelu"), mlp.c_proj, residual=h)
+        if logits_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_index].unsqueeze(1)
+        return decode_linear(h, self.lm_head, self.transformer.ln_f)
 
     def _check_inputs(self, idx, input_pos, logits_index):
         """Validate idx, input_pos and logits_index (see forward); return B and T."""

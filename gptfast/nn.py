@@ -1,7 +1,10 @@
 """``torch.nn`` modules backed by gptfast's fused ops: ``LayerNorm`` (a drop-in for
 ``torch.nn.LayerNorm``) and ``Int8Linear`` (a weight-only int8 ``nn.Linear`` for inference;
-``gptfast.quantize`` puts it in a model), and ``replace_linears``, which swaps a model's
-linear layers."""
+``gptfast.quantize`` puts it in a model), ``replace_linears``, which swaps a model's
+linear layers, and ``decode_linear`` / ``decode_linear_kv``, which run one linear layer
+(an ``nn.Linear`` or an ``Int8Linear``: the int8 weight and its scales go to the kernel
+as they are) of a decode step as one ``skinny_linear`` launch with its layer norm and
+epilogue fused in."""
 import numbers
 
 import torch
@@ -9,6 +12,7 @@ from torch import Tensor, nn
 
 from gptfast.ops.int8_linear import int8_linear, quantize_weight
 from gptfast.ops.layer_norm import layer_norm
+from gptfast.ops.skinny_linear import skinny_linear, skinny_linear_kv
 
 
 class LayerNorm(nn.Module):
@@ -120,3 +124,31 @@ def replace_linears(model: nn.Module, make) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, make(getattr(parent, child)))
+
+
+def linear_operands(linear: nn.Module):
+    """``(weight, scale, bias)`` of a linear layer as ``skinny_linear`` takes them: an
+    ``Int8Linear``'s int8 weight with its per-channel scales, else the float weight and None."""
+    weight = getattr(linear, "weight_int8", None)
+    if weight is not None:
+        return weight, linear.scale, linear.bias
+    return linear.weight, None, linear.bias
+
+
+def _norm_args(norm) -> dict:
+    return {} if norm is None else {"ln_weight": norm.weight, "ln_bias": norm.bias, "eps": norm.eps}
+
+
+def decode_linear(x: Tensor, linear: nn.Module, norm=None, *, activation=None, residual=None) -> Tensor:
+    """``linear(norm(x))``, then ``activation`` and ``+ residual``, in one ``skinny_linear``
+    launch (a decode or verify step's few rows). ``norm``: a layer norm module (its
+    ``weight``, ``bias``, ``eps``) or None."""
+    weight, scale, bias = linear_operands(linear)
+    return skinny_linear(x, weight, bias, scale=scale, activation=activation, residual=residual, **_norm_args(norm))
+
+
+def decode_linear_kv(x: Tensor, linear: nn.Module, norm, k_cache: Tensor, v_cache: Tensor, positions: Tensor) -> Tensor:
+    """The QKV projection ``linear(norm(x))`` writing its k and v columns into the caches at
+    ``positions`` (B, T) inside its launch (``skinny_linear_kv``); returns q (B, T, Q)."""
+    weight, scale, bias = linear_operands(linear)
+    return skinny_linear_kv(x, weight, bias, k_cache, v_cache, positions, scale=scale, **_norm_args(norm))

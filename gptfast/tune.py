@@ -4,7 +4,8 @@
     python -m gptfast.tune --install FILE.json
 
 For each tunable kernel (attention forward / dK-dV / dQ at D 64 and 128, the decode
-split kernel, layernorm forward and backward; each kernel module's ``CANDIDATES``) and
+split kernel, layernorm forward and backward, the decode step's skinny matmul per GPT-2
+weight shape; each kernel module's ``CANDIDATES``) and
 each of its benchmark shapes, every candidate launch config is first checked against the
 reference twin (``gptfast.reference``) by the error-ratio rule, then timed with
 ``gptfast.bench.harness.time_call``. A candidate that fails a check on any shape is out.
@@ -46,6 +47,11 @@ MAX_RATIO = 3.0  # the error-ratio rule's limit (gptfast.testing.assert_error_ra
 ORDER = (
     ("causal_attention.fwd", "d64_16bit"), ("decode_attention.split", "d64_16bit"),
     ("layer_norm.fwd", "n1024_16bit"), ("layer_norm.bwd", "n1024_16bit"),
+    ("skinny_linear.fwd", "n4096_k1024_16bit"), ("skinny_linear.fwd", "n1024_k1024_16bit"),
+    ("skinny_linear.fwd", "n1024_k4096_16bit"),
+    ("skinny_linear.fwd", "n65536_k1024_16bit"), ("skinny_linear.fwd", "n4096_k1024_int8"),
+    ("skinny_linear.fwd", "n1024_k1024_int8"),
+    ("skinny_linear.fwd", "n1024_k4096_int8"), ("skinny_linear.fwd", "n65536_k1024_int8"),
     ("causal_attention.dkdv", "d64_16bit"), ("causal_attention.dq", "d64_16bit"),
     ("causal_attention.fwd", "d128_16bit"), ("causal_attention.dkdv", "d128_16bit"),
     ("causal_attention.dq", "d128_16bit"), ("decode_attention.split", "d128_16bit"),
@@ -196,6 +202,46 @@ def _layer_norm_tunables(ctx) -> list:
     return tunables
 
 
+def _skinny_linear_tunables(ctx) -> list:
+    """The decode step's matmul (``kernels/skinny_linear``) per GPT-2 weight shape (c_attn,
+    attention c_proj, c_fc, MLP c_proj, the LM head), 16-bit and int8 weights, with the
+    layer-norm prologue and the bias on (the heaviest prologue every shape meets)."""
+    import torch
+    from gptfast import reference
+    from gptfast.kernels import skinny_linear as ks
+    from gptfast.ops.int8_linear import quantize_weight
+
+    def make(shape):
+        m, n, k = shape["M"], shape["N"], shape["K"]
+        weight, scale = ctx.randn(n, k, seed=1, scale=k ** -0.5), None
+        if shape["kind"] == "int8":
+            weight, scale = quantize_weight(weight, torch.float32)
+        return {"x": ctx.randn(m, k, seed=0), "w": weight, "scale": scale, "b": ctx.randn(n, seed=2),
+                "g": ctx.randn(k, seed=3, scale=0.5, shift=1.0), "beta": ctx.randn(k, seed=4)}
+
+    def check_slice(x):  # the first 512 output channels: the same tiles and K loop, a small float64 check
+        return {n: t[:512] if n in ("w", "scale", "b") and t is not None else t for n, t in x.items()}
+
+    def references(x):
+        def ref(dtype):
+            cast = (lambda t: t if t is None or t.dtype == torch.int8 else t.to(dtype))
+            return reference.skinny_linear(cast(x["x"]), cast(x["w"]), cast(x["b"]), scale=cast(x["scale"]),
+                                           ln_weight=cast(x["g"]), ln_bias=cast(x["beta"]))
+        return [ref(x["x"].dtype)], [ref(torch.float64)]
+
+    def run(x, cfg):
+        return [ks.skinny_linear(x["x"], x["w"], x["b"], scale=x["scale"], ln_weight=x["g"], ln_bias=x["beta"],
+                                 config=cfg)]
+
+    tunables = []
+    for key, candidates in ks.CANDIDATES["fwd"].items():
+        shapes = ctx.skinny_shapes(key, ks)
+        if shapes:
+            tunables.append(Tunable("skinny_linear.fwd", key, candidates, shapes, make, run, references, check_slice,
+                                    cuda_graph=True))
+    return tunables
+
+
 # --------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------
@@ -233,6 +279,14 @@ class Context:
         hidden = [h for h in (768, 1024, 1600, 4096, 8192) if 1 << (h - 1).bit_length() == block_n]
         return self._pick([{"rows": 16384, "hidden": h} for h in hidden])
 
+    def skinny_shapes(self, key, ks):
+        """The decode rows (batch 1 and 8) times each GPT-2 weight (N, K) under ``key``."""
+        kind = key.rsplit("_", 1)[1]
+        weights = [(n, k) for n, k in ks.TUNING_SHAPES if ks.config_key(n, k, kind) == key]
+        if self.dry_run:
+            return [{"M": 2, "N": 96, "K": 160, "kind": kind}] if key == "n4096_k1024_16bit" else []
+        return self._pick([{"M": m, "N": n, "K": k, "kind": kind} for n, k in weights for m in (1, 8)])
+
     def candidates(self, tunable):
         return tunable.candidates[:2 if self.dry_run else None]
 
@@ -248,7 +302,8 @@ class Context:
 
 def all_tunables(ctx) -> list:
     """Every tunable kernel and key, in ``ORDER``."""
-    tunables = _attention_tunables(ctx) + _decode_tunables(ctx) + _layer_norm_tunables(ctx)
+    tunables = (_attention_tunables(ctx) + _decode_tunables(ctx) + _layer_norm_tunables(ctx)
+                + _skinny_linear_tunables(ctx))
     rank = {name: i for i, name in enumerate(ORDER)}
     return sorted(tunables, key=lambda t: rank.get((t.kernel, t.key), len(ORDER)))
 

@@ -19,6 +19,7 @@ from gptfast.kernels._common import LaunchConfig
 attention_kernels = pytest.importorskip("gptfast.kernels.causal_attention")
 from gptfast.kernels import decode_attention as decode_kernels  # noqa: E402
 from gptfast.kernels import layer_norm as ln_kernels  # noqa: E402
+from gptfast.kernels import skinny_linear as skinny_kernels  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.device("cuda")
@@ -160,7 +161,7 @@ def test_dry_run_writes_a_valid_table(tmp_path):
     assert table["device"]["name"] == "rehearsal-gpu"
     kernels = {kernel for kernel, _ in table["configs"]}
     assert kernels == {"causal_attention.fwd", "causal_attention.dkdv", "causal_attention.dq",
-                       "decode_attention.split", "layer_norm.fwd", "layer_norm.bwd"}
+                       "decode_attention.split", "layer_norm.fwd", "layer_norm.bwd", "skinny_linear.fwd"}
     assert {key for kernel, key in table["configs"] if kernel.startswith("causal_attention")} == {
         "d64_16bit", "d128_16bit"}
     results = json.loads(out.read_text())["results"]
@@ -200,7 +201,10 @@ def test_most_valuable_keys_come_first_and_every_key_is_ordered():
     names = [(t.kernel, t.key) for t in tune.all_tunables(ctx)]
     assert names[:4] == list(tune.ORDER[:4]) and set(names) <= set(tune.ORDER)
     assert {k for k, _ in names} == {"causal_attention.fwd", "causal_attention.dkdv", "causal_attention.dq",
-                                     "decode_attention.split", "layer_norm.fwd", "layer_norm.bwd"}
+                                     "decode_attention.split", "layer_norm.fwd", "layer_norm.bwd",
+                                     "skinny_linear.fwd"}
+    skinny = {t.key for t in tune.all_tunables(ctx) if t.kernel == "skinny_linear.fwd"}
+    assert skinny == set(skinny_kernels.CANDIDATES["fwd"])  # every GPT-2 weight key, 16-bit and int8
     tunable = tune.all_tunables(ctx)[0]
     assert ctx.candidates(tunable) == tunable.candidates  # --quick: every candidate, the first shape
 

@@ -42,6 +42,7 @@ import torch
 
 from gptfast.ops import torch_path
 from gptfast.ops._dispatch import register_inference_only, use_triton
+from gptfast.ops._validation import host_readable
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATIONS = (None, "gelu")
@@ -198,7 +199,7 @@ def _validate_kv(x, weight, k_cache, v_cache, positions) -> None:
               f"got {tuple(positions.shape)}")
     if positions.device != x.device:
         _fail(op, "positions", f"is on {positions.device} but x is on {x.device}")
-    if positions.device.type == "cpu" and positions.numel():  # a host read only where it costs no sync
+    if host_readable(positions) and positions.numel():  # a host read only where it costs no sync or graph break
         bad = (positions < 0) | (positions >= seq_len)
         if bool(bad.any()):
             b, t = (int(i) for i in bad.nonzero()[0])
