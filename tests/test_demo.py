@@ -11,7 +11,7 @@ import torch
 
 from gptfast import cli
 from gptfast.demo import DemoPlan, Schedule, describe_loss, plan_for, size_schedule, train_model
-from gptfast.optim import lr_at
+from gptfast.training.optim import lr_at
 from gptfast.training import TrainConfig
 
 CPU = torch.device("cpu")
