@@ -15,7 +15,10 @@ Where it runs:
 - on other CPU float32 inputs, the C++ kernel of the gptfast extension
   (``torch.ops.gptfast_cpu.int8_linear``, csrc/int8_linear.cpp: AVX-512 / AVX2 /
   scalar, chosen at run time) for up to ``CPU_KERNEL_MAX_ROWS`` rows, when the
-  extension is loaded; longer prompts are compute-bound and go to the torch path;
+  extension is loaded; longer prompts are compute-bound and go to the torch path. That
+  op reorders the weight into the kernel's blocked layout on every call; generation
+  packs each layer once instead and calls the packed kernel directly
+  (``gptfast.cpu_linear``);
 - otherwise the torch path: dequantise to x's dtype, then ``F.linear``.
 
 The op is registered as ``torch.ops.gptfast.int8_linear`` with a fake implementation,
