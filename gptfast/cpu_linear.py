@@ -4,11 +4,9 @@ oneDNN, int8 for gptfast's C++ kernel.
 A decode step on a CPU multiplies a few activation rows (the batch) by every weight
 matrix of the model, so it is bound by how fast the weights stream through the cores.
 ``F.linear`` hands MKL a row-major (out, in) weight, which it streams well below memory
-bandwidth: on the 2-core VM of BENCHMARKS.md, the 51 MB LM head of a 256-wide GPT-2
-(vocabulary × width) took 7.6 ms for one row and 17 ms for eight, where summing the same
-bytes took 2.2 ms. The same product on the weight packed once into oneDNN's blocked
-layout (as ``torch.compile``'s CPU freezing does) took about 3.5 ms and 5 ms.
-BENCHMARKS.md ("Sampling loop (CPU)") measures generation with and without it.
+bandwidth; the same product on the weight packed once into oneDNN's blocked layout (as
+``torch.compile``'s CPU freezing does) streams it much closer to it. BENCHMARKS.md
+("Sampling loop (CPU)") measures generation with and without it.
 
 ``packed_linears(model, enabled=None)`` is the context ``gptfast.generate`` enters on CPU
 float32 models: inside it, every ``nn.Linear`` submodule of ``model`` is swapped for a
@@ -102,8 +100,12 @@ def applies_to(model, enabled=None) -> bool:
     packing enabled (None: ``default_enabled()``) and the fp32 or the int8 packing available."""
     if enabled is None:
         enabled = default_enabled()
-    weight = next(model.parameters())  # a GPT's embedding (an int8 LM head has no float weight)
-    if not (enabled and weight.device.type == "cpu" and weight.dtype == torch.float32):
+    # A GPT's embedding (an int8 LM head has no float weight); a module of int8 layers
+    # alone has no parameters: its first floating buffer (a scale) stands in.
+    weight = next(model.parameters(), None)
+    if weight is None:
+        weight = next((b for b in model.buffers() if b.is_floating_point()), None)
+    if weight is None or not (enabled and weight.device.type == "cpu" and weight.dtype == torch.float32):
         return False
     return available() or (any(_is_int8(m) for m in model.modules()) and int8_ops() is not None)
 
@@ -138,8 +140,10 @@ class PackedInt8Linear(nn.Module):
     takes the layer's own forward."""
 
     def __init__(self, linear: nn.Module, packed: torch.Tensor, matmul):
+        from gptfast.ops.int8_linear import CPU_KERNEL_MAX_ROWS
+
         super().__init__()
-        self.linear, self.packed, self._matmul = linear, packed, matmul
+        self.linear, self.packed, self._matmul, self._max_rows = linear, packed, matmul, CPU_KERNEL_MAX_ROWS
 
     @property
     def weight_int8(self):
@@ -154,11 +158,9 @@ class PackedInt8Linear(nn.Module):
         return self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from gptfast.ops.int8_linear import CPU_KERNEL_MAX_ROWS
-
         m = self.linear
         rows = x.numel() // m.in_features
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or rows > CPU_KERNEL_MAX_ROWS
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or rows > self._max_rows
                 or (x.requires_grad and torch.is_grad_enabled())):
             return m(x)  # the op: validation, the inference-only error, the torch path
         y = self._matmul(x.reshape(rows, m.in_features).contiguous(), self.packed, m.scale, m.bias)
