@@ -1,7 +1,10 @@
 """gptfast: a GPT-2-family engine with fused Triton kernels and a C++ sampling loop.
 
 The Triton kernels live in ``kernels/`` at the top of the repository and install as
-``gptfast.kernels`` (never as a top-level ``kernels`` module). The C++ sampling
+``gptfast.kernels`` (never as a top-level ``kernels`` module: ``kernels`` is another
+distribution's name, which is also why ``kernels/`` has no ``__init__.py``; see
+``kernels/_registry.py``). The wheel carries the C++ sources as ``gptfast/csrc/`` for the
+JIT fallback (``gptfast.paths.source_dir``). The C++ sampling
 extension in ``csrc/`` is built here when torch is importable at build time
 (``pip install --no-build-isolation -e .``); otherwise gptfast JIT-builds it on first
 use, and falls back to its Python twin if no compiler is available.
@@ -14,8 +17,9 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-packages = find_packages(include=["gptfast", "gptfast.*"]) + ["gptfast.kernels"]
-package_dir = {"gptfast.kernels": "kernels"}
+# kernels/ and csrc/ have no __init__.py: they are listed and mapped by hand.
+packages = find_packages(include=["gptfast", "gptfast.*"]) + ["gptfast.kernels", "gptfast.csrc"]
+package_dir = {"gptfast.kernels": "kernels", "gptfast.csrc": "csrc"}
 
 ext_modules, cmdclass = [], {}
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -40,7 +44,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"gptfast": ["csrc/*.cpp", "csrc/*.h"], "gptfast.kernels": ["tuned/*.json", "tuned/README.md"]},
+    package_data={"gptfast.csrc": ["*.cpp", "*.h"], "gptfast.kernels": ["tuned/*.json", "tuned/README.md"]},
     # Loose on purpose: users on CUDA keep the torch they have.
     install_requires=["torch>=2.4", "numpy", "safetensors", "tokenizers", "tqdm"],
     extras_require={

@@ -1,35 +1,39 @@
 """gptfast: a GPT-2-family engine with fused Triton kernels, a C++ sampling loop and
 pure-PyTorch reference twins that verify them."""
 import importlib
+import importlib.machinery
 import importlib.util
-import os
 import sys
 
 __version__ = "0.1.0"
 
 
 def _mount_kernels() -> None:
-    """Make ``kernels/`` importable as ``gptfast.kernels`` in a source checkout.
+    """Mount the Triton kernels' directory as the package ``gptfast.kernels``.
 
-    An installed wheel maps ``kernels/`` to ``gptfast.kernels`` through setup.py's
-    ``package_dir`` (no ``kernels/`` beside the package there). Running straight from a checkout (``python -m
-    gptfast`` with the repository on ``sys.path``) has no such mapping, so mount the
-    directory beside this package under the same name. Nothing is ever installed as a
+    The directory is ``kernels/`` at the repository root in a source checkout (run from
+    the tree, or an editable install) and ``gptfast/kernels/`` in a built wheel
+    (setup.py's ``package_dir``); ``gptfast.paths.source_dir`` picks it. It has no
+    ``__init__.py``, so that a checkout's ``kernels/`` on ``sys.path`` is a namespace
+    portion and never shadows an installed distribution named ``kernels`` (see
+    ``kernels/_registry.py``); the package spec is built here instead. The checkout's own
+    kernels win over any installed mapping (a second checkout on ``sys.path`` must not
+    run the kernels of the one that was pip-installed). Nothing is ever imported as a
     top-level ``kernels`` module.
     """
     if "gptfast.kernels" in sys.modules:
         return
-    kernel_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    init = os.path.join(kernel_dir, "__init__.py")
-    # The checkout's own kernels win over any installed mapping (a second checkout on
-    # sys.path must not run the kernels of the one that was pip-installed).
-    if not os.path.exists(init):
+    from gptfast import paths
+
+    kernel_dir = paths.source_dir("kernels")
+    if not (kernel_dir / "_registry.py").is_file():
         return
-    spec = importlib.util.spec_from_file_location("gptfast.kernels", init, submodule_search_locations=[kernel_dir])
+    spec = importlib.machinery.ModuleSpec("gptfast.kernels", None, is_package=True)
+    spec.submodule_search_locations = [str(kernel_dir)]
     module = importlib.util.module_from_spec(spec)
     sys.modules["gptfast.kernels"] = module
-    spec.loader.exec_module(module)
     globals()["kernels"] = module  # attribute access (gptfast.kernels.X), as a regular import would set
+    module.__doc__ = importlib.import_module("gptfast.kernels._registry").__doc__
 
 
 _mount_kernels()

@@ -278,6 +278,97 @@ def check_int8_linear(rows, n, k, dtype, device, non_contiguous: bool, max_ratio
 
 
 # ---------------------------------------------------------------------------------
+# skinny_linear
+# ---------------------------------------------------------------------------------
+
+
+def check_skinny_linear(variant, rows, n, k, dtype, device, non_contiguous: bool, max_ratio: float) -> List[CheckResult]:
+    """Forward only (inference op), one fused variant: layer norm + GELU (float weight),
+    int8 weight + residual, or layer norm + the KV-cache write (``skinny_linear_kv``: the
+    q output and both whole caches judged; the weight keeps the first 6 * (N // 6) rows:
+    q, k and v of 2 heads of N // 6 each, one token per row at its own position)."""
+    import gptfast.ops
+    from gptfast import reference
+
+    g = torch.Generator().manual_seed(11)
+    x = randn(rows, 2 * k if non_contiguous else k, dtype=dtype, device=device, generator=g)
+    x = x[:, ::2] if non_contiguous else x
+    bias = randn(n, dtype=dtype, device=device, generator=g, scale=0.1)
+    kw, kw64 = {}, {}
+    if "layer_norm" in variant:
+        kw["ln_weight"] = randn(k, dtype=dtype, device=device, generator=g, scale=0.1, shift=1.0)
+        kw["ln_bias"] = randn(k, dtype=dtype, device=device, generator=g, scale=0.1)
+    if "int8" in variant:
+        weight = (torch.randn(n, k, generator=g) * 40).round().clamp(-127, 127).to(device=device, dtype=torch.int8)
+        kw["scale"] = (0.001 + 0.001 * torch.rand(n, generator=g)).to(device)
+        weight64 = weight
+    else:
+        weight = randn(n, k, dtype=dtype, device=device, generator=g, scale=k ** -0.5)
+        weight64 = weight.double()
+    kw64 = {name: t.double() for name, t in kw.items()}
+    shape = f"M={rows},N={n},K={k}" + (",strided" if non_contiguous else "")
+    path = kernel_path(x)
+    started = time.perf_counter()
+    with torch.no_grad():
+        if variant.endswith("kv_cache"):
+            heads, head_dim = 2, n // 6
+            weight, weight64, bias = weight[:6 * head_dim], weight64[:6 * head_dim], bias[:6 * head_dim]
+            shape = f"M={rows},N={6 * head_dim},K={k},H=2,D={head_dim}" + (",strided" if non_contiguous else "")
+            seq_len = 2 * rows + 3
+            positions = (torch.arange(rows, device=device) * 2 + 1).view(rows, 1)
+            caches = [torch.zeros(rows + 1, heads, seq_len, head_dim, dtype=d, device=device)
+                      for d in (dtype, dtype, dtype, dtype, torch.float64, torch.float64)]
+            x3 = x.view(rows, 1, k)
+            fused = gptfast.ops.skinny_linear_kv(x3, weight, bias, caches[0], caches[1], positions, **kw)
+            plain = reference.skinny_linear_kv(x3, weight, bias, caches[2], caches[3], positions, **kw)
+            exact = reference.skinny_linear_kv(x3.double(), weight64, bias.double(), caches[4], caches[5], positions,
+                                               **kw64)
+            ok, ratio, f_err, p_err, worst = _compare(["q", "k_cache", "v_cache"], [fused] + caches[:2],
+                                                      [plain] + caches[2:4], [exact] + caches[4:], max_ratio)
+        else:
+            activation = "gelu" if "gelu" in variant else None
+            residual = randn(rows, n, dtype=dtype, device=device, generator=g) if "residual" in variant else None
+            fused = gptfast.ops.skinny_linear(x, weight, bias, activation=activation, residual=residual, **kw)
+            plain = reference.skinny_linear(x, weight, bias, activation=activation, residual=residual, **kw)
+            exact = reference.skinny_linear(x.double(), weight64, bias.double(), activation=activation,
+                                            residual=None if residual is None else residual.double(), **kw64)
+            ok, ratio, f_err, p_err, worst = _compare(["out"], [fused], [plain], [exact], max_ratio)
+    return [CheckResult("skinny_linear", variant, shape, dtype_name(dtype), "fwd", path, ok, ratio, f_err, p_err,
+                        worst, seconds=time.perf_counter() - started)]
+# linear_cross_entropy
+# ---------------------------------------------------------------------------------
+
+
+def check_linear_cross_entropy(rows, vocab, hidden, dtype, device, variant: str, max_ratio: float,
+                               chunk_rows: Optional[int] = None) -> List[CheckResult]:
+    """Loss and the gradients of hidden and weight. ``variant``: "some ignored" (every
+    fifth target from the second is -100), "all ignored" (loss 0, gradients 0) or "non-contiguous"
+    (hidden a strided view). ``chunk_rows`` forces several chunks on small shapes."""
+    fused_op, reference_op = _fused("linear_cross_entropy"), _reference("linear_cross_entropy")
+    g = torch.Generator().manual_seed(2357)
+    if variant == "non-contiguous":
+        h = randn(rows, 2 * hidden, dtype=dtype, device=device, generator=g)[:, ::2]
+    else:
+        h = randn(rows, hidden, dtype=dtype, device=device, generator=g)
+    weight = randn(vocab, hidden, dtype=dtype, device=device, generator=g, scale=hidden ** -0.5)
+    targets = torch.randint(0, vocab, (rows,), generator=g).to(device)
+    if variant == "all ignored":
+        targets.fill_(-100)
+    elif variant == "some ignored":
+        targets[1::5] = -100
+
+    def fused(h, w, t):
+        return (fused_op(h, w, t, chunk_rows=chunk_rows),)
+
+    def ref(h, w, t):
+        return (reference_op(h, w, t),)
+
+    shape = f"N={rows},V={vocab},C={hidden}" + (f",chunk={chunk_rows}" if chunk_rows else "")
+    return _fwd_bwd("linear_cross_entropy", variant, shape, dtype, kernel_path(h), fused, ref, [h, weight, targets],
+                    ["loss"], ["hidden", "weight"], max_ratio, g)
+
+
+# ---------------------------------------------------------------------------------
 # the grid
 # ---------------------------------------------------------------------------------
 
@@ -306,6 +397,13 @@ def _shapes(device, quick: bool) -> Dict[str, list]:
                                  (1, 3, 130, 80, [130])],
             "int8_linear": [(1, 3072, 768, False), (17, 1000, 776, True), (64, 768, 3072, False),
                             (300, 2304, 768, False)],
+            # (M, N, K, strided x); N, K GPT-2's and awkward ones; M = 1, 3 (verify), 16.
+            "skinny_linear": [(1, 768, 768, False), (3, 3072, 768, True), (16, 768, 3072, False),
+                              (1, 1000, 1600, False)],
+            # (rows, vocab, hidden, variant, chunk_rows): GPT-2's vocabulary over several chunks,
+            # one row, vocabularies that are not a multiple of the kernel's step
+            "linear_cross_entropy": [(1000, 50257, 768, "some ignored", None), (1, 50257, 768, "some ignored", None),
+                                     (300, 5000, 200, "non-contiguous", 64), (64, 4097, 128, "all ignored", 16)],
         }
         if quick:  # every attention case is small already; layernorm keeps the awkward and the strided one
             full = {**full, "layer_norm": full["layer_norm"][1:3]}
@@ -315,6 +413,9 @@ def _shapes(device, quick: bool) -> Dict[str, list]:
         "causal_attention": [(1, 2, 17, 32, 0, False), (1, 2, 5, 64, 12, False), (1, 2, 9, 16, 0, True)],
         "decode_attention": [(3, 2, 40, 64, [1, 17, 40]), (1, 2, 9, 80, [9])],
         "int8_linear": [(1, 70, 48, False), (17, 33, 40, True)],
+        "skinny_linear": [(3, 96, 70, True)],
+        "linear_cross_entropy": [(19, 300, 32, "some ignored", 8), (1, 77, 64, "some ignored", None),
+                                 (9, 50, 24, "non-contiguous", 4), (6, 40, 16, "all ignored", None)],
     }
     if quick:
         full = {k: v[:1] for k, v in full.items()}
@@ -346,9 +447,24 @@ def _int8_linear_cases(shapes, dtype, device, max_ratio) -> List[CheckCase]:
             for m, n, k, strided in shapes]
 
 
+SKINNY_VARIANTS = ("layer_norm+gelu", "int8+residual", "layer_norm+kv_cache")
+
+
+def _skinny_linear_cases(shapes, dtype, device, max_ratio) -> List[CheckCase]:
+    return [CheckCase("skinny_linear", variant, f"M={m},N={n},K={k}", dtype,
+                      _bind(check_skinny_linear, variant, m, n, k, dtype, device, strided, max_ratio))
+            for m, n, k, strided in shapes for variant in SKINNY_VARIANTS]
+def _linear_cross_entropy_cases(shapes, dtype, device, max_ratio) -> List[CheckCase]:
+    return [CheckCase("linear_cross_entropy", variant, f"N={n},V={v},C={c}", dtype,
+                      _bind(check_linear_cross_entropy, n, v, c, dtype, device, variant, max_ratio, chunk))
+            for n, v, c, variant, chunk in shapes]
+
+
 # The grid of each registry op (a new op in the registry needs its entry here).
 CASE_BUILDERS = {"layer_norm": _layer_norm_cases, "causal_attention": _causal_attention_cases,
-                 "decode_attention": _decode_attention_cases, "int8_linear": _int8_linear_cases}
+                 "decode_attention": _decode_attention_cases, "int8_linear": _int8_linear_cases,
+                 "skinny_linear": _skinny_linear_cases,
+                 "linear_cross_entropy": _linear_cross_entropy_cases}
 
 
 def build_cases(device, quick: bool = False, ops: Optional[Sequence[str]] = None,

@@ -1,7 +1,7 @@
 """Static compile report: every shipped Triton kernel configuration, compiled for the H200.
 
 Runs on any machine, GPU or not. For each module named in
-``gptfast.kernels.KERNEL_MODULES`` that exists, the report visits the entries of
+``gptfast.kernels._registry.KERNEL_MODULES`` that exists, the report visits the entries of
 ``static_configs()`` (the configurations the module ships), of ``candidate_configs()``
 (its tuning candidates, see ``gptfast.tune``) and of ``precision_configs()`` (fp32 paths
 whose PTX must round to nearest), the latter two where the module has them. Entries are
@@ -10,16 +10,20 @@ dicts, built by ``gptfast.kernels._common.static_entry``::
     {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "require_hgmma"}
 
 (optionally ``"divisible_by_16"``: argument names to specialise as multiples of 16, as a
-real launch with aligned values would; pointer arguments always are; and
-``"require_ptx"``: instructions the PTX must contain). Each is compiled for
+real launch with aligned values would; pointer arguments always are;
+``"require_ptx"``: instructions the PTX must contain; and ``"require_sass"``: SASS opcodes the
+machine code must contain, e.g. ``UTMALDG`` / ``UTMASTG`` (tensor-memory copies) of a
+config that claims the copy engine, or ``ATOMG.E.ADD.F32`` (fp32 atomic adds) of one
+that claims atomics). Each is compiled for
 ``GPUTarget("cuda", 90, 32)`` from ``_common.ast_source(entry)``; the PTX goes through
 the ``ptxas`` shipped in triton's wheel (``-v -arch=sm_90a``) for registers and spills,
 shared memory comes from the compile metadata, and ``cuobjdump --dump-sass`` of the cubin
-counts HGMMA (Hopper warpgroup tensor-core) instructions of configs that require them.
+counts HGMMA (Hopper warpgroup tensor-core) instructions of configs that require them,
+and every SASS opcode a config requires.
 
 A row fails on a compile error, any register spill, shared memory above what one H200
 block may use, no HGMMA where the config requires tensor cores, or a required PTX
-instruction missing.
+instruction or SASS opcode missing.
 
 The compile itself runs in a subprocess with ``TRITON_INTERPRET=0``: under the
 interpreter (how the tests run on a CPU) ``@triton.jit`` yields interpreter functions
@@ -68,6 +72,9 @@ def row_problems(row: dict) -> list:
         problems.append("no HGMMA instructions in the SASS, but this config must use Hopper tensor cores")
     for instruction in row.get("missing_ptx") or ():
         problems.append(f"PTX lacks {instruction}, which this config requires")
+    for opcode in row.get("require_sass") or ():
+        if not (row.get("sass") or {}).get(opcode, 0):
+            problems.append(f"no {opcode} instructions in the SASS, but this config claims them")
     return problems
 
 
@@ -139,19 +146,33 @@ def compile_config(cfg: dict, workdir: str) -> dict:
         raise RuntimeError(f"ptxas failed: {ptxas.stderr.strip()[-2000:]}")
     row.update(_parse_ptxas(ptxas.stdout + ptxas.stderr))
 
-    # Disassembling takes most of a second, so only where tensor cores are required.
-    row["hgmma"] = _count_hgmma(compiled.asm["cubin"], stem) if cfg.get("require_hgmma") else None
+    # Disassembling takes most of a second, so only where tensor cores or opcodes are required.
+    required = list(cfg.get("require_sass") or ())
+    row["hgmma"] = None
+    row["sass"] = {}
+    if cfg.get("require_hgmma") or required:
+        counts = _count_sass(compiled.asm["cubin"], stem, ["HGMMA"] + required)
+        row["hgmma"] = counts["HGMMA"] if cfg.get("require_hgmma") else None
+        row["sass"] = {opcode: counts[opcode] for opcode in required}
     return row
 
 
-def _count_hgmma(cubin: bytes, stem: str) -> int:
-    """Number of HGMMA instructions in the SASS of ``cubin``."""
+def count_opcodes(sass: str, opcodes) -> dict:
+    """How many instructions of each opcode the SASS text holds. An opcode matches with
+    further modifiers: ``ATOMG.E.ADD.F32`` counts ``ATOMG.E.ADD.F32x4.FTZ.RN.STRONG.GPU``,
+    ``UTMALDG`` counts ``UTMALDG.2D``; not as part of a longer name (``RED`` does not count
+    ``REDUX``)."""
+    return {op: len(re.findall(rf"(?<![\w.]){re.escape(op)}(?![A-Z0-9_])", sass)) for op in opcodes}
+
+
+def _count_sass(cubin: bytes, stem: str, opcodes) -> dict:
+    """``count_opcodes`` of the SASS of ``cubin``."""
     with open(stem + ".cubin", "wb") as f:
         f.write(cubin)
     sass = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-sass", stem + ".cubin"], capture_output=True, text=True)
     if sass.returncode != 0:
         raise RuntimeError(f"cuobjdump failed: {sass.stderr.strip()[-2000:]}")
-    return len(re.findall(r"\bHGMMA\b", sass.stdout))
+    return count_opcodes(sass.stdout, opcodes)
 
 
 def _import_kernel_module(name: str):
@@ -197,6 +218,7 @@ def _report_in_this_process(modules) -> list:
                     "num_warps": cfg["num_warps"],
                     "num_stages": cfg["num_stages"],
                     "require_hgmma": bool(cfg.get("require_hgmma", False)),
+                    "require_sass": list(cfg.get("require_sass") or ()),
                 }
                 try:
                     row.update(compile_config(cfg, workdir))
@@ -214,7 +236,7 @@ def _report_in_this_process(modules) -> list:
 def default_modules() -> tuple:
     import gptfast  # noqa: F401
 
-    from gptfast.kernels import KERNEL_MODULES
+    from gptfast.kernels._registry import KERNEL_MODULES
 
     return tuple(KERNEL_MODULES)
 
@@ -223,7 +245,8 @@ def compile_report(modules=None, timeout: float = 900) -> list:
     """Compile every static config of ``modules`` (default: ``KERNEL_MODULES``) for sm_90.
 
     Returns one dict per config (``module, name, shipped, num_warps, num_stages, registers,
-    spill_stores, spill_loads, stack_frame, shared, hgmma, require_hgmma, missing_ptx``, or
+    spill_stores, spill_loads, stack_frame, shared, hgmma, require_hgmma, missing_ptx,
+    require_sass, sass`` (the count of each required SASS opcode), or
     ``error``; ``shipped`` is False for candidate and precision entries),
     each with ``problems`` (see :func:`row_problems`); absent modules give a row with
     ``skipped``. Runs the compile in a subprocess with ``TRITON_INTERPRET=0``.
@@ -247,12 +270,13 @@ def compile_report(modules=None, timeout: float = 900) -> list:
 
 def format_report(rows: list) -> str:
     """A fixed-width table of the report rows."""
-    header = ("module", "config", "warps", "stages", "regs", "spill st/ld", "shared B", "HGMMA", "status")
+    header = ("module", "config", "warps", "stages", "regs", "spill st/ld", "shared B", "HGMMA", "claimed SASS",
+              "status")
     # HGMMA is counted only for configs that require tensor cores ("-" elsewhere).
     lines = []
     for row in rows:
         if row.get("skipped"):
-            lines.append((row["module"], "-", "", "", "", "", "", "", f"skipped: {row['skipped']}"))
+            lines.append((row["module"], "-", "", "", "", "", "", "", "", f"skipped: {row['skipped']}"))
             continue
         problems = row.get("problems", row_problems(row))
         status = "ok" if not problems else "FAIL: " + "; ".join(problems)
@@ -260,13 +284,14 @@ def format_report(rows: list) -> str:
             # Errors span lines (source excerpts); the table shows the type and the last line.
             lines_of_error = [l.strip() for l in row["error"].splitlines() if l.strip()]
             brief = lines_of_error[0].split(":")[0] + ": " + lines_of_error[-1] if lines_of_error else ""
-            lines.append((row["module"], str(row.get("name") or "-"), "", "", "", "", "", "",
+            lines.append((row["module"], str(row.get("name") or "-"), "", "", "", "", "", "", "",
                           f"FAIL: compile error: {brief[:160]}"))
             continue
         lines.append((
             row["module"], row["name"], str(row["num_warps"]), str(row["num_stages"]), str(row["registers"]),
             f"{row['spill_stores']}/{row['spill_loads']}", str(row["shared"]),
-            "-" if row.get("hgmma") is None else str(row["hgmma"]), status,
+            "-" if row.get("hgmma") is None else str(row["hgmma"]),
+            " ".join(f"{op}:{n}" for op, n in (row.get("sass") or {}).items()) or "-", status,
         ))
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -276,7 +301,8 @@ def format_report(rows: list) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gptfast.compile_report", description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
-    parser.add_argument("--modules", help="comma-separated kernel modules (default: gptfast.kernels.KERNEL_MODULES)")
+    parser.add_argument("--modules",
+                        help="comma-separated kernel modules (default: gptfast.kernels._registry.KERNEL_MODULES)")
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)  # internal: compile here, write rows to this file
     args = parser.parse_args(argv)
     modules = tuple(m for m in args.modules.split(",") if m) if args.modules else None

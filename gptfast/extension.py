@@ -55,13 +55,9 @@ _loaded = _Loaded()
 
 
 def source_files() -> list:
-    """csrc/*.cpp of a source checkout (beside the package), else of the installed package."""
-    package_dir = os.path.dirname(os.path.abspath(__file__))
-    for directory in (os.path.join(os.path.dirname(package_dir), "csrc"), os.path.join(package_dir, "csrc")):
-        files = sorted(glob.glob(os.path.join(directory, "*.cpp")))
-        if files:
-            return files
-    return []
+    """csrc/*.cpp: beside the package in a source checkout, inside it in an installed wheel
+    (``gptfast.paths.source_dir``)."""
+    return sorted(glob.glob(os.path.join(paths.source_dir("csrc"), "*.cpp")))
 
 
 def _prebuilt():

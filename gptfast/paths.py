@@ -1,10 +1,19 @@
-"""Where gptfast keeps files between runs: one cache directory for everything it builds
-or derives (the JIT-built C++ extension, tokenised data).
+"""Where gptfast keeps files between runs, and where its non-package sources are.
 
-``$GPTFAST_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/gptfast``, else ``~/.cache/gptfast``.
+``cache_dir()``: one cache directory for everything gptfast builds or derives (the
+JIT-built C++ extension, tokenised data): ``$GPTFAST_CACHE_DIR`` if set, else
+``$XDG_CACHE_HOME/gptfast``, else ``~/.cache/gptfast``.
+
+``source_dir("kernels")`` / ``source_dir("csrc")``: in a source checkout (run from the
+tree, or installed editable) these directories sit beside the package, at the
+repository root; a built wheel carries them inside it, as ``gptfast/kernels`` and
+``gptfast/csrc`` (setup.py's ``package_dir``). A checkout is recognised by ``setup.py``
+and ``kernels/_registry.py`` beside the package, never by the bare directory name: an
+installed gptfast's parent is site-packages, where ``kernels`` is another distribution.
 """
 import os
 from pathlib import Path
+from typing import Optional
 
 CACHE_ENV = "GPTFAST_CACHE_DIR"
 
@@ -16,3 +25,20 @@ def cache_dir(*parts: str) -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         base = os.path.join(xdg, "gptfast")
     return Path(base).joinpath(*parts)
+
+
+def checkout_root() -> Optional[Path]:
+    """The repository root when this gptfast is a source checkout's, else None."""
+    root = Path(os.path.abspath(__file__)).parent.parent
+    if (root / "setup.py").is_file() and (root / "kernels" / "_registry.py").is_file():
+        return root
+    return None
+
+
+def source_dir(name: str) -> Path:
+    """``kernels`` or ``csrc`` of this gptfast: beside the package in a checkout, inside it
+    in an installed wheel (the path may not exist, e.g. csrc/ of a wheel built without it)."""
+    if name not in ("kernels", "csrc"):
+        raise ValueError(f"source_dir: name must be 'kernels' or 'csrc', got {name!r}")
+    root = checkout_root()
+    return root / name if root is not None else Path(os.path.abspath(__file__)).parent / name

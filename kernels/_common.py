@@ -115,7 +115,9 @@ class LaunchConfig:
     """Tile sizes and launch options of one kernel. Fields a kernel has no use for stay None:
     attention uses block_m (query tile) and block_n (key tile), the decode split kernel
     block_n (keys per step), the layernorm forward block_rows (rows per program), the int8
-    linear block_m (rows), block_n (output channels) and block_k (reduction step)."""
+    linear block_m (rows), block_n (output channels) and block_k (reduction step).
+    ``variant``: a kernel module's name for an alternative code path of the same kernel
+    (e.g. causal attention's ``tma``), None for its plain path; the module validates it."""
 
     num_warps: int
     num_stages: int = 1
@@ -123,9 +125,14 @@ class LaunchConfig:
     block_n: Optional[int] = None
     block_rows: Optional[int] = None
     block_k: Optional[int] = None
+    variant: Optional[str] = None
 
     def __post_init__(self):
+        if self.variant is not None and (not isinstance(self.variant, str) or not self.variant.isidentifier()):
+            raise ValueError(f"LaunchConfig.variant must be None or a name, got {self.variant!r}")
         for field in dataclasses.fields(self):
+            if field.name == "variant":
+                continue
             value = getattr(self, field.name)
             if value is None and field.default is None:
                 continue
@@ -150,11 +157,12 @@ class LaunchConfig:
         return cls(**fields)
 
     def tag(self) -> str:
-        """A short name, e.g. ``m128_n64_w8_s3``, for report rows and tuning results."""
+        """A short name, e.g. ``m128_n64_w8_s3`` (``m128_n64_w8_s3_tma`` with a variant), for
+        report rows and tuning results."""
         parts = [f"{p}{v}" for p, v in (("m", self.block_m), ("n", self.block_n), ("r", self.block_rows),
                                                  ("k", self.block_k))
                  if v is not None]
-        return "_".join(parts + [f"w{self.num_warps}", f"s{self.num_stages}"])
+        return "_".join(parts + [f"w{self.num_warps}", f"s{self.num_stages}"] + ([self.variant] if self.variant else []))
 
 
 # --------------------------------------------------------------------------------------
@@ -168,7 +176,7 @@ def pointer(dtype: torch.dtype) -> str:
 
 
 def static_entry(name: str, fn, config: LaunchConfig, constexprs: dict, *, pointers: dict, floats=(),
-                 divisible_by_16=None, require_hgmma: bool = False, require_ptx=()) -> dict:
+                 divisible_by_16=None, require_hgmma: bool = False, require_ptx=(), require_sass=()) -> dict:
     """One entry of a module's ``static_configs()``, as ``gptfast.compile_report`` compiles it.
 
     Every argument of the jit function ``fn`` is typed: ``constexprs`` by value, the
@@ -176,7 +184,8 @@ def static_entry(name: str, fn, config: LaunchConfig, constexprs: dict, *, point
     the rest i32. ``divisible_by_16`` names the integers a real launch specialises as multiples
     of 16 (default: every integer stride; pointers are always taken as 16-byte aligned),
     so the static compile matches the launch. ``require_hgmma``: the SASS must use Hopper
-    tensor cores; ``require_ptx``: instructions the PTX must contain.
+    tensor cores; ``require_ptx``: instructions the PTX must contain; ``require_sass``: SASS
+    opcodes (e.g. ``UTMALDG``, a tensor-memory copy) the machine code must contain.
     """
     signature = {}
     for arg in fn.arg_names:
@@ -193,7 +202,8 @@ def static_entry(name: str, fn, config: LaunchConfig, constexprs: dict, *, point
         divisible_by_16 = [a for a, ty in signature.items() if ty == "i32" and a.startswith("stride")]
     return {"name": name, "fn": fn, "signature": signature, "constexprs": dict(constexprs),
             "num_warps": config.num_warps, "num_stages": config.num_stages, "require_hgmma": require_hgmma,
-            "divisible_by_16": list(divisible_by_16), "require_ptx": list(require_ptx)}
+            "divisible_by_16": list(divisible_by_16), "require_ptx": list(require_ptx),
+            "require_sass": list(require_sass)}
 
 
 def ast_source(entry: dict):

@@ -42,7 +42,27 @@ Backward. With P = softmax(S), S = scale * Q K^T and dO the output gradient:
   3. ``_attn_bwd_dq_kernel``: one program per query block; walks the key blocks from 0
      to the diagonal, the same loop shape as the forward.
 Splitting dQ from dK/dV recomputes P twice but needs no atomics and no fp32 dQ buffer,
-and every program writes its own rows, so results are deterministic.
+and every program writes its own rows, so results are deterministic. The atomic
+variant (``tma_atomic_dq``) of the dK/dV kernel fuses the two passes instead: each (key block, query block)
+step of the dK/dV program, which already holds dS, adds its share dS K of dQ to an fp32
+(B * H, Tq, D) sum with atomic adds (the delta kernel clears it, a last small kernel
+scales and casts it into dQ). That is five products per step instead of the split's
+four plus the dQ pass's three (which recomputes P and dP), bought with the atomic traffic
+to L2 and an fp32 summation order that varies from run to run (dQ is then not bitwise
+deterministic; dK and dV still are). Which backward is faster on a GPU is the tuner's
+call (both are candidates).
+
+Variants (``VARIANTS``, chosen by ``LaunchConfig.variant``). ``tma``: the tiles a loop
+streams (K and V in the forward and dQ passes, Q and dO in the dK/dV pass; Q and the
+output of the forward) move through tensor descriptors built on the device
+(``tl.make_tensor_descriptor``): on Hopper the tensor memory accelerator copies each tile
+into shared memory (``UTMALDG``; ``UTMASTG`` for the forward's output), freeing the
+registers and address arithmetic of per-thread loads, and fills rows past the sequence
+and columns past HEAD_DIM with 0 as the masked loads do. The masked block holding
+key_start keeps pointer loads (its padded keys must not be read). A descriptor needs a
+16-byte aligned start and 16-byte multiple strides: the launcher falls back to the
+pointer loads of the same tiles otherwise (``_tma_ready``). The interpreter runs the
+descriptors too, so the tests cover both paths.
 
 Any T >= 1 works: loads past the sequence end are masked to zero and rows past it are
 never stored (their recomputed values stay finite: zero queries give zero scores).
@@ -50,12 +70,14 @@ Head sizes up to 256 are padded to BLOCK_D, the next power of two >= 16, with ma
 loads along D. Inputs may have any strides except along D, which must be 1 (the
 launcher copies otherwise).
 """
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, LaunchConfig, check_out, device_guard, div, padded_head_dim, pointer, static_entry,
-                      TRITON_TYPE)
+from ._common import (LOG2E, LaunchConfig, check_out, device_guard, div, empty, padded_head_dim, pointer,
+                      static_entry, TRITON_TYPE)
 from ._tuned import pick
 
 # ----------------------------------------------------------------------------- helpers
@@ -168,6 +190,36 @@ def _load_keys(base, k_pos, stride_t, kv_len, key_start, HEAD_DIM: tl.constexpr,
 
 
 @triton.jit
+def _rows_source(base, length, stride_t, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """What a loop reads its (BLOCK_ROWS, BLOCK_D) tiles of the ``(length, HEAD_DIM)`` rows at
+    ``base`` from: with USE_TMA a tensor descriptor (Hopper's tensor memory accelerator
+    copies each tile into shared memory, filling rows >= length and columns >= HEAD_DIM with
+    0, as the masked pointer loads do), else ``base`` itself (pointer loads)."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[length, HEAD_DIM], strides=[stride_t, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_D])
+    else:
+        return base
+
+
+@triton.jit
+def _load_tile(src, base, start, rows, stride_t, limit, key_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr, HAS_KEY_START: tl.constexpr, USE_TMA: tl.constexpr):
+    """The tile of ``rows`` (= start + arange) as ``_load_keys`` reads it, through the
+    descriptor ``src`` with USE_TMA. A checked block with key ranges keeps the pointer load
+    (at most one such block per loop, besides the diagonal ones): its keys before key_start
+    must not be read at all, which a rectangular copy cannot skip."""
+    if USE_TMA:
+        if CHECK_ROWS and HAS_KEY_START:
+            return _load_keys(base, rows, stride_t, limit, key_start, HEAD_DIM, BLOCK_D, CHECK_ROWS, HAS_KEY_START)
+        else:
+            return src.load([start, 0])
+    else:
+        return _load_keys(base, rows, stride_t, limit, key_start, HEAD_DIM, BLOCK_D, CHECK_ROWS, HAS_KEY_START)
+
+
+@triton.jit
 def _visible(q_pos, k_pos, key_start, HAS_KEY_START: tl.constexpr):
     """(queries x keys) mask of a masked block: causal, and keys before key_start hidden."""
     seen = q_pos[:, None] >= k_pos[None, :]
@@ -177,7 +229,8 @@ def _visible(q_pos, k_pos, key_start, HAS_KEY_START: tl.constexpr):
 
 
 # Tuples passed between the kernels and their loops (Triton unpacks them at compile time):
-#   kv   = (k_base, v_base, stride_kt, stride_vt, kv_len): one (batch, kv head)'s keys and values
+#   kv   = (k_base, v_base, stride_kt, stride_vt, kv_len, k_src, v_src): one (batch, kv head)'s keys
+#          and values, and their ``_rows_source`` (descriptors with USE_TMA, else the bases again)
 #   rows = per query tile, what the backward loops read (see each loop's docstring)
 
 
@@ -187,19 +240,22 @@ def _visible(q_pos, k_pos, key_start, HAS_KEY_START: tl.constexpr):
 @triton.jit
 def _attn_fwd_inner(state, q, q_pos, kv, start, end, qk_scale, key_start,
                     CAUSAL_MASK: tl.constexpr, HAS_KEY_START: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    USE_TMA: tl.constexpr):
     """Online softmax over key blocks [start, end) of ``kv``; ``state = (acc, m_i, l_i)``.
     With CAUSAL_MASK the blocks straddle the diagonal, the sequence end or key_start:
     scores of keys a query may not see become -inf."""
     acc, m_i, l_i = state
-    k_base, v_base, stride_kt, stride_vt, kv_len = kv
+    k_base, v_base, stride_kt, stride_vt, kv_len, k_src, v_src = kv
     BLOCK_D: tl.constexpr = q.shape[1]
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         k_pos = start_n + offs_n
         # Unmasked blocks lie entirely before every query of the tile, so inside the keys.
-        k = _load_keys(k_base, k_pos, stride_kt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK, HAS_KEY_START)
-        v = _load_keys(v_base, k_pos, stride_vt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK, HAS_KEY_START)
+        k = _load_tile(k_src, k_base, start_n, k_pos, stride_kt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK,
+                       HAS_KEY_START, USE_TMA)
+        v = _load_tile(v_src, v_base, start_n, k_pos, stride_vt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK,
+                       HAS_KEY_START, USE_TMA)
         qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, DOT_PRECISION)
         qk = qk * qk_scale  # now in log2 units
         if CAUSAL_MASK:
@@ -228,25 +284,30 @@ def _attn_fwd_kernel(
     num_heads, group, q_len, q_offset, stride_pos_b, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_bh, start_m, off_b, off_h, off_kvh, q_offset, key_start, kv_len, offs_m, q_pos = _query_tile(
         Q_START, KEY_START, num_heads, group, q_len, q_offset, stride_pos_b, BLOCK_M, Q_START_TENSOR, HAS_KEY_START)
 
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qt, q_len, HEAD_DIM, BLOCK_D, True)
-    kv = (K + off_b * stride_kb + off_kvh * stride_kh, V + off_b * stride_vb + off_kvh * stride_vh,
-          stride_kt, stride_vt, kv_len)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    q = _load_tile(_rows_source(q_base, q_len, stride_qt, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA), q_base,
+                   start_m * BLOCK_M, offs_m, stride_qt, q_len, 0, HEAD_DIM, BLOCK_D, True, False, USE_TMA)
+    k_base = K + off_b * stride_kb + off_kvh * stride_kh
+    v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    kv = (k_base, v_base, stride_kt, stride_vt, kv_len,
+          _rows_source(k_base, kv_len, stride_kt, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA),
+          _rows_source(v_base, kv_len, stride_vt, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA))
 
     state = (tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
              tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
              tl.zeros([BLOCK_M], dtype=tl.float32))
     lo, mid, lo_end, hi = _key_regions(q_offset + start_m * BLOCK_M, kv_len, key_start, BLOCK_M, BLOCK_N)
     state = _attn_fwd_inner(state, q, q_pos, kv, lo, mid, qk_scale, key_start,
-                            True, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+                            True, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION, USE_TMA)
     state = _attn_fwd_inner(state, q, q_pos, kv, mid, lo_end, qk_scale, key_start,
-                            False, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+                            False, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION, USE_TMA)
     acc, m_i, l_i = _attn_fwd_inner(state, q, q_pos, kv, tl.maximum(lo_end, lo), hi, qk_scale, key_start,
-                                    True, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+                                    True, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION, USE_TMA)
 
     if HAS_KEY_START:
         # A query before its row's key_start sees no key: output 0, and lse = +inf makes
@@ -258,8 +319,12 @@ def _attn_fwd_kernel(
         lse = m_i + tl.log2(l_i)
     acc = div(acc, l_i[:, None], O.dtype.element_ty == tl.float32)
     tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
-    _store_rows(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_ot, acc.to(O.dtype.element_ty),
-                q_len, HEAD_DIM)
+    o_base = O + off_b * stride_ob + off_h * stride_oh
+    if USE_TMA:  # the copy engine clips the rows past q_len and the columns past HEAD_DIM
+        _rows_source(o_base, q_len, stride_ot, BLOCK_M, HEAD_DIM, BLOCK_D, True).store(
+            [start_m * BLOCK_M, 0], acc.to(O.dtype.element_ty))
+    else:
+        _store_rows(o_base, offs_m, stride_ot, acc.to(O.dtype.element_ty), q_len, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -267,13 +332,14 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O, DO, DELTA,
+    O, DO, DELTA, DQ_ACC,
     stride_ob, stride_oh, stride_ot,
     stride_dob, stride_doh, stride_dot,
     num_heads, q_len,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQ: tl.constexpr,
 ):
-    """delta[row] = sum_d dO[row, d] * O[row, d], in fp32."""
+    """delta[row] = sum_d dO[row, d] * O[row, d], in fp32. With ZERO_DQ it also clears the
+    same rows of the fp32 dQ accumulator (B * H, Tq, HEAD_DIM) that the atomic backward adds to."""
     pid_bh = tl.program_id(0)
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
@@ -283,14 +349,22 @@ def _attn_bwd_delta_kernel(
                     True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, delta, mask=offs_m < q_len)
+    if ZERO_DQ:
+        _store_rows(DQ_ACC + pid_bh.to(tl.int64) * q_len * HEAD_DIM, offs_m, HEAD_DIM,
+                    tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), q_len, HEAD_DIM)
 
 
 @triton.jit
 def _attn_bwd_dkdv_inner(grads, k, v, k_pos, rows_in, start, end, q_offset, qk_scale,
                          CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                         DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+                         ATOMIC_DQ: tl.constexpr):
     """Accumulate ``grads = (dk, dv)`` of one key block over query blocks [start, end);
-    ``rows_in = (q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, q_len)``.
+    ``rows_in = (q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, q_len, q_src,
+    do_src, dq_acc)`` (q_src / do_src: ``_rows_source`` of q and dO; dq_acc: this head's rows
+    of the fp32 dQ accumulator). With ATOMIC_DQ each step also adds its share of dQ,
+    dS K (unscaled), to dq_acc with fp32 atomics: the dQ pass and its recomputation of P
+    and dP disappear, for one more product and the atomic traffic.
 
     Works on transposed tiles (keys x queries) so that dV = P^T dO and dK = dS^T Q are
     plain products with the key block as the M dimension. Query rows past q_len load as
@@ -299,13 +373,14 @@ def _attn_bwd_dkdv_inner(grads, k, v, k_pos, rows_in, start, end, q_offset, qk_s
     so P = 0 for them.
     """
     dk, dv = grads
-    q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, q_len = rows_in
+    q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, q_len, q_src, do_src, dq_acc = rows_in
     BLOCK_D: tl.constexpr = k.shape[1]
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
-        q = _load_rows(q_base, rows, stride_qt, q_len, HEAD_DIM, BLOCK_D, True)
-        do = _load_rows(do_base, rows, stride_dot, q_len, HEAD_DIM, BLOCK_D, True)
+        q = _load_tile(q_src, q_base, start_m, rows, stride_qt, q_len, 0, HEAD_DIM, BLOCK_D, True, False, USE_TMA)
+        do = _load_tile(do_src, do_base, start_m, rows, stride_dot, q_len, 0, HEAD_DIM, BLOCK_D, True, False,
+                        USE_TMA)
         lse = tl.load(lse_base + rows, mask=rows < q_len, other=0.0)
         delta = tl.load(delta_base + rows, mask=rows < q_len, other=0.0)
         # P^T recomputed from the saved log-sum-exp (both in log2 units).
@@ -316,13 +391,19 @@ def _attn_bwd_dkdv_inner(grads, k, v, k_pos, rows_in, start, end, q_offset, qk_s
         dv = _mma(p_t.to(do.dtype), do, dv, DOT_FP32, DOT_PRECISION)
         dp_t = _mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), DOT_FP32, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = _mma(ds_t.to(q.dtype), q, dk, DOT_FP32, DOT_PRECISION)
+        ds_t = ds_t.to(q.dtype)
+        dk = _mma(ds_t, q, dk, DOT_FP32, DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = _mma(tl.trans(ds_t), k, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), DOT_FP32, DOT_PRECISION)
+            offs_d = tl.arange(0, BLOCK_D)
+            tl.atomic_add(dq_acc + rows[:, None] * HEAD_DIM + offs_d[None, :], dq,
+                          mask=(rows[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_START, KEY_START,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_START, KEY_START,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -332,7 +413,7 @@ def _attn_bwd_dkdv_kernel(
     num_kv_heads, group, q_len, k_len, q_offset, stride_pos_b, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     # Grid: (B * H_kv, key blocks); the first key blocks meet the most queries, so they go
     # first. A program owns one key block of one kv head and walks the queries of every
@@ -362,13 +443,19 @@ def _attn_bwd_dkdv_kernel(
     mask_end = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - q_offset, 0), BLOCK_M) * BLOCK_M
     for g in range(0, group):
         off_h = off_kvh * group + g
-        row = (off_b * num_kv_heads * group + off_h) * q_len  # this head's rows of LSE and DELTA
-        rows_in = (Q + off_b * stride_qb + off_h * stride_qh, DO + off_b * stride_dob + off_h * stride_doh,
-                   LSE + row, DELTA + row, stride_qt, stride_dot, q_len)
+        row = (off_b * num_kv_heads * group + off_h) * q_len  # this head's rows of LSE, DELTA (and DQ_ACC)
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        rows_in = (q_base, do_base, LSE + row, DELTA + row, stride_qt, stride_dot, q_len,
+                   _rows_source(q_base, q_len, stride_qt, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA),
+                   _rows_source(do_base, q_len, stride_dot, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA),
+                   DQ_ACC + row * HEAD_DIM)
         dk, dv = _attn_bwd_dkdv_inner((dk, dv), k, v, k_pos, rows_in, mask_begin, tl.minimum(mask_end, q_end),
-                                      q_offset, qk_scale, True, HEAD_DIM, BLOCK_M, DOT_FP32, DOT_PRECISION)
+                                      q_offset, qk_scale, True, HEAD_DIM, BLOCK_M, DOT_FP32, DOT_PRECISION,
+                                      USE_TMA, ATOMIC_DQ)
         dk, dv = _attn_bwd_dkdv_inner((dk, dv), k, v, k_pos, rows_in, mask_end, q_end,
-                                      q_offset, qk_scale, False, HEAD_DIM, BLOCK_M, DOT_FP32, DOT_PRECISION)
+                                      q_offset, qk_scale, False, HEAD_DIM, BLOCK_M, DOT_FP32, DOT_PRECISION,
+                                      USE_TMA, ATOMIC_DQ)
     if HAS_KEY_START:
         # Each key row accumulates on its own, so the rows before key_start (which no query
         # sees) are simply zeroed here instead of being masked in every step.
@@ -386,17 +473,20 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_inner(dq, rows, q_pos, kv, start, end, qk_scale, key_start,
                        CAUSAL_MASK: tl.constexpr, HAS_KEY_START: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       USE_TMA: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [start, end) of ``kv``;
     ``rows = (q, do, lse, delta)`` of the query block."""
     q, do, lse, delta = rows
-    k_base, v_base, stride_kt, stride_vt, kv_len = kv
+    k_base, v_base, stride_kt, stride_vt, kv_len, k_src, v_src = kv
     BLOCK_D: tl.constexpr = q.shape[1]
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         k_pos = start_n + offs_n
-        k = _load_keys(k_base, k_pos, stride_kt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK, HAS_KEY_START)
-        v = _load_keys(v_base, k_pos, stride_vt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK, HAS_KEY_START)
+        k = _load_tile(k_src, k_base, start_n, k_pos, stride_kt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK,
+                       HAS_KEY_START, USE_TMA)
+        v = _load_tile(v_src, v_base, start_n, k_pos, stride_vt, kv_len, key_start, HEAD_DIM, BLOCK_D, CAUSAL_MASK,
+                       HAS_KEY_START, USE_TMA)
         qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, DOT_PRECISION)
         p = tl.exp2(qk * qk_scale - lse[:, None])
         if CAUSAL_MASK:
@@ -418,7 +508,7 @@ def _attn_bwd_dq_kernel(
     num_heads, group, q_len, q_offset, stride_pos_b, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_bh, start_m, off_b, off_h, off_kvh, q_offset, key_start, kv_len, offs_m, q_pos = _query_tile(
         Q_START, KEY_START, num_heads, group, q_len, q_offset, stride_pos_b, BLOCK_M, Q_START_TENSOR, HAS_KEY_START)
@@ -429,20 +519,40 @@ def _attn_bwd_dq_kernel(
                        True),
             tl.load(LSE + pid_bh.to(tl.int64) * q_len + offs_m, mask=offs_m < q_len, other=0.0),
             tl.load(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, mask=offs_m < q_len, other=0.0))
-    kv = (K + off_b * stride_kb + off_kvh * stride_kh, V + off_b * stride_vb + off_kvh * stride_vh,
-          stride_kt, stride_vt, kv_len)
+    k_base = K + off_b * stride_kb + off_kvh * stride_kh
+    v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    kv = (k_base, v_base, stride_kt, stride_vt, kv_len,
+          _rows_source(k_base, kv_len, stride_kt, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA),
+          _rows_source(v_base, kv_len, stride_vt, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA))
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, mid, lo_end, hi = _key_regions(q_offset + start_m * BLOCK_M, kv_len, key_start, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_inner(dq, rows, q_pos, kv, lo, mid, qk_scale, key_start,
-                            True, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+                            True, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION, USE_TMA)
     dq = _attn_bwd_dq_inner(dq, rows, q_pos, kv, mid, lo_end, qk_scale, key_start,
-                            False, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+                            False, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION, USE_TMA)
     dq = _attn_bwd_dq_inner(dq, rows, q_pos, kv, tl.maximum(lo_end, lo), hi, qk_scale, key_start,
-                            True, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION)
+                            True, HAS_KEY_START, HEAD_DIM, BLOCK_N, DOT_FP32, DOT_PRECISION, USE_TMA)
 
     _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqt,
                 (dq * sm_scale).to(DQ.dtype.element_ty), q_len, HEAD_DIM)
+
+
+@triton.jit
+def _attn_bwd_dq_convert_kernel(
+    DQ_ACC, DQ,
+    stride_dqb, stride_dqh, stride_dqt,
+    num_heads, q_len, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dQ = sm_scale * the fp32 accumulator of the atomic backward, in dQ's dtype."""
+    pid_bh = tl.program_id(0)
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc = _load_rows(DQ_ACC + pid_bh.to(tl.int64) * q_len * HEAD_DIM, offs_m, HEAD_DIM, q_len, HEAD_DIM, BLOCK_D, True)
+    _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqt,
+                (acc * sm_scale).to(DQ.dtype.element_ty), q_len, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -465,8 +575,9 @@ def _configs(rows):
 
 
 def _candidates(rows):
-    """LaunchConfigs from rows (block_m, block_n, warps, stages)."""
-    return [LaunchConfig(block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in rows]
+    """LaunchConfigs from rows (block_m, block_n, warps, stages[, variant])."""
+    return [LaunchConfig(block_m=row[0], block_n=row[1], num_warps=row[2], num_stages=row[3],
+                         variant=row[4] if len(row) > 4 else None) for row in rows]
 
 
 _GPU = {
@@ -491,19 +602,27 @@ _GPU = {
 }
 
 # Tuning candidates (gptfast.tune) of the 16-bit fast paths: the shipped config first,
-# then neighbours in tile shape, warps and pipeline depth. Every one passes the static
-# compile report (wgmma in SASS, no spills, shared memory within the sm_90 limit). The
-# D=128 dK/dV kernel is the tightest: its shipped tile sits at about 250 registers a
-# thread; (16, 128, 8, 2) needs about 40 fewer, at half the queries per step. Which is
-# faster is for the timing on the device to say.
-_CANDIDATE_TILES = {  # kernel -> BLOCK_D -> (block_m, block_n, warps, stages), the shipped one first
-    "fwd": {64: ((128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)),
-            128: ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2),
-                  (64, 128, 8, 2))},
-    "dkdv": {64: ((64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 3), (16, 128, 8, 2)),
-             128: ((32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 3), (16, 64, 4, 2))},
-    "dq": {64: ((128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2), (128, 128, 8, 2)),
-           128: ((128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 3), (64, 16, 4, 2))},
+# then the first H200 run's winner where it differs, then the variants (see VARIANTS):
+# ``tma`` tiles (the copy engine frees the registers the pointer loads held: the D=64
+# forward's 128 x 128 tile drops from about 224 to about 165 a thread, room for deeper
+# pipelines), and for dK/dV the fused ``tma_atomic_dq`` backward. Every one passes the
+# static compile report (wgmma, no spills, shared memory within the sm_90 limit, and the
+# TMA loads / fp32 atomics it claims in the SASS). Which is faster is for the device to say.
+_CANDIDATE_TILES = {  # kernel -> BLOCK_D -> (block_m, block_n, warps, stages[, variant]), the shipped one first
+    "fwd": {64: ((128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 3, "tma"), (128, 64, 8, 3, "tma"),
+                 (128, 128, 8, 4, "tma"), (128, 128, 8, 2, "tma"), (128, 64, 4, 3, "tma"), (64, 64, 4, 3, "tma")),
+            128: ((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3, "tma"), (128, 128, 8, 2, "tma"),
+                  (128, 128, 8, 3, "tma"), (128, 64, 8, 4, "tma"), (128, 32, 8, 3, "tma"), (64, 64, 4, 3, "tma"))},
+    "dkdv": {64: ((64, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2, "tma"), (32, 64, 4, 2, "tma"),
+                  (64, 128, 8, 2, "tma_atomic_dq"), (32, 128, 8, 2, "tma_atomic_dq"), (64, 64, 4, 2, "tma_atomic_dq"),
+                  (32, 64, 4, 2, "tma_atomic_dq")),
+             128: ((32, 128, 8, 2), (16, 128, 8, 2), (32, 128, 8, 2, "tma"), (64, 64, 8, 2, "tma"),
+                   (32, 128, 8, 2, "tma_atomic_dq"), (16, 128, 8, 2, "tma_atomic_dq"),
+                   (64, 64, 8, 2, "tma_atomic_dq"))},  # (32, 64, 4, 2, tma_atomic_dq) spills at D=128
+    "dq": {64: ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2, "tma"), (128, 64, 8, 3, "tma"),
+                (128, 128, 8, 2, "tma"), (128, 32, 8, 3, "tma"), (64, 64, 4, 2, "tma"), (64, 128, 4, 2, "tma")),
+           128: ((128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2, "tma"), (128, 64, 8, 2, "tma"),
+                 (128, 32, 8, 3, "tma"), (64, 64, 8, 2, "tma"), (64, 32, 4, 2, "tma"), (64, 64, 8, 2))},
 }
 CANDIDATES = {kernel: {f"d{d}_16bit": _candidates(rows) for d, rows in by_d.items()}
               for kernel, by_d in _CANDIDATE_TILES.items()}
@@ -516,6 +635,21 @@ _INTERPRETER = {
     "dq": LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=1),
 }
 DELTA_CONFIG = LaunchConfig(block_m=64, num_warps=4, num_stages=1)
+
+# Code paths of each kernel (LaunchConfig.variant -> its constexpr flags). ``tma``: the
+# tiles a loop streams (K and V in the forward and dQ passes; Q and dO in the dK/dV pass)
+# and the forward's output come through device-side tensor descriptors (Hopper's copy
+# engine: UTMALDG / UTMASTG), not per-thread pointer loads. ``tma_atomic_dq``: that, and the
+# dK/dV pass also adds dS K to an fp32 dQ sum with atomics, so no dQ pass runs (see the
+# docstring). Inputs a descriptor cannot read fall back to pointer loads (and, for the
+# atomic variant, keep the atomics: a path compiled on demand, not in the static report).
+_FLAGS = {None: {"USE_TMA": False}, "tma": {"USE_TMA": True}}
+VARIANTS = {
+    "fwd": _FLAGS,
+    "dq": _FLAGS,
+    "dkdv": {None: {"USE_TMA": False, "ATOMIC_DQ": False}, "tma": {"USE_TMA": True, "ATOMIC_DQ": False},
+             "tma_atomic_dq": {"USE_TMA": True, "ATOMIC_DQ": True}},
+}
 
 
 def config_key(head_dim: int, dtype: torch.dtype) -> str:
@@ -591,6 +725,50 @@ def _tiles(cfg: LaunchConfig, head_dim: int, device: torch.device, dtype: torch.
                 DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def variant_flags(kernel: str, cfg: LaunchConfig) -> dict:
+    """The constexpr flags (USE_TMA, and ATOMIC_DQ for dkdv) of ``cfg.variant``; ValueError
+    for a variant the kernel does not have."""
+    known = VARIANTS[kernel]
+    if cfg.variant not in known:
+        raise ValueError(f"causal_attention.{kernel}: unknown variant {cfg.variant!r} "
+                         f"(known: {sorted(v for v in known if v)} or None)")
+    return dict(known[cfg.variant])
+
+
+def _tma_ready(*tensors) -> bool:
+    """Whether the tensor copy engine can read these (B, H, T, D) tensors: a 16-byte aligned
+    start and batch, head and time strides that are multiples of 16 bytes (a descriptor's
+    rule), on a Hopper or later GPU or under the interpreter. Otherwise the launch takes
+    the pointer loads of the same tiles."""
+    t0 = tensors[0]
+    if t0.device.type == "cuda" and torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((s * size) % 16 for s in _bht(t)):
+            return False
+    return True
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    """Global scratch for the descriptors the kernels build on the device (128 bytes each)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _use_tma(flags: dict, *tensors) -> dict:
+    """``flags`` with USE_TMA cleared where ``_tma_ready`` says no. A TMA launch needs
+    triton's allocator (device-side descriptors live in global scratch): installed here
+    unless the program set its own."""
+    if flags["USE_TMA"]:
+        if not _tma_ready(*tensors):
+            return {**flags, "USE_TMA": False}
+        from triton.runtime import _allocation
+
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            triton.set_allocator(_tma_allocator)
+    return flags
+
+
 def _position_stride(q_positions) -> int:
     """The kernels' ``stride_pos_b``: the batch stride of a (B, Tq) position tensor; 0 for a
     (Tq,) one (every row reads the same positions) or none."""
@@ -625,20 +803,23 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
     out = check_out("causal_attention", "out", out, q.shape, q.dtype, q.device)
     lse = check_out("causal_attention", "lse", lse, (batch, heads, q_len), torch.float32, q.device, contiguous=True)
     cfg = config or forward_config(head_dim, q.dtype, q.device)
+    flags = _use_tma(variant_flags("fwd", cfg), q, k, v, out)
     positions = _position_args(q, q_positions, key_start)
     with device_guard(q.device):
         _attn_fwd_kernel[(batch * heads, triton.cdiv(q_len, cfg.block_m))](
             q, k, v, out, lse, positions.pop("Q_START"), positions.pop("KEY_START"),
             *_bht(q), *_bht(k), *_bht(v), *_bht(out),
             heads, heads // k.shape[1], q_len, q_offset, _position_stride(q_positions), scale * LOG2E,
-            **positions, **_tiles(cfg, head_dim, q.device, q.dtype),
+            **positions, **flags, **_tiles(cfg, head_dim, q.device, q.dtype),
         )
     return out, lse
 
 
 def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int = 0, *, q_positions=None,
                        key_start=None, dq=None, dk=None, dv=None, delta=None, dkdv_cfg=None, dq_cfg=None):
-    """Launch the three backward kernels. Returns ``(dq, dk, dv)``, contiguous, in the
+    """Launch the backward kernels (delta, dK/dV, then dQ: its own pass, or the conversion of
+    the fp32 sums the dK/dV pass added up with the ``tma_atomic_dq`` variant, which needs the
+    fp32 scratch ``dq_acc``). Returns ``(dq, dk, dv)``, contiguous, in the
     inputs' dtype and shapes (dk, dv with the kv heads: each sums its group's query heads;
     zero at keys no query sees). ``out`` and ``lse`` are what attention_forward returned
     for the same ``q_offset`` / ``q_positions`` / ``key_start``.
@@ -656,27 +837,39 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
     delta = check_out(op, "delta", delta, (batch, heads, q_len), torch.float32, q.device, contiguous=True)
     kv_cfg = dkdv_cfg or dkdv_config(head_dim, q.dtype, q.device, grouped=kv_heads != heads)
     q_cfg = dq_cfg or dq_config(head_dim, q.dtype, q.device)
+    kv_flags = _use_tma(variant_flags("dkdv", kv_cfg), q, grad_out)
+    atomic = kv_flags["ATOMIC_DQ"]
+    # The atomic variants sum dQ in fp32 (B * H, Tq, D), cleared by the delta kernel.
+    dq_acc = empty((batch * heads, q_len, head_dim), torch.float32, q.device) if atomic else delta
     positions = _position_args(q, q_positions, key_start)
     starts = (positions.pop("Q_START"), positions.pop("KEY_START"))
     pos_stride = _position_stride(q_positions)
+    block_d = padded_head_dim(head_dim)
     with device_guard(q.device):
         _attn_bwd_delta_kernel[(batch * heads, triton.cdiv(q_len, DELTA_CONFIG.block_m))](
-            out, grad_out, delta, *_bht(out), *_bht(grad_out), heads, q_len,
-            HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=DELTA_CONFIG.block_m,
+            out, grad_out, delta, dq_acc, *_bht(out), *_bht(grad_out), heads, q_len,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_CONFIG.block_m, ZERO_DQ=atomic,
             num_warps=DELTA_CONFIG.num_warps,
         )
         _attn_bwd_dkdv_kernel[(batch * kv_heads, triton.cdiv(kv_len, kv_cfg.block_n))](
-            q, k, v, grad_out, lse, delta, dk, dv, *starts,
+            q, k, v, grad_out, lse, delta, dk, dv, dq_acc, *starts,
             *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dk), *_bht(dv),
             kv_heads, heads // kv_heads, q_len, kv_len, q_offset, pos_stride, scale * LOG2E, scale,
-            **positions, **_tiles(kv_cfg, head_dim, q.device, q.dtype),
+            **positions, **kv_flags, **_tiles(kv_cfg, head_dim, q.device, q.dtype),
         )
-        _attn_bwd_dq_kernel[(batch * heads, triton.cdiv(q_len, q_cfg.block_m))](
-            q, k, v, grad_out, lse, delta, dq, *starts,
-            *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dq),
-            heads, heads // kv_heads, q_len, q_offset, pos_stride, scale * LOG2E, scale,
-            **positions, **_tiles(q_cfg, head_dim, q.device, q.dtype),
-        )
+        if atomic:
+            _attn_bwd_dq_convert_kernel[(batch * heads, triton.cdiv(q_len, DELTA_CONFIG.block_m))](
+                dq_acc, dq, *_bht(dq), heads, q_len, scale,
+                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_CONFIG.block_m, num_warps=DELTA_CONFIG.num_warps,
+            )
+        else:
+            _attn_bwd_dq_kernel[(batch * heads, triton.cdiv(q_len, q_cfg.block_m))](
+                q, k, v, grad_out, lse, delta, dq, *starts,
+                *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dq),
+                heads, heads // kv_heads, q_len, q_offset, pos_stride, scale * LOG2E, scale,
+                **positions, **_use_tma(variant_flags("dq", q_cfg), k, v),
+                **_tiles(q_cfg, head_dim, q.device, q.dtype),
+            )
     return dq, dk, dv
 
 
@@ -686,7 +879,12 @@ _KERNELS = {"fwd": ("attention_fwd", _attn_fwd_kernel), "dkdv": ("attention_bwd_
             "dq": ("attention_bwd_dq", _attn_bwd_dq_kernel)}
 
 
-_FIXED_POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "Q_START": "*i64", "KEY_START": "*i64"}
+_FIXED_POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "Q_START": "*i64", "KEY_START": "*i64"}
+
+# What the SASS of a variant must show: the tensor-memory copies (TMA loads; the forward
+# also stores its output with one) and, for the atomic dQ, fp32 atomic adds to global memory.
+_VARIANT_SASS = {"USE_TMA": ("UTMALDG",), "ATOMIC_DQ": ("ATOMG.E.ADD.F32",)}
+_VARIANT_SASS_FWD = {"USE_TMA": ("UTMALDG", "UTMASTG")}
 
 
 def _pointers(fn, dtype: torch.dtype) -> dict:
@@ -705,6 +903,10 @@ def _entry(kernel: str, head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, su
     tiles = _tiles(cfg, head_dim, torch.device("cuda"), dtype)
     constexprs = {k: tiles[k] for k in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "DOT_FP32", "DOT_PRECISION")}
     constexprs.update(Q_START_TENSOR=positions or row_positions, HAS_KEY_START=positions)
+    flags = variant_flags(kernel, cfg)
+    constexprs.update(flags)
+    claims = _VARIANT_SASS_FWD if kernel == "fwd" else _VARIANT_SASS
+    require_sass = tuple(i for flag, on in flags.items() if on for i in claims[flag])
     if not gqa:  # a launch with one query head per kv head specialises group == 1 (Triton's JIT does)
         constexprs["group"] = 1
     strides = [a for a in fn.arg_names if a.startswith("stride") and a not in constexprs]
@@ -713,13 +915,14 @@ def _entry(kernel: str, head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, su
                         divisible_by_16=[a for a in strides if not (row_positions and a == "stride_pos_b")],
                         require_hgmma=(dtype != torch.float32
                                        and (kernel, padded_head_dim(head_dim)) not in NO_TENSOR_CORES),
-                        require_ptx=require_ptx)
+                        require_ptx=require_ptx, require_sass=require_sass)
 
 
 def static_configs(dtype: torch.dtype = torch.bfloat16, head_dims=(64, 128, 256)):
     """The shipped sm_90 configurations (bf16, head sizes 64, 128 and 256 by default) of the
-    forward, dK/dV and dQ kernels (main loops on wgmma, but see NO_TENSOR_CORES) and the
-    delta preprocess."""
+    forward, dK/dV and dQ kernels (main loops on wgmma, but see NO_TENSOR_CORES), their
+    variants (VARIANTS) on the same tiles at D 64 and 128, the delta preprocess and the dQ
+    conversion of the atomic backward."""
     entries = []
     for head_dim in head_dims:
         for kernel in _KERNELS:
@@ -732,11 +935,25 @@ def static_configs(dtype: torch.dtype = torch.bfloat16, head_dims=(64, 128, 256)
                                       "_gqa_positions", positions=True, gqa=True))
                 entries.append(_entry(kernel, head_dim, dtype, shipped_config(kernel, head_dim, dtype),
                                       "_row_positions", row_positions=True))
+                # The variants on the shipped tiles, plain and with key ranges over a cache
+                # (the masked blocks near key_start keep pointer loads there).
+                for variant in VARIANTS[kernel]:
+                    if variant:
+                        cfg = dataclasses.replace(shipped_config(kernel, head_dim, dtype), variant=variant)
+                        entries.append(_entry(kernel, head_dim, dtype, cfg, f"_{variant}"))
+                        entries.append(_entry(kernel, head_dim, dtype, cfg, f"_{variant}_positions", positions=True))
         fn = _attn_bwd_delta_kernel
+        for zero_dq in (False, True):
+            entries.append(static_entry(
+                f"attention_bwd_delta_d{head_dim}_{TRITON_TYPE[dtype]}{'_zero_dq' if zero_dq else ''}", fn,
+                DELTA_CONFIG, {"HEAD_DIM": head_dim, "BLOCK_D": padded_head_dim(head_dim),
+                               "BLOCK_M": DELTA_CONFIG.block_m, "ZERO_DQ": zero_dq},
+                pointers=_pointers(fn, dtype)))
+        fn = _attn_bwd_dq_convert_kernel
         entries.append(static_entry(
-            f"attention_bwd_delta_d{head_dim}_{TRITON_TYPE[dtype]}", fn, DELTA_CONFIG,
+            f"attention_bwd_dq_convert_d{head_dim}_{TRITON_TYPE[dtype]}", fn, DELTA_CONFIG,
             {"HEAD_DIM": head_dim, "BLOCK_D": padded_head_dim(head_dim), "BLOCK_M": DELTA_CONFIG.block_m},
-            pointers=_pointers(fn, dtype)))
+            pointers=_pointers(fn, dtype), floats=("sm_scale",)))
     return entries
 
 

@@ -252,7 +252,9 @@ def test_bench_command_writes_json_csv_plots_and_compares(tmp_path, capsys):
     old_row = _row("torch", 1000.0, op="layer_norm", mode="fwd", shape="256x768", dtype="float32")
     report.write_json(str(old), report.results_document([old_row], [], _meta()))
     out_json, out_csv, plots = tmp_path / "new.json", tmp_path / "new.csv", tmp_path / "plots"
-    code = cli.main(["bench", "--quick", "--ops", "layer_norm", "--providers", "torch,gptfast", "--json", str(out_json),
+    # On the CPU (also on a CUDA machine): the fused rows are GPU-only there, which this test checks.
+    code = cli.main(["bench", "--quick", "--device", "cpu", "--ops", "layer_norm", "--providers", "torch,gptfast",
+                     "--json", str(out_json),
                      "--csv", str(out_csv), "--plot", str(plots), "--compare", str(old)])
     printed = capsys.readouterr().out
     assert code == 0

@@ -286,6 +286,88 @@ def test_shipped_gpu_tiles_under_interpreter(head_dim):
         assert_error_ratio(f, p, e, what=f"{name} with the D={head_dim} GPU tiles")
 
 
+# The kernels' variants (attention_kernels.VARIANTS): tensor-descriptor tiles (``tma``,
+# which the interpreter runs too) and the fused backward adding dQ with fp32 atomics
+# (``tma_atomic_dq``), on the interpreter's small tiles, with the padded head size, lengths
+# off the block grid, a cached prefix, grouped-query heads and key ranges.
+_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+
+
+def _variant_cfgs(fwd=None, dkdv=None, dq=None):
+    return {kernel: attention_kernels.LaunchConfig(block_m=m, block_n=n, num_warps=4, variant=variant)
+            for (kernel, (m, n)), variant in zip(_TILES.items(), (fwd, dkdv, dq))}
+
+
+@pytest.mark.parametrize(
+    "variants,batch,heads,kv_heads,q_len,q_offset,head_dim,dtype,starts",
+    [
+        (("tma", "tma", "tma"), 1, 2, 2, 37, 0, 80, torch.float16, None),
+        (("tma", "tma_atomic_dq", None), 2, 4, 2, 21, 12, 32, torch.float32, [13, 0]),
+        ((None, "tma_atomic_dq", None), 1, 3, 1, 17, 5, 64, torch.float16, None),
+        (("tma", "tma", "tma"), 3, 2, 1, 20, 0, 32, torch.float32, [16, 3, 19]),
+    ],
+)
+def test_variants_match_float64(variants, batch, heads, kv_heads, q_len, q_offset, head_dim, dtype, starts):
+    q = _randn(batch, heads, q_len, head_dim, dtype=dtype, seed=11)
+    k = _randn(batch, kv_heads, q_offset + q_len, head_dim, dtype=dtype, seed=12)
+    v = _randn(batch, kv_heads, q_offset + q_len, head_dim, dtype=dtype, seed=13)
+    grad_out = _randn(*q.shape, dtype=dtype, seed=14)
+    key_start = None if starts is None else torch.tensor(starts, device=DEVICE)
+    cfgs = _variant_cfgs(*variants)
+    # Everything is 16-byte aligned here, so the descriptors really serve the tma launches.
+    assert attention_kernels._tma_ready(q, k, v, grad_out)
+    scale = 1 / math.sqrt(head_dim)
+    out, lse = attention_kernels.attention_forward(q, k, v, scale, q_offset, key_start=key_start, config=cfgs["fwd"])
+    grads = attention_kernels.attention_backward(grad_out, q, k, v, out, lse, scale, q_offset, key_start=key_start,
+                                                 dkdv_cfg=cfgs["dkdv"], dq_cfg=cfgs["dq"])
+    kwargs = dict(q_offset=q_offset, key_start=key_start)
+    exact = _attention_and_grads(reference.causal_attention, q.double(), k.double(), v.double(), grad_out.double(),
+                                 **kwargs)
+    plain = _attention_and_grads(reference.causal_attention, q, k, v, grad_out, **kwargs)
+    for name, f, p, e in zip(("out", "dq", "dk", "dv"), (out, *grads), plain, exact):
+        assert_error_ratio(f, p, e, what=f"{name} {dtype} with variants {variants}")
+
+
+def test_variant_with_unaligned_rows_takes_the_pointer_loads():
+    """A descriptor needs 16-byte aligned rows: fp16 rows of 20 elements (40 bytes) are not,
+    so a ``tma`` launch reads them with pointer loads instead, and is still right."""
+    q, k, v = (t[..., :20] for t in _qkv(1, 2, 19, 20, torch.float16, seed=5))  # strides 20: 40-byte rows
+    assert not attention_kernels._tma_ready(q, k, v)
+    flags = attention_kernels._use_tma(attention_kernels.variant_flags("fwd", _variant_cfgs("tma")["fwd"]), q, k, v)
+    assert flags == {"USE_TMA": False}
+    aligned = _qkv(1, 2, 19, 32, torch.float16)
+    assert attention_kernels._use_tma({"USE_TMA": True}, *aligned) == {"USE_TMA": True}
+    cfgs = _variant_cfgs("tma", "tma_atomic_dq", "tma")
+    grad_out = _randn(*q.shape, dtype=q.dtype, seed=6)
+    out, lse = attention_kernels.attention_forward(q, k, v, 0.25, config=cfgs["fwd"])
+    grads = attention_kernels.attention_backward(grad_out, q, k, v, out, lse, 0.25, dkdv_cfg=cfgs["dkdv"],
+                                                 dq_cfg=cfgs["dq"])
+    exact = _attention_and_grads(reference.causal_attention, q.double(), k.double(), v.double(), grad_out.double(),
+                                 scale=0.25)
+    plain = _attention_and_grads(reference.causal_attention, q, k, v, grad_out, scale=0.25)
+    for name, f, p, e in zip(("out", "dq", "dk", "dv"), (out, *grads), plain, exact):
+        assert_error_ratio(f, p, e, what=f"{name} of an unaligned tma launch")
+
+
+def test_unknown_variant_is_rejected():
+    q, k, v = _qkv(1, 1, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="causal_attention.fwd: unknown variant 'atomic_dq'"):
+        attention_kernels.attention_forward(q, k, v, 0.25, config=_variant_cfgs("atomic_dq")["fwd"])
+    with pytest.raises(ValueError, match="LaunchConfig.variant must be None or a name"):
+        attention_kernels.LaunchConfig(num_warps=4, variant="not a name")
+
+
+def test_candidates_are_few_distinct_and_known():
+    """At most 8 candidates per kernel and key, no repeats, the shipped config first, and
+    every variant one the kernel has."""
+    for kernel, by_key in attention_kernels.CANDIDATES.items():
+        for key, configs in by_key.items():
+            assert 1 <= len(configs) <= 8 and len(set(configs)) == len(configs), (kernel, key)
+            assert configs[0] == attention_kernels._GPU[kernel][key], (kernel, key)
+            for cfg in configs:
+                attention_kernels.variant_flags(kernel, cfg)
+
+
 def test_saved_log_sum_exp():
     """lse is the base-2 log-sum-exp of scale * log2(e) * q.k over each query's visible keys."""
     q, k, v = _qkv(1, 3, 17, 32, torch.float32, q_offset=3)
@@ -392,8 +474,11 @@ def test_bad_inputs():
          q_positions=positions[None, None])
     _bad("q_positions must be .* torch.float32", q, k, v, q_positions=positions[None].float())
     _bad("q_positions must be a torch.Tensor", q, k, v, q_positions=[[0, 1, 2, 3]], error=TypeError)
-    _bad("q_positions .* outside the 4 keys", q, k, v, q_positions=positions[None] + 1)
-    _bad("q_positions .* must be consecutive", q, k, v, q_positions=torch.tensor([[0, 1, 3, 2]]))
+    if DEVICE.type == "cpu":  # values are read only where that costs no device synchronisation
+        _bad("q_positions .* outside the 4 keys", q, k, v, q_positions=positions[None] + 1)
+        _bad("q_positions .* must be consecutive", q, k, v, q_positions=torch.tensor([[0, 1, 3, 2]]))
+    else:
+        _bad("q_positions is on cpu but q is on cuda", q, k, v, q_positions=positions[None])
     _bad("q_positions is on meta", q, k, v, q_positions=positions[None].to("meta"))
     _bad("give q_offset or q_positions, not both", q, k, v, q_offset=1, q_positions=positions[None])
 

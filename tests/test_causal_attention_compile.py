@@ -3,7 +3,7 @@
 Compiling them for sm_90 (no spills, HGMMA in the forward / dK-dV / dQ main loops,
 shared memory within an H200 block's limit) is done by gptfast.compile_report and
 tested in tests/test_compile_report.py, which visits ``attention`` through
-``gptfast.kernels.KERNEL_MODULES``.
+``gptfast.kernels._registry.KERNEL_MODULES``.
 """
 import pytest
 

@@ -10,12 +10,12 @@ import textwrap
 import pytest
 
 from gptfast import compile_report as report
-from gptfast.kernels import KERNEL_MODULES
+from gptfast.kernels._registry import KERNEL_MODULES
 
 
 # The instruction each module's fp32 path must show in its PTX.
 FP32_PTX = {"layer_norm": "div.rn.f32", "causal_attention": "div.rn.f32", "decode_attention": "div.rn.f32",
-            "int8_linear": "fma.rn.f32"}
+            "int8_linear": "fma.rn.f32", "skinny_linear": "fma.rn.f32", "linear_cross_entropy": "div.rn.f32"}
 
 
 @pytest.mark.parametrize("module", KERNEL_MODULES)
@@ -35,6 +35,34 @@ def test_shipped_configs_compile_cleanly_for_sm90(module):
     # The fp32 entries' PTX rounds to nearest (tl.div_rn / tl.sqrt_rn; int8_linear: IEEE
     # fp32 products, not TF32), checked by require_ptx.
     assert any(FP32_PTX[module] in e["require_ptx"] for e in kernels.precision_configs())
+    # What a config claims of the SASS (tensor-memory copies, atomics) is really there.
+    for row in rows:
+        for opcode in row["require_sass"]:
+            assert row["sass"][opcode] > 0, (row["name"], opcode)
+
+
+def test_causal_attention_variants_claim_their_instructions():
+    """Every tma entry claims UTMALDG (the forward also UTMASTG), every atomic_dq entry
+    fp32 atomic adds, and the plain entries claim nothing."""
+    kernels = importlib.import_module("gptfast.kernels.causal_attention")
+    entries = kernels.static_configs() + kernels.candidate_configs()
+    tma = [e for e in entries if "_tma" in e["name"]]
+    assert tma and all("UTMALDG" in e["require_sass"] for e in tma)
+    assert all("UTMASTG" in e["require_sass"] for e in tma if e["name"].startswith("attention_fwd"))
+    atomic = [e for e in entries if "atomic_dq" in e["name"]]
+    assert atomic and all("ATOMG.E.ADD.F32" in e["require_sass"] for e in atomic)
+    assert all(not e["require_sass"] for e in entries if "_tma" not in e["name"] and "atomic" not in e["name"])
+
+
+def test_count_opcodes_matches_whole_opcodes_with_modifiers():
+    sass = """
+        /*4f10*/   ATOMG.E.ADD.F32x4.FTZ.RN.STRONG.GPU PT, RZ, desc[UR38][R40.64], R36 ;
+        /*4f20*/   @P0 UTMALDG.2D [UR8], [UR14] ;
+        /*4f30*/   REDUX.SUM UR4, R3 ;
+        /*4f40*/   ATOMG.E.EXCH.STRONG.GPU PT, RZ, [R10], R13 ;
+    """
+    assert report.count_opcodes(sass, ["ATOMG.E.ADD.F32", "UTMALDG", "RED", "ATOMG", "UTMASTG"]) == {
+        "ATOMG.E.ADD.F32": 1, "UTMALDG": 1, "RED": 0, "ATOMG": 2, "UTMASTG": 0}
 
 
 def _row(**fields):
@@ -52,6 +80,8 @@ def _row(**fields):
         ({"require_hgmma": True, "hgmma": 0}, "no HGMMA"),
         ({"error": "CompilationError: boom"}, "compile error: CompilationError: boom"),
         ({"missing_ptx": ["div.rn.f32"]}, "PTX lacks div.rn.f32"),
+        ({"require_sass": ["UTMALDG"], "sass": {"UTMALDG": 0}}, "no UTMALDG instructions in the SASS"),
+        ({"require_sass": ["UTMALDG"]}, "no UTMALDG instructions in the SASS"),
     ],
 )
 def test_checker_flags_bad_rows(fields, problem):
@@ -65,6 +95,7 @@ def test_checker_flags_bad_rows(fields, problem):
 
 def test_checker_passes_clean_rows():
     rows = [_row(), _row(shared=report.SHARED_MEMORY_LIMIT), _row(require_hgmma=True, hgmma=24),
+            _row(require_sass=["UTMALDG"], sass={"UTMALDG": 13}),
             _row(name=None, skipped="module not present")]
     assert report.report_failures(rows) == []
     report.check_report(rows)
@@ -96,6 +127,9 @@ _BAD_KERNELS = textwrap.dedent('''
             # fp32 multiply and sum: no division at all, so a required div.rn is missing.
             {"name": "no_div_rn", "fn": scale_by_sum, "signature": sig, "constexprs": {"BLOCK": 128},
              "num_warps": 4, "num_stages": 1, "require_hgmma": False, "require_ptx": ["div.rn.f32"]},
+            # A plain load and store: no tensor-memory copy, though the entry claims one.
+            {"name": "claims_tma", "fn": scale_by_sum, "signature": sig, "constexprs": {"BLOCK": 128},
+             "num_warps": 4, "num_stages": 1, "require_hgmma": False, "require_sass": ["UTMALDG"]},
             {"name": "broken", "fn": scale_by_sum, "signature": {"X": "*fp32", "BLOCK": "constexpr"},
              "constexprs": {"BLOCK": 128}, "num_warps": 4, "num_stages": 1, "require_hgmma": False},
         ]
@@ -121,4 +155,6 @@ def test_report_flags_real_compiles_and_skips_missing_modules(tmp_path, monkeypa
     assert rows["fine"]["problems"] == [] and rows["fine"]["registers"] > 0 and rows["fine"]["spill_stores"] == 0
     assert "error" in rows["broken"] and rows["broken"]["problems"]
     assert rows["no_div_rn"]["problems"] == ["PTX lacks div.rn.f32, which this config requires"]
+    assert rows["claims_tma"]["sass"] == {"UTMALDG": 0}
+    assert rows["claims_tma"]["problems"] == ["no UTMALDG instructions in the SASS, but this config claims them"]
     assert rows["no_such_kernels"]["skipped"] == "module not present" and rows["no_such_kernels"]["problems"] == []

@@ -112,7 +112,9 @@ def test_left_padded_generate_equals_eager(name, cache, monkeypatch):
     ids, mask = _left_padded_prompts()
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=1)
     if cache == "static":
-        kwargs["cache_implementation"] = "static"
+        # On CUDA, transformers compiles the decode step of a static cache by itself; this test
+        # is about the eager kernels, so keep the steps eager on every machine.
+        kwargs.update(cache_implementation="static", disable_compile=True)
     calls = {"causal": 0, "decode": 0}
     for op in calls:
         real = getattr(hf.ops, f"{op}_attention")

@@ -150,7 +150,8 @@ def test_candidate_lists():
 def test_dry_run_writes_a_valid_table(tmp_path):
     """The GPU suite's rehearsal: the whole tuning plumbing through the interpreter."""
     out = tmp_path / "out" / "tuned.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get(
+    # A rehearsal is a CPU run even on a CUDA machine: hide the GPU from it.
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get(
         "PYTHONPATH")])))
     run = subprocess.run([sys.executable, "-m", "gptfast.tune", "--out", str(out), "--dry-run",
                           "--device-name", "rehearsal-gpu"], capture_output=True, text=True, env=env, timeout=300)
@@ -206,7 +207,8 @@ def test_most_valuable_keys_come_first_and_every_key_is_ordered():
 
 def test_a_spent_budget_leaves_a_valid_table_of_the_first_keys(tmp_path):
     out = tmp_path / "tuned.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get(
+    # A rehearsal is a CPU run even on a CUDA machine: hide the GPU from it.
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get(
         "PYTHONPATH")])))
     run = subprocess.run([sys.executable, "-m", "gptfast.tune", "--out", str(out), "--dry-run", "--budget-s", "0.001",
                           "--kernels", "decode_attention,layer_norm"], capture_output=True, text=True, env=env,

@@ -20,6 +20,9 @@ from gptfast.ops.causal_attention import causal_attention
 from gptfast.ops.decode_attention import decode_attention
 from gptfast.ops.int8_linear import int8_linear
 from gptfast.ops.layer_norm import layer_norm
+from gptfast.ops.linear_cross_entropy import linear_cross_entropy
+from gptfast.ops.skinny_linear import skinny_linear, skinny_linear_kv
 from gptfast.ops.torch_path import gelu
 
-__all__ = ["causal_attention", "decode_attention", "gelu", "int8_linear", "layer_norm"]
+__all__ = ["causal_attention", "decode_attention", "gelu", "int8_linear", "layer_norm", "linear_cross_entropy",
+           "skinny_linear", "skinny_linear_kv"]

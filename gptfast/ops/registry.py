@@ -75,8 +75,23 @@ def _int8_linear_inputs(device, dtype, large):
             "bias": 0.1 * torch.randn(n, device=device, dtype=dtype)}
 
 
+def _skinny_linear_inputs(device, dtype, large):
+    rows, n, k = (16, 3072, 768) if large else (3, 96, 64)
+    return {"x": torch.randn(rows, k, device=device, dtype=dtype),
+            "weight": 0.05 * torch.randn(n, k, device=device, dtype=dtype),
+            "bias": 0.1 * torch.randn(n, device=device, dtype=dtype)}
+def _linear_cross_entropy_inputs(device, dtype, large):
+    rows, vocab, hidden = (8192, 50257, 768) if large else (64, 1000, 64)
+    targets = torch.randint(0, vocab, (rows,), device=device)
+    targets[1::7] = -100  # some ignored targets, as in fine-tuning
+    return {"hidden": torch.randn(rows, hidden, device=device, dtype=dtype),
+            "weight": 0.02 * torch.randn(vocab, hidden, device=device, dtype=dtype), "targets": targets}
+
+
 _EXAMPLES = {"layer_norm": _layer_norm_inputs, "causal_attention": _causal_attention_inputs,
-             "decode_attention": _decode_attention_inputs, "int8_linear": _int8_linear_inputs}
+             "decode_attention": _decode_attention_inputs, "int8_linear": _int8_linear_inputs,
+             "skinny_linear": _skinny_linear_inputs,
+             "linear_cross_entropy": _linear_cross_entropy_inputs}
 
 
 def _spec(name: str, grad_inputs: Tuple[str, ...]) -> OpSpec:
@@ -89,6 +104,8 @@ OPS: Tuple[OpSpec, ...] = (
     _spec("causal_attention", ("q", "k", "v")),
     _spec("decode_attention", ()),
     _spec("int8_linear", ()),
+    _spec("skinny_linear", ()),
+    _spec("linear_cross_entropy", ("hidden", "weight")),
 )
 NAMES: Tuple[str, ...] = tuple(op.name for op in OPS)
 

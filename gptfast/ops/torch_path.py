@@ -14,6 +14,14 @@ Same signatures as the fused ops and the reference twins:
   stale cache slots may hold NaN.
 - ``gelu(x)``: GPT-2's tanh GELU.
 - ``int8_linear(x, weight_int8, scale, bias=None)``: dequantise to x's dtype, then ``F.linear``.
+- ``skinny_linear(x, weight, bias=None, *, scale=None, ln_weight=None, ln_bias=None, eps=1e-5,
+  activation=None, residual=None)``: ``F.layer_norm``, ``F.linear`` (int8 dequantised), GELU, add;
+  ``skinny_linear_kv(...)``: the same projection, its k and v columns written into the caches
+  with one index write each.
+- ``linear_cross_entropy(hidden, weight, targets, ignore_index=-100)``: ``F.linear`` (all the
+  logits), then ``F.cross_entropy`` in float32, summed and divided by the counted targets
+  clamped to 1. The fused op's own fallback is its chunked loop with the per-row step in
+  PyTorch (it must not hold the logits); this is the unfused composition it replaces.
 
 Inputs are not validated here: the ops of ``gptfast.ops`` validate before they dispatch,
 and the model passes only shapes it built. Nothing here reads a tensor's value on the
@@ -132,3 +140,39 @@ def gelu(x: Tensor) -> Tensor:
 def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ (weight_int8 * scale[:, None])^T + bias``: the weight dequantised to x's dtype."""
     return F.linear(x, weight_int8.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
+
+
+def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, scale: Optional[Tensor] = None,
+                  ln_weight: Optional[Tensor] = None, ln_bias: Optional[Tensor] = None, eps: float = 1e-5,
+                  activation: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
+    """``act(LN(x) @ (weight * scale)^T + bias) + residual``, each step one PyTorch call."""
+    h = x if ln_weight is None else layer_norm(x, ln_weight, ln_bias, eps)
+    y = F.linear(h, weight, bias) if scale is None else int8_linear(h, weight, scale, bias)
+    if activation == "gelu":
+        y = gelu(y)
+    return y if residual is None else y + residual
+
+
+def skinny_linear_kv(x: Tensor, weight: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cache: Tensor,
+                     positions: Tensor, *, scale: Optional[Tensor] = None, ln_weight: Optional[Tensor] = None,
+                     ln_bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """x (B, T, K) projected to ``[q | k | v]``; k and v written into the (B_max, H_kv, S, D)
+    caches at ``positions`` (B, T) (clamped into [0, S), as the kernel does); returns q."""
+    y = skinny_linear(x, weight, bias, scale=scale, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps)
+    batch, tokens = positions.shape
+    kv_heads, seq_len, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    q_cols = y.shape[-1] - 2 * kv_heads * head_dim
+    kv = y[..., q_cols:].view(batch, tokens, 2, kv_heads, head_dim)
+    rows = torch.arange(batch, device=x.device)[:, None]
+    pos = positions.clamp(0, seq_len - 1)
+    k_cache[rows, :, pos] = kv[:, :, 0]  # (B, T, H_kv, D) into (B, T) slots of (H_kv, D)
+    v_cache[rows, :, pos] = kv[:, :, 1]
+    return y[..., :q_cols]
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of ``F.linear(hidden, weight)`` (in float32, float64 kept) over the
+    targets that are not ``ignore_index``; 0 when there are none (no NaN, no host read)."""
+    logits = F.linear(hidden, weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, weight.shape[0])
+    flat = targets.reshape(-1).long()
+    total = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="sum")
+    return total / (flat != ignore_index).sum().clamp(min=1)
