@@ -143,7 +143,8 @@ class PackedInt8Linear(nn.Module):
         from gptfast.ops.int8_linear import CPU_KERNEL_MAX_ROWS
 
         super().__init__()
-        self.linear, self.packed, self._matmul, self._max_rows = linear, packed, matmul, CPU_KERNEL_MAX_ROWS
+        self.linear, self.packed, self._matmul = linear, packed, getattr(matmul, "default", matmul)
+        self._k, self._n, self._max_rows = linear.in_features, linear.out_features, CPU_KERNEL_MAX_ROWS
 
     @property
     def weight_int8(self):
@@ -158,13 +159,14 @@ class PackedInt8Linear(nn.Module):
         return self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.linear
-        rows = x.numel() // m.in_features
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or rows > self._max_rows
+        # Kept lean: it runs for every layer of every decode step.
+        rows = x.numel() // self._k
+        if (rows > self._max_rows or x.dtype != torch.float32 or not x.is_cpu
                 or (x.requires_grad and torch.is_grad_enabled())):
-            return m(x)  # the op: validation, the inference-only error, the torch path
-        y = self._matmul(x.reshape(rows, m.in_features).contiguous(), self.packed, m.scale, m.bias)
-        return y.view(*x.shape[:-1], m.out_features)
+            return self.linear(x)  # the op: validation, the inference-only error, the torch path
+        buffers = self.linear._buffers
+        y = self._matmul(x.reshape(rows, self._k).contiguous(), self.packed, buffers["scale"], buffers["bias"])
+        return y.view(*x.shape[:-1], self._n)
 
 
 def _is_int8(module) -> bool:
