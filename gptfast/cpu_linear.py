@@ -22,7 +22,8 @@ inputs and other dtypes take the layer's own forward (``gptfast.ops.int8_linear`
 exit the original modules are put back. The model knows nothing of this, and a quantized
 checkpoint keeps its public (N, K) layout: the packed copy lives only here. Packs are
 cached per layer across calls and rebuilt when the weight changes (an in-place update
-bumps its version; a new tensor has a new address); ``release(model)`` frees them. The
+bumps its version; a new tensor has a new address; int8 packs are the op's own cache,
+``gptfast.ops.int8_linear.cpu_packed_weight``); ``release(model)`` frees them. The
 packed products round differently from ``F.linear`` and from the int8 op's torch path
 (another summation order): logits agree to float32 rounding, not bit for bit.
 
@@ -84,13 +85,15 @@ def default_enabled() -> bool:
 
 
 def int8_ops():
-    """``(int8_pack, int8_linear_packed)`` of the loaded gptfast extension, or None."""
-    from gptfast.ops.int8_linear import cpu_kernel  # loads the extension (once)
+    """``(pack, int8_linear_packed)`` when the gptfast extension is loaded, else None:
+    ``pack(weight_int8)`` is the op's cached blocked copy (``cpu_packed_weight``), shared
+    with the layer's own calls so a weight is packed once."""
+    from gptfast.ops.int8_linear import cpu_kernel, cpu_packed_weight  # loads the extension (once)
 
     if cpu_kernel() is None:
         return None
     try:
-        return torch.ops.gptfast_cpu.int8_pack, torch.ops.gptfast_cpu.int8_linear_packed
+        return cpu_packed_weight, torch.ops.gptfast_cpu.int8_linear_packed
     except (AttributeError, RuntimeError):  # an extension built before the packed kernel
         return None
 
@@ -186,6 +189,7 @@ def _weight_key(weight: torch.Tensor):
 
 
 def _packed_for(module, weight: torch.Tensor, pack) -> torch.Tensor:
+    """``pack(weight)``, cached per module (fp32 layers; int8 packs are cached by the op)."""
     key = _weight_key(weight)
     with _lock:
         hit = _packs.get(module)
@@ -205,7 +209,7 @@ def _wrapped(module):
         ops = int8_ops()
         if ops is not None:
             pack, matmul = ops
-            return PackedInt8Linear(module, _packed_for(module, module.weight_int8, pack), matmul)
+            return PackedInt8Linear(module, pack(module.weight_int8), matmul)
     return None
 
 
@@ -241,3 +245,9 @@ def release(model) -> None:
     with _lock:
         for module in model.modules():
             _packs.pop(module, None)
+    int8 = [m for m in model.modules() if _is_int8(m)]
+    if int8:
+        from gptfast.ops.int8_linear import drop_cpu_packed_weight
+
+        for module in int8:
+            drop_cpu_packed_weight(module.weight_int8)

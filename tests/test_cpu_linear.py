@@ -200,8 +200,11 @@ def test_int8_layers_are_packed_and_put_back():
         head = model.lm_head
         assert head.packed.shape == (2, 32, 64) and head.weight_int8 is layers[-1].weight_int8
     assert not packed_int8_modules(model) and [m for m in model.modules() if isinstance(m, Int8Linear)] == layers
+    op_cache = importlib.import_module("gptfast.ops.int8_linear")._cpu_packs
+    assert all(m.weight_int8 in op_cache for m in layers)  # one cache with the op's own calls
     cpu_linear.release(model)
     assert not any(m in cpu_linear._packs for m in model.modules())
+    assert not any(m.weight_int8 in op_cache for m in layers)
 
 
 @needs_int8_packing

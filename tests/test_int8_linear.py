@@ -142,6 +142,22 @@ def test_packed_kernel_equals_the_op_kernel_bit_for_bit():
 
 
 @needs_cpu_kernel
+def test_op_packs_a_weight_once_and_again_when_it_changes(monkeypatch):
+    op_module = importlib.import_module("gptfast.ops.int8_linear")
+    monkeypatch.setattr(op_module, "use_triton", lambda t: False)
+    x, q, scale, bias = make(2, 40, 70, torch.float32, device="cpu")
+    first = op_module.cpu_packed_weight(q)
+    int8_linear(x, q, scale, bias)
+    assert op_module.cpu_packed_weight(q) is first  # cached: the op call reused it
+    q.neg_()  # in place: a new version
+    out = int8_linear(x, q, scale, bias)
+    assert op_module.cpu_packed_weight(q) is not first
+    assert_error_ratio(out, _int8_linear_torch(x, q, scale, bias), exact(x, q, scale, bias), what="after an update")
+    op_module.drop_cpu_packed_weight(q)
+    assert q not in op_module._cpu_packs
+
+
+@needs_cpu_kernel
 def test_packed_kernel_rejects_mismatched_operands():
     pack, matmul = packed_ops()
     x, q, scale, b = make(2, 70, 130, torch.float32, device="cpu")
@@ -169,10 +185,10 @@ def test_cpu_kernel_rejects_unsupported_isa():
 def test_op_takes_cpu_kernel_without_interpreter(monkeypatch):
     x, q, scale, bias = make(3, 100, 40, torch.float32, device="cpu")
     calls = []
-    real = cpu_kernel()
     op_module = importlib.import_module("gptfast.ops.int8_linear")
     monkeypatch.setattr(op_module, "use_triton", lambda t: False)  # as on a CPU without TRITON_INTERPRET
-    monkeypatch.setattr(op_module, "_cpu_kernel", [lambda *a: calls.append(1) or real(*a)])
+    real = op_module._cpu_int8_linear
+    monkeypatch.setattr(op_module, "_cpu_int8_linear", lambda *a: calls.append(1) or real(*a))
     out = int8_linear(x.t().contiguous().t(), q, scale, bias)  # non-contiguous in
     assert calls == [1]
     assert_error_ratio(out, _int8_linear_torch(x, q, scale, bias), exact(x, q, scale, bias), what="op via C++")
