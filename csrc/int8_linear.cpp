@@ -33,7 +33,8 @@
 // Row tiles are as few as fit the register budget and as equal in size as can be.
 //
 // Work split: at::parallel_for over blocks; each thread takes one contiguous range of
-// blocks. The instruction set is chosen at run time (__builtin_cpu_supports): AVX-512F,
+// blocks and streams it. (ATen's parallel_for is inline OpenMP: it runs on one thread
+// unless the extension is compiled with -fopenmp, as gptfast.extension and setup.py do.) The instruction set is chosen at run time (__builtin_cpu_supports): AVX-512F,
 // else AVX2+FMA, else a scalar loop (the same template, one lane wide). The ops take an
 // `isa` argument (-1 = best available) so the tests can run every path this CPU supports
 // against the twin.
@@ -157,7 +158,8 @@ inline void tile(const float* x, int64_t ldx, const void* w, int64_t kc, float* 
   for (int64_t c0 = 0; c0 < kBlockN; c0 += kChunk) {
     Vec sum[MT][kVecs];
     for (int r = 0; r < MT; ++r)
-      for (int v = 0; v < kVecs; ++v) sum[r][v] = accumulate ? I::load(acc + r * kBlockN + c0 + v * I::kLanes) : I::zero();
+      for (int v = 0; v < kVecs; ++v)
+        sum[r][v] = accumulate ? I::load(acc + r * kBlockN + c0 + v * I::kLanes) : I::zero();
     for (int64_t kk = 0; kk < kc; ++kk) {
       Vec wv[kVecs];
       if constexpr (Int8) {
