@@ -4,11 +4,11 @@ The Triton kernels live in ``kernels/`` at the top of the repository and install
 ``gptfast.kernels`` (never as a top-level ``kernels`` module: ``kernels`` is another
 distribution's name, which is also why ``kernels/`` has no ``__init__.py``; see
 ``kernels/_registry.py``). The wheel carries the C++ sources as ``gptfast/csrc/`` for the
-JIT fallback (``gptfast.paths.source_dir``). The C++ sampling
+JIT fallback (``gptfast.source_dir``). The C++ sampling
 extension in ``csrc/`` is built here when torch is importable at build time
 (``pip install --no-build-isolation -e .``); otherwise gptfast JIT-builds it on first
 use, and falls back to its Python twin if no compiler is available.
-``python -m gptfast.extension`` checks afterwards that ``gptfast._C`` imports.
+``python -m gptfast.runtime.extension`` checks afterwards that ``gptfast._C`` imports.
 """
 import glob
 import os
@@ -29,8 +29,8 @@ if sources and os.environ.get("GPTFAST_NO_BUILD_EXT") != "1":
     except ImportError:  # torch not importable at build time: gptfast JIT-builds on first use
         pass
     else:
-        # gptfast.extension.EXTENSION_CFLAGS / _LDFLAGS (the JIT build's flags), kept identical
-        # by a test; -g0 comes after Python's own CFLAGS (-g) and wins over them.
+        # gptfast.runtime.extension.EXTENSION_CFLAGS / _LDFLAGS (the JIT build's flags), kept
+        # identical by a test; -g0 comes after Python's own CFLAGS (-g) and wins over them.
         ext_modules = [CppExtension("gptfast._C", sources,
                                     extra_compile_args=["-O3", "-std=c++17", "-fno-trapping-math", "-g0", "-fopenmp"],
                                     extra_link_args=["-fopenmp"])]

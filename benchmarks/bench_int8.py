@@ -30,24 +30,25 @@ import time
 import torch
 
 from gptfast.config import GPTConfig
-from gptfast.generation import generate
+from gptfast.generation.generate import generate
 from gptfast.model import GPT
-from gptfast.paths import cache_dir
+from gptfast.runtime.paths import cache_dir
 from gptfast.quantization import quantize
-from gptfast.sampling import SamplingParams
+from gptfast.generation.sampling_params import SamplingParams
 
 PROMPT_LEN = 16
 
 
 def trained_model(run_dir):
-    from gptfast.checkpoint import checkpoint_path, load_model_dir
+    from gptfast.checkpoints.loader import load_model_and_tokenizer
+    from gptfast.checkpoints.training_state import checkpoint_path
     from gptfast.training import TrainConfig, train
 
     if not checkpoint_path(run_dir).exists():
         print(f"training the tiny preset into {run_dir} ...", flush=True)
         train(TrainConfig.from_preset("tiny", out_dir=str(run_dir)))
-    model, tokenizer_path = load_model_dir(run_dir, backend="torch")
-    return model.eval(), tokenizer_path
+    loaded = load_model_and_tokenizer(run_dir, backend="torch")
+    return loaded.model.eval(), loaded.tokenizer_path
 
 
 def greedy(model, prompts, new_tokens):
@@ -56,7 +57,7 @@ def greedy(model, prompts, new_tokens):
 
 
 def accuracy(args):
-    from gptfast.data import load_dataset
+    from gptfast.training.data import load_dataset
     from gptfast.tokenizer import load_tokenizer
     from gptfast.training import evaluate
 

@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from gptfast import cpu_linear
+from gptfast.generation import cpu_linear
 from gptfast.bench.harness import host_timed_ms
 
 CONFIGS = {  # GPT-2's vocabulary unless said otherwise
@@ -96,8 +96,8 @@ def interleaved_runs(fns, device, repeats):
 
 
 def measure_end_to_end(hf, ours, batch, prompt_len, new_tokens, device, repeats):
-    from gptfast.generation import generate
-    from gptfast.sampling import SamplingParams
+    from gptfast.generation.generate import generate
+    from gptfast.generation.sampling_params import SamplingParams
 
     torch.manual_seed(1)
     prompts = torch.randint(0, ours.config.vocab_size, (batch, prompt_len))
@@ -134,9 +134,9 @@ def measure_end_to_end(hf, ours, batch, prompt_len, new_tokens, device, repeats)
 
 def measure_stub_overhead(batch, new_tokens, device, sampled, repeats):
     """Per-token loop cost with a stub model step that returns fixed logits: {engine: µs}."""
-    from gptfast.engines import get_engine
-    from gptfast.sampling import SamplingParams, build_sampling_tensors, new_decode_state, resolve_seeds
-    from gptfast.streaming import HostRows
+    from gptfast.generation.engines import get_engine
+    from gptfast.generation.sampling_params import SamplingParams, build_sampling_tensors, new_decode_state, resolve_seeds
+    from gptfast.generation.streaming import HostRows
 
     kwargs = dict(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1) if sampled else dict(temperature=0.0)
     params = [SamplingParams(max_new_tokens=new_tokens, seed=row, **kwargs) for row in range(batch)]
@@ -188,8 +188,8 @@ def compile_baseline(ours, prompt_len, new_tokens, device):
 
 
 def count_syncs(ours, prompt_len, new_tokens, device):
-    from gptfast.generation import generate
-    from gptfast.sampling import SamplingParams
+    from gptfast.generation.generate import generate
+    from gptfast.generation.sampling_params import SamplingParams
 
     prompt = torch.randint(0, VOCAB, (1, prompt_len)).tolist()
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
@@ -217,7 +217,7 @@ def main(argv=None):
 
     import transformers
 
-    from gptfast.extension import extension_status
+    from gptfast.runtime.extension import extension_status
 
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {platform.platform()}  "
           f"{torch.get_num_threads()} threads  torch {torch.__version__}  transformers {transformers.__version__}")

@@ -27,10 +27,10 @@ import time
 
 import torch
 
-from gptfast.evaluation import evaluate
-from gptfast.generation import generate
-from gptfast.paths import cache_dir
-from gptfast.sampling import SamplingParams
+from gptfast.training.evaluation import evaluate
+from gptfast.generation.generate import generate
+from gptfast.runtime.paths import cache_dir
+from gptfast.generation.sampling_params import SamplingParams
 
 PROMPT_LEN = 16
 CORPUS_BYTES = 2_000_000  # the tiny preset's corpus: prompts and perplexities come from its validation split
@@ -43,8 +43,8 @@ def trained(name, overrides, threads: int = 1):
     """The model trained into cache_dir()/name (trained there first if absent, on
     ``threads`` torch threads: on the shared 2-core VM a second thread mostly waits for a
     core another job holds)."""
-    from gptfast.checkpoint import checkpoint_path
-    from gptfast.loading import load_model_and_tokenizer
+    from gptfast.checkpoints.training_state import checkpoint_path
+    from gptfast.checkpoints.loader import load_model_and_tokenizer
     from gptfast.training import TrainConfig, train
 
     run_dir = os.path.join(cache_dir(), name)
@@ -66,8 +66,8 @@ def trained(name, overrides, threads: int = 1):
 
 
 def validation_data(tokenizer_path):
-    """The training corpus's train/validation splits (gptfast.data.Dataset)."""
-    from gptfast.data import load_dataset
+    """The training corpus's train/validation splits (gptfast.training.data.Dataset)."""
+    from gptfast.training.data import load_dataset
     from gptfast.tokenizer import load_tokenizer
 
     return load_dataset(None, load_tokenizer(tokenizer_path), corpus_max_bytes=CORPUS_BYTES, progress=False)

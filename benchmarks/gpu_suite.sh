@@ -25,7 +25,7 @@
 #   decode      decode attention over a KV cache
 #   layernorm   layernorm fwd/bwd vs F.layer_norm
 #   e2e_decode  GPT-2 124M decode, batch 1 and 8          (gptfast bench --suite e2e)
-#   train       GPT-2 124M training step, MFU: fused, torch eager, torch.compile
+#   train       GPT-2 124M training step, MFU, peak memory: fused and torch backends, eager and compiled
 #   hf          HF transformers GPT-2 with gptfast        (gptfast bench --suite hf --quick)
 #   overhead    host microseconds per eager call           (gptfast bench --suite overhead;
 #               "not available" where that suite is absent)

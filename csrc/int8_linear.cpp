@@ -34,8 +34,9 @@
 //
 // Work split: at::parallel_for over blocks; each thread takes one contiguous range of
 // blocks and streams it. (ATen's parallel_for is inline OpenMP: it runs on one thread
-// unless the extension is compiled with -fopenmp, as gptfast.extension and setup.py do.) The instruction set is chosen at run time (__builtin_cpu_supports): AVX-512F,
-// else AVX2+FMA, else a scalar loop (the same template, one lane wide). The ops take an
+// unless the extension is compiled with -fopenmp, as gptfast.runtime.extension and
+// setup.py do.) The instruction set is chosen at run time (__builtin_cpu_supports):
+// AVX-512F, else AVX2+FMA, else a scalar loop (the same template, one lane wide). The ops take an
 // `isa` argument (-1 = best available) so the tests can run every path this CPU supports
 // against the twin.
 //
@@ -46,7 +47,7 @@
 //   int8_linear(x, w, scale, bias, isa)          packs w for this one call, then as above
 //   int8_linear_best_isa()
 // gptfast.ops.int8_linear is the public face of int8_linear (validation, dispatch);
-// gptfast.cpu_linear packs each layer once for generation and calls int8_linear_packed.
+// gptfast.generation.cpu_linear calls int8_linear_packed straight for generation.
 // The kernels assume what those callers check: x (M, K) fp32 contiguous, scale (N,) fp32,
 // bias (N,) fp32 or absent; the shapes are checked here too.
 #include <torch/library.h>

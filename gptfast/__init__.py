@@ -3,9 +3,33 @@ pure-PyTorch reference twins that verify them."""
 import importlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
+from pathlib import Path
+from typing import Optional
 
 __version__ = "0.1.0"
+
+
+def checkout_root() -> Optional[Path]:
+    """The repository root when this gptfast is a source checkout's, else None. A checkout
+    is recognised by ``setup.py`` and ``kernels/_registry.py`` beside the package, never by
+    the bare directory name: an installed gptfast's parent is site-packages, where
+    ``kernels`` is another distribution."""
+    root = Path(os.path.abspath(__file__)).parent.parent
+    if (root / "setup.py").is_file() and (root / "kernels" / "_registry.py").is_file():
+        return root
+    return None
+
+
+def source_dir(name: str) -> Path:
+    """``kernels`` or ``csrc`` of this gptfast: beside the package in a checkout, inside it
+    in an installed wheel (setup.py's ``package_dir``; the path may not exist, e.g. csrc/ of
+    a wheel built without it)."""
+    if name not in ("kernels", "csrc"):
+        raise ValueError(f"source_dir: name must be 'kernels' or 'csrc', got {name!r}")
+    root = checkout_root()
+    return root / name if root is not None else Path(os.path.abspath(__file__)).parent / name
 
 
 def _mount_kernels() -> None:
@@ -13,7 +37,7 @@ def _mount_kernels() -> None:
 
     The directory is ``kernels/`` at the repository root in a source checkout (run from
     the tree, or an editable install) and ``gptfast/kernels/`` in a built wheel
-    (setup.py's ``package_dir``); ``gptfast.paths.source_dir`` picks it. It has no
+    (setup.py's ``package_dir``); ``source_dir`` picks it. It has no
     ``__init__.py``, so that a checkout's ``kernels/`` on ``sys.path`` is a namespace
     portion and never shadows an installed distribution named ``kernels`` (see
     ``kernels/_registry.py``); the package spec is built here instead. The checkout's own
@@ -23,9 +47,7 @@ def _mount_kernels() -> None:
     """
     if "gptfast.kernels" in sys.modules:
         return
-    from gptfast import paths
-
-    kernel_dir = paths.source_dir("kernels")
+    kernel_dir = source_dir("kernels")
     if not (kernel_dir / "_registry.py").is_file():
         return
     spec = importlib.machinery.ModuleSpec("gptfast.kernels", None, is_package=True)
@@ -42,9 +64,9 @@ _mount_kernels()
 _LAZY = {
     "GPT": "gptfast.model",
     "GPTConfig": "gptfast.config",
-    "KVCache": "gptfast.model",
-    "SamplingParams": "gptfast.sampling",
-    "generate": "gptfast.generation",
+    "KVCache": "gptfast.kv_cache",
+    "SamplingParams": "gptfast.generation.sampling_params",
+    "generate": "gptfast.generation.generate",
     "load_tokenizer": "gptfast.tokenizer",
     "quantize": "gptfast.quantization",
 }

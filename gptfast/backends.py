@@ -10,16 +10,19 @@ A backend is a module with the same four functions (``layer_norm``, ``causal_att
 
 Choose per model (``GPT(config, backend=...)``, ``model.set_backend``) or through the
 ``GPTFAST_BACKEND`` environment variable; the default is ``fused`` on CUDA and ``torch``
-on CPU.
+on CPU. A model holds one ``Backend`` that every layer reads, so switching it switches
+the whole model in place.
 """
-import importlib
 import os
 from types import ModuleType
 
 import torch
 
-BACKENDS = ("reference", "torch", "fused")
-MODULES = {"reference": "gptfast.reference", "torch": "gptfast.ops.torch_path", "fused": "gptfast.ops"}
+from gptfast import ops, reference
+from gptfast.ops import torch_path
+
+MODULES = {"reference": reference, "torch": torch_path, "fused": ops}
+BACKENDS = tuple(MODULES)
 ENV_VAR = "GPTFAST_BACKEND"
 
 
@@ -33,4 +36,22 @@ def resolve_backend(name=None) -> str:
 
 def backend_module(name=None) -> ModuleType:
     """The module of backend ``name`` (resolved as ``resolve_backend`` does)."""
-    return importlib.import_module(MODULES[resolve_backend(name)])
+    return MODULES[resolve_backend(name)]
+
+
+class Backend:
+    """The backend a model's modules share: one per model, handed to every layer it
+    builds and switched in place by ``set``. ``ops`` is the backend's module."""
+
+    def __init__(self, name=None):
+        self.set(name)
+
+    def set(self, name=None) -> None:
+        self.name = resolve_backend(name)
+        self.ops = backend_module(self.name)
+
+    def __getstate__(self):  # modules do not pickle: keep the name, look the module up again
+        return {"name": self.name}
+
+    def __setstate__(self, state):
+        self.set(state["name"])

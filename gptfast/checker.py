@@ -18,7 +18,7 @@ the ones lost. The op list is ``gptfast.ops.registry`` (each op's implementation
 its error-ratio tolerance); this module holds the grid of shapes for each.
 
 A CUDA error that breaks the context (an illegal address, say) stops the run at that
-case, with a line naming it (``gptfast.bench.cuda_errors``): every later case in the
+case, with a line naming it (``gptfast.runtime.cuda_errors``): every later case in the
 same process would fail with the same message.
 
 On a machine without CUDA the ops run through the Triton interpreter (``TRITON_INTERPRET=1``
@@ -31,8 +31,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from gptfast.bench.cuda_errors import STOPPED, is_cuda_error, short_error, stop_message
-from gptfast.bench.results import dtype_name
+from gptfast.runtime.cuda_errors import STOPPED, is_cuda_error, short_error, stop_message
+from gptfast.runtime.devices import dtype_name
 from gptfast.ops import registry
 from gptfast.testing import error_ratio, max_abs_error, randn
 
@@ -598,10 +598,11 @@ def check_sampler(device, new_tokens: int = 12) -> List[CheckResult]:
     """Generate with the C++ loop and with the Python twin loop on a tiny random model:
     every row must get identical tokens. Skipped (not failed) when the extension cannot
     be loaded here: gptfast then generates with the twin itself."""
-    import gptfast
+    from gptfast.generation.generate import generate
+    from gptfast.generation.sampling_params import SamplingParams
     from gptfast.config import GPTConfig
     from gptfast.model import GPT
-    from gptfast.extension import extension_status, load_extension
+    from gptfast.runtime.extension import extension_status, load_extension
 
     device = torch.device(device)
     started = time.perf_counter()
@@ -612,10 +613,10 @@ def check_sampler(device, new_tokens: int = 12) -> List[CheckResult]:
     model = GPT(GPTConfig.from_preset("tiny"), backend="torch").to(device).eval()
     results = []
     for name, mix in SAMPLER_MIXES.items():
-        params = [gptfast.SamplingParams(max_new_tokens=new_tokens, **p) for p in mix]
+        params = [SamplingParams(max_new_tokens=new_tokens, **p) for p in mix]
         prompts = [[(7 * row + 3 * i) % 256 for i in range(4 + row)] for row in range(len(mix))]
-        cpp = gptfast.generate(model, prompts, params, engine="cpp")
-        twin = gptfast.generate(model, prompts, params, engine="python")
+        cpp = generate(model, prompts, params, engine="cpp")
+        twin = generate(model, prompts, params, engine="python")
         same = sum(a.token_ids == b.token_ids for a, b in zip(cpp, twin))
         detail = f"{same}/{len(mix)} rows identical"
         results.append(CheckResult("sampler", name, f"B={len(mix)}, {new_tokens} tokens", "float32", "tokens", "cpp",

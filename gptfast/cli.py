@@ -1,18 +1,21 @@
 """The ``gptfast`` command line. Each verb lives in ``gptfast/commands/<verb>.py``, which
 exposes ``register(subparsers)`` and ``run(args) -> int``."""
 import argparse
-import importlib
 import sys
 
-COMMAND_MODULES = ("info", "generate", "bench", "check", "profile", "demo", "train", "eval", "quantize")
+from gptfast.commands import bench, check, demo, generate, info, profile, quantize, train
+from gptfast.commands import eval as eval_command
+
+# The verbs in the order `gptfast --help` lists them.
+COMMANDS = (info, generate, bench, check, profile, demo, train, eval_command, quantize)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptfast", description="gptfast: a fast GPT-2-family engine")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"gptfast.commands.{name}").register(subparsers)
+    for command in COMMANDS:
+        command.register(subparsers)
     return parser
 
 

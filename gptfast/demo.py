@@ -181,7 +181,7 @@ def train_model(device: torch.device, plan: DemoPlan, out_dir: str, log=print) -
 
 def generate_sample(model, tokenizer, plan: DemoPlan, prompt: str = "def ") -> str:
     import gptfast
-    from gptfast.extension import extension_status
+    from gptfast.runtime.extension import extension_status
 
     room = model.config.block_size - len(tokenizer.encode(prompt))  # the sample must fit the context
     params = gptfast.SamplingParams(max_new_tokens=min(plan.sample_tokens, room), temperature=0.8, top_k=40, seed=0)
@@ -210,7 +210,7 @@ def _generation(model, engine, new_tokens, device):
 
     params = gptfast.SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.0)
     if engine == "cpp":
-        from gptfast.extension import load_extension
+        from gptfast.runtime.extension import load_extension
 
         if load_extension() is None:
             from gptfast.bench.runner import SkipCase

@@ -1,7 +1,8 @@
 """The GPT-2 model: a thin composition of ops, in the spirit of nanoGPT.
 
 Parameter names follow Hugging Face's GPT2LMHeadModel (``transformer.h.0.attn.c_attn``
-…), so checkpoints map one to one (Conv1D weights transposed; see gptfast.hf).
+…), so checkpoints map one to one (Conv1D weights transposed; see
+gptfast.checkpoints.hf_gpt2, which ``from_pretrained`` / ``save_pretrained`` call).
 
 The residual stream uses layernorm's fused residual-add: each block receives the
 stream ``h`` and the previous sublayer's output ``delta`` and computes
@@ -11,17 +12,15 @@ That is GPT-2's pre-LN block, reordered so every add rides along with a norm.
 Generation runs over a static KV cache allocated once (``setup_cache``): a forward with
 ``input_pos`` of shape (T,) is a prefill of positions p..p+T-1 for every row; one with
 shape (B, 1) is a decode step, one position per row, and (B, T) a speculative verify step
-(each row's own T consecutive positions: one ``causal_attention(..., q_positions=input_pos)``
-call over each row's cache). Attention reads top-down: project, write the cache
-(``KVCache.write_prefill`` / ``write_decode`` / ``write_rows``), attend, project. Neither
-step reads a position on the host: a prefill attends over the whole cache with each
-query masked at its position (``causal_attention(..., q_positions=input_pos)``), so
-prefill and decode steps compile with ``torch.compile(fullgraph=True)`` and the CUDA
-steps never wait on the device. The backend (gptfast.backends) is one ``Backend`` object
-per model, which every layer reads.
+(each row's own T consecutive positions). Attention reads top-down: project, write the
+cache, attend, project. No step reads a position on the host (a prefill attends over the
+whole cache with each query masked at its position), so the steps compile with
+``torch.compile(fullgraph=True)`` and the CUDA steps never wait on the device. Values
+(token ids, targets, positions) are checked only where that is free: CPU tensors outside
+``torch.compile`` (``gptfast.ops._validation.host_readable``); shapes always.
 
-The model imports nothing above it: generation lives in ``gptfast.generate`` and CPU
-weight packing in ``gptfast.cpu_linear``.
+The backend (gptfast.backends) is one ``Backend`` object per model, which every layer
+reads. The model imports nothing above it: generation lives in ``gptfast.generate``.
 """
 import math
 import warnings
@@ -30,45 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptfast.backends import backend_module, resolve_backend
+from gptfast.backends import Backend
+from gptfast.checkpoints import hf_gpt2
 from gptfast.config import GPTConfig
+from gptfast.kv_cache import KVCache
+from gptfast.ops._validation import check_ids, describe, host_readable
 
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss
-
-
-def _host_checks(t: torch.Tensor) -> bool:
-    """Whether value checks on ``t`` run: only where reading it costs no device sync and
-    no graph break, i.e. a CPU tensor outside ``torch.compile``. On CUDA a check would
-    block the host on every step (and cannot run inside a captured graph), so out-of-range
-    ids or positions there meet torch's device-side assert; gptfast.generate validates
-    prompt ids and bounds positions on the host before they reach the device.
-
-    How "no sync on the CUDA steps" is checked: every value read in the forward (token
-    ids, targets, positions, logits_index, the all-ignored loss warning) goes through this
-    gate, and nothing else reads a tensor on the host (the cache writes index with the
-    position tensor; the prefill start is never read). tests/test_model_compile.py
-    compiles the prefill and decode steps with fullgraph=True, which fails on any host
-    read of a tensor value (a graph break), for the torch and fused backends."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-class Backend:
-    """The backend a model's modules share: one per model, made by ``GPT`` and handed to
-    every layer it builds, switched in place by ``GPT.set_backend``. ``ops`` is the
-    backend's module (see gptfast.backends)."""
-
-    def __init__(self, name=None):
-        self.set(name)
-
-    def set(self, name=None) -> None:
-        self.name = resolve_backend(name)
-        self.ops = backend_module(self.name)
-
-    def __getstate__(self):  # modules do not pickle: keep the name, look the module up again
-        return {"name": self.name}
-
-    def __setstate__(self, state):
-        self.set(state["name"])
 
 
 class LayerNorm(nn.Module):
@@ -88,67 +55,6 @@ class LayerNorm(nn.Module):
             # the type promotion of `x + residual` would.
             x = x.to(residual.dtype)
         return self._backend.ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
-
-
-class KVCache(nn.Module):
-    """Keys and values of one attention layer, (max_batch, n_head, max_seq_len, head_dim) each,
-    and the two ways they are written. Writes index the cache with the position tensor on
-    its device (never a host int), so a step that writes it compiles and captures whole.
-
-    ``rows_prefilled`` (a host int, no device read) counts the rows a prefill has written:
-    a decode step of more rows would attend to positions nothing wrote.
-    """
-
-    def __init__(self, max_batch, n_head, max_seq_len, head_dim, device=None, dtype=None):
-        super().__init__()
-        shape = (max_batch, n_head, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.rows_prefilled = 0
-
-    @property
-    def max_batch(self) -> int:
-        return self.k.shape[0]
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.k.shape[2]
-
-    def write_prefill(self, input_pos, k, v):
-        """Write ``k``, ``v`` (B, H, T, D) at positions ``input_pos`` (T,) of rows 0..B-1;
-        return those rows' whole caches (B, H, S, D) for attention."""
-        batch, index = k.shape[0], input_pos.long()
-        keys, values = self.k[:batch], self.v[:batch]
-        keys.index_copy_(2, index, k)
-        values.index_copy_(2, index, v)
-        self.rows_prefilled = max(self.rows_prefilled, batch)
-        return keys, values
-
-    def write_decode(self, input_pos, k, v):
-        """Write one token's ``k``, ``v`` (B, H, 1, D) per row at that row's position
-        ``input_pos`` (B, 1); return the rows' caches (B, H, S, D) for attention."""
-        batch = k.shape[0]
-        if batch > self.rows_prefilled:
-            raise RuntimeError(
-                f"decode step of {batch} rows, but a prefill wrote only {self.rows_prefilled} rows of the KV cache: "
-                "prefill each row's prompt first (model(idx, input_pos=torch.arange(T)))"
-            )
-        rows, pos = torch.arange(batch, device=k.device), input_pos[:, 0]
-        self.k[rows, :, pos] = k[:, :, 0]
-        self.v[rows, :, pos] = v[:, :, 0]
-        return self.k[:batch], self.v[:batch]
-
-    def write_rows(self, input_pos, k, v):
-        """Write T tokens' ``k``, ``v`` (B, H, T, D) per row at that row's positions
-        ``input_pos`` (B, T) (a speculative verify step); return the rows' caches."""
-        batch = k.shape[0]
-        if batch > self.rows_prefilled:
-            raise RuntimeError(f"verify step of {batch} rows, but a prefill wrote only {self.rows_prefilled} rows "
-                               "of the KV cache: prefill each row's prompt first")
-        rows = torch.arange(batch, device=k.device)[:, None]
-        self.k[rows, :, input_pos] = k.transpose(1, 2)
-        self.v[rows, :, input_pos] = v.transpose(1, 2)
-        return self.k[:batch], self.v[:batch]
 
 
 class CausalSelfAttention(nn.Module):
@@ -176,12 +82,12 @@ class CausalSelfAttention(nn.Module):
         elif input_pos.dim() == 1:  # prefill: the whole cache, each query seeing up to its position
             keys, values = self.kv_cache.write_prefill(input_pos, k, v)
             y = ops.causal_attention(q, keys, values, q_positions=input_pos)
-        elif T == 1:  # decode: one new token per row, at that row's own position
-            keys, values = self.kv_cache.write_decode(input_pos, k, v)
-            y = ops.decode_attention(q[:, :, 0], keys, values, input_pos[:, 0] + 1).unsqueeze(2)
-        else:  # verify: T tokens per row at its own positions, one attention call over each row's cache
+        else:  # decode (T = 1) or verify (T > 1): each row's tokens at its own positions
             keys, values = self.kv_cache.write_rows(input_pos, k, v)
-            y = ops.causal_attention(q, keys, values, q_positions=input_pos)
+            if T == 1:
+                y = ops.decode_attention(q[:, :, 0], keys, values, input_pos[:, 0] + 1).unsqueeze(2)
+            else:  # one attention call over each row's cache
+                y = ops.causal_attention(q, keys, values, q_positions=input_pos)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -308,8 +214,12 @@ class GPT(nn.Module):
 
     # ---- forward -----------------------------------------------------------------
 
-    def forward(self, idx, targets=None, input_pos=None, logits_index=None):
+    def forward(self, idx, targets=None, input_pos=None, logits_index=None, return_logits=True):
         """Logits (B, T, vocab), or ``(logits, loss)`` when ``targets`` (B, T) is given.
+
+        ``return_logits=False`` (with ``targets``; training and evaluation pass it) returns
+        ``(None, loss)``: head and loss are one op, the backend's ``linear_cross_entropy``,
+        which in the fused backend never holds all the logits. The loss is the same.
 
         ``input_pos`` (needs ``setup_cache``): shape (T,) prefills positions p..p+T-1 of
         rows 0..B-1; shape (B, 1) decodes one token per row at that row's position; shape
@@ -330,6 +240,8 @@ class GPT(nn.Module):
         B, T = self._check_inputs(idx, input_pos, logits_index)
         if targets is not None:
             self._check_targets(idx, targets, logits_index)
+        elif not return_logits:
+            raise ValueError("return_logits=False returns only the loss: it needs targets")
         pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos
         if self.config.pos_embedding == "learned":
             pos_emb = self.transformer.wpe(pos)
@@ -343,6 +255,9 @@ class GPT(nn.Module):
             rows = torch.arange(B, device=idx.device)
             h, delta = h[rows, logits_index].unsqueeze(1), delta[rows, logits_index].unsqueeze(1)
         x, _ = self.transformer.ln_f(delta, residual=h)
+        if not return_logits:  # the training step: the head inside the loss, no logits held
+            _warn_if_nothing_counted(targets)
+            return None, self._backend.ops.linear_cross_entropy(x, self.lm_head.weight, targets, IGNORE_INDEX)
         logits = self.lm_head(x)
         if targets is None:
             return logits
@@ -351,44 +266,36 @@ class GPT(nn.Module):
     def _check_inputs(self, idx, input_pos, logits_index):
         """Validate idx, input_pos and logits_index (see forward); return B and T."""
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
-            raise ValueError(f"idx must be a (batch, time) tensor of token ids, got {_describe(idx)}")
+            raise ValueError(f"idx must be a (batch, time) tensor of token ids, got {describe(idx)}")
         if idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"idx must hold integer token ids, got {idx.dtype}")
         B, T = idx.shape
         if T < 1 or B < 1:
             raise ValueError(f"idx must not be empty, got shape {tuple(idx.shape)}")
-        if _host_checks(idx):
-            _check_ids("token id", idx, self.config.vocab_size)
+        check_ids("token id", idx, self.config.vocab_size)
         if logits_index is not None:
-            _check_logits_index(logits_index, B, T)
+            if not isinstance(logits_index, torch.Tensor) or logits_index.shape != (B,) \
+                    or logits_index.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"logits_index must be a ({B},) integer tensor, got {describe(logits_index)}")
+            if host_readable(logits_index) and bool(((logits_index < 0) | (logits_index >= T)).any()):
+                raise ValueError(f"logits_index {logits_index.tolist()} outside the sequence length {T}")
         if input_pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence length {T} exceeds the model's context of {self.config.block_size} tokens")
             return B, T
-        cache = self.kv_cache
-        if cache is None:
+        if self.kv_cache is None:
             raise RuntimeError("input_pos was given but no KV cache is set up: call model.setup_cache(max_batch, max_seq_len)")
-        if B > cache.max_batch:
-            raise ValueError(f"batch {B} is larger than the KV cache's max_batch {cache.max_batch}")
-        if not isinstance(input_pos, torch.Tensor) or input_pos.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_pos must be an integer tensor, got {_describe(input_pos)}")
-        if input_pos.device != idx.device:
-            raise ValueError(f"input_pos is on {input_pos.device} but idx is on {idx.device}")
-        if input_pos.dim() == 1:
-            _check_prefill_positions(input_pos, T, cache.max_seq_len)
-        else:
-            _check_row_positions(input_pos, idx, cache.max_seq_len)
+        self.kv_cache.check_step(idx, input_pos)
         return B, T
 
     def _check_targets(self, idx, targets, logits_index):
         if logits_index is not None:
             raise ValueError("logits_index computes one position per row: it cannot be combined with targets")
         if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"targets must be an integer tensor of token ids, got {_describe(targets)}")
+            raise TypeError(f"targets must be an integer tensor of token ids, got {describe(targets)}")
         if targets.shape != idx.shape:
             raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        if _host_checks(targets):
-            _check_ids("target", targets, self.config.vocab_size, ignore=IGNORE_INDEX)
+        check_ids("target", targets, self.config.vocab_size, ignore=IGNORE_INDEX)
 
     # ---- utilities ---------------------------------------------------------------
 
@@ -402,74 +309,21 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, backend=None, device=None, dtype=None) -> "GPT":
         """Load a local Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin)."""
-        from gptfast.hf import load_pretrained
-
-        return load_pretrained(cls, path, backend=backend, device=device, dtype=dtype)
+        model = cls(hf_gpt2.read_config(path), backend=backend)
+        model.load_state_dict(hf_gpt2.read_weights(path, model.state_dict()))
+        return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, path) -> None:
         """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` loads."""
-        from gptfast.hf import save_pretrained
-
-        save_pretrained(self, path)
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"{type(value).__name__} {value!r}"
+        table = self.pos_table if self.config.pos_embedding == "sinusoidal" else None
+        hf_gpt2.write(path, self.config, self.state_dict(), pos_table=table)
 
 
-def _check_ids(what: str, ids, vocab_size: int, ignore=None) -> None:
-    """Raise naming the first id outside [0, vocab_size) (``ignore`` allowed), its (row, position)."""
-    bad = (ids < 0) | (ids >= vocab_size)
-    if ignore is not None:
-        bad &= ids != ignore
-    if bool(bad.any()):
-        row, col = bad.nonzero()[0].tolist()
-        allowed = f" (or {ignore})" if ignore is not None else ""
-        raise ValueError(f"{what} {int(ids[row, col])} at row {row}, position {col} is outside the vocabulary: "
-                         f"ids must be in [0, {vocab_size}){allowed}")
-
-
-def _check_logits_index(logits_index, B: int, T: int) -> None:
-    if not isinstance(logits_index, torch.Tensor) or logits_index.shape != (B,) \
-            or logits_index.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"logits_index must be a ({B},) integer tensor, got {_describe(logits_index)}")
-    if _host_checks(logits_index) and bool(((logits_index < 0) | (logits_index >= T)).any()):
-        raise ValueError(f"logits_index {logits_index.tolist()} outside the sequence length {T}")
-
-
-def _check_prefill_positions(input_pos, T: int, limit: int) -> None:
-    """A prefill's positions: T consecutive ones p..p+T-1 inside the cache (values on CPU only)."""
-    if input_pos.shape != (T,):
-        raise ValueError(f"prefill input_pos must have shape ({T},) to match idx, got {tuple(input_pos.shape)}")
-    if T > limit:
-        raise ValueError(f"context overflow: a prefill of {T} positions does not fit the KV cache of {limit} positions")
-    if not _host_checks(input_pos):
-        return
-    start = int(input_pos[0])
-    if start < 0 or start + T > limit:
-        raise ValueError(f"context overflow: positions {start}..{start + T - 1} do not fit the KV cache of {limit} positions")
-    if not torch.equal(input_pos, torch.arange(start, start + T, dtype=input_pos.dtype)):
-        raise ValueError(f"prefill input_pos must be consecutive positions p, p+1, ..., p+T-1, got {input_pos.tolist()}")
-
-
-def _check_row_positions(input_pos, idx, limit: int) -> None:
-    """Per-row positions of a decode (B, 1) or verify (B, T) step: idx's shape, inside the
-    cache, consecutive within a row (values on CPU only: a CUDA step may run inside a
-    captured graph; the generation loop bounds positions)."""
-    if input_pos.dim() != 2 or input_pos.shape != idx.shape:
-        raise ValueError(
-            f"decode expects idx and input_pos of one shape (B, T) (T > 1: a verify step); got idx {tuple(idx.shape)}, "
-            f"input_pos {tuple(input_pos.shape)}"
-        )
-    if not _host_checks(input_pos):
-        return
-    if bool(((input_pos < 0) | (input_pos >= limit)).any()):
-        raise ValueError(f"context overflow: decode positions {input_pos.flatten().tolist()} outside the KV cache of "
-                         f"{limit} positions")
-    if input_pos.shape[1] > 1 and not bool((input_pos[:, 1:] - input_pos[:, :-1] == 1).all()):
-        raise ValueError(f"verify input_pos must hold consecutive positions per row, got {input_pos.tolist()}")
+def _warn_if_nothing_counted(targets):
+    """Warn (where reading targets is free: see host_readable) when every one is ignored."""
+    if host_readable(targets) and not bool((targets != IGNORE_INDEX).any()):
+        warnings.warn("every target is -100 (ignored): the loss is 0 and so is its gradient", RuntimeWarning,
+                      stacklevel=4)
 
 
 def _loss(logits, targets):
@@ -477,8 +331,6 @@ def _loss(logits, targets):
     (the sum over no targets divided by a count clamped to 1: no NaN and no host read)."""
     flat = targets.reshape(-1).long()
     counted = (flat != IGNORE_INDEX).sum()
-    if _host_checks(flat) and int(counted) == 0:
-        warnings.warn("every target is -100 (ignored): the loss is 0 and so is its gradient", RuntimeWarning,
-                      stacklevel=3)
+    _warn_if_nothing_counted(flat)
     total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), flat, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / counted.clamp(min=1)

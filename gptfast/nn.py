@@ -1,9 +1,13 @@
-"""``torch.nn`` modules backed by gptfast's fused ops."""
+"""``torch.nn`` modules backed by gptfast's fused ops: ``LayerNorm`` (a drop-in for
+``torch.nn.LayerNorm``) and ``Int8Linear`` (a weight-only int8 ``nn.Linear`` for inference;
+``gptfast.quantize`` puts it in a model), and ``replace_linears``, which swaps a model's
+linear layers."""
 import numbers
 
 import torch
 from torch import Tensor, nn
 
+from gptfast.ops.int8_linear import int8_linear, quantize_weight
 from gptfast.ops.layer_norm import layer_norm
 
 
@@ -45,12 +49,12 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor = None):
         dims = len(self.normalized_shape)
+        if dims == 1 and x.dim() >= 1 and x.shape[-1] == self.normalized_shape[0]:  # the common case, checked cheaply
+            return layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
         if x.dim() < dims or tuple(x.shape[x.dim() - dims:]) != self.normalized_shape:
             raise ValueError(
                 f"LayerNorm: input of shape {tuple(x.shape)} does not end in normalized_shape {self.normalized_shape}"
             )
-        if dims == 1:
-            return layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
         # Normalise the trailing dims as one flattened hidden dimension.
         if residual is not None and residual.shape != x.shape:
             raise ValueError(f"LayerNorm: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
@@ -67,3 +71,52 @@ class LayerNorm(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
                 f"bias={self.bias is not None}")
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with an int8 (out, in) weight and one scale per output channel.
+
+    Buffers ``weight_int8`` (int8), ``scale`` (float32 or the model's bfloat16) and
+    ``bias`` (or None). Forward runs ``gptfast.ops.int8_linear`` (inference-only).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scale_dtype=torch.float32,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, dtype=scale_dtype, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scale_dtype=None) -> "Int8Linear":
+        """Quantize ``linear`` (its weight is copied, not shared)."""
+        weight = linear.weight
+        scale_dtype = default_scale_dtype(weight.dtype) if scale_dtype is None else scale_dtype
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, scale_dtype=scale_dtype,
+                     dtype=weight.dtype, device=weight.device)
+        module.weight_int8, module.scale = quantize_weight(weight, scale_dtype)
+        if linear.bias is not None:
+            module.bias = linear.bias.detach().clone()
+        return module
+
+    def forward(self, x):
+        return int8_linear(x, self.weight_int8, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"scale_dtype={self.scale.dtype}")
+
+
+def default_scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """bfloat16 scales for a bfloat16 model, float32 otherwise."""
+    return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32
+
+
+def replace_linears(model: nn.Module, make) -> None:
+    """Replace every ``nn.Linear`` submodule of ``model`` (in module order) by ``make(linear)``."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(getattr(parent, child)))

@@ -239,9 +239,9 @@ def profile_steps(step: Callable[[], Optional[int]], *, what: str, device, out_d
 
 
 def build_model(device, *, model_dir=None, preset=None, dtype=None, backend=None):
-    """A local checkpoint (gptfast.loading), or a randomly initialised preset (gpt2 in bf16
+    """A local checkpoint (gptfast.checkpoints.loader), or a randomly initialised preset (gpt2 in bf16
     on CUDA, tiny in fp32 on the CPU)."""
-    from gptfast.loading import load_model_and_tokenizer
+    from gptfast.checkpoints.loader import load_model_and_tokenizer
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -252,17 +252,18 @@ def build_model(device, *, model_dir=None, preset=None, dtype=None, backend=None
 def generation_step(model, batch: int, prompt_len: int, new_tokens: int):
     """A callable that generates ``new_tokens`` greedy tokens for ``batch`` random prompts and
     returns how many tokens it generated, with the C++ loop (``gptfast.generate``)."""
-    import gptfast
+    from gptfast.generation.generate import generate
+    from gptfast.generation.sampling_params import SamplingParams
 
     if prompt_len + new_tokens > model.config.block_size:
         raise ValueError(f"prompt ({prompt_len}) + new tokens ({new_tokens}) exceed the model's context "
                          f"({model.config.block_size})")
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()
-    params = gptfast.SamplingParams(temperature=0.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
     def step() -> int:
-        gptfast.generate(model, prompts, params)
+        generate(model, prompts, params)
         return batch * new_tokens
 
     return step

@@ -10,6 +10,9 @@ launch-config type and the builder of static compile entries.
   the tests fill them with NaN (``gptfast.testing.poisoned_kernel_outputs``), so a finite
   result proves every element was written.
 * ``device_guard``: launches on a tensor's own CUDA device.
+* ``launch(fn, grid, *args, **kwargs)``: what ``fn[grid](*args, **kwargs)`` does, with a
+  fast path for a specialisation already compiled (see ``launch``); ``launches_skipped()``
+  turns every launch into a no-op (the overhead benchmark's "dispatch only" rows).
 * ``LaunchConfig``: tile sizes, warps and pipeline stages of one kernel launch, the one
   shape of every shipped, candidate and tuned configuration.
 * ``static_entry`` / ``ast_source``: the entries of a kernel module's
@@ -20,7 +23,7 @@ launch-config type and the builder of static compile entries.
 import contextlib
 import dataclasses
 import functools
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import triton
@@ -52,14 +55,166 @@ def sm_count(device: torch.device) -> int:
     return _cuda_sm_count(cuda_index(device)) if device.type == "cuda" else DEFAULT_NUM_SMS
 
 
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for host ints, without the cost of calling a triton constexpr function."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` for host ints >= 0, as cheap as plain Python."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def padded_head_dim(head_dim: int) -> int:
     """BLOCK_D: the next power of two >= max(head_dim, 16) (tl.dot needs K >= 16)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
+
+
+_NULL_GUARD = contextlib.nullcontext()
 
 
 def device_guard(device: torch.device):
-    """Launch on ``device`` (a no-op off CUDA)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """Launch on ``device`` (a no-op off CUDA, and when ``device`` is already current:
+    entering ``torch.cuda.device`` costs microseconds a call)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _NULL_GUARD
+    return torch.cuda.device(device)
+
+
+# --------------------------------------------------------------------------------------
+# Launching
+# --------------------------------------------------------------------------------------
+# ``fn[grid](*args)`` costs tens of microseconds of host time per call in triton 3.6
+# (JITFunction.run: option parsing and knob reads, binding every argument, the
+# specialisation's cache key, the check of used globals, launch metadata), several times
+# a torch op. Once a specialisation is compiled, a launch only needs the CompiledKernel's
+# launcher with the grid, the stream and the arguments. ``launch`` keeps that handle per
+# (kernel, specialisation key) and calls it directly.
+#
+# The key must separate every pair of calls Triton would compile differently, or a kernel
+# compiled for one specialisation runs on arguments of another (wrong results). Triton
+# 3.6 specialises (``native_specialize_impl``, checked by tests/test_overhead.py against
+# triton's own binder):
+#   * a tensor by its dtype and whether its data pointer is 16-byte aligned;
+#   * None as a constexpr;
+#   * a bool as ``u1`` (no value);
+#   * an int by its type (i32 when it fits, else i64, else u64), whether it is 1 (then a
+#     constexpr) and whether it is a multiple of 16;
+#   * a float as fp32 (no value);
+#   * constexprs and options (num_warps, num_stages ...) by value.
+# ``_arg_key`` below takes exactly those facts (a finer key only costs an extra miss,
+# which goes through ``fn.run`` and finds Triton's own cached kernel). The key also holds
+# the current CUDA device (Triton compiles per device). Whatever the fast path cannot
+# honour goes through ``fn.run``: the interpreter, a launch-enter hook (profilers), an
+# argument of another type.
+
+_skip_launches = False
+_I32_MIN, _I32_MAX, _I64_MIN, _I64_MAX = -2**31, 2**31 - 1, -2**63, 2**63 - 1
+
+
+@contextlib.contextmanager
+def launches_skipped():
+    """Every ``launch`` inside returns without launching (outputs stay unwritten): the
+    overhead benchmark times the layers above the kernel this way on a CPU."""
+    global _skip_launches
+    previous, _skip_launches = _skip_launches, True
+    try:
+        yield
+    finally:
+        _skip_launches = previous
+
+
+def _arg_key(a):
+    """What Triton's specialisation of one runtime argument depends on (see above); raises
+    TypeError for a type the fast path does not know."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() & 15 == 0)
+    if a is None:
+        return None
+    if a is True or a is False:
+        return "u1"
+    if type(a) is int:
+        kind = 0 if _I32_MIN <= a <= _I32_MAX else 1 if _I64_MIN <= a <= _I64_MAX else 2
+        return (kind, a == 1, a & 15 == 0)
+    if type(a) is float:
+        return "fp32"
+    raise TypeError(type(a).__name__)
+
+
+def specialization_key(args: tuple, kwargs: dict) -> tuple:
+    """``launch``'s cache key of one call (without the device)."""
+    return tuple(map(_arg_key, args)) + tuple(kwargs.items())
+
+
+class _Handle:
+    """A compiled kernel's launcher and what it needs besides the arguments."""
+
+    __slots__ = ("run", "function", "packed_metadata", "tail")
+
+    def __init__(self, kernel, tail: Tuple[str, ...]):
+        self.run = kernel.run  # initialises the module and function handles
+        self.function = kernel.function
+        self.packed_metadata = kernel.packed_metadata
+        self.tail = tail  # names of the parameters passed by keyword, in parameter order
+
+
+_handles: Dict[tuple, _Handle] = {}
+_cuda_driver = []  # [(current_device, current_stream, runtime knobs)] of triton, once looked up
+
+
+def _driver():
+    if not _cuda_driver:
+        from triton import knobs
+        from triton.runtime import driver
+
+        _cuda_driver.append((driver.active.get_current_device, driver.active.get_current_stream, knobs.runtime))
+    return _cuda_driver[0]
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook (a profiler's) is installed: Triton's own path then calls it."""
+    return hook is not None and getattr(hook, "calls", True) != []
+
+
+def launch(fn, grid, *args, **kwargs):
+    """``fn[grid](*args, **kwargs)``: runtime arguments by position (a prefix of ``fn``'s
+    parameters), the constexprs after them and the launch options (``num_warps``,
+    ``num_stages``) by keyword. ``grid`` is a tuple of 1 to 3 ints.
+
+    The first call of a specialisation goes through Triton (compiling or finding the
+    kernel in its caches); later ones call the compiled launcher directly (no launch
+    hooks, no metadata: with a hook installed every call takes Triton's path).
+    """
+    if _skip_launches:
+        return
+    if not hasattr(fn, "device_caches"):  # the interpreter's InterpretedFunction
+        fn[grid](*args, **kwargs)
+        return
+    current_device, current_stream, runtime = _driver()
+    if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
+        fn.run(*args, grid=grid, warmup=False, **kwargs)
+        return
+    device = current_device()
+    try:
+        key = (fn, device, specialization_key(args, kwargs))
+    except TypeError:  # an argument type the key does not model: Triton's own path
+        fn.run(*args, grid=grid, warmup=False, **kwargs)
+        return
+    handle = _handles.get(key)
+    if handle is None:
+        kernel = fn.run(*args, grid=grid, warmup=False, **kwargs)
+        if hasattr(kernel, "result"):  # an asynchronous compile
+            kernel = kernel.result()
+        if kernel is None:  # nothing compiled to keep (Triton declined to compile here)
+            return
+        names = fn.arg_names[len(args):]
+        # Cache it when every parameter was given (no defaults) and every keyword value is a
+        # constexpr or option (the key holds keyword values as they are).
+        if set(names) <= set(kwargs) and not any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            _handles[key] = _Handle(kernel, tuple(names))
+        return
+    handle.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, current_stream(device),
+               handle.function, handle.packed_metadata, None, None, None, *args, *[kwargs[n] for n in handle.tail])
 
 
 # --------------------------------------------------------------------------------------

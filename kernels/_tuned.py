@@ -129,9 +129,23 @@ def tuned_config(kernel: str, key: str, device: torch.device) -> Optional[Launch
     return None if table is None else table["configs"].get((kernel, key))
 
 
+_picked = {}
+
+
 def pick(kernel: str, key: str, builtin: LaunchConfig, device: torch.device) -> LaunchConfig:
-    """The launch config: the device's tuned one when its table has it, else ``builtin``."""
-    return tuned_config(kernel, key, device) or builtin
+    """The launch config: the device's tuned one when its table has it, else ``builtin``.
+
+    Cached per (kernel, key, builtin, device, tables directory): asking the device for its
+    identity costs microseconds, paid on every launch otherwise."""
+    index = device.index
+    if index is None and device.type == "cuda" and torch.cuda.is_available():
+        index = torch.cuda.current_device()  # a bare "cuda" is the current device
+    where = (device.type, index)
+    cache_key = (kernel, key, builtin, where, TUNED_DIR, device_identity)
+    config = _picked.get(cache_key)
+    if config is None:
+        config = _picked[cache_key] = tuned_config(kernel, key, device) or builtin
+    return config
 
 
 def table_json(identity: dict, configs: dict, results: list) -> dict:

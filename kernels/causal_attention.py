@@ -76,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, LaunchConfig, check_out, device_guard, div, empty, padded_head_dim, pointer,
+from ._common import (cdiv, LOG2E, LaunchConfig, check_out, device_guard, div, empty, launch, padded_head_dim, pointer,
                       static_entry, TRITON_TYPE)
 from ._tuned import pick
 
@@ -806,7 +806,7 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
     flags = _use_tma(variant_flags("fwd", cfg), q, k, v, out)
     positions = _position_args(q, q_positions, key_start)
     with device_guard(q.device):
-        _attn_fwd_kernel[(batch * heads, triton.cdiv(q_len, cfg.block_m))](
+        launch(_attn_fwd_kernel, (batch * heads, cdiv(q_len, cfg.block_m)),
             q, k, v, out, lse, positions.pop("Q_START"), positions.pop("KEY_START"),
             *_bht(q), *_bht(k), *_bht(v), *_bht(out),
             heads, heads // k.shape[1], q_len, q_offset, _position_stride(q_positions), scale * LOG2E,
@@ -846,24 +846,24 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
     pos_stride = _position_stride(q_positions)
     block_d = padded_head_dim(head_dim)
     with device_guard(q.device):
-        _attn_bwd_delta_kernel[(batch * heads, triton.cdiv(q_len, DELTA_CONFIG.block_m))](
+        launch(_attn_bwd_delta_kernel, (batch * heads, cdiv(q_len, DELTA_CONFIG.block_m)),
             out, grad_out, delta, dq_acc, *_bht(out), *_bht(grad_out), heads, q_len,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_CONFIG.block_m, ZERO_DQ=atomic,
             num_warps=DELTA_CONFIG.num_warps,
         )
-        _attn_bwd_dkdv_kernel[(batch * kv_heads, triton.cdiv(kv_len, kv_cfg.block_n))](
+        launch(_attn_bwd_dkdv_kernel, (batch * kv_heads, cdiv(kv_len, kv_cfg.block_n)),
             q, k, v, grad_out, lse, delta, dk, dv, dq_acc, *starts,
             *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dk), *_bht(dv),
             kv_heads, heads // kv_heads, q_len, kv_len, q_offset, pos_stride, scale * LOG2E, scale,
             **positions, **kv_flags, **_tiles(kv_cfg, head_dim, q.device, q.dtype),
         )
         if atomic:
-            _attn_bwd_dq_convert_kernel[(batch * heads, triton.cdiv(q_len, DELTA_CONFIG.block_m))](
+            launch(_attn_bwd_dq_convert_kernel, (batch * heads, cdiv(q_len, DELTA_CONFIG.block_m)),
                 dq_acc, dq, *_bht(dq), heads, q_len, scale,
                 HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_CONFIG.block_m, num_warps=DELTA_CONFIG.num_warps,
             )
         else:
-            _attn_bwd_dq_kernel[(batch * heads, triton.cdiv(q_len, q_cfg.block_m))](
+            launch(_attn_bwd_dq_kernel, (batch * heads, cdiv(q_len, q_cfg.block_m)),
                 q, k, v, grad_out, lse, delta, dq, *starts,
                 *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dq),
                 heads, heads // kv_heads, q_len, q_offset, pos_stride, scale * LOG2E, scale,

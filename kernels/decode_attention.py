@@ -72,7 +72,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DEFAULT_NUM_SMS, LOG2E, LaunchConfig, check_out, device_guard, div, empty, padded_head_dim,
+from ._common import (cdiv, next_power_of_2, DEFAULT_NUM_SMS, LOG2E, LaunchConfig, check_out, device_guard, div, empty,
+                      launch, padded_head_dim,
                       pointer, sm_count, static_entry, TRITON_TYPE)
 from ._tuned import pick
 
@@ -289,15 +290,15 @@ def choose_num_splits(batch_heads: int, seq_len: int, sms: int = DEFAULT_NUM_SMS
     """
     if seq_len <= ONE_PASS_MAX_KEYS:
         return 1
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, max(batch_heads, 1))
-    return max(1, min(wanted, MAX_SPLITS, triton.cdiv(seq_len, MIN_KEYS_PER_SPLIT)))
+    wanted = cdiv(PROGRAMS_PER_SM * sms, max(batch_heads, 1))
+    return max(1, min(wanted, MAX_SPLITS, cdiv(seq_len, MIN_KEYS_PER_SPLIT)))
 
 
 def split_plan(seq_len: int, num_splits: int, block_n: int):
     """(chunk, num_splits): chunk = ceil(S / num_splits) rounded up to block_n, and the
     number of chunks that then covers S (can be fewer than asked after the rounding)."""
-    chunk = triton.cdiv(triton.cdiv(seq_len, num_splits), block_n) * block_n
-    return chunk, triton.cdiv(seq_len, chunk)
+    chunk = cdiv(cdiv(seq_len, num_splits), block_n) * block_n
+    return chunk, cdiv(seq_len, chunk)
 
 
 def allocate_workspace(batch_heads: int, num_splits: int, head_dim: int, device):
@@ -311,7 +312,7 @@ def allocate_workspace(batch_heads: int, num_splits: int, head_dim: int, device)
 def group_block(heads: int, kv_heads: int) -> int:
     """BLOCK_G: the query heads one split program serves, H / H_kv rounded up to a power
     of two and to at least MIN_BLOCK_G (the N of its tensor-core products)."""
-    return max(MIN_BLOCK_G, triton.next_power_of_2(heads // kv_heads))
+    return max(MIN_BLOCK_G, next_power_of_2(heads // kv_heads))
 
 
 def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, key_start=None, out=None, num_splits=None,
@@ -344,7 +345,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, key_start
     else:
         o_part, lse_part = allocate_workspace(batch * heads, num_splits, head_dim, q.device)
     with device_guard(q.device):
-        _decode_split_kernel[(batch * kv_heads, num_splits)](
+        launch(_decode_split_kernel, (batch * kv_heads, num_splits),
             q, k_cache, v_cache, cache_lens, q if key_start is None else key_start.contiguous(), o_part, lse_part,
             out, *q.stride(), *k_cache.stride(), *v_cache.stride(), cache_lens.stride(0), *out.stride(),
             kv_heads, heads // kv_heads, seq_len, chunk, scale * LOG2E,
@@ -353,9 +354,9 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, key_start
             num_stages=cfg.num_stages,
         )
         if not one_pass:
-            _decode_reduce_kernel[(batch * heads,)](
+            launch(_decode_reduce_kernel, (batch * heads,),
                 o_part, lse_part, out, *out.stride(), heads, num_splits,
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)),
+                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=max(2, next_power_of_2(num_splits)),
                 HAS_KEY_START=key_start is not None, num_warps=reduce_num_warps(block_d),
             )
     return out
@@ -395,7 +396,7 @@ def _reduce_entry(head_dim: int, dtype: torch.dtype, suffix: str = "", require_p
     fn = _decode_reduce_kernel
     block_d = padded_head_dim(head_dim)
     constexprs = {"stride_od": 1, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
-                  "BLOCK_SPLITS": triton.next_power_of_2(MAX_SPLITS), "HAS_KEY_START": False}
+                  "BLOCK_SPLITS": next_power_of_2(MAX_SPLITS), "HAS_KEY_START": False}
     return static_entry(f"decode_attention_reduce_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn,
                         LaunchConfig(num_warps=reduce_num_warps(block_d)), constexprs,
                         pointers=_pointers(fn, dtype), require_ptx=require_ptx)

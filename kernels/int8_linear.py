@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptfast.kernels._common import (DEFAULT_NUM_SMS, TRITON_TYPE, LaunchConfig, empty, pointer, sm_count,
+from gptfast.kernels._common import (DEFAULT_NUM_SMS, TRITON_TYPE, LaunchConfig, cdiv, empty, launch, pointer, sm_count,
                                      static_entry)
 
 PROGRAMS_PER_SM = 2  # split-K target: enough weight loads in flight per SM to cover DRAM latency
@@ -106,14 +106,14 @@ def plan(m: int, n: int, k: int, cfg: LaunchConfig, sms: int = DEFAULT_NUM_SMS):
     PROGRAMS_PER_SM * sms programs run (decode shapes only), each chunk at least
     MIN_K_PER_SPLIT long."""
     block_k = cfg.block_k
-    k_blocks = triton.cdiv(max(k, 1), block_k)
-    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    k_blocks = cdiv(max(k, 1), block_k)
+    tiles = cdiv(n, cfg.block_n) * cdiv(m, cfg.block_m)
     wanted = 1
     if m <= DECODE_MAX_ROWS:
-        wanted = triton.cdiv(PROGRAMS_PER_SM * sms, tiles)
-    wanted = max(1, min(wanted, triton.cdiv(k, MIN_K_PER_SPLIT), k_blocks))
-    k_per_split = triton.cdiv(k_blocks, wanted) * block_k
-    return k_per_split, triton.cdiv(max(k, 1), k_per_split)
+        wanted = cdiv(PROGRAMS_PER_SM * sms, tiles)
+    wanted = max(1, min(wanted, cdiv(k, MIN_K_PER_SPLIT), k_blocks))
+    k_per_split = cdiv(k_blocks, wanted) * block_k
+    return k_per_split, cdiv(max(k, 1), k_per_split)
 
 
 def int8_linear(x, weight, scale, bias=None, *, split_k=None, out=None):
@@ -129,11 +129,11 @@ def int8_linear(x, weight, scale, bias=None, *, split_k=None, out=None):
     cfg = tile_config(m)
     k_per_split, splits = plan(m, n, k, cfg, sm_count(x.device))
     if split_k is not None:
-        k_per_split = triton.cdiv(triton.cdiv(max(k, 1), cfg.block_k), split_k) * cfg.block_k
-        splits = triton.cdiv(max(k, 1), k_per_split)
+        k_per_split = cdiv(cdiv(max(k, 1), cfg.block_k), split_k) * cfg.block_k
+        splits = cdiv(max(k, 1), k_per_split)
     y = out if splits == 1 else empty((splits, m, n), torch.float32, x.device)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), splits)
-    _int8_linear_kernel[grid](
+    grid = (cdiv(n, cfg.block_n), cdiv(m, cfg.block_m), splits)
+    launch(_int8_linear_kernel, grid,
         x, weight, scale, bias if bias is not None else scale, y,
         m, n, k, k_per_split,
         *x.stride(), *weight.stride(),

@@ -10,9 +10,19 @@ LayerNorm over the last dimension of a row-major ``(n_rows, n_cols)`` matrix::
     y    = xhat * weight + bias
 
 Forward: each program owns ``BLOCK_ROWS`` whole rows (one row for wide rows, a few for
-narrow ones), so the row is read once, its statistics are taken in float32 in
-registers, and ``y`` (and ``h``) are written once. ``mean`` and ``rstd`` are saved in
-float32 for the backward pass.
+narrow ones, so every program keeps enough bytes in flight), so the row is read once,
+its statistics are taken in float32 in registers, and ``y`` (and ``h``) are written
+once. ``mean`` and ``rstd`` are saved in float32 for the backward pass.
+
+Statistics about a pivot: a row far from zero with a small spread (values near 300, spread
+1e-2) loses the digits that matter to a float32 sum of the raw values, and rounding the
+mean to float32 before subtracting it loses them again. The forward therefore shifts each
+row by its first element ``p`` (``h - p`` is exact when the values are within a factor of
+two of each other, Sterbenz), takes ``m = sum(h - p) / N`` and the centred values
+``(h - p) - m`` from the shifted values, the variance from those in a second pass, and only
+the saved mean ``p + m`` is rounded at the row's magnitude. The backward does the same
+about the saved mean: ``d = h - mean`` and ``xhat = (d - sum(d) / N) * rstd``, which
+removes the saved mean's rounding error from ``xhat``.
 
 Backward, with ``g = dy * weight`` and ``N`` the row length::
 
@@ -21,10 +31,11 @@ Backward, with ``g = dy * weight`` and ``N`` the row length::
     dbias   = sum over rows of dy
 
 ``dh`` is a per-row computation. ``dweight`` and ``dbias`` are reductions across rows:
-rather than serialising programs on a lock, each of ``G`` programs walks a strided set
-of rows (``pid, pid + G, pid + 2G, ...``), accumulates its own float32 partial sums in
-registers and writes them to row ``pid`` of a ``(G, N)`` buffer; the launcher then sums
-the ``G`` partials (a small second pass over ``G * N`` floats).
+rather than serialising programs on a lock, a persistent grid of ``G`` programs (a few
+per SM) each owns one contiguous range of rows, walks it ``BLOCK_ROWS`` rows at a time
+(each step reads ``h`` and ``dy`` once and writes ``dx`` once), accumulates its own
+float32 partial sums in registers and writes them to row ``pid`` of a ``(G, N)`` buffer;
+the launcher then sums the ``G`` partials (a small second pass over ``G * N`` floats).
 
 Widths: a row of up to ``MAX_HIDDEN`` elements fits one program's registers when its
 length and row strides are multiples of 16 (Triton then specialises the launch for
@@ -35,11 +46,14 @@ layer calls it before reaching these launchers.
 Launchers expect validated inputs: 2-D tensors whose last dimension is contiguous
 (any row stride), on one device, floating dtypes.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchConfig, check_out, device_guard, div, empty, pointer, rsqrt, sm_count, static_entry
+from ._common import (LaunchConfig, cdiv, check_out, device_guard, div, empty, launch, next_power_of_2, pointer,
+                      rsqrt, sm_count, static_entry)
 from ._tuned import pick
 
 # Widest row one program holds (in elements). The backward keeps about five float32
@@ -51,8 +65,12 @@ from ._tuned import pick
 MAX_HIDDEN = 8192
 MAX_HIDDEN_UNALIGNED = 4096
 
-# Elements a forward program aims to hold: narrow rows are packed several per program.
+# Elements a forward program (a backward step) aims to hold: narrow rows are packed
+# several per program (step). The backward keeps more live per element (h, dy, xhat, g and
+# the two accumulators), hence its smaller tile (at 2048, rows of 1024 unaligned elements
+# spill on sm_90).
 _FWD_ELEMS_PER_PROGRAM = 4096
+_BWD_ELEMS_PER_STEP = 1024
 _MAX_BLOCK_ROWS = 16
 
 
@@ -85,15 +103,25 @@ def _layer_norm_fwd_kernel(
         tl.store(H + rows[:, None] * stride_h_row + cols[None, :], x, mask=mask)
     x = x.to(tl.float32)
 
-    # Two-pass statistics in float32: subtracting the mean before squaring avoids the
-    # cancellation of E[x^2] - E[x]^2. Masked columns are zero and must stay out of var.
-    # fp32 outputs round the divisions and the square root to nearest (see _common).
+    # The pivot: each row's first element (of h in the residual variant, rounded as h is).
+    # A separate load of one element a row (it hits the cache line the row load brings).
+    pivot = tl.load(X + rows * stride_x_row, mask=row_mask, other=0.0)
+    if HAS_RESIDUAL:
+        pivot_res = tl.load(RES + rows * stride_res_row, mask=row_mask, other=0.0)
+        pivot = (pivot.to(tl.float32) + pivot_res.to(tl.float32)).to(H.dtype.element_ty)
+    pivot = pivot.to(tl.float32)
+
+    # Two-pass statistics in float32 about the pivot (see the module docstring): subtracting
+    # the mean before squaring avoids the cancellation of E[x^2] - E[x]^2. Masked columns
+    # must stay out of both sums. fp32 outputs round the divisions and the square root to
+    # nearest (see _common).
     PRECISE: tl.constexpr = Y.dtype.element_ty == tl.float32
-    mean = div(tl.sum(x, axis=1), n_cols, PRECISE)
-    centered = tl.where(mask, x - mean[:, None], 0.0)
+    shifted = tl.where(mask, x - pivot[:, None], 0.0)
+    shift_mean = div(tl.sum(shifted, axis=1), n_cols, PRECISE)
+    centered = tl.where(mask, shifted - shift_mean[:, None], 0.0)
     var = div(tl.sum(centered * centered, axis=1), n_cols, PRECISE)
     rstd = rsqrt(var + eps, PRECISE)
-    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(MEAN + rows, pivot + shift_mean, mask=row_mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
     y = centered * rstd[:, None]
@@ -110,52 +138,63 @@ def _layer_norm_fwd_kernel(
 def _layer_norm_bwd_kernel(
     DY, H, W, MEAN, RSTD, DH_IN, DX, DW_PARTIAL, DB_PARTIAL,  # pointers
     stride_dy_row, stride_h_row, stride_dh_row, stride_dx_row,
-    n_rows, n_cols,
+    n_rows, n_cols, rows_per_program,
     HAS_WEIGHT: tl.constexpr,
     HAS_DH_IN: tl.constexpr,  # residual variant: add the incoming gradient of h
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,  # rows per step
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
     PRECISE: tl.constexpr = DX.dtype.element_ty == tl.float32  # round-to-nearest divisions (see _common)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # Per-row-slot partial sums; summed over the slots once, after the loop.
+    dw_acc = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=tl.float32)
 
-    # This program's rows: pid, pid + G, pid + 2G, ... (G = number of programs).
-    for row in range(pid, n_rows, num_programs):
-        row64 = tl.cast(row, tl.int64)  # row * stride may pass 2**31
-        h = tl.load(H + row64 * stride_h_row + cols, mask=col_mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row64 * stride_dy_row + cols, mask=col_mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        # Masked columns load dy == 0, so g == 0 there and they add nothing to the sums
-        # below, whatever xhat holds in them.
-        xhat = (h - mean) * rstd
+    # This program's rows: one contiguous range, BLOCK_ROWS rows a step.
+    row_begin = pid * rows_per_program
+    row_end = tl.minimum(row_begin + rows_per_program, n_rows)
+    for start in range(row_begin, row_end, BLOCK_ROWS):
+        rows = start + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < row_end
+        rows64 = rows.to(tl.int64)  # row * stride may pass 2**31
+        mask = row_mask[:, None] & col_mask[None, :]
+        h = tl.load(H + rows64[:, None] * stride_h_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        # xhat about the saved mean, corrected by the mean of the exact differences (see the
+        # module docstring). Masked rows have rstd == 0 and dy == 0; masked columns load
+        # dy == 0, so g == 0 there and they add nothing to the sums below, whatever xhat
+        # holds in them.
+        d = tl.where(mask, h - mean[:, None], 0.0)
+        d_mean = div(tl.sum(d, axis=1), n_cols, PRECISE)
+        xhat = (d - d_mean[:, None]) * rstd[:, None]
         if COMPUTE_DW:
             dw_acc += dy * xhat
         if COMPUTE_DB:
             db_acc += dy
         if HAS_WEIGHT:
-            g = dy * w
+            g = dy * w[None, :]
         else:
             g = dy
-        c_xhat = div(tl.sum(g * xhat, axis=0), n_cols, PRECISE)
-        c_one = div(tl.sum(g, axis=0), n_cols, PRECISE)
-        dx = (g - (xhat * c_xhat + c_one)) * rstd
+        c_xhat = div(tl.sum(g * xhat, axis=1), n_cols, PRECISE)
+        c_one = div(tl.sum(g, axis=1), n_cols, PRECISE)
+        dx = (g - (xhat * c_xhat[:, None] + c_one[:, None])) * rstd[:, None]
         if HAS_DH_IN:
-            dx += tl.load(DH_IN + row64 * stride_dh_row + cols, mask=col_mask, other=0.0).to(tl.float32)
-        tl.store(DX + row64 * stride_dx_row + cols, dx.to(DX.dtype.element_ty), mask=col_mask)
+            dx += tl.load(DH_IN + rows64[:, None] * stride_dh_row + cols[None, :], mask=mask,
+                          other=0.0).to(tl.float32)
+        tl.store(DX + rows64[:, None] * stride_dx_row + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
     if COMPUTE_DW:
-        tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
+        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
     if COMPUTE_DB:
-        tl.store(DB_PARTIAL + pid * n_cols + cols, db_acc, mask=col_mask)
+        tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -165,7 +204,7 @@ def _layer_norm_bwd_kernel(
 
 
 def block_n_for(n_cols: int) -> int:
-    return triton.next_power_of_2(n_cols)
+    return next_power_of_2(n_cols)
 
 
 def config_key(n_cols: int, dtype: torch.dtype) -> str:
@@ -173,6 +212,7 @@ def config_key(n_cols: int, dtype: torch.dtype) -> str:
     return f"n{block_n_for(n_cols)}_{'fp32' if dtype == torch.float32 else '16bit'}"
 
 
+@functools.lru_cache(maxsize=None)
 def _builtin_fwd(n_cols: int) -> LaunchConfig:
     block_n = block_n_for(n_cols)
     block_rows = max(1, min(_MAX_BLOCK_ROWS, _FWD_ELEMS_PER_PROGRAM // block_n))
@@ -181,9 +221,12 @@ def _builtin_fwd(n_cols: int) -> LaunchConfig:
     return LaunchConfig(block_rows=block_rows, num_warps=num_warps)
 
 
+@functools.lru_cache(maxsize=None)
 def _builtin_bwd(n_cols: int) -> LaunchConfig:
-    # About 8 columns per thread (h, dy, weight and two accumulators each), at most 16 warps.
-    return LaunchConfig(num_warps=max(4, min(16, block_n_for(n_cols) // 256)))
+    block_n = block_n_for(n_cols)
+    block_rows = max(1, min(_MAX_BLOCK_ROWS, _BWD_ELEMS_PER_STEP // block_n))
+    # About 8 elements per thread (h, dy, xhat, g and two accumulators each), at most 16 warps.
+    return LaunchConfig(block_rows=block_rows, num_warps=max(4, min(16, (block_n * block_rows) // 256)))
 
 
 def fwd_config(n_cols: int, dtype: torch.dtype = torch.bfloat16, device=None) -> LaunchConfig:
@@ -196,26 +239,32 @@ def fwd_config(n_cols: int, dtype: torch.dtype = torch.bfloat16, device=None) ->
 
 
 def bwd_config(n_cols: int, dtype: torch.dtype = torch.bfloat16, device=None) -> LaunchConfig:
-    """num_warps of the backward kernel (one row at a time per program), as fwd_config."""
+    """block_rows (rows per step) and num_warps of the backward kernel, as fwd_config."""
     builtin = _builtin_bwd(n_cols)
     if device is None or device.type != "cuda":
         return builtin
     return pick("layer_norm.bwd", config_key(n_cols, dtype), builtin, device)
 
 
-def bwd_num_programs(n_rows: int, device: torch.device, num_warps: int) -> int:
-    """How many backward programs (= dweight/dbias partial rows) to launch."""
+def bwd_plan(n_rows: int, device: torch.device, cfg: LaunchConfig) -> tuple:
+    """``(programs, rows_per_program)`` of the backward's persistent grid: each program owns
+    ``rows_per_program`` consecutive rows (a multiple of block_rows; the last program may
+    own fewer), and programs = dweight/dbias partial rows."""
+    block_rows = cfg.block_rows or 1
     if device.type != "cuda":
-        return max(1, min(n_rows, 4))  # interpreter: few programs, each loops over rows
-    # Enough programs to fill every SM (up to 64 resident warps each), few enough that
-    # the (G, N) partials stay small next to the activations.
-    programs_per_sm = max(1, min(8, 32 // num_warps))
-    return max(1, min(n_rows, sm_count(device) * programs_per_sm))
+        target = 4  # interpreter: few programs, each loops over several steps
+    else:
+        # Enough programs to fill every SM (up to 64 resident warps each; registers may
+        # admit fewer, then the rest wait for a slot), few enough that the (G, N) partials
+        # stay small next to the activations.
+        target = sm_count(device) * max(1, min(8, 64 // cfg.num_warps))
+    rows_per_program = block_rows * cdiv(cdiv(n_rows, target), block_rows)
+    return cdiv(n_rows, rows_per_program), rows_per_program
 
 
 # Tuning candidates (gptfast.tune) at the benchmark widths (16-bit rows): the built-in
-# config first. (block_rows, num_warps) of the forward, num_warps of the backward; every
-# one passes the static compile report (no spills).
+# config first. (block_rows, num_warps) of the forward and of the backward (rows per step);
+# every one passes the static compile report (no spills).
 CANDIDATES = {
     "fwd": {f"n{n}_16bit": [LaunchConfig(block_rows=r, num_warps=w) for r, w in rows] for n, rows in (
         (1024, ((4, 8), (4, 4), (2, 4), (8, 8), (8, 16), (1, 4))),
@@ -223,11 +272,11 @@ CANDIDATES = {
         (4096, ((1, 8), (1, 4), (1, 16), (2, 16), (2, 8))),
         (8192, ((1, 16), (1, 8))),
     )},
-    "bwd": {f"n{n}_16bit": [LaunchConfig(num_warps=w) for w in warps] for n, warps in (
-        (1024, (4, 2, 8)),
-        (2048, (8, 4, 16)),
-        (4096, (16, 8)),
-        (8192, (16, 32)),
+    "bwd": {f"n{n}_16bit": [LaunchConfig(block_rows=r, num_warps=w) for r, w in rows] for n, rows in (
+        (1024, ((1, 4), (2, 8), (2, 4), (4, 8), (4, 16), (1, 8))),
+        (2048, ((1, 8), (1, 4), (2, 8), (2, 16), (1, 16))),
+        (4096, ((1, 16), (1, 8), (2, 16))),
+        (8192, ((1, 16), (1, 32))),
     )},
 }
 
@@ -278,6 +327,8 @@ def _vector(t, n_cols: int):
 
 def _check_out(name: str, out, shape, dtype, device) -> torch.Tensor:
     """A caller's buffer checked (or a fresh one); wide rows must also be 16-aligned."""
+    if out is None:
+        return empty(shape, dtype, device)
     out = check_out("layer_norm", name, out, shape, dtype, device)
     if out.dim() == 2 and shape[1] > MAX_HIDDEN_UNALIGNED and not _is_16_aligned(out):
         raise ValueError(f"layer_norm: {name} must be 16-byte aligned with a row stride that is a multiple of 16")
@@ -306,10 +357,10 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None,
         return y, h, mean, rstd
 
     cfg = config or fwd_config(n_cols, x.dtype, dev)
-    grid = (triton.cdiv(n_rows, cfg.block_rows),)
+    grid = (cdiv(n_rows, cfg.block_rows),)
     # Absent optional tensors are passed as x: the constexpr flags keep the kernel off them.
     with device_guard(dev):
-        _layer_norm_fwd_kernel[grid](
+        launch(_layer_norm_fwd_kernel, grid,
             x, residual if residual is not None else x, y, h if h is not None else y,
             weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
             _row_stride(x), _row_stride(residual) if residual is not None else 0,
@@ -330,7 +381,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, co
     unused). Returns ``(dx, dweight, dbias)``: ``dx`` (``h.dtype``) is the gradient of
     ``h``, hence of ``x`` and of ``residual`` alike; ``dweight`` (needs a weight) and
     ``dbias`` are None unless requested, else in ``dw_dtype``/``db_dtype``. ``config`` (a
-    LaunchConfig with num_warps) overrides ``bwd_config``.
+    LaunchConfig with block_rows and num_warps) overrides ``bwd_config``.
     """
     n_rows, n_cols = h.shape
     check_hidden_size(n_cols)
@@ -340,26 +391,34 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, co
     weight = _vector(weight, n_cols)
     dx = _check_out("dx_out", dx_out, (n_rows, n_cols), h.dtype, dev)
     cfg = config or bwd_config(n_cols, h.dtype, dev)
-    programs = bwd_num_programs(n_rows, dev, cfg.num_warps) if n_rows else 0
-    dw_partial = empty((programs, n_cols), torch.float32, dev) if compute_dw else None
-    db_partial = empty((programs, n_cols), torch.float32, dev) if compute_db else None
+    programs, rows_per_program = bwd_plan(n_rows, dev, cfg) if n_rows else (0, 1)
+    # The dweight and dbias partials share one allocation.
+    partials = (empty((int(compute_dw) + int(compute_db), programs, n_cols), torch.float32, dev)
+                if compute_dw or compute_db else None)
+    dw_partial = partials[0] if compute_dw else None
+    db_partial = partials[-1] if compute_db else None
     if n_rows > 0:
         with device_guard(dev):
-            _layer_norm_bwd_kernel[(programs,)](
+            launch(_layer_norm_bwd_kernel, (programs,),
                 dy, h, weight if weight is not None else h, mean, rstd,
                 dh_in if dh_in is not None else dy, dx,
                 dw_partial if compute_dw else dx, db_partial if compute_db else dx,
                 _row_stride(dy), _row_stride(h), _row_stride(dh_in) if dh_in is not None else 0, _row_stride(dx),
-                n_rows, n_cols,
+                n_rows, n_cols, rows_per_program,
                 HAS_WEIGHT=weight is not None, HAS_DH_IN=dh_in is not None,
                 COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                BLOCK_N=block_n_for(n_cols), num_warps=cfg.num_warps,
+                BLOCK_ROWS=cfg.block_rows or 1, BLOCK_N=block_n_for(n_cols), num_warps=cfg.num_warps,
             )
     # Second pass of the dweight/dbias reduction: sum the G float32 partial rows
     # (with no rows at all, the sum over zero partials is the correct zero gradient).
-    dw = dw_partial.sum(0).to(dw_dtype) if compute_dw else None
-    db = db_partial.sum(0).to(db_dtype) if compute_db else None
+    # (separate sums: the registered op's outputs may not alias each other)
+    dw = _as_dtype(dw_partial.sum(0), dw_dtype) if compute_dw else None
+    db = _as_dtype(db_partial.sum(0), db_dtype) if compute_db else None
     return dx, dw, db
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -386,9 +445,9 @@ def _entry(kind: str, n_cols: int, dtype: torch.dtype, cfg: LaunchConfig, aligne
                       "BLOCK_ROWS": cfg.block_rows, "BLOCK_N": block_n}
     else:
         fn = _layer_norm_bwd_kernel
-        name = f"layer_norm_bwd_N{block_n}_w{cfg.num_warps}"
+        name = f"layer_norm_bwd_N{block_n}_R{cfg.block_rows}_w{cfg.num_warps}"
         constexprs = {"HAS_WEIGHT": True, "HAS_DH_IN": True, "COMPUTE_DW": True, "COMPUTE_DB": True,
-                      "BLOCK_N": block_n}
+                      "BLOCK_ROWS": cfg.block_rows, "BLOCK_N": block_n}
     pointers = {a: pointer(torch.float32 if a in _FP32_POINTERS else dtype) for a in fn.arg_names if a.isupper()}
     if param_dtype is not None:  # float32 parameters with low-precision activations (autocast-style)
         pointers.update({a: pointer(param_dtype) for a in ("W", "B") if a in pointers})

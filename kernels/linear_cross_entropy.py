@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, TRITON_TYPE, LaunchConfig, device_guard, div, pointer, static_entry
+from ._common import LOG2E, TRITON_TYPE, LaunchConfig, device_guard, div, launch, next_power_of_2, pointer, static_entry
 
 _LOG2E = tl.constexpr(LOG2E)  # exp(x) == exp2(x * LOG2E)
 _LN2 = tl.constexpr(1.0 / LOG2E)  # log(x) == log2(x) * LN2
@@ -77,7 +77,7 @@ def _cross_entropy_rows_kernel(
 
 def launch_config(n_cols: int) -> LaunchConfig:
     """One program per row; a step of up to MAX_BLOCK_V logits (fewer for a small vocabulary)."""
-    block_v = min(MAX_BLOCK_V, max(16, triton.next_power_of_2(n_cols)))
+    block_v = min(MAX_BLOCK_V, max(16, next_power_of_2(n_cols)))
     return LaunchConfig(num_warps=8 if block_v >= 2048 else 4, block_n=block_v)
 
 
@@ -92,7 +92,7 @@ def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, count: torc
         return
     cfg = launch_config(n_cols)
     with device_guard(logits.device):
-        _cross_entropy_rows_kernel[(rows,)](
+        launch(_cross_entropy_rows_kernel, (rows,),
             logits, targets, count, loss, n_cols, logits.stride(0), ignore_index,
             WRITE_GRAD=write_grad, BLOCK_V=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

@@ -50,9 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
-from gptfast.kernels._common import (DEFAULT_NUM_SMS, TRITON_TYPE, LaunchConfig, cuda_index, device_guard, div, empty,
-                                     pointer, rsqrt, sm_count, static_entry)
-from gptfast.kernels._tuned import pick
+from ._common import (DEFAULT_NUM_SMS, TRITON_TYPE, LaunchConfig, cdiv, cuda_index, device_guard, div, empty, launch,
+                      next_power_of_2, pointer, rsqrt, sm_count, static_entry)
+from ._tuned import pick
 
 PROGRAMS_PER_SM = 2  # split-K target: weight loads in flight on every SM
 MIN_K_PER_SPLIT = 256  # below this a chunk's fixed cost (statistics, partial tile) dominates
@@ -204,7 +204,7 @@ def weight_kind(weight_dtype: torch.dtype, x_dtype: torch.dtype) -> str:
 
 def config_key(n: int, k: int, kind: str) -> str:
     """The tuned tables' key of an (N, K) weight, bucketed by powers of two, e.g. ``n1024_k4096_16bit``."""
-    return f"n{triton.next_power_of_2(max(n, 1))}_k{triton.next_power_of_2(max(k, 1))}_{kind}"
+    return f"n{next_power_of_2(max(n, 1))}_k{next_power_of_2(max(k, 1))}_{kind}"
 
 
 def block_m_for(m: int) -> int:
@@ -233,12 +233,12 @@ def tile_config(m: int, n: int, k: int, kind: str, device: Optional[torch.device
 def plan(m: int, n: int, k: int, cfg: LaunchConfig, sms: int = DEFAULT_NUM_SMS):
     """(k_per_split, splits): K cut into chunks of whole BLOCK_K steps so that about
     ``PROGRAMS_PER_SM * sms`` programs run, each chunk at least ``MIN_K_PER_SPLIT`` long."""
-    k_blocks = triton.cdiv(max(k, 1), cfg.block_k)
-    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, tiles)
-    wanted = max(1, min(wanted, triton.cdiv(k, MIN_K_PER_SPLIT), k_blocks))
-    k_per_split = triton.cdiv(k_blocks, wanted) * cfg.block_k
-    return k_per_split, triton.cdiv(max(k, 1), k_per_split)
+    k_blocks = cdiv(max(k, 1), cfg.block_k)
+    tiles = cdiv(n, cfg.block_n) * cdiv(m, cfg.block_m)
+    wanted = cdiv(PROGRAMS_PER_SM * sms, tiles)
+    wanted = max(1, min(wanted, cdiv(k, MIN_K_PER_SPLIT), k_blocks))
+    k_per_split = cdiv(k_blocks, wanted) * cfg.block_k
+    return k_per_split, cdiv(max(k, 1), k_per_split)
 
 
 _COUNTERS = {}  # device -> int32 arrival counters, all zero between launches
@@ -258,7 +258,7 @@ def counters(device: torch.device, tiles: int) -> torch.Tensor:
             raise RuntimeError(
                 f"skinny_linear: the split-K counters of {device} must grow to {tiles} tiles during a CUDA graph "
                 "capture; run the step once outside the capture first (a warm-up call allocates them)")
-        buffer = torch.zeros(triton.cdiv(tiles, COUNTER_CHUNK) * COUNTER_CHUNK, dtype=torch.int32, device=device)
+        buffer = torch.zeros(cdiv(tiles, COUNTER_CHUNK) * COUNTER_CHUNK, dtype=torch.int32, device=device)
         _COUNTERS[key] = buffer
     return buffer
 
@@ -276,9 +276,9 @@ def _launch(x, weight, scale, bias, ln_weight, ln_bias, eps, gelu, residual, y, 
     cfg = config or tile_config(m, n, k, weight_kind(weight.dtype, x.dtype), x.device)
     k_per_split, splits = plan(m, n, k, cfg, sm_count(x.device))
     if split_k is not None:
-        k_per_split = triton.cdiv(triton.cdiv(max(k, 1), cfg.block_k), split_k) * cfg.block_k
-        splits = triton.cdiv(max(k, 1), k_per_split)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), splits)
+        k_per_split = cdiv(cdiv(max(k, 1), cfg.block_k), split_k) * cfg.block_k
+        splits = cdiv(max(k, 1), k_per_split)
+    grid = (cdiv(n, cfg.block_n), cdiv(m, cfg.block_m), splits)
     if splits > 1:
         partial = empty((splits, m, n), torch.float32, x.device)
         count = counters(x.device, grid[0] * grid[1])
@@ -296,7 +296,7 @@ def _launch(x, weight, scale, bias, ln_weight, ln_bias, eps, gelu, residual, y, 
         cache_strides, pos_strides = (*k_cache.stride(), *v_cache.stride()), positions.stride()
     placeholder = x  # pointer arguments the constexprs switch off
     with device_guard(x.device):
-        _skinny_linear_kernel[grid](
+        launch(_skinny_linear_kernel, grid,
             x, weight, scale if scale is not None else placeholder, bias if bias is not None else placeholder,
             ln_weight if ln_weight is not None else placeholder, ln_bias if ln_bias is not None else placeholder,
             residual if residual is not None else placeholder, y, partial, count, k_cache, v_cache, positions,

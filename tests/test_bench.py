@@ -303,7 +303,8 @@ def test_every_target_finds_its_rows_in_the_gpu_grid():
     cases, _ = suites.collect("all", torch.device("cuda"), quick=False)
     peaks = {"copy_gbps": 4000.0, "matmul_tflops": 800.0}
     rows = [results.fill_rates(Row(c.op, c.provider, c.mode, c.shape, c.dtype, 1.0, 0.9, 1.1, flops=c.flops,
-                                   bytes=c.bytes, tokens=c.tokens, peak=c.peak), peaks) for c in cases]
+                                   bytes=c.bytes, tokens=c.tokens, peak=c.peak, peak_mem_mb=1000.0), peaks)
+            for c in cases]
     profile = {"device_type": "cuda", "host_syncs_per_token": 0.05}
     evaluated = targets.evaluate(rows, {"profile": profile})
     assert len(evaluated) == len(targets.TARGETS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from gptfast.extension import load_extension  # noqa: E402
+from gptfast.runtime.extension import load_extension  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sampling_loop.py"
 

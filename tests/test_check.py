@@ -11,7 +11,7 @@ import torch
 
 import gptfast.ops
 from gptfast import checker, cli
-from gptfast.bench import cuda_errors
+from gptfast.runtime import cuda_errors
 from gptfast.ops import registry
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

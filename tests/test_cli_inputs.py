@@ -8,8 +8,8 @@ import torch
 from gptfast.cli import build_parser, main
 from gptfast.commands import eval as eval_command
 from gptfast.config import GPTConfig
-from gptfast.devices import resolve_device
-from gptfast.evaluation import evaluate
+from gptfast.runtime.devices import resolve_device
+from gptfast.training.evaluation import evaluate
 from gptfast.model import GPT
 
 
@@ -57,7 +57,7 @@ def test_eval_block_size_longer_than_the_model(model_dir, text):
 def test_eval_honours_explicit_settings(model_dir, text, capsys):
     import json
 
-    from gptfast.data import load_dataset
+    from gptfast.training.data import load_dataset
     from gptfast.tokenizer import ByteTokenizer
 
     def scored(*flags):
@@ -75,7 +75,7 @@ def test_eval_honours_explicit_settings(model_dir, text, capsys):
     (dict(max_batches=0), "max_batches"), (dict(batch_size=2.5), "batch_size"),
 ])
 def test_evaluate_rejects_bad_sizes(model_dir, kwargs, named):
-    from gptfast.data import TokenSplit
+    from gptfast.training.data import TokenSplit
     import numpy as np
 
     model = GPT.from_pretrained(str(model_dir))

@@ -1,18 +1,18 @@
-"""Prepacked CPU linear layers (gptfast.cpu_linear): fp32 for oneDNN, int8 for the C++
-kernel (the same bits as the op's C++ path, through generate and a save/load round trip),
-and the prefill's ``logits_index``."""
+"""Prepacked CPU linear layers (gptfast.generation.cpu_linear): fp32 for oneDNN, int8 for
+the C++ kernel (the same bits as the op's C++ path, through generate and a save/load round
+trip), and the prefill's ``logits_index``."""
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gptfast import cpu_linear
+from gptfast.generation import cpu_linear
 from gptfast.config import GPTConfig
-from gptfast.generation import generate
+from gptfast.generation.generate import generate
 from gptfast.model import GPT
+from gptfast.generation.sampling_params import SamplingParams
 from gptfast.quantization import Int8Linear, load_quantized, quantize, save_quantized
-from gptfast.sampling import SamplingParams
 
 needs_packing = pytest.mark.skipif(not cpu_linear.available(), reason="this PyTorch build has no oneDNN linear packing")
 

@@ -1,4 +1,4 @@
-"""gptfast.data: token caches, splits, random windows, fine-tuning masks, bad input."""
+"""gptfast.training.data: token caches, splits, random windows, fine-tuning masks, bad input."""
 import json
 import sysconfig
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptfast import data as D
+from gptfast.training import data as D
 from gptfast.tokenizer import ByteTokenizer
 
 SEP = list(b"\n\n")  # the byte tokenizer has no end-of-text token: documents are joined by a blank line

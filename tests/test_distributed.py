@@ -111,7 +111,7 @@ def test_ddp_ranks_end_with_identical_parameters(reports):
 
 def test_rank_zero_alone_writes_checkpoint_export_and_metrics(reports):
     out, _, stdout = reports
-    from gptfast.checkpoint import load_checkpoint
+    from gptfast.checkpoints.training_state import load_checkpoint
 
     run_dir = out / "ddp"
     state = load_checkpoint(run_dir / "checkpoint.pt")

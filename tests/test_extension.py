@@ -1,4 +1,4 @@
-"""The C++ extension's loader (gptfast.extension): the Python-twin fallback, JIT builds,
+"""The C++ extension's loader (gptfast.runtime.extension): the Python-twin fallback, JIT builds,
 build flags shared with setup.py, build locks that must never hang, and a status line
 that builds nothing."""
 import ast
@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from gptfast import extension
+from gptfast.runtime import extension
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +31,7 @@ def test_no_ext_env_falls_back_to_twin_with_warning(fresh_loader):
     with pytest.warns(extension.SamplingExtensionWarning, match="GPTFAST_NO_EXT=1.*Python twin"):
         assert extension.load_extension() is None
     assert "Python twin" in extension.extension_status()
-    from gptfast.engines import get_engine
+    from gptfast.generation.engines import get_engine
 
     assert get_engine("auto").name == "python"
     with pytest.raises(RuntimeError, match="unavailable"):
@@ -82,7 +82,7 @@ def test_stale_torch_build_lock_is_removed_not_waited_on(tmp_path, monkeypatch):
     _, build_dir = extension._jit_target([str(source)])
     os.makedirs(build_dir)
     (tmp_path / "cache").joinpath(os.path.basename(build_dir), "lock").write_text("")  # the killed build's baton
-    code = f"from gptfast import extension; print(extension._jit([{str(source)!r}])[0].API_VERSION)"
+    code = f"from gptfast.runtime import extension; print(extension._jit([{str(source)!r}])[0].API_VERSION)"
     env = dict(os.environ, PYTHONPATH=REPO)
     run = subprocess.run(["timeout", "300", sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -141,10 +141,10 @@ def test_setup_py_builds_with_the_jit_flags():
 
 
 def test_module_check_reports_the_built_extension():
-    # `python -m gptfast.extension`: the check after `setup.py build_ext` (builds nothing).
+    # `python -m gptfast.runtime.extension`: the check after `setup.py build_ext` (builds nothing).
     module, line = extension._prebuilt()
     env = {k: v for k, v in os.environ.items() if k != "GPTFAST_NO_EXT"}
-    run = subprocess.run([sys.executable, "-m", "gptfast.extension"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "gptfast.runtime.extension"], capture_output=True, text=True,
                          env=dict(env, PYTHONPATH=REPO), timeout=120)
     assert run.returncode == (0 if module is not None else 1), run.stdout + run.stderr
     assert run.stdout.strip() == (line if module is not None else run.stdout.strip())

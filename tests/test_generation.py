@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gptfast import decode_graphs, extension, generation, sampling
+from gptfast.generation import cuda_graphs as decode_graphs, generate as generation, sampling_params as sampling
+from gptfast.runtime import extension
 from gptfast.config import GPTConfig
-from gptfast.generation import InvalidLogitsError, generate
+from gptfast.generation.generate import InvalidLogitsError, generate
 from gptfast.model import GPT
-from gptfast.sampling import SamplingParams
+from gptfast.generation.sampling_params import SamplingParams
 from gptfast.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,7 +281,7 @@ def test_cli_falls_back_to_the_twin_without_the_extension():
 
 
 def test_graph_key_names_every_buffer_and_parameter_the_graph_reads(model):
-    from gptfast.engines import PythonEngine
+    from gptfast.generation.engines import PythonEngine
 
     model.setup_cache(2, 16)
     params = [greedy(max_new_tokens=4)] * 2
@@ -309,7 +310,7 @@ def test_graph_key_names_every_buffer_and_parameter_the_graph_reads(model):
 
 @pytest.mark.parametrize("packed", [None, True, False])
 def test_packed_cpu_weights_is_passed_to_cpu_linear(model, monkeypatch, packed):
-    from gptfast import cpu_linear
+    from gptfast.generation import cpu_linear
 
     calls = []
     real = cpu_linear.packed_linears

@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from gptfast import GPT  # noqa: E402
-from gptfast.hf import CheckpointError  # noqa: E402
+from gptfast.checkpoints.hf_gpt2 import CheckpointError  # noqa: E402
 
 BACKENDS = ["reference", "torch", "fused"]
 

@@ -3,7 +3,7 @@
 On the CPU a counter stands in for the device: a TorchFunctionMode counts every call that
 reads a tensor back to the host (.cpu, .item, .tolist, bool/int/float of a tensor ...),
 outside the model's own forward, and every host-to-device transfer goes through
-``gptfast.sampling.to_device`` (one non-blocking copy each), whose calls are counted. On
+``gptfast.generation.sampling_params.to_device`` (one non-blocking copy each), whose calls are counted. On
 CUDA, torch's sync debug mode counts the real synchronisations of the whole call.
 """
 import warnings
@@ -13,10 +13,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from gptfast import extension, generation, sampling
+from gptfast.runtime import extension
+from gptfast.generation import generate as generation, sampling_params as sampling
 from gptfast.config import GPTConfig
 from gptfast.model import GPT
-from gptfast.sampling import SamplingParams
+from gptfast.generation.sampling_params import SamplingParams
 
 TOKENS = 256
 READBACKS = {"cpu", "item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"}

@@ -1,4 +1,4 @@
-"""gptfast.loading: one loader of a model (directory or preset) and its tokenizer, with the
+"""gptfast.checkpoints.loader: one loader of a model (directory or preset) and its tokenizer, with the
 one tokenizer-fits-vocabulary check."""
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptfast.config import GPTConfig
-from gptfast.loading import check_vocabulary, load_model_and_tokenizer
+from gptfast.checkpoints.loader import check_vocabulary, load_model_and_tokenizer
 from gptfast.model import GPT
 from gptfast.tokenizer import ByteTokenizer
 

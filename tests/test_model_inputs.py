@@ -12,7 +12,7 @@ import torch
 
 from gptfast import GPT, GPTConfig
 from gptfast.backends import BACKENDS
-from gptfast.hf import CheckpointError
+from gptfast.checkpoints.hf_gpt2 import CheckpointError
 from gptfast.ops._dispatch import use_triton
 
 TINY = dict(vocab_size=53, block_size=32, n_layer=2, n_head=2, n_embd=32)

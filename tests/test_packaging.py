@@ -78,7 +78,7 @@ def test_checkout_does_not_shadow_an_installed_kernels(tmp_path, gptfast_first):
 
 def test_checkout_finds_its_sources():
     out = run_python("""
-        from gptfast import extension, paths
+        from gptfast.runtime import extension, paths
         print(paths.checkout_root())
         print(paths.source_dir("kernels"))
         print(" ".join(extension.source_files()))
@@ -89,7 +89,7 @@ def test_checkout_finds_its_sources():
 
 
 def test_source_dir_rejects_other_names():
-    from gptfast import paths
+    from gptfast.runtime import paths
 
     with pytest.raises(ValueError, match="name must be 'kernels' or 'csrc', got 'tests'"):
         paths.source_dir("tests")
@@ -151,7 +151,7 @@ def test_installed_wheel_uses_its_own_kernels_and_sources(wheel, tmp_path):
         import os
         import gptfast, kernels, hf_like
         import gptfast.kernels.layer_norm
-        from gptfast import extension, paths
+        from gptfast.runtime import extension, paths
         from gptfast.kernels import _tuned
         print(os.path.dirname(gptfast.__file__))
         print(os.path.dirname(gptfast.kernels.layer_norm.__file__))

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import gptfast
-from gptfast import extension
+from gptfast.runtime import extension
 from gptfast.config import GPTConfig
-from gptfast.generation import generate
-from gptfast.hf import CheckpointError
+from gptfast.generation.generate import generate
+from gptfast.checkpoints.hf_gpt2 import CheckpointError
 from gptfast.model import GPT
 from gptfast.quantization import (CONFIG_KEY, Int8Linear, is_quantized_checkpoint, load_quantized, quantize,
                               save_quantized)
-from gptfast.sampling import SamplingParams
+from gptfast.generation.sampling_params import SamplingParams
 
 CONFIG = GPTConfig(vocab_size=61, block_size=64, n_layer=2, n_head=2, n_embd=32)
 LINEARS = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",

@@ -7,10 +7,11 @@ import os
 import pytest
 import torch
 
-from gptfast import decode_state, extension, sampling
-from gptfast.engines import CppEngine, PythonEngine
-from gptfast.reference import sampling as twin
-from gptfast.sampling import SamplingParams, build_sampling_tensors, new_decode_state
+from gptfast.generation import decode_state, sampling_params as sampling
+from gptfast.runtime import extension
+from gptfast.generation.engines import CppEngine, PythonEngine
+from gptfast.reference import sampler as twin
+from gptfast.generation.sampling_params import SamplingParams, build_sampling_tensors, new_decode_state
 
 V = 97  # a vocabulary that is not a power of two
 

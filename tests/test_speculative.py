@@ -1,4 +1,4 @@
-"""Speculative decoding (gptfast.speculative, gptfast.reference.speculative, the C++
+"""Speculative decoding (gptfast.generation.speculative, gptfast.reference.speculative_round, the C++
 speculative_loop): greedy output equals plain greedy output token for token; sampled
 tokens follow the target's processed distribution (chi-square on models whose logits
 are fixed by construction); the C++ loop and the twin give identical tokens; bad input."""
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from gptfast import GPT, GPTConfig, SamplingParams, generate
-from gptfast import extension
-from gptfast.decode_state import SamplingTensors
-from gptfast.reference.speculative import filtered_z
-from gptfast.sampling import build_sampling_tensors
+from gptfast.runtime import extension
+from gptfast.generation.decode_state import SamplingTensors
+from gptfast.reference.speculative_round import filtered_z
+from gptfast.generation.sampling_params import build_sampling_tensors
 from test_generation import ScriptedModel
 
 V = 48

@@ -9,7 +9,7 @@ import pytest
 
 from gptfast.cli import build_parser
 from gptfast.commands.train import config_from_args
-from gptfast.train_config import TrainConfig, flag_name
+from gptfast.training.config import TrainConfig, flag_name
 
 # One value out of range per numeric setting (below its minimum, or past its maximum).
 OUT_OF_RANGE = {

@@ -1,4 +1,4 @@
-"""gptfast.training / gptfast.checkpoint / gptfast train + eval: the loop, exact resume,
+"""gptfast.training / gptfast.checkpoints.training_state / gptfast train + eval: the loop, exact resume,
 fine-tuning masks, the fused backend, config files, bad input. CPU, tiny models."""
 import json
 import math
@@ -8,18 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptfast import checkpoint as C
+from gptfast.checkpoints import training_state as C
 from gptfast.cli import main
 from gptfast.config import GPTConfig
-from gptfast.data import BatchSampler, DataError, load_dataset
-from gptfast.mfu import flops_per_token, known_peak_tflops, mfu, resolve_peak_tflops
+from gptfast.training.data import BatchSampler, DataError, load_dataset
+from gptfast.training.mfu import flops_per_token, known_peak_tflops, mfu, resolve_peak_tflops
 from gptfast.model import GPT
 from gptfast.ops._dispatch import use_triton
 from gptfast.testing import assert_error_ratio
 from gptfast.tokenizer import ByteTokenizer
-from gptfast.train_config import TrainConfig, load_config_file
+from gptfast.training.config import TrainConfig, load_config_file
 from gptfast.training import build_optimizer, evaluate, lr_at, train
-from gptfast.loading import load_model_and_tokenizer
+from gptfast.checkpoints.loader import load_model_and_tokenizer
 
 
 @pytest.fixture(autouse=True)

@@ -33,6 +33,7 @@ def fake_device(monkeypatch, name, capability, triton_version):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: tuple(capability))
     monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(_tuned, "_picked", {})  # launchers cache their pick per device: a new device here
 
 
 # The launchers' config functions, by the table's (kernel, key) of a 64-wide bf16 head.

@@ -15,7 +15,7 @@ from gptfast.bench.results import SCHEMA_VERSION, Row, Skipped, throughput, unit
 
 CSV_COLUMNS = (
     "op", "provider", "mode", "shape", "dtype", "time_ms", "p20_ms", "p80_ms", "kernel_ms", "eager_ms",
-    "eager_p20_ms", "eager_p80_ms", "unstable", "tflops", "gbps", "tokens_per_s", "mfu", "fraction_of_peak",
+    "eager_p20_ms", "eager_p80_ms", "unstable", "peak_mem_mb", "tflops", "gbps", "tokens_per_s", "mfu", "fraction_of_peak",
     "peak", "speedup", "baseline", "speedup_note", "method", "note", "device", "versions", "git_commit",
     "timestamp",
 )
@@ -155,6 +155,9 @@ def markdown_table(rows: Sequence[Row], deltas: Optional[Dict] = None) -> str:
     kernel time where there is one); ``unstable`` marks a wide spread."""
     header = ["op", "mode", "shape", "dtype", "provider", "kernel ms", "eager ms", "p20–p80 ms", "rate",
               "% of peak", "speedup"]
+    memory = any(r.peak_mem_mb is not None for r in rows)  # CUDA rows only
+    if memory:
+        header.append("peak MiB")
     if deltas is not None:
         header.append("Δ% time")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -165,6 +168,8 @@ def markdown_table(rows: Sequence[Row], deltas: Optional[Dict] = None) -> str:
             r.op, r.mode, r.shape, r.dtype, r.provider, kernel_cell(r), eager_cell(r), spread, rate_text(r),
             _fmt(None if r.fraction_of_peak is None else 100 * r.fraction_of_peak, ".1f"), speedup_text(r),
         ]
+        if memory:
+            cells.append(_fmt(r.peak_mem_mb, ",.0f"))
         if deltas is not None:
             d = deltas.get(r.key())
             cells.append("new" if d is None else f"{d['delta_pct']:+.1f}")

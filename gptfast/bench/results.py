@@ -24,11 +24,6 @@ PEAK_COPY = "copy_gbps"
 PEAK_MATMUL = "matmul_tflops"
 
 
-def dtype_name(dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``: a dtype as result rows and check results name it."""
-    return str(dtype).replace("torch.", "")
-
-
 @dataclass
 class Row:
     op: str
@@ -59,6 +54,7 @@ class Row:
     eager_p20_ms: Optional[float] = None
     eager_p80_ms: Optional[float] = None
     unstable: bool = False  # time_ms's p20-p80 spread is wider than harness.UNSTABLE_SPREAD
+    peak_mem_mb: Optional[float] = None  # CUDA: the most memory allocated from the build to the last timed call
     speedup_note: str = ""  # why a speedup was withheld
     note: str = ""
     device: str = ""

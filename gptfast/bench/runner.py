@@ -4,7 +4,7 @@ A ``Case`` describes one row before it is measured. Its ``build()`` allocates th
 inputs and returns the callable to time, so memory is held for one case at a time; it
 raises ``SkipCase`` when the provider cannot run here (not installed, GPU only ...).
 
-A CUDA error stops the run (see ``gptfast.bench.cuda_errors``). Cases carry a priority: when the budget runs out, the least important cases (higher
+A CUDA error stops the run (see ``gptfast.runtime.cuda_errors``). Cases carry a priority: when the budget runs out, the least important cases (higher
 numbers: optional providers, torch.compile with its long compile times) are the ones
 left unmeasured. Rows come back in the order the suite listed the cases.
 """
@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from gptfast.bench.environment import load_average
-from gptfast.bench.cuda_errors import STOPPED, is_cuda_error, short_error, stop_message
+from gptfast.runtime.cuda_errors import STOPPED, is_cuda_error, short_error, stop_message
 from gptfast.bench.harness import time_call, time_kernel_and_eager
 from gptfast.bench.results import Row, Skipped, fill_rates
 
@@ -73,12 +73,16 @@ def _measure(case: Case, device: torch.device, meta: Dict) -> Row:
     fn = inputs = None
     options = dict(device=device, warmup=case.warmup, target_ms=case.target_ms, min_reps=case.min_reps,
                    max_reps=case.max_reps, **case.timing_options)
+    cuda = device.type == "cuda"
+    if cuda:  # the row's peak memory: what the build allocated and the timed calls reached
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         fn, inputs = case.build()
         if case.cuda_graph:  # a kernel row: the graph-replay and the eager time, each in its column
             kernel, eager = time_kernel_and_eager(fn, inputs, **options)
         else:
             kernel, eager = None, time_call(fn, inputs, **options)
+        peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     finally:
         del fn, inputs
         _release_memory(device)
@@ -88,7 +92,7 @@ def _measure(case: Case, device: torch.device, meta: Dict) -> Row:
               size=case.size, size_name=case.size_name, flops=case.flops, bytes=case.bytes, tokens=case.tokens,
               peak=case.peak, method=timing.method, kernel_ms=None if kernel is None else kernel.median_ms,
               eager_ms=eager.median_ms, eager_p20_ms=eager.p20_ms, eager_p80_ms=eager.p80_ms,
-              unstable=timing.unstable, note="; ".join(n for n in (case.note, eager.note) if n),
+              unstable=timing.unstable, peak_mem_mb=peak_mem_mb, note="; ".join(n for n in (case.note, eager.note) if n),
               device=meta["device"], versions=meta["versions"], git_commit=meta["git_commit"],
               timestamp=meta["timestamp"])
     return fill_rates(row, meta.get("peaks", {}) if meta.get("device_type") == "cuda" else {})

@@ -113,6 +113,27 @@ def _train_mfu(rows, extra):
     return _at_least(None if r is None else r.mfu, 0.5, "MFU {:.0%}")
 
 
+TRAIN_SHAPE = "gpt2-124M B=8 T=1024"
+
+
+def _train_compiled_mfu(rows, extra):
+    r = _one(rows, op="train_step", provider="gptfast+compile", shape=TRAIN_SHAPE)
+    return _at_least(None if r is None else r.mfu, 0.4, "MFU {:.0%}")
+
+
+def _train_vs_compile(rows, extra):
+    ratio = _ratio(rows, "gptfast+compile", "torch.compile", op="train_step", shape=TRAIN_SHAPE)
+    return _at_least(ratio, 1.15, "{:.2f}× torch.compile")
+
+
+def _train_memory(rows, extra):
+    fused = _one(rows, op="train_step", provider="gptfast+compile", shape=TRAIN_SHAPE)
+    plain = _one(rows, op="train_step", provider="torch", shape=TRAIN_SHAPE)
+    if fused is None or plain is None or not fused.peak_mem_mb or not plain.peak_mem_mb:
+        return "", NOT_MEASURED
+    return _at_most(fused.peak_mem_mb / plain.peak_mem_mb, 0.6, "{:.2f}× the torch backend's peak memory")
+
+
 TARGETS = [
     Target(3, "layernorm fwd ≥ 85% of copy bandwidth, hidden 4096", _ln_fraction("fwd", 4096, 0.85)),
     Target(3, "layernorm fwd ≥ 70% of copy bandwidth, hidden 768", _ln_fraction("fwd", 768, 0.70)),
@@ -127,6 +148,9 @@ TARGETS = [
     Target(5, "host syncs per generated token ≤ 0.1 (profiler, CUDA)", _host_syncs),
     Target(14, "int8 decode GPT-2 124M B=1 ≥ 1.6× bf16 decode, same run", _int8_decode),
     Target(6, "training GPT-2 124M T=1024 fused MFU ≥ 50%", _train_mfu),
+    Target(23, "training GPT-2 124M T=1024 fused + compile MFU ≥ 40%", _train_compiled_mfu),
+    Target(23, "training step fused + compile ≥ 1.15× torch.compile, same run", _train_vs_compile),
+    Target(23, "training step fused + compile peak memory ≤ 0.6× torch backend", _train_memory),
 ]
 
 

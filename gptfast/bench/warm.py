@@ -14,7 +14,7 @@ land in the shared cache (``TRITON_CACHE_DIR``, which the caller sets for every
 stage), and the later stages find them there. The shapes are the stages' own, so the
 cache keys match. ``--tune`` adds every tuning candidate of ``gptfast.tune`` (on its
 ``--quick`` shapes, ``gptfast.tune.warm_tasks``), so the tune stage only times;
-``--compile`` adds the end-to-end suite's ``torch.compile`` cases (one build and two
+``--compile`` adds the end-to-end suite's compiled cases (``torch.compile``, ``gptfast+compile``) (one build and two
 calls each), whose compiled graphs land in inductor's cache (``TORCHINDUCTOR_CACHE_DIR``)
 for the benchmark stages. Those take longest, so they are dealt first.
 
@@ -66,7 +66,7 @@ def _compile_tasks(device) -> List[Task]:
         return run
 
     cases, _ = suites.collect("e2e", device, quick=True)
-    return [(f"compile {c.label()}", twice(c)) for c in cases if c.provider == "torch.compile"]
+    return [(f"compile {c.label()}", twice(c)) for c in cases if c.provider in ("torch.compile", "gptfast+compile")]
 
 
 def _tune_tasks(device) -> List[Task]:
@@ -86,7 +86,7 @@ def tasks(device, e2e: bool = False, tune: bool = False, compile: bool = False) 
 
 def run_worker(device, index: int, jobs: int, e2e: bool, tune: bool = False, compile: bool = False) -> int:
     """Run tasks ``index``, ``index + jobs``, ...; one line per task. Returns the failures."""
-    from gptfast.bench.cuda_errors import is_cuda_error, short_error, stop_message
+    from gptfast.runtime.cuda_errors import is_cuda_error, short_error, stop_message
     from gptfast.bench.runner import SkipCase
 
     mine = tasks(device, e2e, tune, compile)[index::jobs]

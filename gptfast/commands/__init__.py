@@ -24,7 +24,7 @@ def device_arg(value: str):
     usage error naming the flag and the value, before anything loads."""
     import argparse
 
-    from gptfast.devices import resolve_device
+    from gptfast.runtime.devices import resolve_device
 
     try:
         return resolve_device(value)

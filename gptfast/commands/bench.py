@@ -11,7 +11,7 @@ def register(subparsers):
                     "torch.compile and HF transformers. Without CUDA it runs what is meaningful on the CPU "
                     "and lists the GPU-only rows it skipped.",
     )
-    p.add_argument("--suite", choices=["kernels", "e2e", "hf", "all"], default="kernels")
+    p.add_argument("--suite", choices=["kernels", "e2e", "hf", "overhead", "all"], default="kernels")
     p.add_argument("--quick", action="store_true", help="a smaller grid (minutes on a GPU)")
     p.add_argument("--json", metavar="FILE", help="write rows, skipped rows and run metadata as JSON")
     p.add_argument("--csv", metavar="FILE", help="write rows as CSV")
@@ -119,7 +119,7 @@ def run(args) -> int:
     import torch
 
     from gptfast.bench import environment, report, results, suites
-    from gptfast.bench.cuda_errors import STOPPED
+    from gptfast.runtime.cuda_errors import STOPPED
 
     device = torch.device(args.device) if args.device else environment.default_device()
     if device.type == "cuda" and not torch.cuda.is_available():

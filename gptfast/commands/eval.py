@@ -2,7 +2,7 @@
 import json
 
 from gptfast.commands import device_arg
-from gptfast.precision import AUTOCAST_SETTINGS
+from gptfast.training.precision import AUTOCAST_SETTINGS
 
 
 def register(subparsers):
@@ -49,7 +49,7 @@ def _run_settings(model_dir) -> dict:
 
 def _check_flags(args) -> None:
     """Every numeric flag, by the rules of the training setting of the same name."""
-    from gptfast.train_config import RANGES, Range, check_setting
+    from gptfast.training.config import RANGES, Range, check_setting
 
     for name in ("val_fraction", "corpus_max_bytes", "block_size", "batch_size"):
         check_setting(name, getattr(args, name), RANGES[name])
@@ -57,10 +57,10 @@ def _check_flags(args) -> None:
 
 
 def run(args) -> int:
-    from gptfast.data import load_dataset
-    from gptfast.evaluation import evaluate
-    from gptfast.loading import load_model_and_tokenizer
-    from gptfast.precision import autocast_dtype
+    from gptfast.training.data import load_dataset
+    from gptfast.training.evaluation import evaluate
+    from gptfast.checkpoints.loader import load_model_and_tokenizer
+    from gptfast.training.precision import autocast_dtype
 
     _check_flags(args)
     run_cfg = _run_settings(args.model)

@@ -36,12 +36,12 @@ def register(subparsers):
 def run(args) -> int:
     import torch
 
-    from gptfast.engines import get_engine
-    from gptfast.generation import generate
-    from gptfast.loading import load_model_and_tokenizer
+    from gptfast.generation.engines import get_engine
+    from gptfast.generation.generate import generate
+    from gptfast.checkpoints.loader import load_model_and_tokenizer
     from gptfast.quantization import is_quantized, quantize
-    from gptfast.sampling import SamplingParams
-    from gptfast.speculative import DEFAULT_DRAFT_TOKENS
+    from gptfast.generation.sampling_params import SamplingParams
+    from gptfast.generation.speculative import DEFAULT_DRAFT_TOKENS
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,

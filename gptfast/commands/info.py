@@ -37,7 +37,7 @@ def run(args) -> int:
         fused = "falls back to the torch path (needs CUDA + triton, or TRITON_INTERPRET=1)"
     print("backends     reference: yes | torch: yes | fused: " + fused)
     print(f"default      {resolve_backend()}")
-    from gptfast.extension import extension_status
+    from gptfast.runtime.extension import extension_status
 
     print(f"sampler      {extension_status(build=False)}")  # never builds: info must be instant
     return 0

@@ -9,7 +9,7 @@ import typing
 
 
 def _flag_names(field) -> list:
-    from gptfast.train_config import flag_name
+    from gptfast.training.config import flag_name
 
     names = [flag_name(field.name)]
     extra = field.metadata.get("flag")
@@ -18,7 +18,7 @@ def _flag_names(field) -> list:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig key; flags not given stay out of the namespace."""
-    from gptfast.train_config import TrainConfig
+    from gptfast.training.config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
@@ -36,7 +36,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers):
-    from gptfast.train_config import TRAIN_PRESETS
+    from gptfast.training.config import TRAIN_PRESETS
 
     p = subparsers.add_parser(
         "train",
@@ -52,7 +52,7 @@ def register(subparsers):
 
 def config_from_args(args):
     """Preset, then config file, then explicit flags."""
-    from gptfast.train_config import TRAIN_PRESETS, TrainConfig, load_config_file
+    from gptfast.training.config import TRAIN_PRESETS, TrainConfig, load_config_file
 
     file_settings = load_config_file(args.config) if args.config else {}
     preset = args.preset or file_settings.pop("preset", None)

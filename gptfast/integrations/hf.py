@@ -28,6 +28,12 @@ non-trivial mask falls back), extra mask functions (sliding windows, chunked or 
 attention: the mask function then builds SDPA's 4-D mask), soft-capping, attention sinks
 or position biases, dropout > 0 in training, ``output_attentions``, a non-causal module,
 and dtypes or head sizes the kernels do not take.
+
+Per-call host cost. The attention function runs once per layer, with the same mask
+tensor every time within one forward: what depends on the mask alone (is it left padding,
+a host read; each row's first key, a device op) is computed for the first layer and
+reused by the others (``_mask_facts``, keyed by the mask tensor's identity and version).
+The decode step's per-row lengths are likewise made once per (batch, length, device).
 """
 import warnings
 import weakref
@@ -92,10 +98,41 @@ def _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs)
         return "a padding mask under torch.compile (checking its pattern needs a host read)"
     if not query.shape[2] <= attention_mask.shape[1] <= key.shape[2]:
         return f"a mask of {attention_mask.shape[1]} keys for {query.shape[2]} queries and {key.shape[2]} keys"
+    left_padding, _ = _mask_facts(attention_mask)
+    return None if left_padding else "a padding mask that is not left padding"
+
+
+# The last mask seen: (weak reference, version, is it left padding, each row's first key).
+_last_mask = [None]
+
+
+def _mask_facts(attention_mask):
+    """(whether the 2-D boolean mask is left padding, each row's first key on the device),
+    computed once per mask tensor (every layer of a forward passes the same one) and again
+    whenever that tensor is modified in place."""
+    cached = _last_mask[0]
+    if cached is not None and cached[0]() is attention_mask and cached[1] == attention_mask._version:
+        return cached[2], cached[3]
+    first = _first_key(attention_mask)
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    if not torch.equal(attention_mask, positions[None, :] >= _first_key(attention_mask)[:, None]):
-        return "a padding mask that is not left padding"
-    return None
+    left_padding = torch.equal(attention_mask, positions[None, :] >= first[:, None])
+    _last_mask[0] = (weakref.ref(attention_mask), attention_mask._version, left_padding, first)
+    return left_padding, first
+
+
+# The last decode lengths made: ((batch, length, device), lens); never written after.
+_last_lens = [None]
+
+
+def _decode_lens(batch: int, valid: int, device):
+    """A (batch,) int32 tensor of ``valid``, made once per (batch, valid, device)."""
+    key = (batch, valid, device)
+    cached = _last_lens[0]
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    lens = torch.full((batch,), valid, dtype=torch.int32, device=device)
+    _last_lens[0] = (key, lens)
+    return lens
 
 
 def _sdpa_padding_mask(attention_mask, q_len: int, kv_len: int):
@@ -136,10 +173,13 @@ def gptfast_attention_forward(module, query, key, value, attention_mask, dropout
                                       **kwargs)
     q_len = query.shape[2]
     valid = key.shape[2] if attention_mask is None else attention_mask.shape[1]
-    key_start = None if attention_mask is None else _first_key(attention_mask)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    key_start = None if attention_mask is None else _mask_facts(attention_mask)[1]
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     if q_len == 1 and not needs_grad:
-        lens = torch.full((query.shape[0],), valid, dtype=torch.int32, device=query.device)
+        if torch.compiler.is_compiling():
+            lens = torch.full((query.shape[0],), valid, dtype=torch.int32, device=query.device)
+        else:
+            lens = _decode_lens(query.shape[0], valid, query.device)
         out = ops.decode_attention(query[:, :, 0], key, value, lens, scale=scaling, key_start=key_start)
         out = out.unsqueeze(2)
     else:

@@ -17,6 +17,10 @@ On CUDA (or on the CPU under ``TRITON_INTERPRET=1``) it runs the Triton kernels 
 with fake (meta) implementations and an autograd formula tying the two together, so
 ``torch.compile(fullgraph=True)`` sees single opaque ops and training works. Elsewhere it
 runs ``gptfast.ops.torch_path.causal_attention`` (SDPA).
+
+Eager calls (outside ``torch.compile``) skip the registered ops, whose dispatch costs
+several times a torch op's host time: the launcher directly when no gradient is needed,
+else ``CausalAttentionFunction``, an ``autograd.Function`` over the same launchers.
 """
 import math
 from typing import Optional, Tuple
@@ -26,6 +30,7 @@ from torch import Tensor
 
 from gptfast.ops import torch_path
 from gptfast.ops._dispatch import check_same_device_dtype, use_triton
+from gptfast.ops._validation import check_positions, validate_heads, validate_key_start
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -33,8 +38,7 @@ MAX_HEAD_DIM = 256
 
 def _validate_positions(q, k, q_positions) -> None:
     """``q_positions``: a (Tq,) or (B, Tq) integer tensor on q's device; its values are
-    checked (in [0, Tk), consecutive along each row) only where that reads no device memory
-    and traces: CPU tensors, eagerly."""
+    checked (in [0, Tk), consecutive along each row) where that reads no device memory."""
     if not isinstance(q_positions, Tensor):
         raise TypeError(f"causal_attention: q_positions must be a torch.Tensor, got {type(q_positions).__name__}")
     batch, q_len = q.shape[0], q.shape[2]
@@ -44,33 +48,7 @@ def _validate_positions(q, k, q_positions) -> None:
                          f"(shared or per-row query positions), got {tuple(q_positions.shape)} {q_positions.dtype}")
     if q_positions.device != q.device:
         raise ValueError(f"causal_attention: q_positions is on {q_positions.device} but q is on {q.device}")
-    if q_positions.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(((q_positions < 0) | (q_positions >= k.shape[2])).any()):
-            raise ValueError(f"causal_attention: q_positions {q_positions.tolist()} outside the {k.shape[2]} keys")
-        if bool((q_positions.diff(dim=-1) != 1).any()):
-            raise ValueError(f"causal_attention: q_positions {q_positions.tolist()} must be consecutive "
-                             "(p, p+1, ..., along each row)")
-
-
-def validate_key_start(name: str, key_start, q) -> None:
-    """``key_start``: a (B,) int32/int64 tensor on q's device (its values are never read on
-    the host: they may be anything; negative starts count as 0)."""
-    if not isinstance(key_start, Tensor):
-        raise TypeError(f"{name}: key_start must be a torch.Tensor, got {type(key_start).__name__}")
-    if key_start.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name}: key_start must be int32 or int64, got {key_start.dtype}")
-    if tuple(key_start.shape) != (q.shape[0],):
-        raise ValueError(f"{name}: key_start must have shape ({q.shape[0]},) (one start per batch row), "
-                         f"got {tuple(key_start.shape)}")
-    if key_start.device != q.device:
-        raise ValueError(f"{name}: key_start is on {key_start.device} but q is on {q.device}")
-
-
-def validate_heads(name: str, heads: int, kv_heads: int, kv_name: str = "k") -> None:
-    """Grouped-query attention: the kv head count must divide the query head count."""
-    if kv_heads < 1 or heads % kv_heads:
-        raise ValueError(f"{name}: {kv_name} has {kv_heads} heads, which must divide the {heads} query heads "
-                         "(grouped-query attention: query head h reads kv head h // (H // H_kv))")
+    check_positions("causal_attention: q_positions", q_positions, k.shape[2], "keys")
 
 
 def _validate(q, k, v, q_offset, q_positions=None, key_start=None) -> None:
@@ -113,11 +91,16 @@ def _validate(q, k, v, q_offset, q_positions=None, key_start=None) -> None:
         )
 
 
-def _kernels():
-    # Imported here so that the torch path never imports triton.
-    from gptfast.kernels import causal_attention as kernels
+_kernel_module = []
 
-    return kernels
+
+def _kernels():
+    # Imported on first use so that the torch path never imports triton.
+    if not _kernel_module:
+        from gptfast.kernels import causal_attention as kernels
+
+        _kernel_module.append(kernels)
+    return _kernel_module[0]
 
 
 # ----------------------------------------------------------------------------- registered ops
@@ -168,6 +151,29 @@ def _backward(ctx, grad_out, _grad_lse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- eager path
+
+
+class CausalAttentionFunction(torch.autograd.Function):
+    """The eager path with gradients: ``apply(q, k, v, scale, q_offset, q_positions,
+    key_start)``, the registered ops' results and gradients without their dispatch cost."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, q_offset, q_positions, key_start):
+        out, lse = _kernels().attention_forward(q, k, v, scale, q_offset, q_positions=q_positions,
+                                                key_start=key_start)
+        ctx.save_for_backward(q, k, v, out, lse, q_positions, key_start)
+        ctx.scale, ctx.q_offset = scale, q_offset
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, q_positions, key_start = ctx.saved_tensors
+        dq, dk, dv = _kernels().attention_backward(grad_out, q, k, v, out, lse, ctx.scale, ctx.q_offset,
+                                                   q_positions=q_positions, key_start=key_start)
+        return dq, dk, dv, None, None, None, None
+
+
 # ----------------------------------------------------------------------------- public function
 
 
@@ -198,6 +204,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] 
     _validate(q, k, v, q_offset, q_positions, key_start)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if use_triton(q):
-        return _attention_fwd(q, k, v, scale, q_offset, q_positions, key_start)[0]
+        if torch.compiler.is_compiling():  # the registered op: one opaque node for the compiler
+            return _attention_fwd(q, k, v, scale, q_offset, q_positions, key_start)[0]
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return CausalAttentionFunction.apply(q, k, v, scale, q_offset, q_positions, key_start)
+        return _kernels().attention_forward(q, k, v, scale, q_offset, q_positions=q_positions,
+                                            key_start=key_start)[0]
     return torch_path.causal_attention(q, k, v, scale=scale, q_offset=q_offset, q_positions=q_positions,
                                        key_start=key_start)

@@ -13,7 +13,9 @@ Triton interpreter, otherwise the torch path (``gptfast.ops.torch_path.decode_at
 SDPA with a mask built from cache_lens). The op
 is registered as ``torch.ops.gptfast.decode_attention`` with a fake implementation, so
 ``torch.compile(fullgraph=True)`` sees one opaque op and CUDA graphs can capture it (no host
-synchronisation, allocations that depend only on shapes).
+synchronisation, allocations that depend only on shapes). Eager calls without gradients run
+the op's implementation (``_decode``) directly, skipping the registered op's dispatch cost;
+calls that could need a gradient, and compiled ones, go through the registered op.
 
 Decode is inference-only: the op has no derivative, and calling ``backward`` through it
 raises a RuntimeError that says so (use ``causal_attention`` for training).
@@ -33,7 +35,7 @@ import torch
 
 from gptfast.ops import torch_path
 from gptfast.ops._dispatch import check_same_device_dtype, register_inference_only, use_triton
-from gptfast.ops.causal_attention import validate_heads, validate_key_start
+from gptfast.ops._validation import host_readable, validate_heads, validate_key_start
 
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -80,7 +82,7 @@ def _validate(q, k_cache, v_cache, cache_lens, key_start=None) -> None:
 
 
 def _should_check_lens(cache_lens: torch.Tensor) -> bool:
-    if cache_lens.device.type == "cpu":
+    if host_readable(cache_lens):
         return True
     if cache_lens.device.type == "cuda" and os.environ.get(CHECK_CUDA_LENS_ENV, "0") == "1":
         return not torch.cuda.is_current_stream_capturing()
@@ -99,16 +101,21 @@ def _check_lens_values(cache_lens: torch.Tensor, seq_len: int) -> None:
         )
 
 
-@torch.library.custom_op("gptfast::decode_attention", mutates_args=())
-def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         cache_lens: torch.Tensor, scale: float,
-                         key_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _decode(q, k_cache, v_cache, cache_lens, scale: float, key_start=None):
+    """The op's implementation (registered op and eager path alike)."""
     _check_lens_values(cache_lens, k_cache.shape[2])
     if use_triton(q):
         from gptfast.kernels import decode_attention as kernel  # imports triton: only on this path
 
         return kernel.decode_attention(q, k_cache, v_cache, cache_lens, scale, key_start=key_start)
     return torch_path.decode_attention(q, k_cache, v_cache, cache_lens, scale=scale, key_start=key_start)
+
+
+@torch.library.custom_op("gptfast::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         cache_lens: torch.Tensor, scale: float,
+                         key_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _decode(q, k_cache, v_cache, cache_lens, scale, key_start)
 
 
 @_decode_attention_op.register_fake
@@ -137,4 +144,8 @@ def decode_attention(q, k_cache, v_cache, cache_lens, *, scale=None, key_start=N
     """
     _validate(q, k_cache, v_cache, cache_lens, key_start)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _decode_attention_op(q, k_cache, v_cache, cache_lens, scale, key_start)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)):
+        # compiled: one opaque node; gradients asked for: the op's backward raises its clear error
+        return _decode_attention_op(q, k_cache, v_cache, cache_lens, scale, key_start)
+    return _decode(q, k_cache, v_cache, cache_lens, scale, key_start)

@@ -13,16 +13,18 @@ Where it runs:
 - the Triton kernel (``gptfast.kernels.int8_linear``) on CUDA, or on CPU tensors under
   the Triton interpreter (TRITON_INTERPRET=1);
 - on other CPU float32 inputs, the C++ kernel of the gptfast extension
-  (``torch.ops.gptfast_cpu.int8_linear``, csrc/int8_linear.cpp: AVX-512 / AVX2 /
+  (``torch.ops.gptfast_cpu.int8_linear_packed``, csrc/int8_linear.cpp: AVX-512 / AVX2 /
   scalar, chosen at run time) for up to ``CPU_KERNEL_MAX_ROWS`` rows, when the
   extension is loaded; longer prompts are compute-bound and go to the torch path. The
   kernel reads the weight in a blocked layout (``cpu_packed_weight``): made on a weight's
   first call, kept while that tensor lives (a weak reference) and remade when it changes
-  in place; generation calls the packed kernel directly (``gptfast.cpu_linear``);
+  in place; generation calls the packed kernel directly (``gptfast.generation.cpu_linear``);
 - otherwise the torch path: dequantise to x's dtype, then ``F.linear``.
 
 The op is registered as ``torch.ops.gptfast.int8_linear`` with a fake implementation,
-so ``torch.compile(fullgraph=True)`` sees one op and CUDA graphs can capture it.
+so ``torch.compile(fullgraph=True)`` sees one op and CUDA graphs can capture it. Eager
+calls that need no gradient run its implementation (``_linear``) directly, skipping the
+registered op's dispatch cost.
 Inference-only: calling ``backward`` through it raises a RuntimeError.
 """
 import threading
@@ -102,7 +104,7 @@ def cpu_kernel():
     """``torch.ops.gptfast_cpu.int8_linear`` of the loaded gptfast extension, or None
     (no extension, or one built before csrc/int8_linear.cpp). Looked up once."""
     if not _cpu_kernel:
-        from gptfast.extension import load_extension  # builds or loads gptfast._C (and registers the op)
+        from gptfast.runtime.extension import load_extension  # builds or loads gptfast._C (and registers the op)
 
         op = None
         if load_extension() is not None:
@@ -144,9 +146,8 @@ def _use_cpu_kernel(x2) -> bool:
             and cpu_kernel() is not None)
 
 
-@torch.library.custom_op("gptfast::int8_linear", mutates_args=())
-def _int8_linear_op(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _linear(x2, weight, scale, bias):
+    """The op's implementation (registered op and eager path alike)."""
     if use_triton(x2):
         from gptfast.kernels import int8_linear as kernel  # imports triton: only on this path
 
@@ -154,6 +155,12 @@ def _int8_linear_op(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if _use_cpu_kernel(x2):
         return _cpu_int8_linear(x2, weight, scale, bias)
     return torch_path.int8_linear(x2, weight, scale, bias)
+
+
+@torch.library.custom_op("gptfast::int8_linear", mutates_args=())
+def _int8_linear_op(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _linear(x2, weight, scale, bias)
 
 
 @_int8_linear_op.register_fake
@@ -176,5 +183,11 @@ def int8_linear(x, weight_int8, scale, bias=None):
     """
     _validate(x, weight_int8, scale, bias)
     n, k = weight_int8.shape
-    y = _int8_linear_op(x.reshape(-1, k), weight_int8, scale, bias)
+    x2 = x.reshape(-1, k)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            x.requires_grad or scale.requires_grad or (bias is not None and bias.requires_grad))):
+        # compiled: one opaque node; gradients asked for: the op's backward raises its clear error
+        y = _int8_linear_op(x2, weight_int8, scale, bias)
+    else:
+        y = _linear(x2, weight_int8, scale, bias)
     return y.view(*x.shape[:-1], n)

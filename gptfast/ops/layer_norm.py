@@ -15,6 +15,13 @@ On CUDA (or on the CPU under ``TRITON_INTERPRET=1``) it runs the Triton kernels 
 with fake implementations and autograd formulas, so ``torch.compile(fullgraph=True)``
 sees single opaque ops and training works. Elsewhere (and for float64) it runs
 ``gptfast.ops.torch_path.layer_norm`` (``F.layer_norm``).
+
+Eager calls skip the registered ops: a registered op's dispatch costs several times a
+torch op's host time, which a drop-in module pays on every call. Outside
+``torch.compile`` the public function calls the launcher directly (no gradient needed)
+or ``LayerNormFunction`` (an ``autograd.Function`` over the same forward and backward
+implementations as the registered ops, ``_forward`` and ``_backward``); under
+``torch.compile`` it calls the registered ops, which the compiler needs.
 """
 import math
 from typing import Optional, Tuple
@@ -30,11 +37,16 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
-def _kernels():
-    # Imported here so that importing gptfast.ops (or the torch path) never imports triton.
-    from gptfast.kernels import layer_norm as kernels
+_kernel_module = []
 
-    return kernels
+
+def _kernels():
+    # Imported on first use so that importing gptfast.ops (or the torch path) never imports triton.
+    if not _kernel_module:
+        from gptfast.kernels import layer_norm as kernels
+
+        _kernel_module.append(kernels)
+    return _kernel_module[0]
 
 
 def _validate(x, weight, bias, eps, residual) -> None:
@@ -46,6 +58,7 @@ def _validate(x, weight, bias, eps, residual) -> None:
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"layer_norm: x needs a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
     hidden = x.shape[-1]
+    device = x.device
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -53,12 +66,12 @@ def _validate(x, weight, bias, eps, residual) -> None:
             raise TypeError(f"layer_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"layer_norm: {name} has dtype {t.dtype}; use float16, bfloat16, float32 or float64")
-        if tuple(t.shape) != (hidden,):
+        if t.shape != (hidden,):
             raise ValueError(
                 f"layer_norm: {name} must have shape ({hidden},) to match x's hidden size, got {tuple(t.shape)}"
             )
-        if t.device != x.device:
-            raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}")
+        if t.device != device:
+            raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {device}")
     if residual is not None:
         if not isinstance(residual, Tensor):
             raise TypeError(f"layer_norm: residual must be a torch.Tensor or None, got {type(residual).__name__}")
@@ -74,7 +87,7 @@ def _validate(x, weight, bias, eps, residual) -> None:
 
 def _rows(t: Tensor) -> Tensor:
     """``t`` as a (rows, hidden) matrix whose last dimension is contiguous (a view when possible)."""
-    rows = t.reshape(-1, t.shape[-1])
+    rows = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
     return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
 
 
@@ -85,12 +98,34 @@ def _stats_shape(x: Tensor):
 # ----------------------------------------------------------------------------- registered ops
 
 
+def _forward(x: Tensor, weight, bias, eps: float, residual=None):
+    """The fused forward, shared by the registered ops and the eager path: y and h (None
+    without residual; contiguous, shaped and typed like x), float32 mean and rstd (x.shape[:-1])."""
+    y, h, mean, rstd = _kernels().layer_norm_fwd(_rows(x), weight, bias, eps,
+                                                 residual=None if residual is None else _rows(residual))
+    if x.dim() == 2:  # already shaped (a view costs microseconds, paid per eager call)
+        return y, h, mean, rstd
+    stats = x.shape[:-1]
+    return y.view(x.shape), None if h is None else h.view(x.shape), mean.view(stats), rstd.view(stats)
+
+
+def _backward(dy: Tensor, dh, h: Tensor, weight, mean: Tensor, rstd: Tensor, compute_dweight: bool,
+              compute_dbias: bool):
+    """The fused backward, shared by the registered op and the eager path: dx (like h) and
+    float32 dweight, dbias (None where not requested)."""
+    dx, dw, db = _kernels().layer_norm_bwd(
+        _rows(dy), _rows(h), weight, mean.reshape(-1), rstd.reshape(-1), None if dh is None else _rows(dh),
+        compute_dw=compute_dweight, compute_db=compute_dbias,
+    )
+    return dx.view(h.shape), dw, db
+
+
 @torch.library.custom_op("gptfast::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused forward: y (contiguous, shaped and typed like x), float32 mean and rstd (x.shape[:-1])."""
-    y, _, mean, rstd = _kernels().layer_norm_fwd(_rows(x), weight, bias, eps)
-    return y.view(x.shape), mean.view(_stats_shape(x)), rstd.view(_stats_shape(x))
+    y, _, mean, rstd = _forward(x, weight, bias, eps)
+    return y, mean, rstd
 
 
 @_layer_norm_fwd.register_fake
@@ -103,8 +138,7 @@ def _layer_norm_fwd_fake(x, weight, bias, eps):
 def _add_layer_norm_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                         eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused residual add + forward: y and h = x + residual (contiguous, like x), float32 mean, rstd."""
-    y, h, mean, rstd = _kernels().layer_norm_fwd(_rows(x), weight, bias, eps, residual=_rows(residual))
-    return y.view(x.shape), h.view(x.shape), mean.view(_stats_shape(x)), rstd.view(_stats_shape(x))
+    return _forward(x, weight, bias, eps, residual)
 
 
 @_add_layer_norm_fwd.register_fake
@@ -119,15 +153,12 @@ def _layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optiona
     """Fused backward. ``h`` is the normalised input; ``dh`` the incoming gradient of the
     residual variant's ``h`` output (None otherwise). Returns dx (like h: the gradient of
     x and of residual alike) and float32 dweight, dbias, or empty tensors where not requested."""
-    dx, dw, db = _kernels().layer_norm_bwd(
-        _rows(dy), _rows(h), weight, mean.reshape(-1), rstd.reshape(-1), None if dh is None else _rows(dh),
-        compute_dw=compute_dweight, compute_db=compute_dbias,
-    )
+    dx, dw, db = _backward(dy, dh, h, weight, mean, rstd, compute_dweight, compute_dbias)
 
     def empty():  # a fresh one per output: outputs of a custom op may not alias each other
         return h.new_empty((0,), dtype=torch.float32)
 
-    return dx.view(h.shape), empty() if dw is None else dw, empty() if db is None else db
+    return dx, empty() if dw is None else dw, empty() if db is None else db
 
 
 @_layer_norm_bwd.register_fake
@@ -149,8 +180,12 @@ def _save_for_param_grads(ctx, weight, bias, mean, rstd, weight_index: int):
 
 def _param_grads(ctx, dw, db):
     """The float32 dweight/dbias as autograd wants them: None where not needed, else in each parameter's dtype."""
-    return (dw.to(ctx.weight_dtype) if ctx.needs_dweight else None,
-            db.to(ctx.bias_dtype) if ctx.needs_dbias else None)
+    return (_as_dtype(dw, ctx.weight_dtype) if ctx.needs_dweight else None,
+            _as_dtype(db, ctx.bias_dtype) if ctx.needs_dbias else None)
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _layer_norm_setup_context(ctx, inputs, output):
@@ -185,6 +220,43 @@ _layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_nor
 _add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup_context)
 
 
+# ----------------------------------------------------------------------------- eager path
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """The eager path with gradients: ``apply(x, residual, weight, bias, eps)`` returns
+    ``(y, h)`` (h None without residual), the registered ops' results and gradients
+    without their dispatch cost."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        y, h, mean, rstd = _forward(x, weight, bias, eps, residual)
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(x if residual is None else h, weight, mean, rstd)
+        ctx.needs_dweight = weight is not None and ctx.needs_input_grad[2]
+        ctx.needs_dbias = bias is not None and ctx.needs_input_grad[3]
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.set_materialize_grads(False)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        h, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only h's gradient reached us: it passes to x and residual unchanged
+            dy = torch.zeros_like(h)
+        dx, dw, db = _backward(dy, dh if ctx.has_residual else None, h, weight, mean, rstd, ctx.needs_dweight,
+                               ctx.needs_dbias)
+        dw, db = _param_grads(ctx, dw, db)
+        return dx, dx if ctx.has_residual else None, dw, db, None
+
+
+def _needs_grad(x, residual, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
+                                        or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+
+
 # ----------------------------------------------------------------------------- public function
 
 
@@ -211,8 +283,14 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     params_fit = all(t is None or t.dtype in KERNEL_DTYPES for t in (weight, bias))
     if use_triton(x) and x.dtype in KERNEL_DTYPES and params_fit:
         _kernels().check_hidden_size(x.shape[-1])
-        if residual is None:
-            return _layer_norm_fwd(x, weight, bias, eps)[0]
-        y, h, _, _ = _add_layer_norm_fwd(x, residual, weight, bias, eps)
-        return y, h
+        if torch.compiler.is_compiling():  # the registered ops: single opaque nodes for the compiler
+            if residual is None:
+                return _layer_norm_fwd(x, weight, bias, eps)[0]
+            y, h, _, _ = _add_layer_norm_fwd(x, residual, weight, bias, eps)
+            return y, h
+        if _needs_grad(x, residual, weight, bias):
+            y, h = LayerNormFunction.apply(x, residual, weight, bias, eps)
+        else:
+            y, h, _, _ = _forward(x, weight, bias, eps, residual)
+        return y if residual is None else (y, h)
     return torch_path.layer_norm(x, weight, bias, eps, residual=residual)

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gptfast.ops._validation import host_readable
+
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
                residual: Optional[Tensor] = None):
@@ -117,7 +119,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
         empty = ~valid.any(dim=1)  # (B,): rows with no visible key; key 0 keeps their softmax defined
         valid = valid | (empty[:, None] & (key_pos == 0))
     out = None
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host_readable(q):
         gqa = dict(enable_gqa=True) if kv_heads != heads else {}
         out = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache, attn_mask=valid[:, None, None, :],
                                              scale=scale, **gqa).squeeze(2)

@@ -12,11 +12,12 @@ SUITES = {
     "kernels": registry.NAMES + ("sampler",),
     "e2e": ("e2e",),
     "hf": ("hf",),
+    "overhead": ("overhead",),
 }
-SUITES["all"] = SUITES["kernels"] + SUITES["e2e"] + SUITES["hf"]
+SUITES["all"] = SUITES["kernels"] + SUITES["e2e"] + SUITES["hf"]  # overhead: its own run (host time)
 
 # Speedups are reported against these providers (see results.fill_speedups).
-BASELINES = {"*": "torch", "decode": "hf", "sampler_step": "python-twin", "hf_gpt2": "sdpa"}
+BASELINES = {"*": "torch", "decode": "hf", "sampler_step": "python-twin", "hf_gpt2": "sdpa", "overhead": "x.add(1)"}
 
 
 def collect(suite: str, device, quick: bool = False) -> Tuple[List[Case], List[Skipped]]:

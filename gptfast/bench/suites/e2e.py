@@ -8,10 +8,14 @@ On a GPU: GPT-2 124M with random weights, bf16.
     Python twin loop (``engine="python"``), a static-cache decode under
     ``torch.compile(mode="reduce-overhead")`` and HF ``generate``, all on the same
     weights. Tokens counted: the new tokens of all rows.
-  - training step (forward, backward, AdamW step): T = 1024, batch 8, fp32 weights with
-    bf16 autocast; the fused backend against the torch backend and torch.compile of the
-    torch backend (each transformer block compiled: one compile reused by every block,
-    so that the row fits a GPU suite stage). MFU = model FLOPs / time / measured bf16 matmul peak, with
+  - training step (forward with the loss, backward, fused AdamW step): T = 1024, batch 8,
+    fp32 weights with bf16 autocast, the loss through ``linear_cross_entropy`` (no logits
+    held). Four rows in one run: the torch backend eager (``torch``) and compiled
+    (``torch.compile``), the fused backend eager (``gptfast``) and compiled
+    (``gptfast+compile``); compiled = the whole forward under
+    ``torch.compile(fullgraph=True)`` with inductor, as ``gptfast train --compile``
+    (its compile happens in the warm-up calls; ``gptfast.bench.warm --compile`` fills
+    inductor's cache first). On CUDA each row carries its peak memory. MFU = model FLOPs / time / measured bf16 matmul peak, with
     ``6*N + 12*L*C*T`` FLOPs per token (N without position embeddings; the PaLM
     convention, as ``gptfast train`` and llm.c count it).
 On the CPU the same comparisons run on a 4-layer x 256-wide byte-level model (wall
@@ -145,7 +149,7 @@ def _build_decode(provider, batch, new_tokens, dtype, device):
         prompt_lists = prompts.tolist()
         engine = "python" if provider == "python-twin" else "cpp"
         if engine == "cpp":
-            from gptfast.extension import extension_status, load_extension
+            from gptfast.runtime.extension import extension_status, load_extension
 
             if load_extension() is None:
                 raise SkipCase(f"C++ sampling extension unavailable: {extension_status()}")
@@ -210,27 +214,45 @@ def count_params(config) -> int:
 
 
 def train_flops_per_token(config, n_params: int, seq_len: int) -> float:
-    """``6*N + 12*L*C*T``: the PaLM convention that ``gptfast train`` (gptfast.mfu) and llm.c use."""
-    from gptfast.mfu import flops_per_token
+    """``6*N + 12*L*C*T``: the PaLM convention that ``gptfast train`` (gptfast.training.mfu) and llm.c use."""
+    from gptfast.training.mfu import flops_per_token
 
     return flops_per_token(n_params, config.n_layer, config.n_embd, seq_len)
 
 
+# The training-step providers: (model backend, compiled?). ``gptfast`` is the fused
+# backend (GPU only); the ``+compile`` / ``torch.compile`` rows compile the whole step's
+# forward (loss included) with fullgraph=True, as ``gptfast train --compile`` does.
+TRAIN_PROVIDERS = {"torch": ("torch", False), "torch.compile": ("torch", True),
+                   "gptfast": ("fused", False), "gptfast+compile": ("fused", True)}
+
+
+def compile_backend(device) -> str:
+    """inductor on the GPU; aot_eager on the CPU, where the rows are dry runs (no C++ build)."""
+    return "inductor" if is_gpu(device) else "aot_eager"
+
+
 def _build_train(provider, batch, seq_len, device):
+    """One training step: forward with the loss (``return_logits=False``: the backend's
+    ``linear_cross_entropy``, which in the fused backend never holds all the logits),
+    backward, AdamW (fused on CUDA), as ``gptfast train`` runs it."""
     from gptfast.model import GPT
 
-    backend = _backend_for(provider, device)
+    backend, compiled = TRAIN_PROVIDERS[provider]
+    if backend == "fused":
+        if not is_gpu(device):
+            raise SkipCase(FUSED_GPU_ONLY)
+        require_fused(device)
     torch.manual_seed(0)
     model = GPT(model_config(device), backend=backend).to(device).train()
-    fused = is_gpu(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if fused else None)
-    forward = model
-    if provider == "torch.compile":
-        # Regional compilation: every block is the same code, so one compile serves all of
-        # them (a whole-model compile of the training step takes minutes, past the stage).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if is_gpu(device) else None)
+
+    def loss_of(idx, targets):
+        return model(idx, targets, return_logits=False)[1]
+
+    if compiled:
         torch._dynamo.reset()
-        for block in model.transformer.h:
-            block.compile(dynamic=False)
+        loss_of = torch.compile(loss_of, fullgraph=True, dynamic=False, backend=compile_backend(device))
     vocab = model.config.vocab_size
     sets = [(torch.randint(0, vocab, (batch, seq_len), device=device),
              torch.randint(0, vocab, (batch, seq_len), device=device)) for _ in range(2)]
@@ -239,7 +261,7 @@ def _build_train(provider, batch, seq_len, device):
     def run(data):
         idx, targets = data
         with autocast:
-            _, loss = forward(idx, targets)
+            loss = loss_of(idx, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -298,16 +320,19 @@ def cases(device, quick: bool = False) -> Tuple[List[Case], List[Skipped]]:
     n_params = count_params(config)
     batch, seq_len = (8, 1024) if gpu else (4, 128)
     flops = train_flops_per_token(config, n_params, seq_len) * batch * seq_len
-    train_providers = (("gptfast", CORE), ("torch", CORE), ("torch.compile", EXTRA)) if gpu else \
-        (("gptfast", CORE), ("torch", CORE), ("reference", EXTRA))
+    train_providers = (("gptfast", CORE), ("gptfast+compile", CORE), ("torch", CORE), ("torch.compile", CORE))
     for provider, priority in train_providers:
+        if provider.startswith("gptfast") and not gpu:
+            skipped.append(Skipped("train_step", provider, "fwd+bwd", f"{name} B={batch} T={seq_len}", FUSED_GPU_ONLY))
+            continue
+        compiled = TRAIN_PROVIDERS[provider][1]
         out.append(Case(
             op="train_step", provider=provider, mode="fwd+bwd", shape=f"{name} B={batch} T={seq_len}",
             dtype="bf16-autocast" if gpu else dname,
             build=partial(_build_train, provider, batch, seq_len, device),
             group="", tokens=batch * seq_len, flops=flops, peak=PEAK_MATMUL, priority=priority,
-            note="torch.compile per transformer block" if provider == "torch.compile" else "",
-            **{**TRAIN_TIMING, "warmup": 3 if provider == "torch.compile" else 2},
+            note=f"whole model, fullgraph, {compile_backend(device)}" if compiled else "",
+            **{**TRAIN_TIMING, "warmup": 3 if compiled else 2},
         ))
     if not gpu:
         skipped.append(Skipped("train_step", "*", "fwd+bwd", "gpt2-124M B=8 T=1024",

@@ -12,7 +12,8 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from gptfast.bench.results import PEAK_COPY, Skipped, dtype_name
+from gptfast.bench.results import PEAK_COPY, Skipped
+from gptfast.runtime.devices import dtype_name
 from gptfast.bench.runner import CORE, EXTRA, SLOW, Case
 from gptfast.bench.suites.common import (MODES, input_set_count, is_gpu, require_fused,
                                          require_module, timed_callable)

@@ -16,7 +16,8 @@ from typing import List, Tuple
 
 import torch
 
-from gptfast.bench.results import PEAK_MATMUL, Skipped, dtype_name
+from gptfast.bench.results import PEAK_MATMUL, Skipped
+from gptfast.runtime.devices import dtype_name
 from gptfast.bench.runner import CORE, EXTRA, SLOW, Case, SkipCase
 from gptfast.bench.suites.common import is_gpu, require_fused, require_module, timed_callable
 

@@ -1,6 +1,6 @@
 """Sampler step benchmark (issue 5): one logits-processing + sampling step on (B, V) logits.
 
-The C++ engine's ``sample_step`` against the Python twin's (``gptfast.engines``),
+The C++ engine's ``sample_step`` against the Python twin's (``gptfast.generation.engines``),
 for GPT-2's vocabulary (V = 50257) at batch 1 and 8, with two parameter sets: greedy,
 and sampling with every processor on (repetition penalty, temperature, top-k, top-p,
 min-p). A step advances the decode state in place, so each timed call first rewinds the
@@ -26,8 +26,8 @@ MAX_NEW_TOKENS = 8
 
 
 def _engine(provider):
-    from gptfast.engines import get_engine
-    from gptfast.extension import extension_status, load_extension
+    from gptfast.generation.engines import get_engine
+    from gptfast.runtime.extension import extension_status, load_extension
 
     if provider == "python-twin":
         return get_engine("python")
@@ -37,7 +37,7 @@ def _engine(provider):
 
 
 def _build(provider, batch, parameter_set, device):
-    from gptfast.sampling import SamplingParams, build_sampling_tensors, new_decode_state
+    from gptfast.generation.sampling_params import SamplingParams, build_sampling_tensors, new_decode_state
 
     engine = _engine(provider)
     params = [SamplingParams(max_new_tokens=MAX_NEW_TOKENS, seed=row, **PARAMETER_SETS[parameter_set])

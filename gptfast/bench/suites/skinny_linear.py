@@ -19,7 +19,8 @@ from typing import List, Tuple
 
 import torch
 
-from gptfast.bench.results import PEAK_COPY, dtype_name
+from gptfast.bench.results import PEAK_COPY
+from gptfast.runtime.devices import dtype_name
 from gptfast.bench.runner import CORE, Case
 from gptfast.bench.suites.common import input_set_count, is_gpu, require_fused
 

@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from gptfast.decode_state import copy_fields
+from gptfast.generation.decode_state import copy_fields
 
 
 def _signature(obj):

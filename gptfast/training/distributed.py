@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from gptfast.devices import resolve_device
+from gptfast.runtime.devices import resolve_device
 
 
 @dataclasses.dataclass

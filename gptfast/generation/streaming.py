@@ -1,6 +1,6 @@
 """The host side of the decode loop: what each row has produced, streaming, stop strings.
 
-The device keeps the loop state (gptfast.decode_state.DecodeState); the host reads it only
+The device keeps the loop state (gptfast.generation.decode_state.DecodeState); the host reads it only
 at a sync (``HostRows.on_sync``: finished flags and new tokens in one transfer), then
 streams the new tokens and text, and searches the text for stop strings, telling the
 device which rows those stopped.
@@ -10,7 +10,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from gptfast.decode_state import FINISH_LENGTH, FINISH_RUNNING, FINISH_STOP_STRING, FINISH_STOP_TOKEN
+from gptfast.generation.decode_state import FINISH_LENGTH, FINISH_RUNNING, FINISH_STOP_STRING, FINISH_STOP_TOKEN
 
 
 class InvalidLogitsError(RuntimeError):

@@ -1,11 +1,11 @@
 """The two engines that run the sampling step and the decode loop: ``"cpp"``
-(csrc/sampling.cpp, loaded by gptfast.extension) and ``"python"`` (the twin,
-gptfast.reference.sampling, driven from Python). They pick identical tokens."""
+(csrc/sampling.cpp, loaded by gptfast.runtime.extension) and ``"python"`` (the twin,
+gptfast.reference.sampler, driven from Python). They pick identical tokens."""
 import torch
 
-from gptfast import extension
-from gptfast.reference import sampling as twin
-from gptfast.reference import speculative as speculative_twin
+from gptfast.runtime import extension
+from gptfast.reference import sampler as twin
+from gptfast.reference import speculative_round as speculative_twin
 
 ENGINES = ("auto", "cpp", "python")
 _TABLES = {}
@@ -44,7 +44,7 @@ class CppEngine:
 
 
 class PythonEngine:
-    """The twin: gptfast.reference.sampling's step, and the same loop written in Python."""
+    """The twin: gptfast.reference.sampler's step, and the same loop written in Python."""
 
     name = "python"
 
@@ -76,7 +76,7 @@ class PythonEngine:
     @staticmethod
     def speculative_loop(p, s, spec, draft_step, verify_step, on_sync, num_rounds, sync_rounds, k, first_step):
         """Line for line ``speculative_loop`` of csrc/sampling.cpp: rounds of
-        gptfast.reference.speculative, a host sync every ``sync_rounds`` rounds (and, on CPU,
+        gptfast.reference.speculative_round, a host sync every ``sync_rounds`` rounds (and, on CPU,
         as soon as every row is done or a row's logits went bad)."""
         host_reads_are_free = s.tokens.device.type == "cpu"
         width = s.out_tokens.shape[1]

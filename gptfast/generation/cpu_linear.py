@@ -12,7 +12,7 @@ bandwidth; the same product on the weight packed once into oneDNN's blocked layo
 float32 models: inside it, every ``nn.Linear`` submodule of ``model`` is swapped for a
 ``PackedLinear`` holding it, which computes through the packed weight when called
 without autograd on a float32 CPU input (anything else takes ``F.linear`` as usual), and
-every weight-only int8 layer (``gptfast.quantization.Int8Linear`` with float32 scales)
+every weight-only int8 layer (``gptfast.nn.Int8Linear`` with float32 scales)
 for a ``PackedInt8Linear``: its (N, K) int8 weight reordered once into the C++ kernel's
 blocked layout (``torch.ops.gptfast_cpu.int8_pack``, csrc/int8_linear.cpp: blocks of 64
 output channels, one cache line per k, so each thread streams one sequential region),
@@ -137,7 +137,7 @@ class PackedLinear(nn.Module):
 
 
 class PackedInt8Linear(nn.Module):
-    """A ``gptfast.quantization.Int8Linear`` (held as ``linear``, its buffers unchanged)
+    """A ``gptfast.nn.Int8Linear`` (held as ``linear``, its buffers unchanged)
     whose forward runs the C++ kernel on its packed weight when that applies: a float32
     CPU input of at most ``CPU_KERNEL_MAX_ROWS`` rows, outside autograd. Anything else
     takes the layer's own forward."""
@@ -173,7 +173,7 @@ class PackedInt8Linear(nn.Module):
 
 
 def _is_int8(module) -> bool:
-    from gptfast.quantization import Int8Linear
+    from gptfast.nn import Int8Linear
 
     return type(module) is Int8Linear
 

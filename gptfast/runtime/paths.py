@@ -13,7 +13,6 @@ installed gptfast's parent is site-packages, where ``kernels`` is another distri
 """
 import os
 from pathlib import Path
-from typing import Optional
 
 CACHE_ENV = "GPTFAST_CACHE_DIR"
 
@@ -27,18 +26,6 @@ def cache_dir(*parts: str) -> Path:
     return Path(base).joinpath(*parts)
 
 
-def checkout_root() -> Optional[Path]:
-    """The repository root when this gptfast is a source checkout's, else None."""
-    root = Path(os.path.abspath(__file__)).parent.parent
-    if (root / "setup.py").is_file() and (root / "kernels" / "_registry.py").is_file():
-        return root
-    return None
-
-
-def source_dir(name: str) -> Path:
-    """``kernels`` or ``csrc`` of this gptfast: beside the package in a checkout, inside it
-    in an installed wheel (the path may not exist, e.g. csrc/ of a wheel built without it)."""
-    if name not in ("kernels", "csrc"):
-        raise ValueError(f"source_dir: name must be 'kernels' or 'csrc', got {name!r}")
-    root = checkout_root()
-    return root / name if root is not None else Path(os.path.abspath(__file__)).parent / name
+# Where the non-package sources are is known by the package root, which needs it to mount the
+# kernels before anything else of gptfast imports; it is re-exported here for the rest.
+from gptfast import checkout_root, source_dir  # noqa: E402,F401

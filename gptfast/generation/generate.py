@@ -12,23 +12,23 @@
    only every ``sync_every`` tokens: finished flags and new tokens in one transfer, then
    streaming and stop-string checks happen on the host.
 
-With a draft model, step 3 is speculative decoding instead (gptfast.speculative): rounds
+With a draft model, step 3 is speculative decoding instead (gptfast.generation.speculative): rounds
 of k draft tokens verified by one target forward, driven from C++ as well.
 
-The parts, each in its own module: the engines that sample (gptfast.engines), the
-per-row tensors (gptfast.sampling), the host side of the loop: streaming and stop
-strings (gptfast.streaming), and the CUDA-graph cache (gptfast.decode_graphs).
+The parts, each in its own module: the engines that sample (gptfast.generation.engines), the
+per-row tensors (gptfast.generation.sampling_params), the host side of the loop: streaming and stop
+strings (gptfast.generation.streaming), and the CUDA-graph cache (gptfast.generation.cuda_graphs).
 """
 import warnings
 from typing import Callable, List, Optional
 
 import torch
 
-from gptfast import cpu_linear, speculative
-from gptfast.decode_graphs import GRAPHS
-from gptfast.engines import get_engine
-from gptfast.sampling import SamplingParams, build_sampling_tensors, new_decode_state, resolve_seeds, to_device
-from gptfast.streaming import GenerationResult, HostRows, InvalidLogitsError
+from gptfast.generation import cpu_linear, speculative
+from gptfast.generation.cuda_graphs import GRAPHS
+from gptfast.generation.engines import get_engine
+from gptfast.generation.sampling_params import SamplingParams, build_sampling_tensors, new_decode_state, resolve_seeds, to_device
+from gptfast.generation.streaming import GenerationResult, HostRows, InvalidLogitsError
 
 __all__ = ["generate", "GenerationResult", "InvalidLogitsError"]
 
@@ -152,11 +152,11 @@ def generate(model, prompts, params=None, *, tokenizer=None, stream: Optional[Ca
     ``sync_every`` tokens; ``new_text`` is None without a tokenizer). engine: "cpp",
     "python" (the twin) or "auto". cuda_graph: capture the decode step on CUDA (default
     True there). eos_token_id: end-of-text token (default: the tokenizer's).
-    packed_cpu_weights: run the linear layers on prepacked weights (gptfast.cpu_linear;
+    packed_cpu_weights: run the linear layers on prepacked weights (gptfast.generation.cpu_linear;
     CPU float32 only); None: on where it applies unless $GPTFAST_CPU_PACKED_LINEAR=0.
     draft_model: a smaller gptfast GPT with the same tokenizer (``draft_tokenizer``, when
     given, is checked against ``tokenizer``): speculative decoding with ``num_draft_tokens``
-    (1..16) draft tokens per round (gptfast.speculative): greedy rows give exactly the
+    (1..16) draft tokens per round (gptfast.generation.speculative): greedy rows give exactly the
     tokens of plain decoding, sampled rows tokens of the same distribution.
     Returns one ``GenerationResult`` per prompt, in order.
     """
@@ -191,7 +191,7 @@ def generate(model, prompts, params=None, *, tokenizer=None, stream: Optional[Ca
 
 def _generate_speculative(model, draft_model, k, prompts, params, seeds, eng, p, s, length, options):
     """generate()'s path with a draft model: both prefills, the target's first token, then
-    speculative rounds (gptfast.speculative)."""
+    speculative rounds (gptfast.generation.speculative)."""
     tokenizer, stream, sync_every, cuda_graph, packed = options
     draft_weight = next(draft_model.parameters())
     _ensure_cache(draft_model, len(prompts), length, draft_weight.device, draft_weight.dtype)

@@ -1,4 +1,6 @@
-"""Hugging Face GPT-2 checkpoints: load a local directory into gptfast, write one back.
+"""The Hugging Face GPT-2 checkpoint format: a local directory's config and weights under
+gptfast's names, and a model's written back (``GPT.from_pretrained`` / ``save_pretrained``
+call these; the format knows state dicts and configs, never the model class).
 
 HF's GPT-2 stores the four projection weights as Conv1D, i.e. (in, out): transposed
 relative to nn.Linear. Attention-mask buffers (``attn.bias``, ``attn.masked_bias``) of
@@ -22,10 +24,10 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing a file or does not match the model."""
 
 
-# config.json keys whose GPTConfig field has another name, for messages that name both.
-# config.json key of a weight-only quantized checkpoint (gptfast.quantization writes it):
+# config.json key of a weight-only quantized checkpoint (checkpoints.quantized writes it):
 # such a directory holds int8 tensors in gptfast's layout, which HF GPT-2 cannot read.
 QUANTIZATION_KEY = "gptfast_quantization"
+# config.json keys whose GPTConfig field has another name, for messages that name both.
 HF_NAMES = {"block_size": "n_positions", "dropout": "resid_pdrop", "pos_embedding": "gptfast_pos_embedding"}
 
 
@@ -79,18 +81,6 @@ def config_to_hf(config: GPTConfig) -> dict:
     }
 
 
-def _read_json(path) -> dict:
-    """A JSON file that must hold an object (a dict), or a CheckpointError naming the file."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise CheckpointError(f"{path}: must hold a JSON object, got {type(doc).__name__} {doc!r:.80}")
-    return doc
-
-
 def _shards(index: dict, index_path) -> list:
     """The shard file names of a safetensors index's ``weight_map`` (tensor name -> file)."""
     weight_map = index.get("weight_map")
@@ -130,7 +120,7 @@ def load_state_dict(path: str) -> dict:
     if os.path.exists(os.path.join(path, SAFETENSORS_INDEX)):
         index_path = os.path.join(path, SAFETENSORS_INDEX)
         state = {}
-        for shard in _shards(_read_json(index_path), index_path):
+        for shard in _shards(read_json(index_path), index_path):
             shard_path = os.path.join(path, shard)
             if not os.path.exists(shard_path):
                 raise CheckpointError(f"checkpoint shard {shard_path} named by {SAFETENSORS_INDEX} is missing")
@@ -141,16 +131,17 @@ def load_state_dict(path: str) -> dict:
     raise CheckpointError(f"{path}: no weights file found (expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_BIN})")
 
 
-def hf_to_gptfast(hf_state: dict, model) -> dict:
-    """Map HF GPT-2 tensor names onto ``model``'s, transposing Conv1D weights; check every key and shape."""
-    expected = model.state_dict()
+def hf_to_gptfast(hf_state: dict, expected: dict) -> dict:
+    """Map HF GPT-2 tensor names onto a model's (``expected``: its state dict), transposing
+    Conv1D weights; check every key and shape."""
+    n_layer = len({k.split(".")[2] for k in expected if k.startswith("transformer.h.")})
     converted = {}
     for name, tensor in hf_state.items():
         if name.endswith(IGNORED_SUFFIXES) or name == "lm_head.weight":  # buffers; the head is tied to wte
             continue
         key = name if name.startswith("transformer.") else "transformer." + name
         if key not in expected:
-            raise CheckpointError(f"unexpected tensor {name!r} in checkpoint (no such parameter in a {model.config.n_layer}-layer GPT)")
+            raise CheckpointError(f"unexpected tensor {name!r} in checkpoint (no such parameter in a {n_layer}-layer GPT)")
         if key.endswith(CONV1D_SUFFIXES):
             tensor = tensor.t()
         if tuple(tensor.shape) != tuple(expected[key].shape):
@@ -165,7 +156,22 @@ def hf_to_gptfast(hf_state: dict, model) -> dict:
     return converted
 
 
-def load_pretrained(cls, path, backend=None, device=None, dtype=None):
+def read_json(path) -> dict:
+    """A JSON file that must hold an object (a dict), or a CheckpointError naming the file."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{os.path.dirname(path)}: missing {os.path.basename(path)}")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(doc).__name__} {doc!r:.80}")
+    return doc
+
+
+def read_config(path) -> GPTConfig:
+    """The GPTConfig of the HF GPT-2 directory ``path`` (errors name the directory or file)."""
     path = os.fspath(path)
     if os.path.isfile(path):
         raise NotADirectoryError(f"{path!r} is a file, not a checkpoint directory: pass the directory holding "
@@ -173,47 +179,58 @@ def load_pretrained(cls, path, backend=None, device=None, dtype=None):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise CheckpointError(f"{path}: missing config.json")
-    hf_config = _read_json(config_path)
+    hf_config = read_json(config_path)
     if QUANTIZATION_KEY in hf_config:
         raise CheckpointError(
             f"{path} holds a {hf_config[QUANTIZATION_KEY].get('scheme', 'quantized')!r} quantized gptfast checkpoint: "
             "load it with gptfast.quantization.load_quantized(path) (the CLI verbs and "
-            "gptfast.loading.load_model_and_tokenizer do)"
+            "gptfast.checkpoints.loader.load_model_and_tokenizer do)"
         )
-    config = config_from_hf(hf_config, source=config_path)
-    model = cls(config, backend=backend)
+    return config_from_hf(hf_config, source=config_path)
+
+
+def read_weights(path, expected: dict) -> dict:
+    """The weights of the HF GPT-2 directory ``path`` under a model's names, checked against
+    its state dict ``expected`` (names, shapes) and for non-finite values."""
+    path = os.fspath(path)
     hf_state = load_state_dict(path)
     check_finite(hf_state, path)
-    if config.pos_embedding == "sinusoidal":  # the fixed table was exported as wpe; it is not a parameter here
+    if "transformer.wpe.weight" not in expected:  # a sinusoidal model: its exported table is not a parameter
         hf_state = {k: v for k, v in hf_state.items() if not k.endswith("wpe.weight")}
-    model.load_state_dict(hf_to_gptfast(hf_state, model))
-    model.to(device=device, dtype=dtype)
-    return model.eval()
+    return hf_to_gptfast(hf_state, expected)
 
 
-def save_pretrained(model, path) -> None:
-    """Write config.json + model.safetensors in HF GPT-2 layout (tied head stored once)."""
+def write_safetensors(path, state: dict, **metadata) -> None:
+    """``model.safetensors`` in directory ``path``, written to a temporary file and renamed."""
     from safetensors.torch import save_file
 
-    if any(key.endswith("weight_int8") for key in model.state_dict()):
+    tmp = os.path.join(path, SAFETENSORS + ".tmp")
+    save_file(state, tmp, metadata={"format": "pt", **metadata})
+    os.replace(tmp, os.path.join(path, SAFETENSORS))
+
+
+def write_config(path, hf_config: dict) -> None:
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+
+
+def write(path, config: GPTConfig, state: dict, pos_table=None) -> None:
+    """Write config.json + model.safetensors in HF GPT-2 layout (tied head stored once) from a
+    model's ``config`` and state dict; ``pos_table``: a sinusoidal model's fixed position
+    table, exported as HF's learned ``wpe`` (HF has no other kind)."""
+    if any(key.endswith("weight_int8") for key in state):
         raise ValueError("save_pretrained: the model is quantized; HF GPT-2 cannot hold int8 weights: "
                          "save it with gptfast.quantization.save_quantized(model, path)")
-
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    state = {}
-    for key, tensor in model.state_dict().items():
+    hf_state = {}
+    for key, tensor in state.items():
         if key == "lm_head.weight":
             continue
         if key.endswith(CONV1D_SUFFIXES):
             tensor = tensor.t()
-        state[key] = tensor.detach().to("cpu").contiguous()
-    if model.config.pos_embedding == "sinusoidal":  # HF has only learned positions: export the fixed table
-        state["transformer.wpe.weight"] = model.pos_table.detach().to("cpu", state["transformer.wte.weight"].dtype).contiguous()
-    tmp = os.path.join(path, SAFETENSORS + ".tmp")
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, SAFETENSORS))
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(model.config), f, indent=2)
+        hf_state[key] = tensor.detach().to("cpu").contiguous()
+    if pos_table is not None:
+        hf_state["transformer.wpe.weight"] = pos_table.detach().to("cpu", hf_state["transformer.wte.weight"].dtype).contiguous()
+    write_safetensors(path, hf_state)
+    write_config(path, config_to_hf(config))

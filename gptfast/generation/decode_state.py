@@ -2,8 +2,8 @@
 (``DecodeState``) and the finish codes.
 
 Plain dataclasses of tensors, shared by the three parts that must agree on them: the
-Python twin (``gptfast.reference.sampling``), the product (``gptfast.sampling`` builds
-them, ``gptfast.generation`` drives the loop) and the C++ binding (csrc/sampling.cpp
+Python twin (``gptfast.reference.sampler``), the product (``gptfast.generation.sampling_params`` builds
+them, ``gptfast.generation.generate`` drives the loop) and the C++ binding (csrc/sampling.cpp
 reads the same field names). This module imports nothing of gptfast.
 """
 from dataclasses import dataclass, fields

@@ -2,8 +2,8 @@
 batching them into the per-row tensors the sampling step reads.
 
 The algorithm itself is documented, and implemented in pure PyTorch, in
-``gptfast.reference.sampling``; ``csrc/sampling.cpp`` runs the same operations in C++
-(loaded by ``gptfast.extension``). The tensors' layout is ``gptfast.decode_state``.
+``gptfast.reference.sampler``; ``csrc/sampling.cpp`` runs the same operations in C++
+(loaded by ``gptfast.runtime.extension``). The tensors' layout is ``gptfast.generation.decode_state``.
 """
 import dataclasses
 import math
@@ -12,8 +12,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from gptfast.decode_state import DecodeState, SamplingTensors
-from gptfast.reference import sampling as twin
+from gptfast.generation.decode_state import DecodeState, SamplingTensors
+from gptfast.reference import sampler as twin
 
 MAX_SEED = 2**63 - 1
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)

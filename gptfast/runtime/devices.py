@@ -1,6 +1,9 @@
-"""Device names as users give them (``auto``, ``cpu``, ``cuda``, ``cuda:1``), checked where
+"""Device and dtype names.
+
+Device names as users give them (``auto``, ``cpu``, ``cuda``, ``cuda:1``), checked where
 they enter: a name gptfast cannot run on, or a CUDA device this machine does not have,
 is a ValueError naming the value, not a torch traceback at the first tensor moved.
+Dtype names as reports print them (``dtype_name``: ``torch.bfloat16`` -> ``bfloat16``).
 """
 from typing import Optional
 
@@ -43,3 +46,8 @@ def resolve_device(name: Optional[str] = "auto", local_rank: int = 0, what: str 
     if device.index >= count:
         raise ValueError(f"{what} {name!r} was asked for, but this machine has {count} CUDA device(s)")
     return device
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: a dtype as result rows and check results name it."""
+    return str(dtype).replace("torch.", "")

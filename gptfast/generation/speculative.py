@@ -5,11 +5,11 @@ round the draft proposes k tokens per row, the target scores them all in one ver
 forward (``model(idx (B, k+1), input_pos=(B, k+1))``, gptfast.model), and each row keeps
 the longest accepted prefix plus one token of the target's own (the rule, and why it keeps
 greedy output exact and sampled output distributed as the target's, is the twin's
-docstring: gptfast.reference.speculative). Rows advance by different amounts: each keeps
+docstring: gptfast.reference.speculative_round). Rows advance by different amounts: each keeps
 its own position, and rolling a cache back is resetting that position.
 
 The loop runs in C++ (csrc/sampling.cpp ``speculative_loop``) or its Python twin
-(gptfast.engines); on CUDA the draft steps and the verify step are captured as CUDA graphs
+(gptfast.generation.engines); on CUDA the draft steps and the verify step are captured as CUDA graphs
 on static inputs (three shapes: the first draft step feeds two tokens per row, the others
 one, the verify step k+1); the acceptance math runs eagerly between them.
 """
@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from gptfast.decode_state import SpeculativeState
+from gptfast.generation.decode_state import SpeculativeState
 
 MAX_DRAFT_TOKENS = 16
 DEFAULT_DRAFT_TOKENS = 4

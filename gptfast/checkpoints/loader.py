@@ -2,7 +2,7 @@
 
 A model comes from a directory or from a preset:
 
-- a weight-only int8 directory (``gptfast quantize``; see gptfast.quantization);
+- a weight-only int8 directory (``gptfast quantize``; see gptfast.checkpoints.quantized);
 - a gptfast run directory (``checkpoint.pt``; the weights of its latest checkpoint, and
   the tokenizer it was trained with), or a Hugging Face GPT-2 directory (``config.json`` +
   weights). A run directory that has exported its final model holds both: the checkpoint
@@ -19,8 +19,10 @@ from typing import Optional
 
 import torch
 
-from gptfast import checkpoint as ckpt_io
-from gptfast import quantization
+from gptfast.checkpoints import quantized
+from gptfast.checkpoints import training_state as ckpt_io
+from gptfast.config import GPTConfig
+from gptfast.model import GPT
 from gptfast.tokenizer import has_tokenizer_files, load_tokenizer
 
 # Settings of a directory's model that a caller may change without retraining it.
@@ -82,18 +84,13 @@ def load_model_and_tokenizer(
 
 
 def _fresh_model(preset: str, overrides: dict, backend, seed: int):
-    from gptfast.config import GPTConfig
-    from gptfast.model import GPT
-
     torch.manual_seed(seed)  # the same initial weights wherever it is built (every rank of a run)
     return GPT(GPTConfig.from_preset(preset, **overrides), backend=backend)
 
 
 def _model_from_dir(path, overrides: dict, backend, device=None, dtype=None):
-    """``(model, tokenizer path or None)`` from a run directory or a Hugging Face directory."""
-    from gptfast.config import GPTConfig
-    from gptfast.model import GPT
-
+    """``(model, tokenizer path or None)`` from a run directory, a quantized directory or a
+    Hugging Face directory."""
     fixed = sorted(set(overrides) - set(CHANGEABLE_IN_A_LOADED_MODEL))
     if fixed:
         raise ValueError(f"{fixed} cannot be changed when starting from the model in {str(path)!r}")
@@ -107,8 +104,8 @@ def _model_from_dir(path, overrides: dict, backend, device=None, dtype=None):
         model = GPT(GPTConfig.from_dict(state["model_config"]), backend=backend)
         model.load_state_dict(state["model"])
         own_tokenizer = own_tokenizer or state["train_config"].get("tokenizer")
-    elif quantization.is_quantized_checkpoint(path):
-        model = quantization.load_quantized(str(path), backend=backend, device=device, dtype=dtype)
+    elif quantized.is_quantized_checkpoint(path):
+        model = quantized.load_quantized(str(path), backend=backend, device=device, dtype=dtype)
     elif (path / "config.json").exists():
         model = GPT.from_pretrained(str(path), backend=backend, device=device, dtype=dtype)  # loaded in place
     else:

@@ -22,7 +22,7 @@ One round, per row of the batch, with a draft model and the target model:
    counts, positions and finish flags. A row's caches are "rolled back" by its position
    alone: cache slots past it are never read and are rewritten as the row advances.
 
-All noise comes from gptfast.reference.sampling's counter-based hash keyed by (seed,
+All noise comes from gptfast.reference.sampler's counter-based hash keyed by (seed,
 output index, token), the seed xored with a per-stream constant: a seed fixes a row's
 tokens whatever its batch. Reusing the noise of an index whose draft was rejected is
 sound: nothing emitted so far depended on it.
@@ -31,8 +31,8 @@ import dataclasses
 
 import torch
 
-from gptfast.decode_state import FINISH_LENGTH, FINISH_STOP_TOKEN, DecodeState, SamplingTensors, SpeculativeState
-from gptfast.reference.sampling import filter_sorted, process_logits, uniform_noise
+from gptfast.generation.decode_state import FINISH_LENGTH, FINISH_STOP_TOKEN, DecodeState, SamplingTensors, SpeculativeState
+from gptfast.reference.sampler import filter_sorted, process_logits, uniform_noise
 
 STREAM_DRAFT, STREAM_ACCEPT, STREAM_RESIDUAL = 1, 2, 3
 SALT_STREAM = 0x2C1B3C6D

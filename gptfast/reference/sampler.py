@@ -3,8 +3,8 @@
 It is the judge of the extension: for the same inputs it runs the same sequence of
 torch operations, so the C++ loop and this twin choose identical tokens for one seed.
 It never imports the extension or the product sampler; the data it works on
-(``SamplingTensors``, ``DecodeState``) is defined in ``gptfast.decode_state``, which
-``gptfast.sampling`` fills from ``SamplingParams``; ``gptfast.generation`` drives the loop.
+(``SamplingTensors``, ``DecodeState``) is defined in ``gptfast.generation.decode_state``, which
+``gptfast.generation.sampling_params`` fills from ``SamplingParams``; ``gptfast.generation.generate`` drives the loop.
 
 One sampling step (``sample_step``), per row of a (B, V) batch of logits:
 
@@ -32,7 +32,7 @@ tokens whatever the batch composition, and nothing needs a random-number state.
 """
 import torch
 
-from gptfast.decode_state import FINISH_LENGTH, FINISH_STOP_TOKEN, DecodeState, SamplingTensors
+from gptfast.generation.decode_state import FINISH_LENGTH, FINISH_STOP_TOKEN, DecodeState, SamplingTensors
 
 # ---- counter-based noise ---------------------------------------------------------------
 #

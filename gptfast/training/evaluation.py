@@ -6,9 +6,9 @@ from typing import List, Optional
 
 import torch
 
-from gptfast.data import IGNORE_INDEX, Dataset
-from gptfast.distributed import DistContext
-from gptfast.precision import autocast
+from gptfast.training.data import IGNORE_INDEX, Dataset
+from gptfast.training.distributed import DistContext
+from gptfast.training.precision import autocast
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ def evaluate(
 ) -> EvalResult:
     """Mean next-token loss and perplexity of ``model`` on ``data``.
 
-    ``data``: a :class:`gptfast.data.Dataset` (its validation split is used) or one split.
+    ``data``: a :class:`gptfast.training.data.Dataset` (its validation split is used) or one split.
     Pretraining data is scored on consecutive non-overlapping windows of ``block_size``
     (default: the model's context); fine-tuning data on its completion tokens only.
     ``max_batches`` caps the batches per rank; ``dtype`` enables autocast; ``dist``
@@ -67,7 +67,7 @@ def evaluate(
         for x, y in split.eval_batches(batch_size, block_size, max_batches, ctx.rank, ctx.world_size):
             x, y = x.to(device), y.to(device)
             with autocast(device, dtype):
-                _, loss = gpt(x, targets=y)
+                _, loss = gpt(x, targets=y, return_logits=False)
             n = (y != IGNORE_INDEX).sum()
             totals[0] += loss.double() * n
             totals[1] += n
@@ -90,18 +90,19 @@ def sample_text(model, tokenizer, prompts, max_new_tokens: int, temperature: flo
 
     The KV cache it sets up stays on the model, so the next evaluation reuses it (and,
     on CUDA, the captured decode graph); training forwards do not touch it."""
-    import gptfast
+    from gptfast.generation.generate import generate
+    from gptfast.generation.sampling_params import SamplingParams
 
     gpt = base_module(model)
     block = gpt.config.block_size
     fallback = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else tokenizer.encode("\n")
     prompt_ids = [(tokenizer.encode(p) or fallback)[-(block - 1):] for p in prompts]
     new_tokens = min(max_new_tokens, block - max(len(ids) for ids in prompt_ids))
-    params = gptfast.SamplingParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k or 0, seed=seed)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k or 0, seed=seed)
     was_training = gpt.training
     gpt.eval()
     try:
-        results = gptfast.generate(gpt, prompt_ids, params, tokenizer=tokenizer)
+        results = generate(gpt, prompt_ids, params, tokenizer=tokenizer)
     finally:
         gpt.train(was_training)
     return [tokenizer.decode(ids) + r.text for ids, r in zip(prompt_ids, results)]

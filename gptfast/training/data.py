@@ -27,13 +27,12 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from gptfast import paths
-from gptfast.atomic_files import remove_stale_temp_files, write_atomically
+from gptfast.model import IGNORE_INDEX  # loss targets with this value are ignored
+from gptfast.runtime import paths
+from gptfast.runtime.atomic_files import remove_stale_temp_files, write_atomically
 
 # Bump when the on-disk token format or the document separator changes.
 TOKEN_CACHE_VERSION = 1
-# Loss targets with this value are ignored (torch's cross-entropy default).
-IGNORE_INDEX = -100
 # Directories of the standard library that hold tests or third-party code, not the library.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 # Separator between documents when the tokenizer has no end-of-text token.

@@ -13,10 +13,11 @@ from typing import List, Optional
 
 from gptfast.backends import BACKENDS
 from gptfast.config import PRESETS as MODEL_PRESETS
-from gptfast.devices import check_device_name
-from gptfast.precision import AUTOCAST_SETTINGS
+from gptfast.runtime.devices import check_device_name
+from gptfast.training.precision import AUTOCAST_SETTINGS
 
 DTYPES = AUTOCAST_SETTINGS
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile backends --compile-backend takes
 SEED_LIMIT = 2**31  # numpy seeds must be < 2**32; each rank adds its rank, each evaluation its step
 
 
@@ -139,7 +140,8 @@ class TrainConfig:
     # ---- system -----------------------------------------------------------------
     device: str = _f("auto", "auto, cpu or cuda")
     dtype: str = _f("auto", f"compute dtype {DTYPES}: auto is bfloat16 autocast on CUDA, float32 on CPU")
-    compile: bool = _f(False, "torch.compile the model")
+    compile: bool = _f(False, "torch.compile the whole training forward (fullgraph, fused ops inside); the first step compiles")
+    compile_backend: str = _f("inductor", "torch.compile backend for --compile (inductor; aot_eager: no C++ build)")
     fsdp: bool = _f(False, "shard the model with FSDP2 (fully_shard) instead of DDP; needs torchrun")
     seed: int = _f(1337, "random seed (model init, data order, dropout)")
     # ---- evaluation, logging, checkpoints ----------------------------------------
@@ -203,6 +205,9 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             hint = " (float16 needs loss scaling, which gptfast does not do: use bfloat16)" if self.dtype == "float16" else ""
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}{hint}{_flag_hint('dtype')}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}"
+                             f"{_flag_hint('compile_backend')}")
         check_device_name(self.device, "device (--device)")
         peak_tflops(self.mfu_peak)  # raises on a malformed value
         if self.resume and self.overwrite:

@@ -1,11 +1,11 @@
 """Loading the C++ sampling extension (csrc/), or falling back to its Python twin.
 
 ``load_extension()`` tries, in order: nothing when ``$GPTFAST_NO_EXT=1``; the
-setup.py-built ``gptfast._C``; a JIT build of csrc/ into ``gptfast.paths.cache_dir()``.
-Whatever fails ends in the Python twin (``gptfast.reference.sampling``) with one warning
+setup.py-built ``gptfast._C``; a JIT build of csrc/ into ``gptfast.runtime.paths.cache_dir()``.
+Whatever fails ends in the Python twin (``gptfast.reference.sampler``) with one warning
 line, never in an exception or a hang. ``extension_status(build=False)`` says which
 sampler would serve generation without building anything (``gptfast info``), and
-``python -m gptfast.extension`` prints it (exit status 0 when the C++ extension loads).
+``python -m gptfast.runtime.extension`` prints it (exit status 0 when the C++ extension loads).
 
 A JIT build runs under gptfast's own lock (``fcntl.flock`` on ``gptfast.lock`` in the
 build directory), which the kernel releases when its holder dies. torch's builder takes a
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptfast import paths
+from gptfast.runtime import paths
 
 EXTENSION_API_VERSION = 4  # must match kApiVersion in csrc/sampling.cpp
 # Compiler flags of every build; setup.py repeats them (a test keeps the two identical).
@@ -59,7 +59,7 @@ _loaded = _Loaded()
 
 def source_files() -> list:
     """csrc/*.cpp: beside the package in a source checkout, inside it in an installed wheel
-    (``gptfast.paths.source_dir``)."""
+    (``gptfast.runtime.paths.source_dir``)."""
     return sorted(glob.glob(os.path.join(paths.source_dir("csrc"), "*.cpp")))
 
 

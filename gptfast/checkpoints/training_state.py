@@ -9,7 +9,8 @@ the temp files of writers killed mid-write are removed at the next save (and res
 It loads with ``torch.load(weights_only=True)``: no pickled code runs on load.
 
 The final weights are exported beside it in Hugging Face GPT-2 format
-(``GPT.save_pretrained``), so a run directory doubles as a model directory.
+(``GPT.save_pretrained``, with the tokenizer's files: ``export_tokenizer_files``), so a
+run directory doubles as a model directory.
 """
 import random
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptfast.atomic_files import remove_stale_temp_files, write_atomically
+from gptfast.runtime.atomic_files import remove_stale_temp_files, write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "gptfast-train-checkpoint"
@@ -123,23 +124,3 @@ def export_tokenizer_files(tokenizer_path, out_dir) -> None:
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):
         if (src / name).exists() and (src / name).resolve() != (out_dir / name).resolve():
             shutil.copyfile(src / name, out_dir / name)
-
-
-def export_model(model, tokenizer_path, out_dir, ctx, fsdp: bool) -> bool:
-    """The final weights in Hugging Face format, and the tokenizer's files, into ``out_dir``
-    (so a run directory doubles as a model directory). Every rank calls (FSDP gathers the
-    shards into a plain CPU model first); rank 0 writes. Returns whether this rank wrote."""
-    if fsdp:
-        from gptfast.distributed import full_model_state_dict
-        from gptfast.model import GPT
-
-        full_state = full_model_state_dict(model, fsdp=True)
-        if not ctx.is_main:
-            return False
-        model = GPT(model.config)
-        model.load_state_dict(full_state)
-    if not ctx.is_main:
-        return False
-    model.save_pretrained(out_dir)
-    export_tokenizer_files(tokenizer_path, out_dir)
-    return True

@@ -1,4 +1,4 @@
-"""Pretraining and fine-tuning loop: ``train(cfg)`` and ``evaluate(model, data)``.
+"""The pretraining and fine-tuning loop: ``train(cfg)``.
 
 One optimizer step:
 
@@ -14,11 +14,11 @@ samples a few lines; every ``ckpt_interval`` steps a checkpoint is written atomi
 The RNG states, the data sampler's generator and the optimizer state all go into the
 checkpoint, so ``resume=True`` reproduces the uninterrupted run's losses exactly.
 
-Where the pieces live: settings in ``gptfast.train_config``, the model and tokenizer from
-``gptfast.loading``, data in ``gptfast.data``, AdamW and the schedule in ``gptfast.optim``,
-validation loss and samples in ``gptfast.evaluation``, console / metrics.jsonl /
-throughput in ``gptfast.train_log``, checkpoints and the final export in
-``gptfast.checkpoint``, ranks in ``gptfast.distributed``. This module is the loop.
+Where the pieces live: settings in ``gptfast.training.config``, the model and tokenizer from
+``gptfast.checkpoints.loader``, data in ``gptfast.training.data``, AdamW and the schedule in ``gptfast.training.optim``,
+validation loss and samples in ``gptfast.training.evaluation``, console / metrics.jsonl /
+throughput in ``gptfast.training.log``, checkpoints and the final export in
+``gptfast.checkpoints.training_state``, ranks in ``gptfast.training.distributed``. This module is the loop.
 
 Usage::
 
@@ -30,18 +30,20 @@ import dataclasses
 import json
 import math
 import random
+import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import numpy as np
 import torch
 
-from gptfast import checkpoint as ckpt_io
-from gptfast.atomic_files import remove_stale_temp_files
-from gptfast.data import IGNORE_INDEX, BatchSampler, load_dataset
-from gptfast.distributed import (
+from gptfast.checkpoints import training_state as ckpt_io
+from gptfast.runtime.atomic_files import remove_stale_temp_files
+from gptfast.training.data import IGNORE_INDEX, BatchSampler, load_dataset
+from gptfast.training.distributed import (
     DistContext,
     any_rank,
+    full_model_state_dict,
     full_state_dicts,
     gradient_sync,
     init_distributed,
@@ -49,27 +51,16 @@ from gptfast.distributed import (
     run_agreed,
     wrap_model,
 )
-from gptfast.evaluation import EvalResult, evaluate, sample_text
-from gptfast.loading import load_model_and_tokenizer
-from gptfast.mfu import flops_per_token, mfu as model_flops_utilisation, resolve_peak_tflops
-from gptfast.optim import build_optimizer, lr_at, set_lr
-from gptfast.precision import autocast, autocast_dtype
-from gptfast.train_config import TRAIN_PRESETS, TrainConfig, load_config_file
-from gptfast.train_log import Throughput, TrainLog
+from gptfast.training.evaluation import evaluate, sample_text
+from gptfast.checkpoints.loader import load_model_and_tokenizer
+from gptfast.model import GPT
+from gptfast.training.mfu import flops_per_token, mfu as model_flops_utilisation, resolve_peak_tflops
+from gptfast.training.optim import build_optimizer, lr_at, set_lr
+from gptfast.training.precision import autocast, autocast_dtype
+from gptfast.training.config import TrainConfig
+from gptfast.training.log import Throughput, TrainLog
 
-__all__ = [
-    "TrainConfig",
-    "TRAIN_PRESETS",
-    "TrainResult",
-    "StepInfo",
-    "EvalResult",
-    "train",
-    "evaluate",
-    "lr_at",
-    "build_optimizer",
-    "sample_text",
-    "load_config_file",
-]
+__all__ = ["train", "TrainResult", "StepInfo"]
 
 # Model settings of a TrainConfig, passed to the loader as GPTConfig overrides.
 _MODEL_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "dropout")
@@ -143,7 +134,10 @@ class _Run:
         self.finetune = self.dataset.kind == "finetune"
         self.train_model = wrap_model(self.model, ctx, fsdp=cfg.fsdp, param_dtype=self.amp_dtype if cfg.fsdp else None)
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            # The whole model as one graph with the fused ops inside (opaque custom ops);
+            # under DDP/FSDP dynamo splits the graph at the gradient buckets, so no fullgraph there.
+            self.train_model = torch.compile(self.train_model, fullgraph=not ctx.enabled, dynamic=False,
+                                             backend=cfg.compile_backend)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.sampler = BatchSampler(
             train_shard, cfg.batch_size, self.block_size, seed=cfg.seed * 10007 + ctx.rank + 1,
@@ -164,6 +158,7 @@ class _Run:
         self.saved_step = -1  # the step of this run's checkpoint on disk (-1: none yet)
         self.evaluated_step = -1  # the step of the latest evaluation
         self.stop = False  # the callback asked to end the run
+        self.compiled = False  # whether the compiled step has run (its first call compiles)
         self.throughput = Throughput()
         if cfg.resume:
             run_agreed(ctx, self._restore)
@@ -189,9 +184,17 @@ class _Run:
         """One optimizer step, then what is due after it: log, evaluation, callback, checkpoint."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg)
+        compiling = cfg.compile and not self.compiled
+        if compiling:
+            self.log.compiling()
+            started = time.perf_counter()
         loss_sum, count, processed = self.train_step(lr)
         self.step += 1
         self.throughput.add(processed * self.ctx.world_size)
+        if compiling:  # the compile is not training time: tokens/s counts from the next step
+            self.log.compiled(time.perf_counter() - started)
+            self.compiled = True
+            self.throughput.restart()
         is_log = self.step % cfg.log_interval == 0 or self.step == cfg.max_steps
         is_eval = (cfg.eval_interval and self.step % cfg.eval_interval == 0) or self.step == cfg.max_steps
         loss = self.global_loss(loss_sum, count) if is_log or is_eval or self.callback is not None else None
@@ -216,7 +219,7 @@ class _Run:
             self.eval_and_sample()
         if self.saved_step != self.step:
             self.save_checkpoint()
-        if self.cfg.export and ckpt_io.export_model(self.model, self.tokenizer_path, self.out_dir, self.ctx, self.cfg.fsdp):
+        if self.cfg.export and _export_model(self.model, self.tokenizer_path, self.out_dir, self.ctx, self.cfg.fsdp):
             self.log.message(f"exported the model (Hugging Face format) to {self.out_dir}")
         # Leave together: when train() returns on any rank, rank 0's checkpoint and
         # export are on disk, and no rank tears the process group down while
@@ -243,7 +246,7 @@ class _Run:
             last = i == len(batches) - 1
             with gradient_sync(self.train_model, enabled=last or not ctx.enabled, fsdp=cfg.fsdp):
                 with autocast(self.device, self.amp_dtype), torch.profiler.record_function("forward"):
-                    _, loss = self.train_model(x, targets=y)
+                    _, loss = self.train_model(x, targets=y, return_logits=False)  # no logits held
                 # DDP averages over ranks, hence world_size / global_count: the sum is the global token mean.
                 with torch.profiler.record_function("backward"):  # ranges for `gptfast profile train`
                     (loss * (counts[i] * ctx.world_size / global_count)).backward()
@@ -405,3 +408,20 @@ class _Run:
         if ctx.is_main:
             with open(self.out_dir / "train_config.json", "w") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
+
+
+def _export_model(model, tokenizer_path, out_dir, ctx, fsdp: bool) -> bool:
+    """The final weights in Hugging Face format, and the tokenizer's files, into ``out_dir``
+    (so a run directory doubles as a model directory). Every rank calls (FSDP gathers the
+    shards into a plain CPU model first); rank 0 writes. Returns whether this rank wrote."""
+    if fsdp:
+        full_state = full_model_state_dict(model, fsdp=True)
+        if not ctx.is_main:
+            return False
+        model = GPT(model.config)
+        model.load_state_dict(full_state)
+    if not ctx.is_main:
+        return False
+    model.save_pretrained(out_dir)
+    ckpt_io.export_tokenizer_files(tokenizer_path, out_dir)
+    return True

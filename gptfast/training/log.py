@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from gptfast.atomic_files import write_atomically
+from gptfast.runtime.atomic_files import write_atomically
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -38,6 +38,22 @@ class TrainLog:
             self.bar.write(text)
         else:
             print(text, flush=True)
+
+    def compiling(self) -> None:
+        """Before the first step of a ``compile`` run: say that it compiles (it takes a while)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_description_str("compiling…")
+            self.bar.refresh()
+        else:
+            self.message("compiling the training step (torch.compile)…")
+
+    def compiled(self, seconds: float) -> None:
+        """After that first step: its time, compile included."""
+        if self.bar is not None:
+            self.bar.set_description_str("train", refresh=False)
+        self.message(f"compiled: the first step took {seconds:.1f} s (compile included; tokens/s counts from the next)")
 
     def step(self, step: int, max_steps: int, record: Optional[dict]) -> None:
         """After an optimizer step: advance the bar; ``record`` (at log and evaluation steps)
