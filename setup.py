@@ -29,10 +29,11 @@ if sources and os.environ.get("GPTFAST_NO_BUILD_EXT") != "1":
     except ImportError:  # torch not importable at build time: gptfast JIT-builds on first use
         pass
     else:
-        # gptfast.runtime.extension.EXTENSION_CFLAGS (the JIT build's flags), kept identical by a test;
-        # -g0 comes after Python's own CFLAGS (-g) and wins over them.
+        # gptfast.runtime.extension.EXTENSION_CFLAGS / _LDFLAGS (the JIT build's flags), kept
+        # identical by a test; -g0 comes after Python's own CFLAGS (-g) and wins over them.
         ext_modules = [CppExtension("gptfast._C", sources,
-                                    extra_compile_args=["-O3", "-std=c++17", "-fno-trapping-math", "-g0"])]
+                                    extra_compile_args=["-O3", "-std=c++17", "-fno-trapping-math", "-g0", "-fopenmp"],
+                                    extra_link_args=["-fopenmp"])]
         cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 setup(

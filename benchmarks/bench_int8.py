@@ -6,18 +6,24 @@ perplexity of the fp32 model and of its int8 copy (``gptfast.quantize``), and ov
 ``--prompts`` prompts cut from the validation split the fraction whose 64 greedy tokens
 agree exactly (and the mean length of the agreeing prefix).
 
-Speed: GPT-2 124M shapes with random weights, batch 1, greedy, on the CPU: decode
-tokens/s of the int8 model, of gptfast's fp32 model (``gptfast.generate``, prepacked
-fp32 weights) and of Hugging Face ``generate`` on a ``GPT2LMHeadModel`` built from the
-same config (no download). Decode time = time(prompt + N new tokens) - time(prompt + 1
-new token), best of ``--repeats`` runs, so prefill is left out.
+Speed: GPT-2 124M shapes with random weights, greedy, on the CPU, at batch 1, 8 and 64
+(``--batches``): decode tokens/s (all rows) of the int8 model and of gptfast's fp32 model
+(``gptfast.generate``, prepacked weights: oneDNN fp32, the C++ kernel's blocked int8) and
+of Hugging Face ``generate`` on a ``GPT2LMHeadModel`` built from the same config (no
+download). Decode time = time(prompt + N new tokens) - time(prompt + 1 new token), so
+prefill is left out; ``--runs`` runs, the three engines interleaved within each run, min /
+median / max, with the load average. At batch 1 it prints each gptfast engine's median as
+a percentage of its read-bandwidth limit: the bandwidth of a sum over 1 GiB divided by the
+linear weights' bytes per step.
 
-    PYTHONPATH=$PWD python benchmarks/bench_int8.py [--run-dir DIR] [--new-tokens 64]
+    PYTHONPATH=$PWD python benchmarks/bench_int8.py [--skip accuracy] [--new-tokens 64] [--runs 3] [--batches 1,8,64]
 """
 import argparse
 import copy
+import dataclasses
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -73,54 +79,90 @@ def accuracy(args):
           f"({same / len(prompts):.0%}); mean agreeing prefix {sum(prefix) / len(prefix):.1f} tokens")
 
 
-def best_time(fn, repeats):
+def read_bandwidth(gib=1.0, repeats=5):
+    """Bytes/s of the best of ``repeats`` sums over a ``gib`` GiB float32 buffer (all torch threads)."""
+    buf = torch.ones(int(gib * 2**30) // 4)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        buf.sum()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return buf.numel() * 4 / min(times)
 
 
-def decode_rate(run, new_tokens, repeats):
-    """Tokens/s of decode: (new_tokens - 1) / (time of new_tokens - time of 1 new token)."""
-    run(2)  # warm-up (extension, packing, allocator)
-    full, one = best_time(lambda: run(new_tokens), repeats), best_time(lambda: run(1), repeats)
-    return (new_tokens - 1) / (full - one)
+def weight_bytes(model):
+    """Bytes of the linear-layer weights one decode step reads (int8 layers: their int8
+    weights; float layers: the LM head is the tied embedding, counted once)."""
+    from gptfast.quantization import Int8Linear
+
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if int8:
+        return sum(m.weight_int8.numel() for m in int8)
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def decode_seconds(run, new_tokens):
+    """Seconds of (new_tokens - 1) decode steps: time(prompt + new_tokens) - time(prompt + 1)."""
+    start = time.perf_counter()
+    run(new_tokens)
+    full = time.perf_counter() - start
+    start = time.perf_counter()
+    run(1)
+    return full - (time.perf_counter() - start)
 
 
 def speed(args):
-    torch.manual_seed(0)
-    config = GPTConfig.from_preset("gpt2")
-    prompt = [[int(t) for t in torch.randint(0, config.vocab_size, (PROMPT_LEN,))]]
-    fp32 = GPT(config, backend="torch").eval()
-    rates = {}
-
-    def gptfast_run(model):
-        return lambda n: generate(model, prompt, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
-
-    rates["gptfast fp32"] = decode_rate(gptfast_run(fp32), args.new_tokens, args.repeats)
-    int8 = quantize(copy.deepcopy(fp32), "int8")
-    rates["gptfast int8"] = decode_rate(gptfast_run(int8), args.new_tokens, args.repeats)
-    del int8
-
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("gpt2")
+    fp32 = GPT(config, backend="torch").eval()
+    int8 = quantize(copy.deepcopy(fp32), "int8")
     hf_config = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
                            n_layer=config.n_layer, n_head=config.n_head)
     hf = GPT2LMHeadModel(hf_config).eval()
-    ids = torch.tensor(prompt)
+    bandwidth = read_bandwidth()
+    limits = {"gptfast fp32": bandwidth / weight_bytes(fp32), "gptfast int8": bandwidth / weight_bytes(int8)}
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step: fp32 {weight_bytes(fp32) / 1e6:.0f} MB, "
+          f"int8 {weight_bytes(int8) / 1e6:.0f} MB; GPT-2 124M shapes, random weights, greedy, prompt {PROMPT_LEN}, "
+          f"{args.new_tokens} new tokens, {args.runs} runs (engines interleaved within each run)")
+    print(f"{'batch':>5} | {'engine':<16} | {'tok/s min':>9} {'median':>8} {'max':>8} | {'ms/step':>7} | "
+          f"{'% of read limit':>15} | load avg")
+    for batch in args.batches:
+        prompts = [[int(t) for t in torch.randint(0, config.vocab_size, (PROMPT_LEN,))] for _ in range(batch)]
+        ids = torch.tensor(prompts)
 
-    def hf_run(n):
-        with torch.no_grad():
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                        do_sample=False, pad_token_id=0)
-    rates["HF generate fp32"] = decode_rate(hf_run, args.new_tokens, args.repeats)
+        def gptfast_run(model):
+            params = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
+            return lambda n: generate(model, prompts, dataclasses.replace(params, max_new_tokens=n))
 
-    for name, rate in rates.items():
-        print(f"{name:<18} {rate:7.1f} tokens/s  ({1000 / rate:6.1f} ms/token)")
-    print(f"int8 / gptfast fp32: {rates['gptfast int8'] / rates['gptfast fp32']:.2f}x (target >= 2x); "
-          f"int8 / HF generate: {rates['gptfast int8'] / rates['HF generate fp32']:.2f}x (target >= 2.5x)")
+        def hf_run(n):
+            with torch.no_grad():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0)
+
+        runs = {"gptfast fp32": gptfast_run(fp32), "gptfast int8": gptfast_run(int8), "HF generate fp32": hf_run}
+        for run in runs.values():
+            run(2)  # warm-up: extension, packing, allocator
+        rates = {name: [] for name in runs}
+        for _ in range(args.runs):
+            for name, run in runs.items():
+                rates[name].append(batch * (args.new_tokens - 1) / decode_seconds(run, args.new_tokens))
+        load = os.getloadavg()[0]
+        for name, r in rates.items():
+            r = sorted(r)
+            median = statistics.median(r)
+            limit = f"{100 * median / batch / limits[name]:14.0f}%" if name in limits and batch == 1 else f"{'':>15}"
+            print(f"{batch:>5} | {name:<16} | {r[0]:9.1f} {median:8.1f} {r[-1]:8.1f} | {1000 * batch / median:7.1f} | "
+                  f"{limit} | {load:.2f}")
+        med = {name: statistics.median(r) for name, r in rates.items()}
+        print(f"{'':>5}   int8 / fp32 {med['gptfast int8'] / med['gptfast fp32']:.2f}x, "
+              f"int8 / HF {med['gptfast int8'] / med['HF generate fp32']:.2f}x, "
+              f"fp32 / HF {med['gptfast fp32'] / med['HF generate fp32']:.2f}x (medians)", flush=True)
+    cores = os.cpu_count() or 1
+    if os.getloadavg()[0] > cores:
+        print(f"warning: load average {os.getloadavg()[0]:.1f} exceeds the {cores} cores: the figures are not an idle "
+              f"machine's")
 
 
 def main(argv=None) -> int:
@@ -128,9 +170,14 @@ def main(argv=None) -> int:
     parser.add_argument("--run-dir", help="training run directory (default: <gptfast cache>/bench_int8_tiny)")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per engine and batch (min / median / max)")
+    parser.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=[1, 8, 64],
+                        help="comma-separated batch sizes (default 1,8,64)")
     parser.add_argument("--skip", choices=["accuracy", "speed"], help="leave one half out")
     args = parser.parse_args(argv)
+    if args.new_tokens < 2 or args.runs < 1 or min(args.batches) < 1:
+        parser.error(f"--new-tokens must be >= 2, --runs and --batches >= 1 (got {args.new_tokens}, {args.runs}, "
+                     f"{args.batches})")
     import transformers
 
     print(f"{time.strftime('%Y-%m-%d %H:%M')} | {platform.processor() or platform.machine()}, "

@@ -14,6 +14,10 @@ int8 would save nothing there), and the LM head, a full (vocab x width) matmul r
 every step, gets its own int8 copy of the same matrix. A quantized checkpoint stores
 both; the head's copy costs a quarter of the embedding's bytes.
 
+On the CPU, ``gptfast.generate`` runs each Int8Linear (float32 scales) on a copy of its
+weight reordered once into the C++ kernel's blocked layout (``gptfast.generation.cpu_linear``);
+the module itself, its state dict and its checkpoints keep the public (N, K) layout.
+
 Checkpoints. ``save_quantized(model, dir)``, ``load_quantized(dir)`` and
 ``is_quantized_checkpoint(dir)`` are the format's (``gptfast.checkpoints.quantized``),
 public here beside ``quantize``. The layer is ``gptfast.nn.Int8Linear``.

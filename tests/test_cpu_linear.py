@@ -1,4 +1,8 @@
-"""Prepacked CPU linear layers (gptfast.generation.cpu_linear) and the prefill's ``logits_index``."""
+"""Prepacked CPU linear layers (gptfast.generation.cpu_linear): fp32 for oneDNN, int8 for
+the C++ kernel (the same bits as the op's C++ path, through generate and a save/load round
+trip), and the prefill's ``logits_index``."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +12,7 @@ from gptfast.config import GPTConfig
 from gptfast.generation.generate import generate
 from gptfast.model import GPT
 from gptfast.generation.sampling_params import SamplingParams
+from gptfast.quantization import Int8Linear, load_quantized, quantize, save_quantized
 
 needs_packing = pytest.mark.skipif(not cpu_linear.available(), reason="this PyTorch build has no oneDNN linear packing")
 
@@ -162,3 +167,113 @@ def test_logits_index_rejects_bad_input():
         model(idx, logits_index=torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="cannot be combined with targets"):
         model(idx, targets=idx, logits_index=torch.tensor([1, 2]))
+
+
+# ---- int8 layers: packed once for the C++ kernel -----------------------------------------
+
+needs_int8_packing = pytest.mark.skipif(cpu_linear.int8_ops() is None, reason="the gptfast C++ extension is not loaded")
+
+
+@pytest.fixture
+def native_int8(monkeypatch):
+    """Unpacked int8 layers run the op's C++ kernel, as on a CPU without the Triton
+    interpreter (tests/conftest.py sets TRITON_INTERPRET=1): the math the packed layers do."""
+    monkeypatch.setattr(importlib.import_module("gptfast.ops.int8_linear"), "use_triton", lambda t: False)
+
+
+def int8_model(seed=0):
+    return quantize(tiny_model(seed=seed), "int8")
+
+
+def packed_int8_modules(model):
+    return [m for m in model.modules() if isinstance(m, cpu_linear.PackedInt8Linear)]
+
+
+@needs_int8_packing
+def test_int8_layers_are_packed_and_put_back():
+    model = int8_model()
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    with torch.no_grad(), cpu_linear.packed_linears(model) as packed:
+        wrapped = packed_int8_modules(model)
+        assert packed and len(wrapped) == len(layers) == 9
+        assert [w.linear for w in wrapped] == layers
+        head = model.lm_head
+        assert head.packed.shape == (2, 32, 64) and head.weight_int8 is layers[-1].weight_int8
+    assert not packed_int8_modules(model) and [m for m in model.modules() if isinstance(m, Int8Linear)] == layers
+    op_cache = importlib.import_module("gptfast.ops.int8_linear")._cpu_packs
+    assert all(m.weight_int8 in op_cache for m in layers)  # one cache with the op's own calls
+    cpu_linear.release(model)
+    assert not any(m in cpu_linear._packs for m in model.modules())
+    assert not any(m.weight_int8 in op_cache for m in layers)
+
+
+@needs_int8_packing
+def test_packed_int8_forward_is_the_op_kernel_bit_for_bit(native_int8):
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(75, 131))
+    wrapper = Wrapper(layer)
+    with torch.no_grad():
+        for shape in [(1, 75), (3, 1, 75), (64, 75), (2, 33, 75)]:
+            x = torch.randn(shape)
+            expected = layer(x)  # 66 rows: the op's torch path, which the wrapper falls back to as well
+            with cpu_linear.packed_linears(wrapper):
+                assert isinstance(wrapper.lm_head, cpu_linear.PackedInt8Linear)
+                out = wrapper.lm_head(x)
+                strided = wrapper.lm_head(x.transpose(0, -1).contiguous().transpose(0, -1))
+            assert out.shape == expected.shape == strided.shape
+            assert torch.equal(out, expected) and torch.equal(strided, expected), shape
+
+
+@needs_int8_packing
+def test_int8_pack_is_rebuilt_when_the_weight_changes(native_int8):
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(24, 40))
+    wrapper = Wrapper(layer)
+    x = torch.randn(2, 24)
+    with torch.no_grad():
+        with cpu_linear.packed_linears(wrapper):
+            before = wrapper.lm_head(x)
+        layer.weight_int8.neg_()  # in place
+        with cpu_linear.packed_linears(wrapper):
+            after = wrapper.lm_head(x)
+    torch.testing.assert_close(after - layer.bias, -(before - layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_scaled_int8_layers_are_not_packed():
+    model = quantize(tiny_model(), "int8", scale_dtype=torch.bfloat16)
+    with torch.no_grad(), cpu_linear.packed_linears(model):
+        assert not packed_int8_modules(model)
+
+
+@needs_int8_packing
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=12, temperature=0.0),
+                                    SamplingParams(max_new_tokens=12, temperature=0.9, top_k=20, seed=5)])
+def test_int8_generate_tokens_equal_packed_or_not(monkeypatch, native_int8, params):
+    """Packed layers and the op's C++ path run one kernel: the same tokens (and logits)."""
+    model = int8_model()
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9]]
+    packed = [r.token_ids for r in generate(model, prompts, params)]
+    monkeypatch.setenv(cpu_linear.ENV_VAR, "0")
+    plain = [r.token_ids for r in generate(model, prompts, params)]
+    assert packed == plain and all(len(t) == 12 for t in packed)
+    idx = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        unpacked_logits = model(idx)
+        with cpu_linear.packed_linears(model, enabled=True):
+            packed_logits = model(idx)
+    assert torch.equal(packed_logits, unpacked_logits)
+
+
+@needs_int8_packing
+def test_saved_and_loaded_int8_model_packs_the_same(tmp_path, native_int8):
+    """The checkpoint keeps the public (N, K) layout; the loaded model packs to the same
+    blocks and generates the same tokens."""
+    model = int8_model()
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    with torch.no_grad(), cpu_linear.packed_linears(model), cpu_linear.packed_linears(loaded):
+        for a, b in zip(packed_int8_modules(model), packed_int8_modules(loaded)):
+            assert torch.equal(a.packed, b.packed)
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    assert ([r.token_ids for r in generate(model, [[1, 2, 3]], params)]
+            == [r.token_ids for r in generate(loaded, [[1, 2, 3]], params)])

@@ -1,7 +1,8 @@
 """Weight-only int8 linear: the Triton kernel (interpreted on a CPU), the C++ CPU kernel
-(every instruction set this CPU has) and the torch path against the float64 reference
-twin by the error-ratio rule, on awkward shapes, M = 1, 3, 17, 64 and beyond, split-K,
-non-contiguous inputs and poisoned outputs; quantize_weight; bad inputs; registration."""
+(every instruction set this CPU has; its packed layout, every row count 1..64) and the
+torch path against the float64 reference twin by the error-ratio rule, on awkward shapes,
+M = 1, 3, 17, 64 and beyond, split-K, non-contiguous inputs and poisoned outputs;
+quantize_weight; bad inputs; registration."""
 import importlib
 
 import pytest
@@ -94,6 +95,85 @@ def test_cpu_kernel_every_isa(m, k, n, bias):
         assert_error_ratio(out, plain, exact(x, q, scale, b), what=f"cpu isa {isa} {m}x{k}x{n}")
 
 
+def packed_ops():
+    return torch.ops.gptfast_cpu.int8_pack, torch.ops.gptfast_cpu.int8_linear_packed
+
+
+@needs_cpu_kernel
+def test_pack_layout():
+    """Blocks of 64 channels, K-major: packed[b, k, c] = w[64 b + c, k]; channels past N are 0."""
+    pack, _ = packed_ops()
+    w = torch.randint(-127, 128, (130, 7), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    packed = pack(w)
+    assert packed.shape == (3, 7, 64) and packed.dtype == torch.int8
+    padded = torch.cat([w, torch.zeros(62, 7, dtype=torch.int8)])
+    assert torch.equal(packed, padded.view(3, 64, 7).transpose(1, 2))
+    assert torch.equal(pack(w.t().contiguous().t()), packed)  # a non-contiguous weight packs the same
+
+
+# Odd K and N (block tails, K past one 128-wide fp32 panel) and every row count 1..64: the
+# direct schedule (one or two register tiles) and the panel schedule with every tile split.
+PACKED_SHAPES = [(77, 33), (300, 130), (129, 65)]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("k,n", PACKED_SHAPES)
+def test_packed_kernel_every_isa_every_row_count(k, n):
+    pack, matmul = packed_ops()
+    best = torch.ops.gptfast_cpu.int8_linear_best_isa()
+    x_all, q, scale, b = make(64, k, n, torch.float32, device="cpu", seed=k)
+    packed = pack(q)
+    for m in range(1, 65):
+        x = x_all[:m]
+        for bias in (b, None):
+            plain, want = _int8_linear_torch(x, q, scale, bias), exact(x, q, scale, bias)
+            for isa in range(best + 1):
+                out = matmul(x, packed, scale, bias, isa)
+                assert out.shape == (m, n)
+                assert_error_ratio(out, plain, want, what=f"packed isa {isa} {m}x{k}x{n} bias={bias is not None}")
+
+
+@needs_cpu_kernel
+def test_packed_kernel_equals_the_op_kernel_bit_for_bit():
+    """int8_linear (packs per call) and int8_linear_packed run one kernel: identical bits."""
+    pack, matmul = packed_ops()
+    x, q, scale, b = make(9, 200, 100, torch.float32, device="cpu")
+    assert torch.equal(matmul(x, pack(q), scale, b), cpu_kernel()(x, q, scale, b))
+
+
+@needs_cpu_kernel
+def test_op_packs_a_weight_once_and_again_when_it_changes(monkeypatch):
+    op_module = importlib.import_module("gptfast.ops.int8_linear")
+    monkeypatch.setattr(op_module, "use_triton", lambda t: False)
+    x, q, scale, bias = make(2, 40, 70, torch.float32, device="cpu")
+    first = op_module.cpu_packed_weight(q)
+    int8_linear(x, q, scale, bias)
+    assert op_module.cpu_packed_weight(q) is first  # cached: the op call reused it
+    q.neg_()  # in place: a new version
+    out = int8_linear(x, q, scale, bias)
+    assert op_module.cpu_packed_weight(q) is not first
+    assert_error_ratio(out, _int8_linear_torch(x, q, scale, bias), exact(x, q, scale, bias), what="after an update")
+    op_module.drop_cpu_packed_weight(q)
+    assert q not in op_module._cpu_packs
+
+
+@needs_cpu_kernel
+def test_packed_kernel_rejects_mismatched_operands():
+    pack, matmul = packed_ops()
+    x, q, scale, b = make(2, 70, 130, torch.float32, device="cpu")
+    packed = pack(q)
+    with pytest.raises(RuntimeError, match="blocks of 64 channels"):
+        matmul(x, packed, scale[:64], b[:64])
+    with pytest.raises(RuntimeError, match=r"x must be \(M, 70\)"):
+        matmul(x[:, :-1], packed, scale, b)
+    with pytest.raises(RuntimeError, match="made by int8_pack"):
+        matmul(x, q, scale, b)
+    with pytest.raises(RuntimeError, match="isa"):
+        matmul(x, packed, scale, b, 7)
+    with pytest.raises(RuntimeError, match="2-D int8"):
+        pack(q.float())
+
+
 @needs_cpu_kernel
 def test_cpu_kernel_rejects_unsupported_isa():
     x, q, scale, b = make(1, 8, 8, torch.float32, device="cpu")
@@ -105,10 +185,10 @@ def test_cpu_kernel_rejects_unsupported_isa():
 def test_op_takes_cpu_kernel_without_interpreter(monkeypatch):
     x, q, scale, bias = make(3, 100, 40, torch.float32, device="cpu")
     calls = []
-    real = cpu_kernel()
     op_module = importlib.import_module("gptfast.ops.int8_linear")
     monkeypatch.setattr(op_module, "use_triton", lambda t: False)  # as on a CPU without TRITON_INTERPRET
-    monkeypatch.setattr(op_module, "_cpu_kernel", [lambda *a: calls.append(1) or real(*a)])
+    real = op_module._cpu_int8_linear
+    monkeypatch.setattr(op_module, "_cpu_int8_linear", lambda *a: calls.append(1) or real(*a))
     out = int8_linear(x.t().contiguous().t(), q, scale, bias)  # non-contiguous in
     assert calls == [1]
     assert_error_ratio(out, _int8_linear_torch(x, q, scale, bias), exact(x, q, scale, bias), what="op via C++")

@@ -1,27 +1,36 @@
-"""Prepacked CPU weights for decoding: each linear layer's weight packed once for oneDNN.
+"""Prepacked CPU weights for decoding: each linear layer's weight packed once, fp32 for
+oneDNN, int8 for gptfast's C++ kernel.
 
 A decode step on a CPU multiplies a few activation rows (the batch) by every weight
 matrix of the model, so it is bound by how fast the weights stream through the cores.
 ``F.linear`` hands MKL a row-major (out, in) weight, which it streams well below memory
-bandwidth: on the 2-core VM of BENCHMARKS.md, the 51 MB LM head of a 256-wide GPT-2
-(vocabulary × width) took 7.6 ms for one row and 17 ms for eight, where summing the same
-bytes took 2.2 ms. The same product on the weight packed once into oneDNN's blocked
-layout (as ``torch.compile``'s CPU freezing does) took about 3.5 ms and 5 ms.
-BENCHMARKS.md ("Sampling loop (CPU)") measures generation with and without it.
+bandwidth; the same product on the weight packed once into oneDNN's blocked layout (as
+``torch.compile``'s CPU freezing does) streams it much closer to it. BENCHMARKS.md
+("Sampling loop (CPU)") measures generation with and without it.
 
 ``packed_linears(model, enabled=None)`` is the context ``gptfast.generate`` enters on CPU
 float32 models: inside it, every ``nn.Linear`` submodule of ``model`` is swapped for a
 ``PackedLinear`` holding it, which computes through the packed weight when called
-without autograd on a float32 CPU input (anything else takes ``F.linear`` as usual); on
-exit the original modules are put back. The model knows nothing of this. Packs are
+without autograd on a float32 CPU input (anything else takes ``F.linear`` as usual), and
+every weight-only int8 layer (``gptfast.nn.Int8Linear`` with float32 scales)
+for a ``PackedInt8Linear``: its (N, K) int8 weight reordered once into the C++ kernel's
+blocked layout (``torch.ops.gptfast_cpu.int8_pack``, csrc/int8_linear.cpp: blocks of 64
+output channels, one cache line per k, so each thread streams one sequential region),
+called straight through ``int8_linear_packed`` (no per-call packing, validation or
+custom-op dispatch) for float32 CPU inputs of up to ``CPU_KERNEL_MAX_ROWS`` rows; longer
+inputs and other dtypes take the layer's own forward (``gptfast.ops.int8_linear``). On
+exit the original modules are put back. The model knows nothing of this, and a quantized
+checkpoint keeps its public (N, K) layout: the packed copy lives only here. Packs are
 cached per layer across calls and rebuilt when the weight changes (an in-place update
-bumps its version; a new tensor has a new address); ``release(model)`` frees them. The
-packed product rounds differently from ``F.linear`` (another summation order): logits
-agree to float32 rounding, not bit for bit.
+bumps its version; a new tensor has a new address; int8 packs are the op's own cache,
+``gptfast.ops.int8_linear.cpu_packed_weight``); ``release(model)`` frees them. The
+packed products round differently from ``F.linear`` and from the int8 op's torch path
+(another summation order): logits agree to float32 rounding, not bit for bit.
 
-The ops used (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``) are
+The fp32 ops (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``) are
 PyTorch internals: they are probed once, and where they are missing or disagree with
-``F.linear`` nothing is packed.
+``F.linear`` no fp32 layer is packed. The int8 ops come with the gptfast extension; without
+it no int8 layer is packed.
 
 Switching it: the ``enabled`` argument (True / False). Left at None it takes the
 user-facing default, read from the environment once per call where it is resolved
@@ -75,13 +84,33 @@ def default_enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def int8_ops():
+    """``(pack, int8_linear_packed)`` when the gptfast extension is loaded, else None:
+    ``pack(weight_int8)`` is the op's cached blocked copy (``cpu_packed_weight``), shared
+    with the layer's own calls so a weight is packed once."""
+    from gptfast.ops.int8_linear import cpu_kernel, cpu_packed_weight  # loads the extension (once)
+
+    if cpu_kernel() is None:
+        return None
+    try:
+        return cpu_packed_weight, torch.ops.gptfast_cpu.int8_linear_packed
+    except (AttributeError, RuntimeError):  # an extension built before the packed kernel
+        return None
+
+
 def applies_to(model, enabled=None) -> bool:
-    """True when ``packed_linears(model, enabled)`` would pack: float32 weights on the CPU,
-    packing enabled (None: ``default_enabled()``) and available."""
+    """True when ``packed_linears(model, enabled)`` may pack: float32 weights on the CPU,
+    packing enabled (None: ``default_enabled()``) and the fp32 or the int8 packing available."""
     if enabled is None:
         enabled = default_enabled()
-    weight = next(model.parameters())  # a GPT's embedding (an int8 LM head has no float weight)
-    return bool(enabled) and weight.device.type == "cpu" and weight.dtype == torch.float32 and available()
+    # A GPT's embedding (an int8 LM head has no float weight); a module of int8 layers
+    # alone has no parameters: its first floating buffer (a scale) stands in.
+    weight = next(model.parameters(), None)
+    if weight is None:
+        weight = next((b for b in model.buffers() if b.is_floating_point()), None)
+    if weight is None or not (enabled and weight.device.type == "cpu" and weight.dtype == torch.float32):
+        return False
+    return available() or (any(_is_int8(m) for m in model.modules()) and int8_ops() is not None)
 
 
 class PackedLinear(nn.Module):
@@ -107,39 +136,103 @@ class PackedLinear(nn.Module):
         return _packed_matmul(x, self.packed, m.bias)
 
 
+class PackedInt8Linear(nn.Module):
+    """A ``gptfast.nn.Int8Linear`` (held as ``linear``, its buffers unchanged)
+    whose forward runs the C++ kernel on its packed weight when that applies: a float32
+    CPU input of at most ``CPU_KERNEL_MAX_ROWS`` rows, outside autograd. Anything else
+    takes the layer's own forward."""
+
+    def __init__(self, linear: nn.Module, packed: torch.Tensor, matmul):
+        from gptfast.ops.int8_linear import CPU_KERNEL_MAX_ROWS
+
+        super().__init__()
+        self.linear, self.packed, self._matmul = linear, packed, getattr(matmul, "default", matmul)
+        self._k, self._n, self._max_rows = linear.in_features, linear.out_features, CPU_KERNEL_MAX_ROWS
+
+    @property
+    def weight_int8(self):
+        return self.linear.weight_int8
+
+    @property
+    def scale(self):
+        return self.linear.scale
+
+    @property
+    def bias(self):
+        return self.linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Kept lean: it runs for every layer of every decode step.
+        rows = x.numel() // self._k
+        if (rows > self._max_rows or x.dtype != torch.float32 or not x.is_cpu
+                or (x.requires_grad and torch.is_grad_enabled())):
+            return self.linear(x)  # the op: validation, the inference-only error, the torch path
+        buffers = self.linear._buffers
+        y = self._matmul(x.reshape(rows, self._k).contiguous(), self.packed, buffers["scale"], buffers["bias"])
+        return y.view(*x.shape[:-1], self._n)
+
+
+def _is_int8(module) -> bool:
+    from gptfast.nn import Int8Linear
+
+    return type(module) is Int8Linear
+
+
+def _int8_packable(module) -> bool:
+    """An Int8Linear the C++ kernel serves: CPU buffers, float32 scale and bias."""
+    return (_is_int8(module) and module.weight_int8.device.type == "cpu" and module.scale.dtype == torch.float32
+            and (module.bias is None or module.bias.dtype == torch.float32))
+
+
 def _weight_key(weight: torch.Tensor):
     return weight.data_ptr(), weight._version, tuple(weight.shape)
 
 
-def _packed_for(module) -> torch.Tensor:
-    key = _weight_key(module.weight)
+def _packed_for(module, weight: torch.Tensor, pack) -> torch.Tensor:
+    """``pack(weight)``, cached per module (fp32 layers; int8 packs are cached by the op)."""
+    key = _weight_key(weight)
     with _lock:
         hit = _packs.get(module)
         if hit is not None and hit[0] == key:
             return hit[1]
-    packed = _pack(module.weight)
+    packed = pack(weight)
     with _lock:
         _packs[module] = (key, packed)
     return packed
 
 
+def _wrapped(module):
+    """The packed stand-in for ``module``, or None when it is not packed here."""
+    if type(module) is nn.Linear:
+        return PackedLinear(module, _packed_for(module, module.weight, _pack)) if available() else None
+    if _int8_packable(module):
+        ops = int8_ops()
+        if ops is not None:
+            pack, matmul = ops
+            return PackedInt8Linear(module, pack(module.weight_int8), matmul)
+    return None
+
+
 def _linear_children(model):
-    """(parent, attribute name, nn.Linear) for every nn.Linear submodule of ``model``."""
+    """(parent, attribute name, layer) for every nn.Linear and Int8Linear submodule of ``model``."""
     return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if type(child) is nn.Linear]
+            if type(child) is nn.Linear or _is_int8(child)]
 
 
 @contextlib.contextmanager
 def packed_linears(model, enabled=None):
     """Within this context every ``nn.Linear`` submodule of ``model`` is a ``PackedLinear``
-    running on its packed weight (when ``applies_to(model, enabled)``; otherwise this does
-    nothing); the original modules are put back on exit, also on an error. Yields whether
-    anything was packed."""
+    and every float32-scaled ``Int8Linear`` a ``PackedInt8Linear``, running on its packed
+    weight (when ``applies_to(model, enabled)`` and that kind of packing is available;
+    otherwise the layer stays); the original modules are put back on exit, also on an
+    error. Yields whether anything was packed."""
     swapped = []
     if applies_to(model, enabled):
         for parent, name, linear in _linear_children(model):
-            setattr(parent, name, PackedLinear(linear, _packed_for(linear)))
-            swapped.append((parent, name, linear))
+            wrapped = _wrapped(linear)
+            if wrapped is not None:
+                setattr(parent, name, wrapped)
+                swapped.append((parent, name, linear))
     try:
         yield bool(swapped)
     finally:
@@ -152,3 +245,9 @@ def release(model) -> None:
     with _lock:
         for module in model.modules():
             _packs.pop(module, None)
+    int8 = [m for m in model.modules() if _is_int8(m)]
+    if int8:
+        from gptfast.ops.int8_linear import drop_cpu_packed_weight
+
+        for module in int8:
+            drop_cpu_packed_weight(module.weight_int8)

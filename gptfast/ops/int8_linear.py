@@ -13,9 +13,12 @@ Where it runs:
 - the Triton kernel (``gptfast.kernels.int8_linear``) on CUDA, or on CPU tensors under
   the Triton interpreter (TRITON_INTERPRET=1);
 - on other CPU float32 inputs, the C++ kernel of the gptfast extension
-  (``torch.ops.gptfast_cpu.int8_linear``, csrc/int8_linear.cpp: AVX-512 / AVX2 /
+  (``torch.ops.gptfast_cpu.int8_linear_packed``, csrc/int8_linear.cpp: AVX-512 / AVX2 /
   scalar, chosen at run time) for up to ``CPU_KERNEL_MAX_ROWS`` rows, when the
-  extension is loaded; longer prompts are compute-bound and go to the torch path;
+  extension is loaded; longer prompts are compute-bound and go to the torch path. The
+  kernel reads the weight in a blocked layout (``cpu_packed_weight``): made on a weight's
+  first call, kept while that tensor lives (a weak reference) and remade when it changes
+  in place; generation calls the packed kernel directly (``gptfast.generation.cpu_linear``);
 - otherwise the torch path: dequantise to x's dtype, then ``F.linear``.
 
 The op is registered as ``torch.ops.gptfast.int8_linear`` with a fake implementation,
@@ -24,9 +27,11 @@ calls that need no gradient run its implementation (``_linear``) directly, skipp
 registered op's dispatch cost.
 Inference-only: calling ``backward`` through it raises a RuntimeError.
 """
+import threading
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from gptfast.ops import torch_path
 from gptfast.ops._dispatch import register_inference_only, use_triton
@@ -38,6 +43,8 @@ QMAX = 127  # symmetric int8: -127..127 (-128 is never produced)
 CPU_KERNEL_MAX_ROWS = 64
 
 _cpu_kernel = []  # [op or None] once looked up
+_cpu_packs = WeakIdKeyDictionary()  # weight_int8 tensor (by identity) -> (its version, its blocked copy)
+_cpu_packs_lock = threading.Lock()
 
 
 def _fail(arg, message, error=ValueError):
@@ -109,6 +116,31 @@ def cpu_kernel():
     return _cpu_kernel[0]
 
 
+def cpu_packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The C++ kernel's blocked copy of ``weight`` ((N, K) int8 on the CPU;
+    ``torch.ops.gptfast_cpu.int8_pack``): made once per weight tensor and kept while that
+    tensor lives, remade when it changes in place (its version)."""
+    with _cpu_packs_lock:
+        hit = _cpu_packs.get(weight)
+    if hit is not None and hit[0] == weight._version:
+        return hit[1]
+    packed = torch.ops.gptfast_cpu.int8_pack(weight)
+    with _cpu_packs_lock:
+        _cpu_packs[weight] = (weight._version, packed)
+    return packed
+
+
+def drop_cpu_packed_weight(weight: torch.Tensor) -> None:
+    """Free ``weight``'s blocked copy now (it goes anyway when the weight does)."""
+    with _cpu_packs_lock:
+        _cpu_packs.pop(weight, None)
+
+
+def _cpu_int8_linear(x2, weight, scale, bias):
+    return torch.ops.gptfast_cpu.int8_linear_packed(x2.contiguous(), cpu_packed_weight(weight), scale.contiguous(),
+                                                    None if bias is None else bias.contiguous())
+
+
 def _use_cpu_kernel(x2) -> bool:
     return (x2.device.type == "cpu" and x2.dtype == torch.float32 and x2.shape[0] <= CPU_KERNEL_MAX_ROWS
             and cpu_kernel() is not None)
@@ -121,8 +153,7 @@ def _linear(x2, weight, scale, bias):
 
         return kernel.int8_linear(x2, weight, scale.contiguous(), None if bias is None else bias.contiguous())
     if _use_cpu_kernel(x2):
-        return cpu_kernel()(x2.contiguous(), weight.contiguous(), scale.contiguous(),
-                            None if bias is None else bias.contiguous())
+        return _cpu_int8_linear(x2, weight, scale, bias)
     return torch_path.int8_linear(x2, weight, scale, bias)
 
 

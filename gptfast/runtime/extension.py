@@ -33,8 +33,11 @@ EXTENSION_API_VERSION = 4  # must match kApiVersion in csrc/sampling.cpp
 # ISO C++ (not gnu++) keeps the compiler from fusing a * b + c into an FMA, which would
 # round differently from the twin; -fno-trapping-math lets branch-free loops with a
 # division vectorise (rounding unchanged); -g0 drops the debug information that Python's
-# CFLAGS ask for (it doubles the build time of csrc/sampling.cpp).
-EXTENSION_CFLAGS = ["-O3", "-std=c++17", "-fno-trapping-math", "-g0"]
+# CFLAGS ask for (it doubles the build time of csrc/sampling.cpp); -fopenmp turns on
+# at::parallel_for, which is inline OpenMP in ATen's headers: without it every parallel_for
+# of csrc/ runs on one thread (the link flag resolves to the libgomp torch already loaded).
+EXTENSION_CFLAGS = ["-O3", "-std=c++17", "-fno-trapping-math", "-g0", "-fopenmp"]
+EXTENSION_LDFLAGS = ["-fopenmp"]
 NO_EXT_ENV = "GPTFAST_NO_EXT"
 LOCK_TIMEOUT_ENV = "GPTFAST_EXT_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 900.0
@@ -81,7 +84,8 @@ def _jit_target(sources):
     for path in sources:
         with open(path, "rb") as f:
             digest.update(f.read())
-    digest.update(f"{torch.__version__} {sys.version} {EXTENSION_API_VERSION} {EXTENSION_CFLAGS}".encode())
+    digest.update(f"{torch.__version__} {sys.version} {EXTENSION_API_VERSION} {EXTENSION_CFLAGS} "
+                  f"{EXTENSION_LDFLAGS}".encode())
     tag = digest.hexdigest()[:16]
     return f"gptfast_sampling_{tag}", str(paths.cache_dir(f"ext-{tag}"))
 
@@ -139,7 +143,8 @@ def _jit(sources):
             print(f"gptfast: building the C++ sampling extension (first use; minutes on a small CPU) in {build_dir}",
                   file=sys.stderr, flush=True)
         module = cpp_extension.load(name=name, sources=list(sources), build_directory=build_dir,
-                                    extra_cflags=EXTENSION_CFLAGS, verbose=False)
+                                    extra_cflags=list(EXTENSION_CFLAGS),  # copies: torch appends to them
+                                    extra_ldflags=list(EXTENSION_LDFLAGS), verbose=False)
     if getattr(module, "API_VERSION", None) != EXTENSION_API_VERSION:
         raise RuntimeError(f"built extension has API version {getattr(module, 'API_VERSION', None)}")
     return module, f"C++ extension, JIT-built in {build_dir}"
