@@ -24,8 +24,8 @@ def test_static_configs_cover_the_shipped_fast_paths():
             assert e["signature"][arg] == "constexpr", (e["name"], arg)
         assert set(e["divisible_by_16"]) <= {a for a, ty in e["signature"].items() if ty == "i32"}
         # Tensor cores are required of every main-loop kernel but dK/dV at D=256 (see
-        # NO_TENSOR_CORES); the delta preprocess is a reduction.
-        exempt = e["name"].startswith(("attention_bwd_delta", "attention_bwd_dkdv_d256"))
+        # NO_TENSOR_CORES); the delta preprocess and the atomic-dQ convert are elementwise.
+        exempt = e["name"].startswith(("attention_bwd_delta", "attention_bwd_dkdv_d256", "attention_bwd_dq_convert"))
         assert e["require_hgmma"] == (not exempt)
     assert attention_kernels.NO_TENSOR_CORES == {("dkdv", 256)}
 
