@@ -64,6 +64,21 @@ key_start keeps pointer loads (its padded keys must not be read). A descriptor n
 pointer loads of the same tiles otherwise (``_tma_ready``). The interpreter runs the
 descriptors too, so the tests cover both paths.
 
+Persistent variants of the forward and dK/dV passes (``persistent``, ``tma_persistent``,
+``tma_atomic_dq_persistent``; ``_x2``: two programs per SM instead of one). A causal grid's
+programs differ in length (the forward's last query block streams every key, its first one
+block), and a one-tile-per-program grid ends with a tail where the long programs of the
+last wave hold a few SMs while the rest idle. A persistent launch starts
+``PROGRAMS_PER_SM`` programs per SM instead, and each loops over tiles dealt longest first
+in a snake (``_persistent_tile``): the tail is filled with short tiles and the per-program
+prologue is paid once per SM. Same kernels, one constexpr (``PERSISTENT``) and a 1-D grid
+(``persistent_programs``); the tile body is the same function in both.
+
+Short sequences (at most ``SHORT_MAX_LEN`` queries) look their forward config up under a
+key of their own (``forward_key``: ``d64_16bit_short``), with their own tuning candidates:
+at T 512-1k a tile sees few key blocks, so other tiles, grids and pipelines may win. A
+tuned table without that key serves them the long key's config.
+
 Any T >= 1 works: loads past the sequence end are masked to zero and rows past it are
 never stored (their recomputed values stay finite: zero queries give zero scores).
 Head sizes up to 256 are padded to BLOCK_D, the next power of two >= 16, with masked
@@ -469,16 +484,57 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
+    num_kv_heads, group, q_len, k_len, q_offset, stride_pos_b, qk_scale, sm_scale, batch_kv_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """Grid: (B * H_kv, key blocks); the first key blocks meet the most queries, so they go
+    first. With PERSISTENT a 1-D grid of a few programs per SM, each looping over (kv head,
+    key block) tiles in ``_persistent_tile``'s order, the first key blocks first;
+    ``batch_kv_heads`` = B * H_kv."""
+    if PERSISTENT:
+        k_blocks = tl.cdiv(k_len, BLOCK_N)
+        for rnd in range(0, tl.cdiv(batch_kv_heads * k_blocks, tl.num_programs(0))):
+            pid_bkv, last_first, valid = _persistent_tile(rnd, batch_kv_heads, k_blocks)
+            if valid:
+                _attn_bwd_dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_START, KEY_START,
+                                    pid_bkv, (k_blocks - 1 - last_first) * BLOCK_N,
+                                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                                    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                                    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                                    num_kv_heads, group, q_len, k_len, q_offset, stride_pos_b, qk_scale, sm_scale,
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, Q_START_TENSOR, HAS_KEY_START,
+                                    DOT_FP32, DOT_PRECISION, USE_TMA, ATOMIC_DQ)
+    else:
+        _attn_bwd_dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_START, KEY_START,
+                            tl.program_id(0), tl.program_id(1) * BLOCK_N,
+                            stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                            stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                            stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                            num_kv_heads, group, q_len, k_len, q_offset, stride_pos_b, qk_scale, sm_scale,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, Q_START_TENSOR, HAS_KEY_START,
+                            DOT_FP32, DOT_PRECISION, USE_TMA, ATOMIC_DQ)
+
+
+@triton.jit
+def _attn_bwd_dkdv_tile(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_START, KEY_START, pid_bkv, start_n,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
     num_kv_heads, group, q_len, k_len, q_offset, stride_pos_b, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    # Grid: (B * H_kv, key blocks); the first key blocks meet the most queries, so they go
-    # first. A program owns one key block of one kv head and walks the queries of every
-    # query head of its group, so dK and dV sum over the group in registers (no atomics).
-    pid_bkv = tl.program_id(0)
-    start_n = tl.program_id(1) * BLOCK_N
+    """dK and dV of the key block at ``start_n`` of (batch, kv head) ``pid_bkv``. The program
+    walks the queries of every query head of its group, so dK and dV sum over the group in
+    registers (no atomics)."""
     off_b = (pid_bkv // num_kv_heads).to(tl.int64)
     off_kvh = (pid_bkv % num_kv_heads).to(tl.int64)
     q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, stride_pos_b, Q_START_TENSOR,
@@ -675,7 +731,8 @@ SHORT = "_short"
 # then the first H200 run's winner where it differs, then the variants (see VARIANTS):
 # ``tma`` tiles (the copy engine frees the registers the pointer loads held: the D=64
 # forward's 128 x 128 tile drops from about 224 to about 165 a thread, room for deeper
-# pipelines), and for dK/dV the fused ``tma_atomic_dq`` backward. Every one passes the
+# pipelines), for dK/dV the fused ``tma_atomic_dq`` backward, and persistent grids
+# (``*_persistent``; ``_x2`` on tiles small enough for two programs an SM). Every one passes the
 # static compile report (wgmma, no spills, shared memory within the sm_90 limit, and the
 # TMA loads / fp32 atomics it claims in the SASS). Which is faster is for the device to say.
 _CANDIDATE_TILES = {  # kernel -> BLOCK_D -> (block_m, block_n, warps, stages[, variant]), the shipped one first
@@ -694,11 +751,12 @@ _CANDIDATE_TILES = {  # kernel -> BLOCK_D -> (block_m, block_n, warps, stages[, 
                         (64, 64, 4, 2, "tma_persistent_x2"), (64, 64, 4, 3, "tma"), (64, 128, 4, 2, "tma"),
                         (128, 64, 8, 3, "persistent"), (64, 64, 4, 2, "persistent_x2"))},
     "dkdv": {64: ((64, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2, "tma"), (32, 64, 4, 2, "tma"),
-                  (64, 128, 8, 2, "tma_atomic_dq"), (32, 128, 8, 2, "tma_atomic_dq"), (64, 64, 4, 2, "tma_atomic_dq"),
-                  (32, 64, 4, 2, "tma_atomic_dq")),
+                  (64, 128, 8, 2, "tma_atomic_dq"), (32, 64, 4, 2, "tma_atomic_dq"),
+                  (32, 64, 4, 2, "tma_persistent_x2"), (32, 64, 4, 2, "tma_atomic_dq_persistent_x2")),
              128: ((32, 128, 8, 2), (16, 128, 8, 2), (32, 128, 8, 2, "tma"), (64, 64, 8, 2, "tma"),
                    (32, 128, 8, 2, "tma_atomic_dq"), (16, 128, 8, 2, "tma_atomic_dq"),
-                   (64, 64, 8, 2, "tma_atomic_dq"))},  # (32, 64, 4, 2, tma_atomic_dq) spills at D=128
+                   (64, 64, 8, 2, "tma_atomic_dq"),  # (32, 64, 4, 2, tma_atomic_dq) spills at D=128
+                   (64, 64, 8, 2, "tma_persistent"))},  # (32, 128, 8, 2, tma_persistent) spills
     "dq": {64: ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2, "tma"), (128, 64, 8, 3, "tma"),
                 (128, 128, 8, 2, "tma"), (128, 32, 8, 3, "tma"), (64, 64, 4, 2, "tma"), (64, 128, 4, 2, "tma")),
            128: ((128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2, "tma"), (128, 64, 8, 2, "tma"),
@@ -725,20 +783,31 @@ DELTA_CONFIG = LaunchConfig(block_m=64, num_warps=4, num_stages=1)
 # docstring). Inputs a descriptor cannot read fall back to pointer loads (and, for the
 # atomic variant, keep the atomics: a path compiled on demand, not in the static report).
 #
-# The forward also has persistent variants (``persistent``, ``tma_persistent``: one program
-# per SM; ``persistent_x2``, ``tma_persistent_x2``: two, for tiles of which two fit an SM):
-# a 1-D grid of ``PROGRAMS_PER_SM[variant]`` programs per SM (never more than there are
-# tiles), each looping over (batch, head, query block) tiles longest first
-# (``_persistent_tile``), so no program waits at the grid's tail behind a long last block
-# and the prologue of a program is paid once per SM rather than once per tile.
-_FLAGS = {None: {"USE_TMA": False}, "tma": {"USE_TMA": True}}
-PROGRAMS_PER_SM = {"persistent": 1, "tma_persistent": 1, "persistent_x2": 2, "tma_persistent_x2": 2}
+# The forward and dK/dV passes also have persistent variants (``persistent``,
+# ``tma_persistent`` and, for dK/dV, ``tma_atomic_dq_persistent``: one program per SM; the
+# same with ``_x2``: two, for tiles of which two fit an SM, which the compile report
+# checks): a 1-D grid of ``PROGRAMS_PER_SM[variant]`` programs per SM (never more than
+# there are tiles), each looping over tiles longest first (``_persistent_tile``; the
+# forward's last query blocks, dK/dV's first key blocks), so no SM idles at the grid's
+# tail while another runs a long block, and a program's prologue is paid once per SM
+# rather than once per tile.
+_PERSISTENT = ("persistent", "tma_persistent", "persistent_x2", "tma_persistent_x2")
+PROGRAMS_PER_SM = {**{v: 2 if v.endswith("_x2") else 1 for v in _PERSISTENT},
+                   "tma_atomic_dq_persistent": 1, "tma_atomic_dq_persistent_x2": 2}
+
+
+def _flags(variant, atomic: bool = False) -> dict:
+    """The constexpr flags a variant's name spells."""
+    flags = {"USE_TMA": bool(variant) and variant.startswith("tma")}
+    if atomic:
+        flags["ATOMIC_DQ"] = bool(variant) and "atomic_dq" in variant
+    return {**flags, "PERSISTENT": variant in PROGRAMS_PER_SM}
+
+
 VARIANTS = {
-    "fwd": {**{v: {**flags, "PERSISTENT": False} for v, flags in _FLAGS.items()},
-            **{v: {"USE_TMA": v.startswith("tma"), "PERSISTENT": True} for v in PROGRAMS_PER_SM}},
-    "dq": _FLAGS,
-    "dkdv": {None: {"USE_TMA": False, "ATOMIC_DQ": False}, "tma": {"USE_TMA": True, "ATOMIC_DQ": False},
-             "tma_atomic_dq": {"USE_TMA": True, "ATOMIC_DQ": True}},
+    "fwd": {v: _flags(v) for v in (None, "tma", *_PERSISTENT)},
+    "dq": {None: {"USE_TMA": False}, "tma": {"USE_TMA": True}},
+    "dkdv": {v: _flags(v, atomic=True) for v in (None, "tma", "tma_atomic_dq", *PROGRAMS_PER_SM)},
 }
 
 
@@ -955,6 +1024,9 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
     kv_cfg = dkdv_cfg or dkdv_config(head_dim, q.dtype, q.device, grouped=kv_heads != heads)
     q_cfg = dq_cfg or dq_config(head_dim, q.dtype, q.device)
     kv_flags = _use_tma(variant_flags("dkdv", kv_cfg), q, grad_out)
+    kv_grid = (batch * kv_heads, cdiv(kv_len, kv_cfg.block_n))
+    if kv_flags["PERSISTENT"]:
+        kv_grid = (persistent_programs(kv_grid[0] * kv_grid[1], kv_cfg.variant, q.device),)
     atomic = kv_flags["ATOMIC_DQ"]
     # The atomic variants sum dQ in fp32 (B * H, Tq, D), cleared by the delta kernel.
     dq_acc = empty((batch * heads, q_len, head_dim), torch.float32, q.device) if atomic else delta
@@ -968,10 +1040,10 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_CONFIG.block_m, ZERO_DQ=atomic,
             num_warps=DELTA_CONFIG.num_warps,
         )
-        launch(_attn_bwd_dkdv_kernel, (batch * kv_heads, cdiv(kv_len, kv_cfg.block_n)),
+        launch(_attn_bwd_dkdv_kernel, kv_grid,
             q, k, v, grad_out, lse, delta, dk, dv, dq_acc, *starts,
             *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dk), *_bht(dv),
-            kv_heads, heads // kv_heads, q_len, kv_len, q_offset, pos_stride, scale * LOG2E, scale,
+            kv_heads, heads // kv_heads, q_len, kv_len, q_offset, pos_stride, scale * LOG2E, scale, batch * kv_heads,
             **positions, **kv_flags, **_tiles(kv_cfg, head_dim, q.device, q.dtype),
         )
         if atomic:
@@ -1000,7 +1072,7 @@ _FIXED_POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "Q_START
 
 # What the SASS of a variant must show: the tensor-memory copies (TMA loads; the forward
 # also stores its output with one) and, for the atomic dQ, fp32 atomic adds to global memory.
-_VARIANT_SASS = {"USE_TMA": ("UTMALDG",), "ATOMIC_DQ": ("ATOMG.E.ADD.F32",)}
+_VARIANT_SASS = {"USE_TMA": ("UTMALDG",), "ATOMIC_DQ": ("ATOMG.E.ADD.F32",), "PERSISTENT": ()}
 # A persistent grid has no opcode of its own to claim.
 _VARIANT_SASS_FWD = {"USE_TMA": ("UTMALDG", "UTMASTG"), "PERSISTENT": ()}
 
@@ -1039,11 +1111,19 @@ def _entry(kernel: str, head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, su
     return entry
 
 
+# Variants whose shipped tile spills get another one in the static report (and should in
+# the candidates): the persistent dK/dV loop at D=128 costs registers the 32 x 128 tile has
+# not got to spare.
+VARIANT_TILES = {("dkdv", 128, "tma_persistent"): LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
+                 ("dkdv", 128, "tma_atomic_dq_persistent"): LaunchConfig(block_m=16, block_n=128, num_warps=8,
+                                                                         num_stages=2)}
+
+
 def static_configs(dtype: torch.dtype = torch.bfloat16, head_dims=(64, 128, 256)):
     """The shipped sm_90 configurations (bf16, head sizes 64, 128 and 256 by default) of the
     forward, dK/dV and dQ kernels (main loops on wgmma, but see NO_TENSOR_CORES), their
-    variants (VARIANTS) on the same tiles at D 64 and 128, the delta preprocess and the dQ
-    conversion of the atomic backward."""
+    variants (VARIANTS) on the same tiles (or VARIANT_TILES) at D 64 and 128, the delta
+    preprocess and the dQ conversion of the atomic backward."""
     entries = []
     for head_dim in head_dims:
         for kernel in _KERNELS:
@@ -1060,7 +1140,8 @@ def static_configs(dtype: torch.dtype = torch.bfloat16, head_dims=(64, 128, 256)
                 # (the masked blocks near key_start keep pointer loads there).
                 for variant in VARIANTS[kernel]:  # (x2 persistent variants: the same code as x1)
                     if variant and PROGRAMS_PER_SM.get(variant) != 2:
-                        cfg = dataclasses.replace(shipped_config(kernel, head_dim, dtype), variant=variant)
+                        tiles = VARIANT_TILES.get((kernel, head_dim, variant))
+                        cfg = dataclasses.replace(tiles or shipped_config(kernel, head_dim, dtype), variant=variant)
                         entries.append(_entry(kernel, head_dim, dtype, cfg, f"_{variant}"))
                         entries.append(_entry(kernel, head_dim, dtype, cfg, f"_{variant}_positions", positions=True))
         fn = _attn_bwd_delta_kernel

@@ -312,6 +312,11 @@ def _variant_cfgs(fwd=None, dkdv=None, dq=None):
         (("tma_persistent", None, "tma"), 3, 2, 2, 45, 0, 32, torch.float32, [16, 3, 40]),
         (("persistent_x2", None, None), 1, 1, 1, 1, 0, 64, torch.float32, None),
         (("tma_persistent_x2", "tma_atomic_dq", None), 2, 2, 1, 70, 9, 32, torch.float16, [0, 30]),
+        # Persistent dK/dV (first key blocks first), with the fused atomic dQ too.
+        ((None, "persistent", None), 2, 3, 1, 37, 5, 80, torch.float16, None),
+        (("tma", "tma_atomic_dq_persistent", None), 3, 2, 2, 45, 0, 32, torch.float32, [16, 3, 40]),
+        ((None, "tma_persistent_x2", "tma"), 1, 4, 2, 1, 0, 64, torch.float32, None),
+        (("persistent", "tma_atomic_dq_persistent_x2", "tma"), 2, 2, 1, 70, 9, 32, torch.float16, [0, 30]),
     ],
 )
 def test_variants_match_float64(variants, batch, heads, kv_heads, q_len, q_offset, head_dim, dtype, starts):
@@ -341,7 +346,7 @@ def test_variant_with_unaligned_rows_takes_the_pointer_loads():
     q, k, v = (t[..., :20] for t in _qkv(1, 2, 19, 20, torch.float16, seed=5))  # strides 20: 40-byte rows
     assert not attention_kernels._tma_ready(q, k, v)
     flags = attention_kernels._use_tma(attention_kernels.variant_flags("fwd", _variant_cfgs("tma")["fwd"]), q, k, v)
-    assert flags == {"USE_TMA": False}
+    assert flags == {"USE_TMA": False, "PERSISTENT": False}
     aligned = _qkv(1, 2, 19, 32, torch.float16)
     assert attention_kernels._use_tma({"USE_TMA": True}, *aligned) == {"USE_TMA": True}
     cfgs = _variant_cfgs("tma", "tma_atomic_dq", "tma")
@@ -412,7 +417,11 @@ def test_persistent_grid_size():
     assert attention_kernels.persistent_programs(1, "persistent", cpu) == 1
     assert attention_kernels.persistent_programs(1000, "persistent", cpu) == sms
     assert attention_kernels.persistent_programs(1000, "tma_persistent_x2", cpu) == 2 * sms
-    assert set(attention_kernels.PROGRAMS_PER_SM) <= set(attention_kernels.VARIANTS["fwd"])
+    assert set(attention_kernels.PROGRAMS_PER_SM) <= set(attention_kernels.VARIANTS["dkdv"])
+    assert {v for v in attention_kernels.VARIANTS["fwd"] if v} == {"tma"} | {
+        v for v in attention_kernels.PROGRAMS_PER_SM if "atomic" not in v}
+    assert attention_kernels.variant_flags("dkdv", attention_kernels.LaunchConfig(
+        num_warps=4, variant="tma_atomic_dq_persistent")) == {"USE_TMA": True, "ATOMIC_DQ": True, "PERSISTENT": True}
     with pytest.raises(ValueError, match="causal_attention.dq: unknown variant 'persistent'"):
         attention_kernels.variant_flags("dq", attention_kernels.LaunchConfig(num_warps=4, variant="persistent"))
 
