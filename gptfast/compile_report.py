@@ -21,9 +21,12 @@ shared memory comes from the compile metadata, and ``cuobjdump --dump-sass`` of 
 counts HGMMA (Hopper warpgroup tensor-core) instructions of configs that require them,
 and every SASS opcode a config requires.
 
+An entry may also claim ``"programs_per_sm"``: that many blocks of it fit one SM at once
+(a persistent grid sized to it), by registers and shared memory (``programs_that_fit``).
+
 A row fails on a compile error, any register spill, shared memory above what one H200
-block may use, no HGMMA where the config requires tensor cores, or a required PTX
-instruction or SASS opcode missing.
+block may use, no HGMMA where the config requires tensor cores, a required PTX
+instruction or SASS opcode missing, or fewer blocks fitting an SM than it claims.
 
 The compile itself runs in a subprocess with ``TRITON_INTERPRET=0``: under the
 interpreter (how the tests run on a CPU) ``@triton.jit`` yields interpreter functions
@@ -42,6 +45,10 @@ import tempfile
 
 # H200 (sm_90): 228 KiB shared memory per SM, of which one block may use 227 KiB.
 SHARED_MEMORY_LIMIT = 227 * 1024  # 232448 bytes
+SM_SHARED_MEMORY = 228 * 1024  # per SM, shared by its resident blocks
+BLOCK_RESERVED_SHARED = 1024  # what the driver reserves per resident block
+SM_REGISTERS = 65536  # 32-bit registers per SM
+REGISTER_GRANULE = 256  # registers are allocated per warp in units of 256
 TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size
 PTXAS_ARCH = "sm_90a"
 
@@ -53,6 +60,14 @@ class CompileReportError(AssertionError):
 # --------------------------------------------------------------------------------------
 # Checks (pure functions of a report row, so they can be tested on hand-made rows)
 # --------------------------------------------------------------------------------------
+
+
+def programs_that_fit(row: dict) -> int:
+    """How many blocks of a compiled config one H200 SM holds at once, by registers and by
+    shared memory (the occupancy calculator's rules, without the block-count limits)."""
+    per_warp = -(-row["registers"] * 32 // REGISTER_GRANULE) * REGISTER_GRANULE
+    by_registers = SM_REGISTERS // (per_warp * row["num_warps"])
+    return min(by_registers, SM_SHARED_MEMORY // (row["shared"] + BLOCK_RESERVED_SHARED))
 
 
 def row_problems(row: dict) -> list:
@@ -70,6 +85,10 @@ def row_problems(row: dict) -> list:
         problems.append(f"shared memory {row['shared']} bytes exceeds the H200 per-block limit {SHARED_MEMORY_LIMIT}")
     if row.get("require_hgmma") and not row.get("hgmma", 0):
         problems.append("no HGMMA instructions in the SASS, but this config must use Hopper tensor cores")
+    wanted = row.get("programs_per_sm")
+    if wanted and programs_that_fit(row) < wanted:
+        problems.append(f"{wanted} programs per SM claimed, but only {programs_that_fit(row)} fit "
+                        f"({row['registers']} registers x {row['num_warps']} warps, {row['shared']} bytes shared)")
     for instruction in row.get("missing_ptx") or ():
         problems.append(f"PTX lacks {instruction}, which this config requires")
     for opcode in row.get("require_sass") or ():
@@ -220,6 +239,8 @@ def _report_in_this_process(modules) -> list:
                     "require_hgmma": bool(cfg.get("require_hgmma", False)),
                     "require_sass": list(cfg.get("require_sass") or ()),
                 }
+                if cfg.get("programs_per_sm"):  # a persistent grid's claim (see programs_that_fit)
+                    row["programs_per_sm"] = cfg["programs_per_sm"]
                 try:
                     row.update(compile_config(cfg, workdir))
                 except Exception as e:

@@ -47,6 +47,7 @@ MAX_RATIO = 3.0  # the error-ratio rule's limit (gptfast.testing.assert_error_ra
 ORDER = (
     ("causal_attention.fwd", "d64_16bit"), ("decode_attention.split", "d64_16bit"),
     ("layer_norm.fwd", "n1024_16bit"), ("layer_norm.bwd", "n1024_16bit"),
+    ("causal_attention.fwd", "d64_16bit_short"),
     ("skinny_linear.fwd", "n4096_k1024_16bit"), ("skinny_linear.fwd", "n1024_k1024_16bit"),
     ("skinny_linear.fwd", "n1024_k4096_16bit"),
     ("skinny_linear.fwd", "n65536_k1024_16bit"), ("skinny_linear.fwd", "n4096_k1024_int8"),
@@ -54,7 +55,8 @@ ORDER = (
     ("skinny_linear.fwd", "n1024_k4096_int8"), ("skinny_linear.fwd", "n65536_k1024_int8"),
     ("causal_attention.dkdv", "d64_16bit"), ("causal_attention.dq", "d64_16bit"),
     ("causal_attention.fwd", "d128_16bit"), ("causal_attention.dkdv", "d128_16bit"),
-    ("causal_attention.dq", "d128_16bit"), ("decode_attention.split", "d128_16bit"),
+    ("causal_attention.dq", "d128_16bit"), ("causal_attention.fwd", "d128_16bit_short"),
+    ("decode_attention.split", "d128_16bit"),
     ("layer_norm.fwd", "n4096_16bit"), ("layer_norm.bwd", "n4096_16bit"),
     ("layer_norm.fwd", "n2048_16bit"), ("layer_norm.bwd", "n2048_16bit"),
     ("layer_norm.fwd", "n8192_16bit"), ("layer_norm.bwd", "n8192_16bit"),
@@ -134,6 +136,11 @@ def _attention_tunables(ctx) -> list:
         for kernel, run in (("fwd", run_fwd), ("dkdv", run_bwd("dkdv")), ("dq", run_bwd("dq"))):
             tunables.append(Tunable(f"causal_attention.{kernel}", key, ka.CANDIDATES[kernel][key],
                                     ctx.attention_shapes(d), make, run, references, check_slice))
+        # The forward's short-sequence key (ka.forward_key): its own candidates and lengths.
+        short = ka.forward_key(d, torch.float16, ka.SHORT_MAX_LEN)
+        tunables.append(Tunable("causal_attention.fwd", short, ka.CANDIDATES["fwd"][short],
+                                ctx.attention_shapes(d, max_len=ka.SHORT_MAX_LEN), make, run_fwd, references,
+                                check_slice))
     return tunables
 
 
@@ -261,11 +268,13 @@ class Context:
     def _pick(self, shapes):
         return shapes[:1] if self.quick or self.dry_run else shapes
 
-    def attention_shapes(self, d):
+    def attention_shapes(self, d, max_len=None):
+        """The benchmark grid's shapes; with ``max_len`` its short sequences (T 512 and 1024)."""
         if self.dry_run:
             return [{"B": 1, "H": 2, "T": 48, "D": d}]
         # The benchmark grid's B*T = 16k tokens and H*D = 2048 (gptfast.bench.suites.causal_attention).
-        return self._pick([{"B": 16384 // t, "H": 2048 // d, "T": t, "D": d} for t in (2048, 8192)])
+        lengths = (2048, 8192) if max_len is None else (1024, 512)
+        return self._pick([{"B": 16384 // t, "H": 2048 // d, "T": t, "D": d} for t in lengths])
 
     def decode_shapes(self, d):
         if self.dry_run:

@@ -64,6 +64,21 @@ key_start keeps pointer loads (its padded keys must not be read). A descriptor n
 pointer loads of the same tiles otherwise (``_tma_ready``). The interpreter runs the
 descriptors too, so the tests cover both paths.
 
+Persistent variants of the forward and dK/dV passes (``persistent``, ``tma_persistent``,
+``tma_atomic_dq_persistent``; ``_x2``: two programs per SM instead of one). A causal grid's
+programs differ in length (the forward's last query block streams every key, its first one
+block), and a one-tile-per-program grid ends with a tail where the long programs of the
+last wave hold a few SMs while the rest idle. A persistent launch starts
+``PROGRAMS_PER_SM`` programs per SM instead, and each loops over tiles dealt longest first
+in a snake (``_persistent_tile``): the tail is filled with short tiles and the per-program
+prologue is paid once per SM. Same kernels, one constexpr (``PERSISTENT``) and a 1-D grid
+(``persistent_programs``); the tile body is the same function in both.
+
+Short sequences (at most ``SHORT_MAX_LEN`` queries) look their forward config up under a
+key of their own (``forward_key``: ``d64_16bit_short``), with their own tuning candidates:
+at T 512-1k a tile sees few key blocks, so other tiles, grids and pipelines may win. A
+tuned table without that key serves them the long key's config.
+
 Any T >= 1 works: loads past the sequence end are masked to zero and rows past it are
 never stored (their recomputed values stay finite: zero queries give zero scores).
 Head sizes up to 256 are padded to BLOCK_D, the next power of two >= 16, with masked
@@ -77,7 +92,7 @@ import triton
 import triton.language as tl
 
 from ._common import (cdiv, LOG2E, LaunchConfig, check_out, device_guard, div, empty, launch, padded_head_dim, pointer,
-                      static_entry, TRITON_TYPE)
+                      sm_count, static_entry, TRITON_TYPE)
 from ._tuned import pick
 
 # ----------------------------------------------------------------------------- helpers
@@ -141,23 +156,44 @@ def _positions(Q_START, KEY_START, off_b, q_offset, stride_pos_b, Q_START_TENSOR
 
 
 @triton.jit
-def _query_tile(Q_START, KEY_START, num_heads, group, q_len, q_offset, stride_pos_b, BLOCK_M: tl.constexpr,
-                Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr):
-    """Where a program of the forward or the dQ kernel works, as ``(pid_bh, start_m, off_b,
-    off_h, off_kvh, q_offset, key_start, kv_len, offs_m, q_pos)``. Grid: (B * H, query
-    blocks); the query-block axis is walked from the last block, the one with the most keys,
-    so the longest programs start first (causal load balance). Query head h reads kv head
-    h // group (grouped-query attention; group 1 is plain MHA). ``q_pos``: the absolute
-    positions of the tile's queries."""
-    pid_bh = tl.program_id(0)
-    start_m = tl.num_programs(1) - 1 - tl.program_id(1)
+def _query_tile(Q_START, KEY_START, pid_bh, start_m, num_heads, group, q_len, q_offset, stride_pos_b,
+                BLOCK_M: tl.constexpr, Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr):
+    """Where the forward or the dQ kernel works on query block ``start_m`` of (batch, head)
+    ``pid_bh``, as ``(off_b, off_h, off_kvh, q_offset, key_start, kv_len, offs_m, q_pos)``.
+    Query head h reads kv head h // group (grouped-query attention; group 1 is plain MHA).
+    ``q_pos``: the absolute positions of the tile's queries."""
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
     q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, stride_pos_b, Q_START_TENSOR,
                                     HAS_KEY_START)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     kv_len = q_offset + q_len
-    return pid_bh, start_m, off_b, off_h, off_h // group, q_offset, key_start, kv_len, offs_m, q_offset + offs_m
+    return off_b, off_h, off_h // group, q_offset, key_start, kv_len, offs_m, q_offset + offs_m
+
+
+@triton.jit
+def _grid_tile():
+    """``(pid_bh, start_m)`` of a program of the (B * H, query blocks) grid; the query-block
+    axis is walked from the last block, the one with the most keys, so the longest programs
+    start first (causal load balance)."""
+    return tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
+
+
+@triton.jit
+def _persistent_tile(rnd, batch_heads, q_blocks):
+    """``(pid_bh, start_m, valid)`` of this program's tile in round ``rnd`` of a persistent launch
+    (a grid of P programs, each looping over rounds). Tiles are numbered longest first:
+    tile t is query block ``q_blocks - 1 - t // batch_heads`` of (batch, head)
+    ``t % batch_heads``, so a causal sequence's last blocks (the most keys) come first and the
+    grid's tail is filled with short tiles. Round r holds tiles [r * P, r * P + P), dealt
+    out left to right in even rounds and right to left in odd ones (a snake), so the
+    program that took a round's longest tile takes the next round's shortest: the sums
+    even out. ``valid``: the tile exists (the last round may be partial)."""
+    programs = tl.num_programs(0)
+    pid = tl.program_id(0)
+    lane = tl.where(rnd % 2 == 0, pid, programs - 1 - pid)
+    tile = rnd * programs + lane
+    return tile % batch_heads, q_blocks - 1 - tile // batch_heads, tile < batch_heads * q_blocks
 
 
 @triton.jit
@@ -281,13 +317,51 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
+    num_heads, group, q_len, q_offset, stride_pos_b, qk_scale, batch_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """Grid (B * H, query blocks): one tile a program. With PERSISTENT a 1-D grid of a few
+    programs per SM, each looping over tiles in ``_persistent_tile``'s order (the launcher
+    sizes it); ``batch_heads`` = B * H."""
+    if PERSISTENT:
+        q_blocks = tl.cdiv(q_len, BLOCK_M)
+        for rnd in range(0, tl.cdiv(batch_heads * q_blocks, tl.num_programs(0))):
+            pid_bh, start_m, valid = _persistent_tile(rnd, batch_heads, q_blocks)
+            if valid:
+                _attn_fwd_tile(Q, K, V, O, LSE, Q_START, KEY_START, pid_bh, start_m,
+                               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                               stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                               num_heads, group, q_len, q_offset, stride_pos_b, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, Q_START_TENSOR, HAS_KEY_START,
+                               DOT_FP32, DOT_PRECISION, USE_TMA)
+    else:
+        pid_bh, start_m = _grid_tile()
+        _attn_fwd_tile(Q, K, V, O, LSE, Q_START, KEY_START, pid_bh, start_m,
+                       stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                       stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                       num_heads, group, q_len, q_offset, stride_pos_b, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, Q_START_TENSOR, HAS_KEY_START,
+                       DOT_FP32, DOT_PRECISION, USE_TMA)
+
+
+@triton.jit
+def _attn_fwd_tile(
+    Q, K, V, O, LSE, Q_START, KEY_START, pid_bh, start_m,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
     num_heads, group, q_len, q_offset, stride_pos_b, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    pid_bh, start_m, off_b, off_h, off_kvh, q_offset, key_start, kv_len, offs_m, q_pos = _query_tile(
-        Q_START, KEY_START, num_heads, group, q_len, q_offset, stride_pos_b, BLOCK_M, Q_START_TENSOR, HAS_KEY_START)
+    """The forward of query block ``start_m`` of (batch, head) ``pid_bh``."""
+    off_b, off_h, off_kvh, q_offset, key_start, kv_len, offs_m, q_pos = _query_tile(
+        Q_START, KEY_START, pid_bh, start_m, num_heads, group, q_len, q_offset, stride_pos_b, BLOCK_M,
+        Q_START_TENSOR, HAS_KEY_START)
 
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     q = _load_tile(_rows_source(q_base, q_len, stride_qt, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA), q_base,
@@ -410,16 +484,57 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
+    num_kv_heads, group, q_len, k_len, q_offset, stride_pos_b, qk_scale, sm_scale, batch_kv_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """Grid: (B * H_kv, key blocks); the first key blocks meet the most queries, so they go
+    first. With PERSISTENT a 1-D grid of a few programs per SM, each looping over (kv head,
+    key block) tiles in ``_persistent_tile``'s order, the first key blocks first;
+    ``batch_kv_heads`` = B * H_kv."""
+    if PERSISTENT:
+        k_blocks = tl.cdiv(k_len, BLOCK_N)
+        for rnd in range(0, tl.cdiv(batch_kv_heads * k_blocks, tl.num_programs(0))):
+            pid_bkv, last_first, valid = _persistent_tile(rnd, batch_kv_heads, k_blocks)
+            if valid:
+                _attn_bwd_dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_START, KEY_START,
+                                    pid_bkv, (k_blocks - 1 - last_first) * BLOCK_N,
+                                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                                    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                                    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                                    num_kv_heads, group, q_len, k_len, q_offset, stride_pos_b, qk_scale, sm_scale,
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, Q_START_TENSOR, HAS_KEY_START,
+                                    DOT_FP32, DOT_PRECISION, USE_TMA, ATOMIC_DQ)
+    else:
+        _attn_bwd_dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_START, KEY_START,
+                            tl.program_id(0), tl.program_id(1) * BLOCK_N,
+                            stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                            stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                            stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                            num_kv_heads, group, q_len, k_len, q_offset, stride_pos_b, qk_scale, sm_scale,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, Q_START_TENSOR, HAS_KEY_START,
+                            DOT_FP32, DOT_PRECISION, USE_TMA, ATOMIC_DQ)
+
+
+@triton.jit
+def _attn_bwd_dkdv_tile(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_START, KEY_START, pid_bkv, start_n,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
     num_kv_heads, group, q_len, k_len, q_offset, stride_pos_b, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    # Grid: (B * H_kv, key blocks); the first key blocks meet the most queries, so they go
-    # first. A program owns one key block of one kv head and walks the queries of every
-    # query head of its group, so dK and dV sum over the group in registers (no atomics).
-    pid_bkv = tl.program_id(0)
-    start_n = tl.program_id(1) * BLOCK_N
+    """dK and dV of the key block at ``start_n`` of (batch, kv head) ``pid_bkv``. The program
+    walks the queries of every query head of its group, so dK and dV sum over the group in
+    registers (no atomics)."""
     off_b = (pid_bkv // num_kv_heads).to(tl.int64)
     off_kvh = (pid_bkv % num_kv_heads).to(tl.int64)
     q_offset, key_start = _positions(Q_START, KEY_START, off_b, q_offset, stride_pos_b, Q_START_TENSOR,
@@ -510,8 +625,10 @@ def _attn_bwd_dq_kernel(
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    pid_bh, start_m, off_b, off_h, off_kvh, q_offset, key_start, kv_len, offs_m, q_pos = _query_tile(
-        Q_START, KEY_START, num_heads, group, q_len, q_offset, stride_pos_b, BLOCK_M, Q_START_TENSOR, HAS_KEY_START)
+    pid_bh, start_m = _grid_tile()
+    off_b, off_h, off_kvh, q_offset, key_start, kv_len, offs_m, q_pos = _query_tile(
+        Q_START, KEY_START, pid_bh, start_m, num_heads, group, q_len, q_offset, stride_pos_b, BLOCK_M,
+        Q_START_TENSOR, HAS_KEY_START)
 
     # Rows past q_len load zeros (lse and delta too); they stay finite and are not stored.
     rows = (_load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qt, q_len, HEAD_DIM, BLOCK_D, True),
@@ -601,31 +718,53 @@ _GPU = {
     ]),
 }
 
+# Short sequences (at most SHORT_MAX_LEN queries) have their own forward key,
+# ``<config_key>_short``: a batch of short sequences has few key blocks per tile, so
+# smaller tiles, more programs per SM or a persistent grid may pay off there and not at
+# 8k. A table without the short key (the first H200 run's) leaves short sequences on the
+# long key's config, tuned or shipped.
+SHORT_MAX_LEN = 1024
+SHORT = "_short"
+
+
 # Tuning candidates (gptfast.tune) of the 16-bit fast paths: the shipped config first,
 # then the first H200 run's winner where it differs, then the variants (see VARIANTS):
 # ``tma`` tiles (the copy engine frees the registers the pointer loads held: the D=64
 # forward's 128 x 128 tile drops from about 224 to about 165 a thread, room for deeper
-# pipelines), and for dK/dV the fused ``tma_atomic_dq`` backward. Every one passes the
+# pipelines), for dK/dV the fused ``tma_atomic_dq`` backward, and persistent grids
+# (``*_persistent``; ``_x2`` on tiles small enough for two programs an SM). Every one passes the
 # static compile report (wgmma, no spills, shared memory within the sm_90 limit, and the
 # TMA loads / fp32 atomics it claims in the SASS). Which is faster is for the device to say.
 _CANDIDATE_TILES = {  # kernel -> BLOCK_D -> (block_m, block_n, warps, stages[, variant]), the shipped one first
     "fwd": {64: ((128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 3, "tma"), (128, 64, 8, 3, "tma"),
-                 (128, 128, 8, 4, "tma"), (128, 128, 8, 2, "tma"), (128, 64, 4, 3, "tma"), (64, 64, 4, 3, "tma")),
+                 (128, 128, 8, 4, "tma"), (128, 128, 8, 2, "tma"), (128, 64, 4, 3, "tma"),
+                 (128, 128, 8, 3, "tma_persistent")),
             128: ((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3, "tma"), (128, 128, 8, 2, "tma"),
-                  (128, 128, 8, 3, "tma"), (128, 64, 8, 4, "tma"), (128, 32, 8, 3, "tma"), (64, 64, 4, 3, "tma"))},
+                  (128, 128, 8, 3, "tma"), (128, 64, 8, 4, "tma"), (128, 32, 8, 3, "tma"),
+                  (128, 64, 8, 3, "tma_persistent"))},
+    # Short sequences (``forward_key``): the long key's shipped tile first (the baseline),
+    # then persistent grids and half-height tiles that put two programs on an SM.
+    "fwd_short": {64: ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3, "tma_persistent"),
+                       (64, 64, 4, 3, "tma_persistent_x2"), (64, 64, 4, 3, "tma"), (64, 128, 4, 3, "tma"),
+                       (128, 64, 8, 3, "persistent"), (64, 64, 4, 2, "persistent_x2")),
+                  128: ((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3, "tma_persistent"),
+                        (64, 64, 4, 2, "tma_persistent_x2"), (64, 64, 4, 3, "tma"), (64, 128, 4, 2, "tma"),
+                        (128, 64, 8, 3, "persistent"), (64, 64, 4, 2, "persistent_x2"))},
     "dkdv": {64: ((64, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2, "tma"), (32, 64, 4, 2, "tma"),
-                  (64, 128, 8, 2, "tma_atomic_dq"), (32, 128, 8, 2, "tma_atomic_dq"), (64, 64, 4, 2, "tma_atomic_dq"),
-                  (32, 64, 4, 2, "tma_atomic_dq")),
+                  (64, 128, 8, 2, "tma_atomic_dq"), (32, 64, 4, 2, "tma_atomic_dq"),
+                  (32, 64, 4, 2, "tma_persistent_x2"), (32, 64, 4, 2, "tma_atomic_dq_persistent_x2")),
              128: ((32, 128, 8, 2), (16, 128, 8, 2), (32, 128, 8, 2, "tma"), (64, 64, 8, 2, "tma"),
                    (32, 128, 8, 2, "tma_atomic_dq"), (16, 128, 8, 2, "tma_atomic_dq"),
-                   (64, 64, 8, 2, "tma_atomic_dq"))},  # (32, 64, 4, 2, tma_atomic_dq) spills at D=128
+                   (64, 64, 8, 2, "tma_atomic_dq"),  # (32, 64, 4, 2, tma_atomic_dq) spills at D=128
+                   (64, 64, 8, 2, "tma_persistent"))},  # (32, 128, 8, 2, tma_persistent) spills
     "dq": {64: ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2, "tma"), (128, 64, 8, 3, "tma"),
                 (128, 128, 8, 2, "tma"), (128, 32, 8, 3, "tma"), (64, 64, 4, 2, "tma"), (64, 128, 4, 2, "tma")),
            128: ((128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2, "tma"), (128, 64, 8, 2, "tma"),
                  (128, 32, 8, 3, "tma"), (64, 64, 8, 2, "tma"), (64, 32, 4, 2, "tma"), (64, 64, 8, 2))},
 }
 CANDIDATES = {kernel: {f"d{d}_16bit": _candidates(rows) for d, rows in by_d.items()}
-              for kernel, by_d in _CANDIDATE_TILES.items()}
+              for kernel, by_d in _CANDIDATE_TILES.items() if kernel in _GPU}
+CANDIDATES["fwd"].update({f"d{d}_16bit{SHORT}": _candidates(rows) for d, rows in _CANDIDATE_TILES["fwd_short"].items()})
 
 # Under the CPU interpreter: small, unequal tiles, so that tiny test shapes still cross
 # several blocks, the diagonal split and the sequence edge.
@@ -643,12 +782,32 @@ DELTA_CONFIG = LaunchConfig(block_m=64, num_warps=4, num_stages=1)
 # dK/dV pass also adds dS K to an fp32 dQ sum with atomics, so no dQ pass runs (see the
 # docstring). Inputs a descriptor cannot read fall back to pointer loads (and, for the
 # atomic variant, keep the atomics: a path compiled on demand, not in the static report).
-_FLAGS = {None: {"USE_TMA": False}, "tma": {"USE_TMA": True}}
+#
+# The forward and dK/dV passes also have persistent variants (``persistent``,
+# ``tma_persistent`` and, for dK/dV, ``tma_atomic_dq_persistent``: one program per SM; the
+# same with ``_x2``: two, for tiles of which two fit an SM, which the compile report
+# checks): a 1-D grid of ``PROGRAMS_PER_SM[variant]`` programs per SM (never more than
+# there are tiles), each looping over tiles longest first (``_persistent_tile``; the
+# forward's last query blocks, dK/dV's first key blocks), so no SM idles at the grid's
+# tail while another runs a long block, and a program's prologue is paid once per SM
+# rather than once per tile.
+_PERSISTENT = ("persistent", "tma_persistent", "persistent_x2", "tma_persistent_x2")
+PROGRAMS_PER_SM = {**{v: 2 if v.endswith("_x2") else 1 for v in _PERSISTENT},
+                   "tma_atomic_dq_persistent": 1, "tma_atomic_dq_persistent_x2": 2}
+
+
+def _flags(variant, atomic: bool = False) -> dict:
+    """The constexpr flags a variant's name spells."""
+    flags = {"USE_TMA": bool(variant) and variant.startswith("tma")}
+    if atomic:
+        flags["ATOMIC_DQ"] = bool(variant) and "atomic_dq" in variant
+    return {**flags, "PERSISTENT": variant in PROGRAMS_PER_SM}
+
+
 VARIANTS = {
-    "fwd": _FLAGS,
-    "dq": _FLAGS,
-    "dkdv": {None: {"USE_TMA": False, "ATOMIC_DQ": False}, "tma": {"USE_TMA": True, "ATOMIC_DQ": False},
-             "tma_atomic_dq": {"USE_TMA": True, "ATOMIC_DQ": True}},
+    "fwd": {v: _flags(v) for v in (None, "tma", *_PERSISTENT)},
+    "dq": {None: {"USE_TMA": False}, "tma": {"USE_TMA": True}},
+    "dkdv": {v: _flags(v, atomic=True) for v in (None, "tma", "tma_atomic_dq", *PROGRAMS_PER_SM)},
 }
 
 
@@ -664,8 +823,20 @@ def _select(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.device
     return pick(f"causal_attention.{kernel}", key, _GPU[kernel][key], device)
 
 
-def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    return _select("fwd", head_dim, dtype, device)
+def forward_key(head_dim: int, dtype: torch.dtype, q_len: int) -> str:
+    """The forward's tuning key of a launch: ``config_key``, with ``_short`` for q_len <= SHORT_MAX_LEN."""
+    key = config_key(head_dim, dtype)
+    return key + SHORT if q_len <= SHORT_MAX_LEN else key
+
+
+def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device, q_len: int = SHORT_MAX_LEN + 1
+                   ) -> LaunchConfig:
+    """The forward's launch config for ``q_len`` queries: the tuned short-sequence config when
+    q_len <= SHORT_MAX_LEN and the device's table has one, else the long key's (tuned or shipped)."""
+    cfg = _select("fwd", head_dim, dtype, device)
+    if device.type == "cuda" and q_len <= SHORT_MAX_LEN:
+        cfg = pick("causal_attention.fwd", forward_key(head_dim, dtype, q_len), cfg, device)
+    return cfg
 
 
 # dK/dV with grouped-query heads loops over the group's query heads around the query loop,
@@ -769,6 +940,18 @@ def _use_tma(flags: dict, *tensors) -> dict:
     return flags
 
 
+# SMs a persistent launch assumes under the CPU interpreter: few, so that the tests' small
+# shapes give every program several tiles (and a partial last round).
+INTERPRETER_SMS = 2
+
+
+def persistent_programs(tiles: int, variant: str, device: torch.device) -> int:
+    """The grid of a persistent forward: ``PROGRAMS_PER_SM[variant]`` programs per SM
+    (``INTERPRETER_SMS`` off CUDA), at most one per tile."""
+    sms = sm_count(device) if device.type == "cuda" else INTERPRETER_SMS
+    return max(1, min(tiles, PROGRAMS_PER_SM[variant] * sms))
+
+
 def _position_stride(q_positions) -> int:
     """The kernels' ``stride_pos_b``: the batch stride of a (B, Tq) position tensor; 0 for a
     (Tq,) one (every row reads the same positions) or none."""
@@ -802,14 +985,17 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
     batch, heads, q_len, head_dim = q.shape
     out = check_out("causal_attention", "out", out, q.shape, q.dtype, q.device)
     lse = check_out("causal_attention", "lse", lse, (batch, heads, q_len), torch.float32, q.device, contiguous=True)
-    cfg = config or forward_config(head_dim, q.dtype, q.device)
+    cfg = config or forward_config(head_dim, q.dtype, q.device, q_len)
     flags = _use_tma(variant_flags("fwd", cfg), q, k, v, out)
     positions = _position_args(q, q_positions, key_start)
+    grid = (batch * heads, cdiv(q_len, cfg.block_m))
+    if flags["PERSISTENT"]:
+        grid = (persistent_programs(grid[0] * grid[1], cfg.variant, q.device),)
     with device_guard(q.device):
-        launch(_attn_fwd_kernel, (batch * heads, cdiv(q_len, cfg.block_m)),
+        launch(_attn_fwd_kernel, grid,
             q, k, v, out, lse, positions.pop("Q_START"), positions.pop("KEY_START"),
             *_bht(q), *_bht(k), *_bht(v), *_bht(out),
-            heads, heads // k.shape[1], q_len, q_offset, _position_stride(q_positions), scale * LOG2E,
+            heads, heads // k.shape[1], q_len, q_offset, _position_stride(q_positions), scale * LOG2E, batch * heads,
             **positions, **flags, **_tiles(cfg, head_dim, q.device, q.dtype),
         )
     return out, lse
@@ -838,6 +1024,9 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
     kv_cfg = dkdv_cfg or dkdv_config(head_dim, q.dtype, q.device, grouped=kv_heads != heads)
     q_cfg = dq_cfg or dq_config(head_dim, q.dtype, q.device)
     kv_flags = _use_tma(variant_flags("dkdv", kv_cfg), q, grad_out)
+    kv_grid = (batch * kv_heads, cdiv(kv_len, kv_cfg.block_n))
+    if kv_flags["PERSISTENT"]:
+        kv_grid = (persistent_programs(kv_grid[0] * kv_grid[1], kv_cfg.variant, q.device),)
     atomic = kv_flags["ATOMIC_DQ"]
     # The atomic variants sum dQ in fp32 (B * H, Tq, D), cleared by the delta kernel.
     dq_acc = empty((batch * heads, q_len, head_dim), torch.float32, q.device) if atomic else delta
@@ -851,10 +1040,10 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_CONFIG.block_m, ZERO_DQ=atomic,
             num_warps=DELTA_CONFIG.num_warps,
         )
-        launch(_attn_bwd_dkdv_kernel, (batch * kv_heads, cdiv(kv_len, kv_cfg.block_n)),
+        launch(_attn_bwd_dkdv_kernel, kv_grid,
             q, k, v, grad_out, lse, delta, dk, dv, dq_acc, *starts,
             *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dk), *_bht(dv),
-            kv_heads, heads // kv_heads, q_len, kv_len, q_offset, pos_stride, scale * LOG2E, scale,
+            kv_heads, heads // kv_heads, q_len, kv_len, q_offset, pos_stride, scale * LOG2E, scale, batch * kv_heads,
             **positions, **kv_flags, **_tiles(kv_cfg, head_dim, q.device, q.dtype),
         )
         if atomic:
@@ -883,8 +1072,9 @@ _FIXED_POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "Q_START
 
 # What the SASS of a variant must show: the tensor-memory copies (TMA loads; the forward
 # also stores its output with one) and, for the atomic dQ, fp32 atomic adds to global memory.
-_VARIANT_SASS = {"USE_TMA": ("UTMALDG",), "ATOMIC_DQ": ("ATOMG.E.ADD.F32",)}
-_VARIANT_SASS_FWD = {"USE_TMA": ("UTMALDG", "UTMASTG")}
+_VARIANT_SASS = {"USE_TMA": ("UTMALDG",), "ATOMIC_DQ": ("ATOMG.E.ADD.F32",), "PERSISTENT": ()}
+# A persistent grid has no opcode of its own to claim.
+_VARIANT_SASS_FWD = {"USE_TMA": ("UTMALDG", "UTMASTG"), "PERSISTENT": ()}
 
 
 def _pointers(fn, dtype: torch.dtype) -> dict:
@@ -910,19 +1100,30 @@ def _entry(kernel: str, head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, su
     if not gqa:  # a launch with one query head per kv head specialises group == 1 (Triton's JIT does)
         constexprs["group"] = 1
     strides = [a for a in fn.arg_names if a.startswith("stride") and a not in constexprs]
-    return static_entry(f"{name}_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn, cfg, constexprs,
+    entry = static_entry(f"{name}_d{head_dim}_{TRITON_TYPE[dtype]}{suffix}", fn, cfg, constexprs,
                         pointers=_pointers(fn, dtype), floats=("qk_scale", "sm_scale"),
                         divisible_by_16=[a for a in strides if not (row_positions and a == "stride_pos_b")],
                         require_hgmma=(dtype != torch.float32
                                        and (kernel, padded_head_dim(head_dim)) not in NO_TENSOR_CORES),
                         require_ptx=require_ptx, require_sass=require_sass)
+    if PROGRAMS_PER_SM.get(cfg.variant, 1) > 1:  # the report checks that so many fit an SM
+        entry["programs_per_sm"] = PROGRAMS_PER_SM[cfg.variant]
+    return entry
+
+
+# Variants whose shipped tile spills get another one in the static report (and should in
+# the candidates): the persistent dK/dV loop at D=128 costs registers the 32 x 128 tile has
+# not got to spare.
+VARIANT_TILES = {("dkdv", 128, "tma_persistent"): LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
+                 ("dkdv", 128, "tma_atomic_dq_persistent"): LaunchConfig(block_m=16, block_n=128, num_warps=8,
+                                                                         num_stages=2)}
 
 
 def static_configs(dtype: torch.dtype = torch.bfloat16, head_dims=(64, 128, 256)):
     """The shipped sm_90 configurations (bf16, head sizes 64, 128 and 256 by default) of the
     forward, dK/dV and dQ kernels (main loops on wgmma, but see NO_TENSOR_CORES), their
-    variants (VARIANTS) on the same tiles at D 64 and 128, the delta preprocess and the dQ
-    conversion of the atomic backward."""
+    variants (VARIANTS) on the same tiles (or VARIANT_TILES) at D 64 and 128, the delta
+    preprocess and the dQ conversion of the atomic backward."""
     entries = []
     for head_dim in head_dims:
         for kernel in _KERNELS:
@@ -937,9 +1138,10 @@ def static_configs(dtype: torch.dtype = torch.bfloat16, head_dims=(64, 128, 256)
                                       "_row_positions", row_positions=True))
                 # The variants on the shipped tiles, plain and with key ranges over a cache
                 # (the masked blocks near key_start keep pointer loads there).
-                for variant in VARIANTS[kernel]:
-                    if variant:
-                        cfg = dataclasses.replace(shipped_config(kernel, head_dim, dtype), variant=variant)
+                for variant in VARIANTS[kernel]:  # (x2 persistent variants: the same code as x1)
+                    if variant and PROGRAMS_PER_SM.get(variant) != 2:
+                        tiles = VARIANT_TILES.get((kernel, head_dim, variant))
+                        cfg = dataclasses.replace(tiles or shipped_config(kernel, head_dim, dtype), variant=variant)
                         entries.append(_entry(kernel, head_dim, dtype, cfg, f"_{variant}"))
                         entries.append(_entry(kernel, head_dim, dtype, cfg, f"_{variant}_positions", positions=True))
         fn = _attn_bwd_delta_kernel
@@ -959,14 +1161,16 @@ def static_configs(dtype: torch.dtype = torch.bfloat16, head_dims=(64, 128, 256)
 
 def candidate_configs():
     """Static compile entries of the tuning candidates that are not the shipped config."""
-    entries = []
+    entries = {}
     for kernel, by_key in CANDIDATES.items():
         for key, configs in by_key.items():
             head_dim = int(key[1:].split("_")[0])
-            shipped = _GPU[kernel][key]
-            entries += [_entry(kernel, head_dim, torch.bfloat16, cfg, f"_cand_{cfg.tag()}")
-                        for cfg in configs if cfg != shipped]
-    return entries
+            shipped = shipped_config(kernel, head_dim, torch.bfloat16)
+            for cfg in configs:  # a tile in both the long and the short list compiles once
+                name = f"{_KERNELS[kernel][0]}_d{head_dim}_cand_{cfg.tag()}"
+                if cfg != shipped and name not in entries:
+                    entries[name] = _entry(kernel, head_dim, torch.bfloat16, cfg, f"_cand_{cfg.tag()}")
+    return list(entries.values())
 
 
 def precision_configs():

@@ -20,6 +20,8 @@ from gptfast.ops.causal_attention import causal_attention
 from gptfast.testing import assert_error_ratio, poisoned_kernel_outputs, randn
 
 attention_kernels = pytest.importorskip("gptfast.kernels.causal_attention")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 # The Triton interpreter itself converts 1-element arrays to Python ints (loop bounds).
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
@@ -305,6 +307,16 @@ def _variant_cfgs(fwd=None, dkdv=None, dq=None):
         (("tma", "tma_atomic_dq", None), 2, 4, 2, 21, 12, 32, torch.float32, [13, 0]),
         ((None, "tma_atomic_dq", None), 1, 3, 1, 17, 5, 64, torch.float16, None),
         (("tma", "tma", "tma"), 3, 2, 1, 20, 0, 32, torch.float32, [16, 3, 19]),
+        # Persistent forwards (INTERPRETER_SMS programs a SM: several tiles each, a partial last round).
+        (("persistent", "tma", None), 2, 3, 1, 37, 5, 80, torch.float16, None),
+        (("tma_persistent", None, "tma"), 3, 2, 2, 45, 0, 32, torch.float32, [16, 3, 40]),
+        (("persistent_x2", None, None), 1, 1, 1, 1, 0, 64, torch.float32, None),
+        (("tma_persistent_x2", "tma_atomic_dq", None), 2, 2, 1, 70, 9, 32, torch.float16, [0, 30]),
+        # Persistent dK/dV (first key blocks first), with the fused atomic dQ too.
+        ((None, "persistent", None), 2, 3, 1, 37, 5, 80, torch.float16, None),
+        (("tma", "tma_atomic_dq_persistent", None), 3, 2, 2, 45, 0, 32, torch.float32, [16, 3, 40]),
+        ((None, "tma_persistent_x2", "tma"), 1, 4, 2, 1, 0, 64, torch.float32, None),
+        (("persistent", "tma_atomic_dq_persistent_x2", "tma"), 2, 2, 1, 70, 9, 32, torch.float16, [0, 30]),
     ],
 )
 def test_variants_match_float64(variants, batch, heads, kv_heads, q_len, q_offset, head_dim, dtype, starts):
@@ -334,7 +346,7 @@ def test_variant_with_unaligned_rows_takes_the_pointer_loads():
     q, k, v = (t[..., :20] for t in _qkv(1, 2, 19, 20, torch.float16, seed=5))  # strides 20: 40-byte rows
     assert not attention_kernels._tma_ready(q, k, v)
     flags = attention_kernels._use_tma(attention_kernels.variant_flags("fwd", _variant_cfgs("tma")["fwd"]), q, k, v)
-    assert flags == {"USE_TMA": False}
+    assert flags == {"USE_TMA": False, "PERSISTENT": False}
     aligned = _qkv(1, 2, 19, 32, torch.float16)
     assert attention_kernels._use_tma({"USE_TMA": True}, *aligned) == {"USE_TMA": True}
     cfgs = _variant_cfgs("tma", "tma_atomic_dq", "tma")
@@ -347,6 +359,71 @@ def test_variant_with_unaligned_rows_takes_the_pointer_loads():
     plain = _attention_and_grads(reference.causal_attention, q, k, v, grad_out, scale=0.25)
     for name, f, p, e in zip(("out", "dq", "dk", "dv"), (out, *grads), plain, exact):
         assert_error_ratio(f, p, e, what=f"{name} of an unaligned tma launch")
+
+
+@pytest.mark.parametrize("variant", ["persistent", "tma_persistent"])
+def test_persistent_forward_per_row_positions_and_key_ranges(variant):
+    """A persistent forward with (B, Tq) positions over a NaN-tailed cache and key ranges:
+    each tile reads its own row's positions and key start, whichever program runs it."""
+    starts, q_len = [9, 4, 14], 37
+    q, k, v, positions = _row_positions_over_a_stale_cache(starts, 4, 2, q_len, 60, 32, torch.float32, 51)
+    key_start = torch.tensor([0, 6, 20], device=DEVICE)
+    cfg = _variant_cfgs(variant)["fwd"]
+    tiles = q.shape[0] * q.shape[1] * math.ceil(q_len / cfg.block_m)
+    assert attention_kernels.persistent_programs(tiles, variant, q.device) < tiles  # programs loop over tiles
+    out, lse = attention_kernels.attention_forward(q, k, v, 0.3, q_positions=positions, key_start=key_start,
+                                                   config=cfg)
+    kwargs = dict(scale=0.3, q_positions=positions, key_start=key_start)
+    exact = reference.causal_attention(q.double(), k.double(), v.double(), **kwargs)
+    assert_error_ratio(out, reference.causal_attention(q, k, v, **kwargs), exact, what=f"{variant} out")
+    assert not lse.isnan().any()  # written everywhere (the buffer starts as NaN)
+
+
+@triton.jit
+def _record_persistent_tiles(OUT, batch_heads, q_blocks, rounds):
+    """OUT[program, round] = (pid_bh, start_m, valid) as the persistent forward deals them."""
+    for rnd in range(0, rounds):
+        pid_bh, start_m, valid = attention_kernels._persistent_tile(rnd, batch_heads, q_blocks)
+        base = OUT + (tl.program_id(0) * rounds + rnd) * 3
+        tl.store(base, pid_bh)
+        tl.store(base + 1, start_m)
+        tl.store(base + 2, valid.to(tl.int32))
+
+
+@pytest.mark.parametrize("batch_heads,q_blocks,programs", [(3, 5, 4), (8, 2, 8), (1, 7, 3), (2, 1, 2)])
+def test_persistent_tiles_cover_every_tile_once_longest_first(batch_heads, q_blocks, programs):
+    """The persistent forward's schedule: every (batch-head, query block) tile exactly once,
+    rounds in order of work (every tile of a round has at least as many key blocks as any of
+    the next round's), and no program's total work more than one tile's above another's."""
+    rounds = math.ceil(batch_heads * q_blocks / programs)
+    out = torch.full((programs, rounds, 3), -1, dtype=torch.int32, device=DEVICE)
+    _record_persistent_tiles[(programs,)](out, batch_heads, q_blocks, rounds)
+    out = out.cpu()
+    valid = out[..., 2] == 1
+    tiles = [tuple(t) for t in out[..., :2][valid].tolist()]
+    assert sorted(tiles) == [(bh, m) for bh in range(batch_heads) for m in range(q_blocks)]
+    assert not valid[:, :-1].logical_not().any()  # only the last round may be partial
+    work = torch.where(valid, out[..., 1] + 1, 0)  # a causal tile's key blocks grow with its query block
+    for r in range(rounds - 1):
+        assert work[:, r][valid[:, r]].min() >= work[:, r + 1][valid[:, r + 1]].max(), f"round {r}"
+    totals = work.sum(1)
+    assert totals.max() - totals.min() <= q_blocks
+
+
+def test_persistent_grid_size():
+    """A few programs per SM (INTERPRETER_SMS off CUDA), never more than there are tiles."""
+    cpu = torch.device("cpu")
+    sms = attention_kernels.INTERPRETER_SMS
+    assert attention_kernels.persistent_programs(1, "persistent", cpu) == 1
+    assert attention_kernels.persistent_programs(1000, "persistent", cpu) == sms
+    assert attention_kernels.persistent_programs(1000, "tma_persistent_x2", cpu) == 2 * sms
+    assert set(attention_kernels.PROGRAMS_PER_SM) <= set(attention_kernels.VARIANTS["dkdv"])
+    assert {v for v in attention_kernels.VARIANTS["fwd"] if v} == {"tma"} | {
+        v for v in attention_kernels.PROGRAMS_PER_SM if "atomic" not in v}
+    assert attention_kernels.variant_flags("dkdv", attention_kernels.LaunchConfig(
+        num_warps=4, variant="tma_atomic_dq_persistent")) == {"USE_TMA": True, "ATOMIC_DQ": True, "PERSISTENT": True}
+    with pytest.raises(ValueError, match="causal_attention.dq: unknown variant 'persistent'"):
+        attention_kernels.variant_flags("dq", attention_kernels.LaunchConfig(num_warps=4, variant="persistent"))
 
 
 def test_unknown_variant_is_rejected():
@@ -363,9 +440,16 @@ def test_candidates_are_few_distinct_and_known():
     for kernel, by_key in attention_kernels.CANDIDATES.items():
         for key, configs in by_key.items():
             assert 1 <= len(configs) <= 8 and len(set(configs)) == len(configs), (kernel, key)
-            assert configs[0] == attention_kernels._GPU[kernel][key], (kernel, key)
+            # A short-sequence key's baseline is its long key's shipped tile.
+            assert configs[0] == attention_kernels._GPU[kernel][key.removesuffix(attention_kernels.SHORT)], key
             for cfg in configs:
                 attention_kernels.variant_flags(kernel, cfg)
+    # The short keys are the forward's, one per long key, and the ones forward_key gives.
+    for d in (64, 128):
+        short = attention_kernels.forward_key(d, torch.bfloat16, attention_kernels.SHORT_MAX_LEN)
+        assert short == f"d{d}_16bit_short" and short in attention_kernels.CANDIDATES["fwd"]
+        assert attention_kernels.forward_key(d, torch.float16, attention_kernels.SHORT_MAX_LEN + 1) == f"d{d}_16bit"
+    assert not any(key.endswith("_short") for kernel in ("dkdv", "dq") for key in attention_kernels.CANDIDATES[kernel])
 
 
 def test_saved_log_sum_exp():

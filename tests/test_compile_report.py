@@ -41,6 +41,15 @@ def test_shipped_configs_compile_cleanly_for_sm90(module):
             assert row["sass"][opcode] > 0, (row["name"], opcode)
 
 
+def test_programs_that_fit_an_sm():
+    """Registers are allocated per warp in 256s; each resident block costs 1 KiB of shared memory more."""
+    assert report.programs_that_fit(_row(num_warps=4, registers=128, shared=0)) == 4
+    assert report.programs_that_fit(_row(num_warps=4, registers=121, shared=0)) == 4  # 121 -> 128 a thread
+    assert report.programs_that_fit(_row(num_warps=4, registers=129, shared=0)) == 3  # 129 -> 136
+    assert report.programs_that_fit(_row(num_warps=4, registers=32, shared=113 * 1024)) == 2
+    assert report.programs_that_fit(_row(num_warps=4, registers=32, shared=113 * 1024 + 1)) == 1
+
+
 def test_causal_attention_variants_claim_their_instructions():
     """Every tma entry claims UTMALDG (the forward also UTMASTG), every atomic_dq entry
     fp32 atomic adds, and the plain entries claim nothing."""
@@ -52,6 +61,10 @@ def test_causal_attention_variants_claim_their_instructions():
     atomic = [e for e in entries if "atomic_dq" in e["name"]]
     assert atomic and all("ATOMG.E.ADD.F32" in e["require_sass"] for e in atomic)
     assert all(not e["require_sass"] for e in entries if "_tma" not in e["name"] and "atomic" not in e["name"])
+    # Persistent grids of two programs per SM claim that two fit (the report checks it).
+    two = [e for e in entries if "_persistent_x2" in e["name"]]
+    assert two and all(e["programs_per_sm"] == 2 for e in two)
+    assert all("programs_per_sm" not in e for e in entries if "_persistent_x2" not in e["name"])
 
 
 def test_count_opcodes_matches_whole_opcodes_with_modifiers():
@@ -82,6 +95,9 @@ def _row(**fields):
         ({"missing_ptx": ["div.rn.f32"]}, "PTX lacks div.rn.f32"),
         ({"require_sass": ["UTMALDG"], "sass": {"UTMALDG": 0}}, "no UTMALDG instructions in the SASS"),
         ({"require_sass": ["UTMALDG"]}, "no UTMALDG instructions in the SASS"),
+        # 2 x 8 warps of 129 registers (136 a thread once allocated per warp) exceed 65536.
+        ({"programs_per_sm": 2, "num_warps": 8, "registers": 129}, "2 programs per SM claimed, but only 1 fit"),
+        ({"programs_per_sm": 2, "shared": 116 * 1024}, "2 programs per SM claimed, but only 1 fit"),
     ],
 )
 def test_checker_flags_bad_rows(fields, problem):
@@ -96,6 +112,7 @@ def test_checker_flags_bad_rows(fields, problem):
 def test_checker_passes_clean_rows():
     rows = [_row(), _row(shared=report.SHARED_MEMORY_LIMIT), _row(require_hgmma=True, hgmma=24),
             _row(require_sass=["UTMALDG"], sass={"UTMALDG": 13}),
+            _row(programs_per_sm=2, num_warps=8, registers=128, shared=113 * 1024),
             _row(name=None, skipped="module not present")]
     assert report.report_failures(rows) == []
     report.check_report(rows)

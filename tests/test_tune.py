@@ -26,6 +26,8 @@ CUDA = torch.device("cuda")
 H200 = {"name": "NVIDIA H200", "capability": [9, 0], "triton": "3.6.0"}
 TUNED = {
     ("causal_attention.fwd", "d64_16bit"): LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    ("causal_attention.fwd", "d64_16bit_short"): LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=2,
+                                                              variant="tma_persistent_x2"),
     ("causal_attention.dq", "d128_16bit"): LaunchConfig(block_m=64, block_n=32, num_warps=4, num_stages=2),
     ("decode_attention.split", "d64_16bit"): LaunchConfig(block_n=128, num_warps=8),
     ("layer_norm.fwd", "n1024_16bit"): LaunchConfig(block_rows=2, num_warps=4),
@@ -51,6 +53,7 @@ def _on_device(monkeypatch, identity):
 def _selected():
     return {
         ("causal_attention.fwd", "d64_16bit"): attention_kernels.forward_config(64, torch.bfloat16, CUDA),
+        ("causal_attention.fwd", "d64_16bit_short"): attention_kernels.forward_config(64, torch.bfloat16, CUDA, 1024),
         ("causal_attention.dq", "d128_16bit"): attention_kernels.dq_config(128, torch.float16, CUDA),
         ("decode_attention.split", "d64_16bit"): decode_kernels.split_config(64, torch.bfloat16, CUDA),
         ("layer_norm.fwd", "n1024_16bit"): ln_kernels.fwd_config(768, torch.bfloat16, CUDA),
@@ -64,6 +67,24 @@ def test_matching_device_uses_the_table(tuned_dir, monkeypatch):
     # A key the table lacks falls back to the built-in config.
     assert attention_kernels.forward_config(128, torch.bfloat16, CUDA) == attention_kernels.shipped_config(
         "fwd", 128, torch.bfloat16)
+    # Past SHORT_MAX_LEN the long key; a short key the table lacks takes the long key's config.
+    assert attention_kernels.forward_config(64, torch.bfloat16, CUDA, 1025) == TUNED[("causal_attention.fwd",
+                                                                                      "d64_16bit")]
+    assert attention_kernels.forward_config(128, torch.bfloat16, CUDA, 512) == attention_kernels.shipped_config(
+        "fwd", 128, torch.bfloat16)
+
+
+def test_a_table_without_short_keys_serves_short_sequences_its_long_keys(tmp_path, monkeypatch):
+    """The first H200 table (no short keys) keeps serving every length its d64 forward config."""
+    long_only = {k: v for k, v in TUNED.items() if not k[1].endswith("_short")}
+    directory = tmp_path / "tuned"
+    directory.mkdir()
+    (directory / _tuned.table_file_name(H200)).write_text(json.dumps(_tuned.table_json(H200, long_only, [])))
+    monkeypatch.setattr(_tuned, "TUNED_DIR", str(directory))
+    _on_device(monkeypatch, dict(H200))
+    for q_len in (1, 512, 1024, 1025, 8192):
+        assert attention_kernels.forward_config(64, torch.bfloat16, CUDA, q_len) == long_only[
+            ("causal_attention.fwd", "d64_16bit")], q_len
 
 
 @pytest.mark.parametrize("field,value", [("name", "NVIDIA H100 80GB HBM3"), ("capability", [8, 0]),
@@ -72,6 +93,7 @@ def test_other_device_uses_the_builtin_table(tuned_dir, monkeypatch, field, valu
     _on_device(monkeypatch, {**H200, field: value})
     builtin = {
         ("causal_attention.fwd", "d64_16bit"): attention_kernels.shipped_config("fwd", 64, torch.bfloat16),
+        ("causal_attention.fwd", "d64_16bit_short"): attention_kernels.shipped_config("fwd", 64, torch.bfloat16),
         ("causal_attention.dq", "d128_16bit"): attention_kernels.shipped_config("dq", 128, torch.float16),
         ("decode_attention.split", "d64_16bit"): decode_kernels._builtin_split(64),
         ("layer_norm.fwd", "n1024_16bit"): ln_kernels._builtin_fwd(768),
@@ -163,7 +185,8 @@ def test_dry_run_writes_a_valid_table(tmp_path):
     assert kernels == {"causal_attention.fwd", "causal_attention.dkdv", "causal_attention.dq",
                        "decode_attention.split", "layer_norm.fwd", "layer_norm.bwd", "skinny_linear.fwd"}
     assert {key for kernel, key in table["configs"] if kernel.startswith("causal_attention")} == {
-        "d64_16bit", "d128_16bit"}
+        "d64_16bit", "d128_16bit", "d64_16bit_short", "d128_16bit_short"}
+    assert {key for kernel, key in table["configs"] if kernel == "causal_attention.dq"} == {"d64_16bit", "d128_16bit"}
     results = json.loads(out.read_text())["results"]
     assert results and all(r["ok"] and r["error_ratio"] <= tune.MAX_RATIO and r["median_ms"] > 0 for r in results)
     for (kernel, key), cfg in table["configs"].items():  # each winner is one of its measured candidates
