@@ -27,13 +27,13 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gptfast.backends import Backend
 from gptfast.checkpoints import hf_gpt2
 from gptfast.config import GPTConfig
 from gptfast.kv_cache import KVCache
 from gptfast.nn import decode_linear
+from gptfast.ops import torch_path
 from gptfast.ops._validation import check_ids, describe, host_readable
 
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss
@@ -236,13 +236,10 @@ class GPT(nn.Module):
         row only, ``idx[b, logits_index[b]]``'s, returned as (B, 1, vocab); a prefill
         needs no others, and the LM head is the largest matmul of a small model.
 
-        The loss is the mean cross-entropy over the targets that are not -100 (ignored).
-        When every target is -100 the loss is 0 (a zero gradient), not the NaN of an
-        empty mean, and on CPU a RuntimeWarning says so (on CUDA that check would block
-        the host every step).
-
-        Shapes and dtypes are always checked; values (token ids, targets, positions)
-        where that costs no device sync and traces: CPU tensors outside torch.compile.
+        The loss is the mean cross-entropy over the targets that are not -100; 0 when
+        every target is -100 (a zero gradient, not an empty mean's NaN; a RuntimeWarning
+        says so where reading the targets is free). Shapes and dtypes are always checked,
+        values (ids, targets, positions) where free: CPU tensors outside torch.compile.
         """
         B, T = self._check_inputs(idx, input_pos, logits_index)
         if targets is not None:
@@ -271,7 +268,8 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         if targets is None:
             return logits
-        return logits, _loss(logits, targets)
+        _warn_if_nothing_counted(targets)
+        return logits, torch_path.cross_entropy(logits, targets, IGNORE_INDEX)
 
     def _decode_step(self, h, input_pos, logits_index):
         """Fused decode / verify, per block: LN + QKV + cache write, attention (1-2 launches), out-proj +
@@ -349,13 +347,3 @@ def _warn_if_nothing_counted(targets):
     if host_readable(targets) and not bool((targets != IGNORE_INDEX).any()):
         warnings.warn("every target is -100 (ignored): the loss is 0 and so is its gradient", RuntimeWarning,
                       stacklevel=4)
-
-
-def _loss(logits, targets):
-    """Mean cross-entropy over the targets that are not IGNORE_INDEX; 0 when there are none
-    (the sum over no targets divided by a count clamped to 1: no NaN and no host read)."""
-    flat = targets.reshape(-1).long()
-    counted = (flat != IGNORE_INDEX).sum()
-    _warn_if_nothing_counted(flat)
-    total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), flat, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / counted.clamp(min=1)

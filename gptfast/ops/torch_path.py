@@ -171,10 +171,16 @@ def skinny_linear_kv(x: Tensor, weight: Tensor, bias: Optional[Tensor], k_cache:
     v_cache[rows, :, pos] = kv[:, :, 1]
     return y[..., :q_cols]
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean cross-entropy of ``F.linear(hidden, weight)`` (in float32, float64 kept) over the
-    targets that are not ``ignore_index``; 0 when there are none (no NaN, no host read)."""
-    logits = F.linear(hidden, weight)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, weight.shape[0])
+    """Mean cross-entropy of ``F.linear(hidden, weight)`` over the targets that are not
+    ``ignore_index`` (``cross_entropy`` of the whole logits)."""
+    return cross_entropy(F.linear(hidden, weight), targets, ignore_index)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of ``logits`` (..., V) (in float32, float64 kept) over the targets
+    that are not ``ignore_index``; 0 when there are none (the sum over no targets divided by
+    a count clamped to 1: no NaN and no host read)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
     flat = targets.reshape(-1).long()
     total = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="sum")
     return total / (flat != ignore_index).sum().clamp(min=1)
