@@ -26,3 +26,99 @@ def test_attention_scale_default_and_numbers_still_work():
     want = ops.causal_attention(q, q, q, scale=1 / math.sqrt(8))
     torch.testing.assert_close(ops.causal_attention(q, q, q), want)
     ops.causal_attention(q, q, q, scale=1)  # an int is a number
+
+
+# ----------------------------------------------------------------------------- quantization and checkpoints
+import copy  # noqa: E402
+import os  # noqa: E402
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from gptfast.checkpoints.hf_gpt2 import CheckpointError  # noqa: E402
+from gptfast.config import GPTConfig  # noqa: E402
+from gptfast.model import GPT  # noqa: E402
+from gptfast.quantization import load_quantized, quantize, save_quantized  # noqa: E402
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+
+
+@pytest.mark.parametrize("param", ["transformer.h.0.mlp.c_fc.weight", "transformer.wte.weight", "transformer.h.0.ln_1.bias"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_quantize_refuses_non_finite_weights(param, value):
+    model = _tiny()
+    with torch.no_grad():
+        model.get_parameter(param).view(-1)[3] = value
+    with pytest.raises(ValueError, match=rf"quantize: parameter '{param}' holds 1 non-finite"):
+        quantize(model)
+
+
+@pytest.mark.parametrize("scale_dtype, shown", [("float32", "str 'float32'"), (32, "int 32"),
+                                                (torch.float64, "torch.float64 is not")])
+def test_quantize_scale_dtype_names_the_value(scale_dtype, shown):
+    with pytest.raises(TypeError, match=rf"quantize: scale_dtype .*{shown}"):
+        quantize(_tiny(), scale_dtype=scale_dtype)
+
+
+def test_load_quantized_refuses_a_non_finite_scale(tmp_path):
+    save_quantized(quantize(_tiny()), tmp_path)
+    file = tmp_path / "model.safetensors"
+    state = load_file(file)
+    key = next(k for k in state if k.endswith("c_proj.scale"))
+    state[key][1] = float("nan")
+    save_file(state, file, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}: tensor '{key}' holds 1 non-finite"):
+        load_quantized(tmp_path)
+
+
+def test_untied_head_and_integer_tensors_are_refused(tmp_path):
+    from gptfast.checkpoints.hf_gpt2 import SAFETENSORS
+
+    _tiny().save_pretrained(tmp_path)
+    file = tmp_path / SAFETENSORS
+    state = load_file(file)
+    untied = dict(state, **{"lm_head.weight": state["transformer.wte.weight"] + 1})
+    save_file(untied, file, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="'lm_head.weight' differs from 'transformer.wte.weight'"):
+        GPT.from_pretrained(tmp_path)
+    tied = dict(state, **{"lm_head.weight": state["transformer.wte.weight"].clone()})
+    save_file(tied, file, metadata={"format": "pt"})
+    GPT.from_pretrained(tmp_path)  # a stored head equal to wte is the tied head
+    key = "transformer.h.0.attn.c_attn.weight"
+    integer = dict(state, **{key: state[key].to(torch.int32)})
+    save_file(integer, file, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor '{key}' is torch.int32"):
+        GPT.from_pretrained(tmp_path)
+
+
+def _save(which, model, path):
+    if which == "save_quantized":
+        save_quantized(quantize(model), path)
+    else:
+        model.save_pretrained(path)
+
+
+@pytest.mark.parametrize("which", ["save_pretrained", "save_quantized"])
+def test_save_names_a_bad_destination(which, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(NotADirectoryError, match=rf"{which}: '{afile}' is a file, not a directory"):
+        _save(which, _tiny(), afile)
+    with pytest.raises(NotADirectoryError, match=rf"{which}: '{afile}' \(a parent of '{afile}/sub'\) is a file"):
+        _save(which, _tiny(), afile / "sub")
+    with pytest.raises(OSError, match=rf"{which}: cannot create the directory '/proc/x'"):
+        _save(which, _tiny(), "/proc/x")
+    target = tmp_path / "out"
+    (target / "model.safetensors").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError, match=rf"'{target}/model.safetensors' is a directory"):
+        _save(which, _tiny(), target)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_save_names_an_unwritable_directory(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(PermissionError, match=rf"save_pretrained: the directory '{locked}' is not writable"):
+        _tiny().save_pretrained(locked)

@@ -83,3 +83,33 @@ def remove_stale_temp_files(directory, target: str = None) -> List[Path]:
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
+
+
+def make_output_dir(path, what: str) -> str:
+    """Create the directory ``path`` (and its parents) for ``what`` (e.g. "save_pretrained")
+    to write into and return it, or raise the OSError that says which path is wrong and
+    how: a file where a directory is wanted (``path`` itself or a parent), or a place that
+    cannot be created or written (missing, read-only, permissions)."""
+    path = os.fspath(path)
+    probe = path
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        probe = parent if parent != probe else ""
+    if probe and not os.path.isdir(probe):
+        where = "" if probe == path else f" (a parent of {path!r})"
+        raise NotADirectoryError(f"{what}: {probe!r}{where} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise type(e)(f"{what}: cannot create the directory {path!r}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what}: the directory {path!r} is not writable")
+    return path
+
+
+def check_writable_file(path, what: str) -> None:
+    """Raise IsADirectoryError naming ``path`` when a directory stands where ``what`` will
+    write a file (a rename over it would fail with a bare errno on the temp file)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what}: {os.fspath(path)!r} is a directory, where a file is to be written: "
+                                "remove or rename it")
