@@ -122,3 +122,26 @@ def test_save_names_an_unwritable_directory(tmp_path):
     locked.mkdir(mode=0o500)
     with pytest.raises(PermissionError, match=rf"save_pretrained: the directory '{locked}' is not writable"):
         _tiny().save_pretrained(locked)
+
+
+# ----------------------------------------------------------------------------- speculative decoding's settings
+def test_draft_settings_without_a_draft_model_are_refused():
+    from gptfast.generation.generate import generate
+    from gptfast.tokenizer import ByteTokenizer
+
+    model = _tiny().double()
+    with pytest.raises(ValueError, match="num_draft_tokens=99 needs a draft_model"):
+        generate(model, [[1, 2]], num_draft_tokens=99)
+    with pytest.raises(ValueError, match="draft_tokenizer needs a draft_model"):
+        generate(model, [[1, 2]], draft_tokenizer=ByteTokenizer())
+
+
+def test_draft_tokenizer_needs_the_target_tokenizer():
+    from gptfast.generation.generate import generate
+    from gptfast.generation.sampling_params import SamplingParams
+    from gptfast.tokenizer import ByteTokenizer
+
+    model = _tiny().double()
+    with pytest.raises(ValueError, match="draft_tokenizer is checked against the target's tokenizer: pass tokenizer="):
+        generate(model, [[1, 2]], SamplingParams(max_new_tokens=4), draft_model=copy.deepcopy(model),
+                 draft_tokenizer=ByteTokenizer())
