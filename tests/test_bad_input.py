@@ -145,3 +145,56 @@ def test_draft_tokenizer_needs_the_target_tokenizer():
     with pytest.raises(ValueError, match="draft_tokenizer is checked against the target's tokenizer: pass tokenizer="):
         generate(model, [[1, 2]], SamplingParams(max_new_tokens=4), draft_model=copy.deepcopy(model),
                  draft_tokenizer=ByteTokenizer())
+
+
+# ----------------------------------------------------------------------------- tuned tables
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from gptfast import tune  # noqa: E402
+from gptfast.kernels import _tuned  # noqa: E402
+
+H200 = {"name": "NVIDIA H200", "capability": [9, 0], "triton": "3.6.0"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("kernel, fields, why", [
+    ("causal_attention.fwdd", {"num_warps": 4, "block_m": 64, "block_n": 64}, r"unknown kernel 'causal_attention.fwdd'"),
+    ("causal_attention.fwd", {"num_warps": 4, "block_m": 64}, r"needs the fields .*; missing \['block_n'\]"),
+    ("layer_norm.bwd", {"num_warps": 4, "block_rows": 2}, r"no use for \['block_rows'\]"),
+    ("causal_attention.fwd", {"num_warps": 4, "block_m": 64, "block_n": 64, "variant": "tmaa"},
+     r"variant 'tmaa' is not one of"),
+])
+def test_tuned_table_entries_are_checked_at_install_and_load(tmp_path, kernel, fields, why):
+    source = tmp_path / "from_gpu.json"
+    source.write_text(json.dumps({"format": 1, "device": H200, "configs": {kernel: {"d64_16bit": fields}}}))
+    with pytest.raises(_tuned.TunedTableError, match=why) as info:
+        tune.install(str(source), str(tmp_path / "installed"))
+    assert str(source) in str(info.value) and f'configs["{kernel}"]' in str(info.value)
+    assert not (tmp_path / "installed").exists()
+    loaded = tmp_path / "committed"
+    loaded.mkdir()
+    (loaded / _tuned.table_file_name(H200)).write_text(source.read_text())
+    with pytest.raises(_tuned.TunedTableError, match=why):
+        _tuned.find_table(H200, str(loaded))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="1"))
+
+
+def _assert_one_clear_line(run, *names):
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+
+
+def test_tune_install_of_a_bad_file_is_one_line(tmp_path):
+    not_json = tmp_path / "table.txt"
+    not_json.write_text("not json")
+    _assert_one_clear_line(_cli("gptfast.tune", "--install", str(not_json)), "--install", not_json, "JSON")
+    _assert_one_clear_line(_cli("gptfast.tune", "--install", str(tmp_path / "missing.json")), "missing.json")
