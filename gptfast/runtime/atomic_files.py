@@ -85,11 +85,11 @@ def remove_stale_temp_files(directory, target: str = None) -> List[Path]:
     return removed
 
 
-def make_output_dir(path, what: str) -> str:
-    """Create the directory ``path`` (and its parents) for ``what`` (e.g. "save_pretrained")
-    to write into and return it, or raise the OSError that says which path is wrong and
-    how: a file where a directory is wanted (``path`` itself or a parent), or a place that
-    cannot be created or written (missing, read-only, permissions)."""
+def check_output_dir(path, what: str) -> str:
+    """Raise the OSError that says which path is wrong and how when ``path`` cannot be (or
+    become) a directory for ``what`` (e.g. "save_pretrained", "--out") to write into: a
+    file where a directory is wanted (``path`` itself or a parent), or an existing
+    directory that is not writable. Creates nothing; returns ``path`` as a str."""
     path = os.fspath(path)
     probe = path
     while probe and not os.path.exists(probe):
@@ -98,12 +98,20 @@ def make_output_dir(path, what: str) -> str:
     if probe and not os.path.isdir(probe):
         where = "" if probe == path else f" (a parent of {path!r})"
         raise NotADirectoryError(f"{what}: {probe!r}{where} is a file, not a directory")
+    if probe and not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == path else f" (where {path!r} would be created)"
+        raise PermissionError(f"{what}: the directory {probe!r}{where} is not writable")
+    return path
+
+
+def make_output_dir(path, what: str) -> str:
+    """``check_output_dir``, then create the directory (and its parents) and return it; a
+    place that cannot be created (e.g. under /proc) raises the OSError naming it."""
+    path = check_output_dir(path, what)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise type(e)(f"{what}: cannot create the directory {path!r}: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(f"{what}: the directory {path!r} is not writable")
     return path
 
 
