@@ -444,6 +444,13 @@ def main(argv=None) -> int:
             print(f"python -m gptfast.tune: error: --install: {e}", file=sys.stderr)
             return 2
         return 0
+    from gptfast.runtime.atomic_files import check_output_file
+
+    try:
+        check_output_file(args.out, "--out")  # before the tuning, not after
+    except OSError as e:
+        print(f"python -m gptfast.tune: error: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
         args.device_name = args.device_name or "dry-run-cpu"
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":

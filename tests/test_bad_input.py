@@ -204,3 +204,10 @@ def test_tune_install_of_a_bad_file_is_one_line(tmp_path):
     not_json.write_text("not json")
     _assert_one_clear_line(_cli("gptfast.tune", "--install", str(not_json)), "--install", not_json, "JSON")
     _assert_one_clear_line(_cli("gptfast.tune", "--install", str(tmp_path / "missing.json")), "missing.json")
+
+
+def test_tune_out_that_cannot_be_written_is_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _assert_one_clear_line(_cli("gptfast.tune", "--dry-run", "--out", str(afile / "t.json")), "--out", afile)
+    _assert_one_clear_line(_cli("gptfast.tune", "--dry-run", "--out", str(tmp_path)), "--out", tmp_path)

@@ -212,3 +212,16 @@ def test_quantize_out_that_cannot_be_a_directory(capsys, tmp_path, model_dir):
         assert main(["quantize", "--model", str(model_dir), "--out", str(out)]) == 2
         _one_line(capsys, "--out", afile, "is a file, not a directory")
     assert afile.read_text() == "x"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["bench", "--json", "{dir}"], "--json"), (["bench", "--csv", "{file}/x.csv"], "--csv"),
+    (["check", "--json", "{dir}"], "--json"), (["profile", "--out", "{file}"], "--out"),
+    (["demo", "--out", "{file}/sub"], "--out"),
+])
+def test_output_paths_are_checked_before_the_work(argv, flag, capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    argv = [a.format(dir=tmp_path, file=afile) for a in argv]
+    assert main(argv) == 2
+    _one_line(capsys, flag, tmp_path)

@@ -121,3 +121,13 @@ def check_writable_file(path, what: str) -> None:
     if os.path.isdir(path):
         raise IsADirectoryError(f"{what}: {os.fspath(path)!r} is a directory, where a file is to be written: "
                                 "remove or rename it")
+
+
+def check_output_file(path, what: str) -> str:
+    """Raise the OSError naming ``path`` when ``what`` (e.g. "--json") could not write a file
+    there: a directory standing at ``path``, or a parent that cannot be a writable directory
+    (``check_output_dir``). Creates nothing; returns ``path`` as a str."""
+    path = os.fspath(path)
+    check_writable_file(path, what)
+    check_output_dir(os.path.dirname(os.path.abspath(path)), what)
+    return path
