@@ -211,3 +211,12 @@ def test_tune_out_that_cannot_be_written_is_one_line(tmp_path):
     afile.write_text("x")
     _assert_one_clear_line(_cli("gptfast.tune", "--dry-run", "--out", str(afile / "t.json")), "--out", afile)
     _assert_one_clear_line(_cli("gptfast.tune", "--dry-run", "--out", str(tmp_path)), "--out", tmp_path)
+
+
+def test_a_directory_where_a_file_is_written_is_named(tmp_path):
+    from gptfast.runtime.atomic_files import write_atomically
+
+    (tmp_path / "checkpoint.pt").mkdir()
+    with pytest.raises(IsADirectoryError, match=rf"write: '{tmp_path}/checkpoint.pt' is a directory"):
+        write_atomically(tmp_path / "checkpoint.pt", lambda f: f.write(b"x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temp file left

@@ -23,6 +23,7 @@ def write_atomically(path, write: Callable[[object], None], durable: bool = Fals
     outlives a failed write. ``durable``: fsync the file before, and the directory after,
     the rename, so the new content survives a power cut."""
     path = Path(path)
+    check_writable_file(path, "write")  # a directory there: name it, not the temp file's errno
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
