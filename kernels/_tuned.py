@@ -104,13 +104,18 @@ def _validate(table, path: str) -> dict:
     return {"device": device, "configs": parsed, "path": path}
 
 
+# Fields a launcher fills in itself when a config leaves them out (``cfg.block_rows or 1``),
+# though every tuning candidate sets them: allowed in a table, never required.
+LAUNCHER_DEFAULTS = {"layer_norm.bwd": {"block_rows"}}
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_schema() -> dict:
     """``{kernel name: (required fields, allowed fields, allowed variants)}`` of every
     tunable kernel, from each kernel module's ``CANDIDATES`` (``<module>.<kernel>``): a
-    field every candidate sets and that has no default is required, one some candidate
-    sets is allowed, and so is a variant some candidate names (None: the plain kernel).
-    Imports the kernel modules (and so triton) on first use."""
+    field every candidate sets and that has no default (in ``LaunchConfig`` or in
+    ``LAUNCHER_DEFAULTS``) is required, one some candidate sets or a launcher defaults is
+    allowed, and so is a variant some candidate names (None: the plain kernel). Imports the kernel modules (and so triton) on first use."""
     import importlib
 
     from ._registry import KERNEL_MODULES
@@ -122,7 +127,9 @@ def kernel_schema() -> dict:
             sets = [set(cfg.to_dict()) for configs in by_key.values() for cfg in configs]
             defaults = set(LaunchConfig(num_warps=1).to_dict()) - {"num_warps"}
             variants = {cfg.variant for configs in by_key.values() for cfg in configs} | {None}
-            schema[f"{module}.{kind}"] = (set.intersection(*sets) - defaults, set.union(*sets) | defaults, variants)
+            name = f"{module}.{kind}"
+            defaulted = defaults | LAUNCHER_DEFAULTS.get(name, set())
+            schema[name] = (set.intersection(*sets) - defaulted, set.union(*sets) | defaulted, variants)
     return schema
 
 

@@ -168,7 +168,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("kernel, fields, why", [
     ("causal_attention.fwdd", {"num_warps": 4, "block_m": 64, "block_n": 64}, r"unknown kernel 'causal_attention.fwdd'"),
     ("causal_attention.fwd", {"num_warps": 4, "block_m": 64}, r"needs the fields .*; missing \['block_n'\]"),
-    ("layer_norm.bwd", {"num_warps": 4, "block_rows": 2}, r"no use for \['block_rows'\]"),
+    ("decode_attention.split", {"num_warps": 4, "block_n": 64, "block_m": 16}, r"no use for \['block_m'\]"),
     ("causal_attention.fwd", {"num_warps": 4, "block_m": 64, "block_n": 64, "variant": "tmaa"},
      r"variant 'tmaa' is not one of"),
 ])
