@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # OSError: a path named in the message
         # Bad input gets one clear line, not a traceback (GPTFAST_DEBUG=1 shows it).
         import os
 

@@ -36,19 +36,34 @@ __all__ = ["quantize", "is_quantized", "save_quantized", "load_quantized", "is_q
            "CONFIG_KEY", "SCHEMES"]
 
 
+def _check_finite_weights(model) -> None:
+    """A NaN or inf weight would quantize to a finite row (its scale 1.0, its weights 0),
+    hiding what the float model shows: refuse it, naming the parameter."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            bad = int((~torch.isfinite(param)).sum())
+            raise ValueError(f"quantize: parameter {name!r} holds {bad} non-finite value(s) (NaN or inf); "
+                             "quantizing would hide them behind finite int8 weights")
+
+
 def quantize(model, scheme: str = "int8", *, scale_dtype=None):
     """Quantize ``model`` (a gptfast GPT) in place and return it; see the module docstring.
 
     ``scale_dtype``: None (bfloat16 for a bfloat16 model, else float32), or a torch dtype.
-    Raises ValueError for an unknown scheme or a model that is already quantized.
+    Raises ValueError for an unknown scheme, a model that is already quantized, or a
+    non-finite parameter (named).
     """
     check_gpt(model, "quantize")
     if scheme not in SCHEMES:
         raise ValueError(f"quantize: unknown scheme {scheme!r}; supported: {', '.join(SCHEMES)}")
     if is_quantized(model):
         raise ValueError("quantize: the model is already quantized (int8); quantize the floating-point model once")
+    if scale_dtype is not None and not isinstance(scale_dtype, torch.dtype):
+        raise TypeError(f"quantize: scale_dtype must be None or a torch.dtype (torch.float32, torch.bfloat16 or "
+                        f"torch.float16), got {type(scale_dtype).__name__} {scale_dtype!r}")
     if scale_dtype is not None and scale_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"quantize: scale_dtype {scale_dtype} is not float32, bfloat16 or float16")
+        raise TypeError(f"quantize: scale_dtype {scale_dtype} is not torch.float32, torch.bfloat16 or torch.float16")
+    _check_finite_weights(model)
     with torch.no_grad():
         replace_linears(model, lambda linear: Int8Linear.from_linear(linear, scale_dtype))
     return model

@@ -474,9 +474,12 @@ def install(path: str, directory: Optional[str] = None) -> str:
 
     table = _tuned.read_table(path)
     directory = directory or _tuned.TUNED_DIR
-    os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, _tuned.table_file_name(table["device"]))
-    shutil.copyfile(path, target)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        shutil.copyfile(path, target)
+    except OSError as e:
+        raise type(e)(f"cannot copy {path!r} to {target!r}: {e.strerror or e}") from None
     _tuned._load_tables.cache_clear()
     return target
 
@@ -497,8 +500,21 @@ def main(argv=None) -> int:
     if args.budget_s is not None and not args.budget_s > 0:
         parser.error(f"--budget-s must be positive, got {args.budget_s}")
     if args.install:
-        print(f"installed {install(args.install)}")
+        from gptfast.kernels import _tuned
+
+        try:
+            print(f"installed {install(args.install)}")
+        except (_tuned.TunedTableError, OSError) as e:  # the CLI promise: one clear line, no traceback
+            print(f"python -m gptfast.tune: error: --install: {e}", file=sys.stderr)
+            return 2
         return 0
+    from gptfast.runtime.atomic_files import check_output_file
+
+    try:
+        check_output_file(args.out, "--out")  # before the tuning, not after
+    except OSError as e:
+        print(f"python -m gptfast.tune: error: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
         args.device_name = args.device_name or "dry-run-cpu"
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":

@@ -17,9 +17,12 @@ a shape key (the kernel module's ``tuning_key``) to ``LaunchConfig`` fields. The
 call ``pick(kernel, key, builtin, device)``: the table whose ``device`` equals the CUDA
 device's name, compute capability and the running triton version supplies the config
 when it has one for that key; otherwise the built-in one is used. Off CUDA nothing is
-read. Every table in the directory is validated when the first lookup reads them: a
-malformed file raises ``TunedTableError`` naming the file (a committed table that cannot
-be read must not be ignored silently), as do two tables for the same device.
+read. Every table in the directory is validated when the first lookup reads them (and
+``gptfast.tune --install`` validates the same way): a malformed file raises
+``TunedTableError`` naming the file and the entry (a committed table that cannot be read
+must not be ignored silently), as do an unknown kernel name (never read by a launcher),
+an entry lacking a field its kernel needs or carrying one it has no use for (see
+``kernel_schema``), and two tables for the same device.
 """
 import functools
 import json
@@ -77,15 +80,57 @@ def _validate(table, path: str) -> dict:
     if not isinstance(configs, dict):
         fail('"configs" must be an object of kernel name -> {shape key -> launch config}')
     parsed = {}
+    schema = kernel_schema()
     for kernel, by_key in configs.items():
+        if kernel not in schema:
+            fail(f'configs["{kernel}"]: unknown kernel {kernel!r} (a launcher would never read it); '
+                 f"known: {', '.join(sorted(schema))}")
         if not isinstance(by_key, dict):
             fail(f'configs["{kernel}"] must be an object of shape key -> launch config')
+        required, allowed, variants = schema[kernel]
         for key, fields in by_key.items():
             try:
-                parsed[(kernel, key)] = LaunchConfig.from_dict(fields)
+                cfg = LaunchConfig.from_dict(fields)
             except (TypeError, ValueError) as e:
                 fail(f'configs["{kernel}"]["{key}"]: {e}')
+            missing, extra = sorted(required - set(fields)), sorted(set(fields) - allowed)
+            if missing or extra:
+                fail(f'configs["{kernel}"]["{key}"] = {fields}: {kernel} needs the fields {sorted(required)}'
+                     + (f"; missing {missing}" if missing else "") + (f"; no use for {extra}" if extra else ""))
+            if cfg.variant not in variants:
+                fail(f'configs["{kernel}"]["{key}"]: variant {cfg.variant!r} is not one of {kernel}\'s '
+                     f"{sorted(v for v in variants if v)}")
+            parsed[(kernel, key)] = cfg
     return {"device": device, "configs": parsed, "path": path}
+
+
+# Fields a launcher fills in itself when a config leaves them out (``cfg.block_rows or 1``),
+# though every tuning candidate sets them: allowed in a table, never required.
+LAUNCHER_DEFAULTS = {"layer_norm.bwd": {"block_rows"}}
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_schema() -> dict:
+    """``{kernel name: (required fields, allowed fields, allowed variants)}`` of every
+    tunable kernel, from each kernel module's ``CANDIDATES`` (``<module>.<kernel>``): a
+    field every candidate sets and that has no default (in ``LaunchConfig`` or in
+    ``LAUNCHER_DEFAULTS``) is required, one some candidate sets or a launcher defaults is
+    allowed, and so is a variant some candidate names (None: the plain kernel). Imports the kernel modules (and so triton) on first use."""
+    import importlib
+
+    from ._registry import KERNEL_MODULES
+
+    schema = {}
+    for module in KERNEL_MODULES:
+        candidates = getattr(importlib.import_module(f"{__package__}.{module}"), "CANDIDATES", {})
+        for kind, by_key in candidates.items():
+            sets = [set(cfg.to_dict()) for configs in by_key.values() for cfg in configs]
+            defaults = set(LaunchConfig(num_warps=1).to_dict()) - {"num_warps"}
+            variants = {cfg.variant for configs in by_key.values() for cfg in configs} | {None}
+            name = f"{module}.{kind}"
+            defaulted = defaults | LAUNCHER_DEFAULTS.get(name, set())
+            schema[name] = (set.intersection(*sets) - defaulted, set.union(*sets) | defaulted, variants)
+    return schema
 
 
 def read_table(path: str) -> dict:

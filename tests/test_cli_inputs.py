@@ -165,3 +165,63 @@ def test_argparse_device_type_returns_the_device():
     assert device_arg("cpu") == torch.device("cpu")
     with pytest.raises(argparse.ArgumentTypeError, match="'nope'"):
         device_arg("nope")
+
+
+def _one_line(capsys, *names):
+    """The error is one line on stderr naming each of ``names``, with no traceback."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def test_train_out_that_cannot_be_a_directory(capsys, tmp_path, text):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, named in ((afile, "is a file, not a directory"), (afile / "sub", "a parent of")):
+        assert main(["train", "--data", str(text), "--out", str(out), "--max-steps", "1"]) == 2
+        _one_line(capsys, "--out", afile, named)
+    assert main(["train", "--data", str(text), "--out", "/proc/x", "--max-steps", "1"]) == 2
+    line = _one_line(capsys, "--out", "/proc")
+    assert "cannot create the directory '/proc/x'" in line or "would be created) is not writable" in line  # root or not
+
+
+def test_train_init_that_does_not_exist_says_so(capsys, tmp_path, text):
+    missing = tmp_path / "nonexistent"
+    for extra in ([], ["--preset", "small"], ["--n-layer", "2"]):
+        assert main(["train", "--init", str(missing), "--data", str(text), "--out", str(tmp_path / "r"), *extra]) == 2
+        line = _one_line(capsys, missing, "does not exist")
+        assert "cannot be changed" not in line
+
+
+def test_train_changed_model_settings_and_block_size_are_named(capsys, tmp_path, model_dir, text):
+    out = str(tmp_path / "r")
+    assert main(["train", "--init", str(model_dir), "--data", str(text), "--out", out, "--n-layer", "2"]) == 2
+    _one_line(capsys, "n_layer=2", "cannot be changed", model_dir)
+    assert main(["train", "--init", str(model_dir), "--data", str(text), "--out", out, "--overwrite",
+                 "--block-size", "64"]) == 2
+    _one_line(capsys, "--block-size", "64", model_dir, "16 tokens")
+
+
+def test_quantize_out_that_cannot_be_a_directory(capsys, tmp_path, model_dir):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        assert main(["quantize", "--model", str(model_dir), "--out", str(out)]) == 2
+        _one_line(capsys, "--out", afile, "is a file, not a directory")
+    assert afile.read_text() == "x"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["bench", "--json", "{dir}"], "--json"), (["bench", "--csv", "{file}/x.csv"], "--csv"),
+    (["check", "--json", "{dir}"], "--json"), (["profile", "--out", "{file}"], "--out"),
+    (["demo", "--out", "{file}/sub"], "--out"),
+])
+def test_output_paths_are_checked_before_the_work(argv, flag, capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    argv = [a.format(dir=tmp_path, file=afile) for a in argv]
+    assert main(argv) == 2
+    _one_line(capsys, flag, tmp_path)

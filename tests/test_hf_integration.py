@@ -222,7 +222,7 @@ def test_mask_function_returns_none_for_plain_causal():
     padded = ones.clone()
     padded[0, :2] = False
     assert torch.equal(hf.gptfast_mask(2, 5, 5, attention_mask=padded), padded)
-    assert torch.equal(hf.gptfast_mask(2, 1, 8, attention_mask=ones), ones)  # StaticCache: 5 of 8 keys valid
+    assert torch.equal(hf.gptfast_mask(2, 1, 8, q_offset=4, attention_mask=ones), ones)  # StaticCache: 5 of 8 valid
     assert torch.equal(hf.gptfast_mask(2, 1, 8, q_offset=4), ones)  # the same without a 2-D mask
 
 
@@ -260,3 +260,85 @@ def test_attention_function_falls_back_for_what_the_kernels_cannot_express(kwarg
     want, _ = sdpa_attention_forward(module, q, k, v, None, **kwargs)
     assert len(warned) == 1 and not warned_again
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _masks():
+    """Every mask kind the kernels refuse, for (2, 6) ids: the model-level input."""
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    prefix = causal.clone()
+    prefix[:3, :3] = True
+    return {
+        "4d-bool": prefix.expand(2, 1, 6, 6),
+        "4d-float": torch.zeros(6, 6).masked_fill(~prefix, torch.finfo(torch.float32).min).expand(2, 1, 6, 6),
+        "2d-float-left": torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, 1.0], [1.0] * 6]),
+        "2d-right-padding": torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6]),
+        "2d-holes": torch.tensor([[1, 0, 1, 1, 0, 1], [1, 1, 0, 1, 1, 1]]),
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(_masks()))
+def test_fallback_equals_sdpa_on_every_refused_mask(kind):
+    """What the fallback runs is transformers' SDPA attention: the same logits as
+    ``attn_implementation="sdpa"`` (fp32, every row), prefill and one cached step after."""
+    base = _gpt2().eval()
+    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    mask = _masks()[kind].to(DEVICE)
+    outs = {}
+    for attn in ("gptfast", "sdpa"):
+        model = _with(base, attn)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model(ids[:, :6], attention_mask=mask, use_cache=True)
+            steps = [out.logits]
+            if mask.dim() == 2:  # one decode step over the cache, the mask grown by one seen token
+                grown = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                steps.append(model(ids[:, 6:], attention_mask=grown, past_key_values=out.past_key_values).logits)
+        outs[attn] = steps
+    for got, want in zip(outs["gptfast"], outs["sdpa"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_float_padding_mask_means_what_its_boolean_means():
+    """A 2-D float mask handed to the attention function (the kernels refuse it) is read as
+    transformers reads one: nonzero = seen."""
+    module = torch.nn.Module()
+    module.config, module.is_causal = GPT2Config(), True
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(2, 2, 6, 16, generator=gen).to(DEVICE) for _ in range(3))
+    boolean = torch.tensor([[1, 1, 0, 1, 1, 1], [1] * 6], dtype=torch.bool, device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, _ = hf.gptfast_attention_forward(module, q, k, v, boolean.float())
+        want, _ = hf.gptfast_attention_forward(module, q, k, v, boolean)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("length", [3, 5, 9])
+def test_mask_that_fits_no_sequence_is_an_error(length):
+    """A 2-D mask without one column per token seen: a ValueError naming the mask and its
+    shape, through the model (with and without a cache) and the attention function."""
+    model = _with(_gpt2().eval(), "gptfast")
+    ids = torch.randint(2, VOCAB, (2, 6), generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    mask = torch.ones(2, length, dtype=torch.long, device=DEVICE)
+    mask[0, 0] = 0
+    for call in (lambda: model(ids, attention_mask=mask), lambda: model(ids, attention_mask=mask, use_cache=False)):
+        with torch.no_grad(), pytest.raises(ValueError, match=rf"attention_mask of shape \(2, {length}\) fits no"):
+            call()
+    module = torch.nn.Module()
+    module.config, module.is_causal = GPT2Config(), True
+    q = torch.randn(2, 2, 6, 16, device=DEVICE)
+    if length < 6:  # longer is a StaticCache's valid length when the cache is long enough
+        with pytest.raises(ValueError, match=rf"attention_mask of shape \(2, {length}\) fits no"):
+            hf.gptfast_attention_forward(module, q, q, q, mask.bool())
+
+
+@pytest.mark.parametrize("what", ["linear", "gptfast-gpt", "none"])
+def test_apply_gptfast_says_what_it_accepts(what):
+    from gptfast.config import GPTConfig
+    from gptfast.model import GPT
+
+    model = {"linear": lambda: torch.nn.Linear(2, 2), "none": lambda: None,
+             "gptfast-gpt": lambda: GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))}[what]()
+    with pytest.raises(TypeError, match=r"apply_gptfast: model must be a transformers PreTrainedModel.*got "
+                                        + {"linear": "Linear", "none": "NoneType", "gptfast-gpt": "a gptfast GPT"}[what]):
+        hf.apply_gptfast(model)

@@ -13,6 +13,7 @@ import os
 import torch
 
 from gptfast.config import GPTConfig
+from gptfast.runtime.atomic_files import check_writable_file, make_output_dir
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # the leading dot keeps c_attn.bias out
@@ -137,7 +138,9 @@ def hf_to_gptfast(hf_state: dict, expected: dict) -> dict:
     n_layer = len({k.split(".")[2] for k in expected if k.startswith("transformer.h.")})
     converted = {}
     for name, tensor in hf_state.items():
-        if name.endswith(IGNORED_SUFFIXES) or name == "lm_head.weight":  # buffers; the head is tied to wte
+        if name.endswith(IGNORED_SUFFIXES):  # buffers
+            continue
+        if name == "lm_head.weight":  # the head is tied to wte: checked below, never loaded
             continue
         key = name if name.startswith("transformer.") else "transformer." + name
         if key not in expected:
@@ -148,11 +151,20 @@ def hf_to_gptfast(hf_state: dict, expected: dict) -> dict:
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)} but the model expects {tuple(expected[key].shape)}"
             )
+        if expected[key].is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(f"tensor {name!r} is {tensor.dtype}, but the model's {key!r} is floating point: "
+                                  "an integer tensor is not a weight (the file is not a GPT-2 checkpoint)")
         converted[key] = tensor
     missing = [k for k in expected if k not in converted and k != "lm_head.weight"]
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
     converted["lm_head.weight"] = converted["transformer.wte.weight"]
+    head = hf_state.get("lm_head.weight")
+    if head is not None and not (head.shape == converted["lm_head.weight"].shape
+                                 and torch.equal(head, converted["lm_head.weight"].to(head.dtype))):
+        raise CheckpointError("tensor 'lm_head.weight' differs from 'transformer.wte.weight': the checkpoint has an "
+                              "untied LM head, and a gptfast GPT ties its head to the token embedding (GPT-2's "
+                              "tie_word_embeddings); loading it would discard the head")
     return converted
 
 
@@ -204,14 +216,25 @@ def write_safetensors(path, state: dict, **metadata) -> None:
     """``model.safetensors`` in directory ``path``, written to a temporary file and renamed."""
     from safetensors.torch import save_file
 
-    tmp = os.path.join(path, SAFETENSORS + ".tmp")
-    save_file(state, tmp, metadata={"format": "pt", **metadata})
-    os.replace(tmp, os.path.join(path, SAFETENSORS))
+    target = os.path.join(path, SAFETENSORS)
+    check_writable_file(target, "save")
+    tmp = target + ".tmp"
+    check_writable_file(tmp, "save")
+    try:
+        save_file(state, tmp, metadata={"format": "pt", **metadata})
+        os.replace(tmp, target)
+    except OSError as e:
+        raise type(e)(f"could not write {target!r}: {e.strerror or e}") from None
 
 
 def write_config(path, hf_config: dict) -> None:
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
+    target = os.path.join(path, "config.json")
+    check_writable_file(target, "save")
+    try:
+        with open(target, "w") as f:
+            json.dump(hf_config, f, indent=2)
+    except OSError as e:
+        raise type(e)(f"could not write {target!r}: {e.strerror or e}") from None
 
 
 def write(path, config: GPTConfig, state: dict, pos_table=None) -> None:
@@ -221,8 +244,7 @@ def write(path, config: GPTConfig, state: dict, pos_table=None) -> None:
     if any(key.endswith("weight_int8") for key in state):
         raise ValueError("save_pretrained: the model is quantized; HF GPT-2 cannot hold int8 weights: "
                          "save it with gptfast.quantization.save_quantized(model, path)")
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    path = make_output_dir(path, "save_pretrained")
     hf_state = {}
     for key, tensor in state.items():
         if key == "lm_head.weight":

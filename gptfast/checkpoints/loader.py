@@ -91,13 +91,15 @@ def _fresh_model(preset: str, overrides: dict, backend, seed: int):
 def _model_from_dir(path, overrides: dict, backend, device=None, dtype=None):
     """``(model, tokenizer path or None)`` from a run directory, a quantized directory or a
     Hugging Face directory."""
+    if not Path(path).is_dir():
+        what = "is a file, not a directory" if Path(path).exists() else "does not exist"
+        raise FileNotFoundError(f"model directory {str(path)!r} {what}")
     fixed = sorted(set(overrides) - set(CHANGEABLE_IN_A_LOADED_MODEL))
     if fixed:
-        raise ValueError(f"{fixed} cannot be changed when starting from the model in {str(path)!r}")
+        given = ", ".join(f"{k}={overrides[k]!r}" for k in fixed)
+        raise ValueError(f"{given} cannot be changed when starting from the model in {str(path)!r} (its own "
+                         f"config holds them); drop those settings, or start a fresh model without --init")
     path = Path(path)
-    if not path.is_dir():
-        what = "is a file, not a directory" if path.exists() else "does not exist"
-        raise FileNotFoundError(f"model directory {str(path)!r} {what}")
     own_tokenizer = str(path) if has_tokenizer_files(path) else None
     if ckpt_io.checkpoint_path(path).exists():
         state = ckpt_io.load_checkpoint(ckpt_io.checkpoint_path(path))

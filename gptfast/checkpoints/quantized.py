@@ -11,11 +11,12 @@ import os
 
 import torch
 
-from gptfast.checkpoints.hf_gpt2 import (QUANTIZATION_KEY, CheckpointError, config_from_hf, config_to_hf,
-                                         load_state_dict, read_json, write_config, write_safetensors)
+from gptfast.checkpoints.hf_gpt2 import (QUANTIZATION_KEY, CheckpointError, check_finite, config_from_hf,
+                                         config_to_hf, load_state_dict, read_json, write_config, write_safetensors)
 from gptfast.config import GPTConfig
 from gptfast.model import GPT
 from gptfast.nn import Int8Linear, default_scale_dtype, replace_linears
+from gptfast.runtime.atomic_files import make_output_dir
 from gptfast.runtime.devices import dtype_name
 
 SCHEMES = ("int8",)
@@ -46,8 +47,7 @@ def save_quantized(model, path) -> None:
     if not is_quantized(model):
         raise ValueError("save_quantized: the model is not quantized (call gptfast.quantize(model, 'int8') first, "
                          "or save it with GPT.save_pretrained)")
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    path = make_output_dir(path, "save_quantized")
     state = {k: t.detach().to("cpu").contiguous() for k, t in model.state_dict().items()}
     write_safetensors(path, state, gptfast_quantization="int8")
     write_config(path, dict(config_to_hf(model.config), **{CONFIG_KEY: quantization_entry(model)}))
@@ -100,6 +100,7 @@ def load_quantized(path, config: GPTConfig = None, *, backend=None, device=None,
         if mismatch:
             raise CheckpointError(f"{path}: the checkpoint does not match the given config: {'; '.join(mismatch)}")
     state = load_state_dict(path)
+    check_finite(state, path)
     wte = state.get("transformer.wte.weight")
     float_dtype = wte.dtype if wte is not None else torch.float32
     scale = state.get("lm_head.scale")

@@ -113,6 +113,11 @@ def _write_files(args, meta, rows, skipped, deltas) -> None:
 
 
 def run(args) -> int:
+    from gptfast.runtime.atomic_files import check_output_file
+
+    for flag, path in (("--json", args.json), ("--csv", args.csv)):
+        if path:
+            check_output_file(path, flag)  # before hours of measuring, not after
     if args.from_json:
         return report_saved(args.from_json, args.profile_summary)
 

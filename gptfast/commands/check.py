@@ -44,6 +44,11 @@ def _prepare_interpreter(device_type: str) -> None:
 def run(args) -> int:
     import torch
 
+    from gptfast.runtime.atomic_files import check_output_file
+
+    if args.json:
+        check_output_file(args.json, "--json")
+
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but CUDA is not available")

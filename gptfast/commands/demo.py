@@ -19,5 +19,8 @@ def register(subparsers):
 
 def run(args) -> int:
     from gptfast.demo import run_demo
+    from gptfast.runtime.atomic_files import check_output_dir
+
+    check_output_dir(args.out, "--out")
 
     return run_demo(args.device, quick=args.quick, out_dir=args.out)

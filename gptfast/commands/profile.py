@@ -32,6 +32,9 @@ def run(args) -> int:
     import torch
 
     from gptfast import profiling
+    from gptfast.runtime.atomic_files import check_output_dir
+
+    check_output_dir(args.out, "--out")
 
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():

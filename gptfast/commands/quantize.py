@@ -19,9 +19,11 @@ def run(args) -> int:
 
     from gptfast.model import GPT
     from gptfast.quantization import is_quantized_checkpoint, quantize, save_quantized
+    from gptfast.runtime.atomic_files import check_output_dir
 
     if os.path.abspath(args.model) == os.path.abspath(args.out):
         raise ValueError(f"--out {args.out!r} is the --model directory: write the quantized copy elsewhere")
+    check_output_dir(args.out, "--out")  # before the model loads: a wrong --out fails at once
     if is_quantized_checkpoint(args.model):
         raise ValueError(f"--model {args.model!r} is already quantized (int8)")
     model = GPT.from_pretrained(args.model, device="cpu")

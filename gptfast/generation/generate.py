@@ -141,7 +141,7 @@ def _decode_step(model, engine, p, s, cuda_graph, steps):
 def generate(model, prompts, params=None, *, tokenizer=None, stream: Optional[Callable] = None, engine: str = "auto",
              sync_every: int = DEFAULT_SYNC_EVERY, cuda_graph: Optional[bool] = None,
              eos_token_id: Optional[int] = None, packed_cpu_weights: Optional[bool] = None,
-             draft_model=None, num_draft_tokens: int = speculative.DEFAULT_DRAFT_TOKENS,
+             draft_model=None, num_draft_tokens: Optional[int] = None,
              draft_tokenizer=None) -> List[GenerationResult]:
     """Generate continuations of ``prompts`` with ``model`` (a gptfast GPT).
 
@@ -156,10 +156,14 @@ def generate(model, prompts, params=None, *, tokenizer=None, stream: Optional[Ca
     CPU float32 only); None: on where it applies unless $GPTFAST_CPU_PACKED_LINEAR=0.
     draft_model: a smaller gptfast GPT with the same tokenizer (``draft_tokenizer``, when
     given, is checked against ``tokenizer``): speculative decoding with ``num_draft_tokens``
-    (1..16) draft tokens per round (gptfast.generation.speculative): greedy rows give exactly the
+    (1..16, default 4) draft tokens per round (gptfast.generation.speculative): greedy rows give exactly the
     tokens of plain decoding, sampled rows tokens of the same distribution.
     Returns one ``GenerationResult`` per prompt, in order.
     """
+    if draft_model is None:
+        speculative.check_no_draft(num_draft_tokens, draft_tokenizer)
+    elif num_draft_tokens is None:
+        num_draft_tokens = speculative.DEFAULT_DRAFT_TOKENS
     vocab_size = model.config.vocab_size
     weight = next(model.parameters())  # a GPT's embedding (an int8 LM head has no float weight)
     prompts = _normalize_prompts(prompts, tokenizer, vocab_size)

@@ -32,6 +32,16 @@ def _same_tokenizer(a, b) -> bool:
             and a.encode(_PROBE_TEXT) == b.encode(_PROBE_TEXT))
 
 
+def check_no_draft(num_draft_tokens, draft_tokenizer) -> None:
+    """The speculative settings without a draft model are a mistake, not something to ignore."""
+    if num_draft_tokens is not None:
+        raise ValueError(f"num_draft_tokens={num_draft_tokens!r} needs a draft_model (speculative decoding); "
+                         "pass draft_model= or drop num_draft_tokens")
+    if draft_tokenizer is not None:
+        raise ValueError("draft_tokenizer needs a draft_model (speculative decoding); pass draft_model= or drop "
+                         "draft_tokenizer")
+
+
 def check_draft(model, draft_model, num_draft_tokens, length: int, tokenizer=None, draft_tokenizer=None) -> int:
     """Validate a speculative request; return the KV cache length both models need (the
     verify step of a row writes up to ``num_draft_tokens`` positions past its last one)."""
@@ -44,7 +54,10 @@ def check_draft(model, draft_model, num_draft_tokens, length: int, tokenizer=Non
     if config.vocab_size != model.config.vocab_size:
         raise ValueError(f"draft_model's vocabulary ({config.vocab_size} tokens) differs from the target's "
                          f"({model.config.vocab_size}): draft and target must share the tokenizer")
-    if draft_tokenizer is not None and tokenizer is not None and not _same_tokenizer(tokenizer, draft_tokenizer):
+    if draft_tokenizer is not None and tokenizer is None:
+        raise ValueError("draft_tokenizer is checked against the target's tokenizer: pass tokenizer= as well "
+                         "(or drop draft_tokenizer)")
+    if draft_tokenizer is not None and not _same_tokenizer(tokenizer, draft_tokenizer):
         raise ValueError("draft_tokenizer differs from tokenizer: draft and target must share the tokenizer")
     target_device, draft_device = next(model.parameters()).device, next(draft_model.parameters()).device
     if target_device != draft_device:

@@ -27,7 +27,11 @@ mask that is not left padding (checked on the host, so under ``torch.compile`` a
 non-trivial mask falls back), extra mask functions (sliding windows, chunked or packed
 attention: the mask function then builds SDPA's 4-D mask), soft-capping, attention sinks
 or position biases, dropout > 0 in training, ``output_attentions``, a non-causal module,
-and dtypes or head sizes the kernels do not take.
+and dtypes or head sizes the kernels do not take. The fallback computes exactly what the
+``"sdpa"`` implementation computes for the same inputs (a 2-D mask becomes SDPA's 4-D mask,
+nonzero = seen, as transformers reads it). A 2-D mask that fits no sequence (not one
+column per token seen) raises ValueError, from the mask function and from the attention
+function alike: no attention implementation can give it a meaning.
 
 Per-call host cost. The attention function runs once per layer, with the same mask
 tensor every time within one forward: what depends on the mask alone (is it left padding,
@@ -70,10 +74,38 @@ def gptfast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         valid = q_offset + q_length
         return None if valid == kv_length else torch.ones(batch_size, valid, dtype=torch.bool,
                                                             device=kwargs.get("device"))
+    if attention_mask.dim() == 2:
+        _check_mask_length(attention_mask, q_offset, q_length)
+        attention_mask = attention_mask.bool()
     attention_mask = attention_mask[:, -kv_length:]
     if attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling() and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+def _mask_misfit(attention_mask, q_length: int, seen: int | None, keys: int):
+    """A ValueError for a 2-D padding mask that fits no sequence (it must have one column per
+    token seen: ``seen`` when known, else between the query and key counts), or None."""
+    length = attention_mask.shape[1]
+    fits = length == seen if seen is not None else q_length <= length <= keys
+    if fits:
+        return None
+    want = f"{seen}" if seen is not None else f"{q_length} to {keys}"
+    return ValueError(f"gptfast attention: attention_mask of shape {tuple(attention_mask.shape)} fits no sequence: "
+                      f"a 2-D padding mask needs one column per token seen ({want}) for {q_length} new tokens")
+
+
+def _check_mask_length(attention_mask, q_offset, q_length: int) -> None:
+    """Raise the ``_mask_misfit`` error for a 2-D mask whose length is not the number of tokens
+    seen (``q_offset`` cached + ``q_length`` new); a tensor offset (a StaticCache) is read on
+    the host except under ``torch.compile``."""
+    if isinstance(q_offset, torch.Tensor):
+        if torch.compiler.is_compiling():
+            return
+        q_offset = int(q_offset)
+    error = _mask_misfit(attention_mask, q_length, q_offset + q_length, 0)
+    if error is not None:
+        raise error
 
 
 def _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs):
@@ -92,12 +124,14 @@ def _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs)
         return f"dtype {query.dtype} / head size {query.shape[-1]}"
     if attention_mask is None:
         return None
+    if attention_mask.dim() == 2:
+        error = _mask_misfit(attention_mask, query.shape[2], None, key.shape[2])
+        if error is not None:
+            raise error
     if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
         return f"a {attention_mask.dim()}-D {attention_mask.dtype} attention mask"
     if torch.compiler.is_compiling():
         return "a padding mask under torch.compile (checking its pattern needs a host read)"
-    if not query.shape[2] <= attention_mask.shape[1] <= key.shape[2]:
-        return f"a mask of {attention_mask.shape[1]} keys for {query.shape[2]} queries and {key.shape[2]} keys"
     left_padding, _ = _mask_facts(attention_mask)
     return None if left_padding else "a padding mask that is not left padding"
 
@@ -167,8 +201,8 @@ def gptfast_attention_forward(module, query, key, value, attention_mask, dropout
     reason = _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs)
     if reason is not None:
         _warn_once(module, reason)
-        if attention_mask is not None and attention_mask.dim() == 2:
-            attention_mask = _sdpa_padding_mask(attention_mask, query.shape[2], key.shape[2])
+        if attention_mask is not None and attention_mask.dim() == 2:  # as transformers reads a 2-D mask: nonzero = seen
+            attention_mask = _sdpa_padding_mask(attention_mask.bool(), query.shape[2], key.shape[2])
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     q_len = query.shape[2]
@@ -218,6 +252,11 @@ def apply_gptfast(model: nn.Module) -> nn.Module:
     ``unapply_gptfast(model)`` restores it."""
     if hasattr(model, "_gptfast_originals"):
         return model
+    if not (isinstance(model, nn.Module) and hasattr(model, "set_attn_implementation")
+            and hasattr(getattr(model, "config", None), "_attn_implementation")):
+        kind = f"a gptfast {type(model).__name__}" if type(model).__module__.startswith("gptfast") else type(model).__name__
+        raise TypeError(f"apply_gptfast: model must be a transformers PreTrainedModel (one with "
+                        f"set_attn_implementation), got {kind}; a gptfast GPT runs gptfast's kernels already")
     attn = model.config._attn_implementation
     model._gptfast_originals = {"attn_implementation": attn, "modules": _swap_layer_norms(model)}
     model.set_attn_implementation(NAME)

@@ -12,8 +12,12 @@
   along each row: ``causal_attention``'s ``q_positions`` and the model's ``input_pos``.
 - ``validate_key_start`` and ``validate_heads``: per-row key ranges and grouped-query head
   counts, for ``causal_attention`` and ``decode_attention`` alike.
+- ``resolve_scale``: an attention softmax scale, a finite positive number (None: 1/sqrt(D)).
 - ``describe``: a value as an error message names it.
 """
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -77,3 +81,16 @@ def validate_heads(name: str, heads: int, kv_heads: int, kv_name: str = "k") -> 
     if kv_heads < 1 or heads % kv_heads:
         raise ValueError(f"{name}: {kv_name} has {kv_heads} heads, which must divide the {heads} query heads "
                          "(grouped-query attention: query head h reads kv head h // (H // H_kv))")
+
+
+def resolve_scale(name: str, scale, head_dim: int) -> float:
+    """The softmax scale as a float: ``1/sqrt(head_dim)`` for None, else ``scale``, which
+    must be a finite number > 0 (a NaN or infinite scale makes every output NaN; a string
+    or a tensor is a mistake, not a scale)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name}: scale must be a number, got {describe(scale)}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{name}: scale must be a finite number > 0, got {scale!r}")
+    return float(scale)

@@ -22,7 +22,6 @@ Eager calls (outside ``torch.compile``) skip the registered ops, whose dispatch 
 several times a torch op's host time: the launcher directly when no gradient is needed,
 else ``CausalAttentionFunction``, an ``autograd.Function`` over the same launchers.
 """
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from gptfast.ops import torch_path
 from gptfast.ops._dispatch import check_same_device_dtype, use_triton
-from gptfast.ops._validation import check_positions, validate_heads, validate_key_start
+from gptfast.ops._validation import check_positions, resolve_scale, validate_heads, validate_key_start
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -202,7 +201,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] 
     definition their output is 0 and their gradients are 0. No host synchronisation.
     """
     _validate(q, k, v, q_offset, q_positions, key_start)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = resolve_scale("causal_attention", scale, q.shape[-1])
     if use_triton(q):
         if torch.compiler.is_compiling():  # the registered op: one opaque node for the compiler
             return _attention_fwd(q, k, v, scale, q_offset, q_positions, key_start)[0]

@@ -27,7 +27,6 @@ synchronisation: always for CPU tensors; for CUDA tensors only when the environm
 check copies a flag to the host). Unchecked out-of-range lengths are clamped into [1, S]
 by the kernel and the torch path alike, so they can never read outside the cache.
 """
-import math
 import os
 from typing import Optional
 
@@ -35,7 +34,7 @@ import torch
 
 from gptfast.ops import torch_path
 from gptfast.ops._dispatch import check_same_device_dtype, register_inference_only, use_triton
-from gptfast.ops._validation import host_readable, validate_heads, validate_key_start
+from gptfast.ops._validation import host_readable, resolve_scale, validate_heads, validate_key_start
 
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -143,7 +142,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, *, scale=None, key_start=N
     for how cache_lens is checked.
     """
     _validate(q, k_cache, v_cache, cache_lens, key_start)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = resolve_scale("decode_attention", scale, q.shape[-1])
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
             q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)):
         # compiled: one opaque node; gradients asked for: the op's backward raises its clear error

@@ -23,6 +23,7 @@ def write_atomically(path, write: Callable[[object], None], durable: bool = Fals
     outlives a failed write. ``durable``: fsync the file before, and the directory after,
     the rename, so the new content survives a power cut."""
     path = Path(path)
+    check_writable_file(path, "write")  # a directory there: name it, not the temp file's errno
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
@@ -83,3 +84,51 @@ def remove_stale_temp_files(directory, target: str = None) -> List[Path]:
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
+
+
+def check_output_dir(path, what: str) -> str:
+    """Raise the OSError that says which path is wrong and how when ``path`` cannot be (or
+    become) a directory for ``what`` (e.g. "save_pretrained", "--out") to write into: a
+    file where a directory is wanted (``path`` itself or a parent), or an existing
+    directory that is not writable. Creates nothing; returns ``path`` as a str."""
+    path = os.fspath(path)
+    probe = path
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        probe = parent if parent != probe else ""
+    if probe and not os.path.isdir(probe):
+        where = "" if probe == path else f" (a parent of {path!r})"
+        raise NotADirectoryError(f"{what}: {probe!r}{where} is a file, not a directory")
+    if probe and not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == path else f" (where {path!r} would be created)"
+        raise PermissionError(f"{what}: the directory {probe!r}{where} is not writable")
+    return path
+
+
+def make_output_dir(path, what: str) -> str:
+    """``check_output_dir``, then create the directory (and its parents) and return it; a
+    place that cannot be created (e.g. under /proc) raises the OSError naming it."""
+    path = check_output_dir(path, what)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise type(e)(f"{what}: cannot create the directory {path!r}: {e.strerror or e}") from None
+    return path
+
+
+def check_writable_file(path, what: str) -> None:
+    """Raise IsADirectoryError naming ``path`` when a directory stands where ``what`` will
+    write a file (a rename over it would fail with a bare errno on the temp file)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what}: {os.fspath(path)!r} is a directory, where a file is to be written: "
+                                "remove or rename it")
+
+
+def check_output_file(path, what: str) -> str:
+    """Raise the OSError naming ``path`` when ``what`` (e.g. "--json") could not write a file
+    there: a directory standing at ``path``, or a parent that cannot be a writable directory
+    (``check_output_dir``). Creates nothing; returns ``path`` as a str."""
+    path = os.fspath(path)
+    check_writable_file(path, what)
+    check_output_dir(os.path.dirname(os.path.abspath(path)), what)
+    return path

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from gptfast.checkpoints import training_state as ckpt_io
-from gptfast.runtime.atomic_files import remove_stale_temp_files
+from gptfast.runtime.atomic_files import make_output_dir, remove_stale_temp_files
 from gptfast.training.data import IGNORE_INDEX, BatchSampler, load_dataset
 from gptfast.training.distributed import (
     DistContext,
@@ -127,8 +127,10 @@ class _Run:
         self.model, self.tokenizer, self.tokenizer_path = loaded.model.train(), loaded.tokenizer, loaded.tokenizer_path
         self.block_size = cfg.block_size or self.model.config.block_size
         if self.block_size > self.model.config.block_size:
+            source = f"the model in {cfg.init!r}" if cfg.init else "the model"
             raise ValueError(
-                f"block_size {self.block_size} is longer than the model's context of {self.model.config.block_size} tokens"
+                f"block_size (--block-size) {self.block_size} is longer than the context of {source}, "
+                f"{self.model.config.block_size} tokens (a loaded model's context cannot grow)"
             )
         self.dataset, train_shard = self._load_data()
         self.finetune = self.dataset.kind == "finetune"
@@ -360,7 +362,7 @@ class _Run:
                 f"{self.out_dir} already holds a checkpoint: pass --resume (resume=True) to continue it, --overwrite to start afresh, "
                 "or choose another out directory"
             )
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(self.out_dir, "out_dir (--out)")
         remove_stale_temp_files(self.out_dir)  # left by a run killed mid-write
         if cfg.overwrite:
             self.log.restart()
