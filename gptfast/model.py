@@ -78,15 +78,17 @@ class CausalSelfAttention(nn.Module):
         # One matmul for q, k and v; the split below leaves them as strided views.
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if input_pos is None:  # training / full recompute
-            y = ops.causal_attention(q, k, v)
-        elif input_pos.dim() == 1:  # prefill: the whole cache, each query seeing up to its position
-            keys, values = self.kv_cache.write_prefill(input_pos, k, v)
-            y = ops.causal_attention(q, keys, values, q_positions=input_pos)
-        else:  # decode (T = 1) or verify (T > 1): each row's tokens at its own positions
+        if input_pos is not None and input_pos.dim() == 2:  # decode (T = 1) / verify (T > 1): per-row positions
             y = self.attend_rows(q, *self.kv_cache.write_rows(input_pos, k, v), input_pos)
-            return self.resid_dropout(self.c_proj(y))
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        else:
+            if input_pos is None:  # training / full recompute
+                y = ops.causal_attention(q, k, v)
+            else:  # prefill: the whole cache, each query seeing up to its position
+                keys, values = self.kv_cache.write_prefill(input_pos, k, v)
+                y = ops.causal_attention(q, keys, values, q_positions=input_pos)
+            y = y.transpose(1, 2).reshape(B, T, C)
+        y = self.c_proj(y)
+        return self.resid_dropout(y) if self.training else y  # eval: no dropout call per layer and step
 
     def attend_rows(self, q, keys, values, input_pos, cache_lens=None):
         """Decode (T = 1) / verify attention of q (B, H, T, D) over the rows' caches, as (B, T, C)."""
@@ -108,7 +110,8 @@ class MLP(nn.Module):
         self._backend = backend
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self._backend.ops.gelu(self.c_fc(x))))
+        y = self.c_proj(self._backend.ops.gelu(self.c_fc(x)))
+        return self.dropout(y) if self.training else y
 
 
 class Block(nn.Module):
@@ -251,7 +254,8 @@ class GPT(nn.Module):
             pos_emb = self.transformer.wpe(pos)
         else:
             pos_emb = self.pos_table[pos].to(self.transformer.wte.weight.dtype)
-        h = self.transformer.drop(self.transformer.wte(idx) + pos_emb)
+        h = self.transformer.wte(idx) + pos_emb
+        h = self.transformer.drop(h) if self.training else h
         if targets is None and input_pos is not None and input_pos.dim() == 2 and self._backend.name == "fused" \
                 and not (self.training and self.config.dropout > 0):  # a fused decode / verify step
             return self._decode_step(h, input_pos, logits_index)

@@ -285,6 +285,20 @@ def test_torch_path(monkeypatch, dtype):
     check_against_reference(out, q, k, v, cache_lens, what=f"torch path {dtype}")
 
 
+@pytest.mark.parametrize("lens, kv_heads", [([13], 2), ([9, 9, 9], 4), ([21], 4)])
+def test_torch_path_equal_lengths_reads_only_the_written_prefix(monkeypatch, lens, kv_heads):
+    """Host-readable lengths all equal (batch 1 always): the torch path cuts the caches to
+    that length and runs SDPA unmasked; stale NaN past it is never read (CPU)."""
+    monkeypatch.setattr(decode_op, "use_triton", lambda t: False)
+    q, _, _, cache_lens = make_inputs(len(lens), 4, 21, 48, lens, torch.float32, device="cpu")
+    _, k, v, _ = make_inputs(len(lens), kv_heads, 21, 48, lens, torch.float32, device="cpu", seed=1)
+    out = decode_attention(q, blank_stale_positions(k, cache_lens, float("nan")),
+                           blank_stale_positions(v, cache_lens, float("nan")), cache_lens)
+    plain = reference.decode_attention(q, k, v, cache_lens)
+    want = reference.decode_attention(q.double(), k.double(), v.double(), cache_lens)
+    assert_error_ratio(out, plain, want, what=f"torch path, equal lengths {lens}")
+
+
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_empty_batch(monkeypatch, use_kernel):
     if use_kernel and not TRITON_ON_DEVICE:

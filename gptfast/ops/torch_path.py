@@ -106,10 +106,22 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
     query heads fold into the query dimension (K and V are never repeated). Copying V each
     step is the cost of that safety: in eager mode on the CPU, where reading a value needs
     no device sync, the masked SDPA runs first and its (B, H, D) output is kept when finite
-    (a stale NaN would have made it NaN); only a non-finite one is recomputed the safe way."""
+    (a stale NaN would have made it NaN); only a non-finite one is recomputed the safe way.
+
+    Where the lengths are host-readable (CPU, eager) the caches are first cut to the longest
+    row's length, so a decode step reads only the positions written so far, not the whole
+    preallocated cache; when every row has that length (batch 1 always) and no key_start,
+    no position in reach is stale and the unmasked SDPA over the cut caches is the answer."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     batch, heads, head_dim = q.shape
     kv_heads, seq_len = k_cache.shape[1], k_cache.shape[2]
+    gqa = dict(enable_gqa=True) if kv_heads != heads else {}
+    if host_readable(cache_lens) and host_readable(q) and batch > 0:
+        lengths = [min(max(n, 1), seq_len) for n in cache_lens.tolist()]
+        seq_len = max(lengths)
+        k_cache, v_cache = k_cache[:, :, :seq_len], v_cache[:, :, :seq_len]
+        if key_start is None and min(lengths) == seq_len:
+            return F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache, scale=scale, **gqa).squeeze(2)
     lens = cache_lens.clamp(1, seq_len)
     key_pos = torch.arange(seq_len, device=q.device)[None, :]
     valid = key_pos < lens[:, None]  # (B, S); lens >= 1, so every row sees key 0 ...
@@ -120,7 +132,6 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Te
         valid = valid | (empty[:, None] & (key_pos == 0))
     out = None
     if host_readable(q):
-        gqa = dict(enable_gqa=True) if kv_heads != heads else {}
         out = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache, attn_mask=valid[:, None, None, :],
                                              scale=scale, **gqa).squeeze(2)
         out = out if bool(torch.isfinite(out.sum())) else None  # a finite sum: no NaN or inf anywhere
