@@ -128,4 +128,4 @@ def test_the_torch_backend_keeps_its_decode_path():
     _, plain = _pair()
     _prefill([plain], _ids(1, 4))
     _, count = count_device_kernels(plain, _ids(1, 1), input_pos=torch.tensor([[4]], device=DEVICE))
-    assert count.triton == [] and "aten::scatter_" in count.aten  # its own KV write (kv_cache.write_rows)
+    assert count.triton == [] and "aten::index_copy_" in count.aten  # its own KV write (kv_cache.write_rows)
