@@ -80,13 +80,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if input_pos is not None and input_pos.dim() == 2:  # decode (T = 1) / verify (T > 1): per-row positions
             y = self.attend_rows(q, *self.kv_cache.write_rows(input_pos, k, v), input_pos)
-        else:
-            if input_pos is None:  # training / full recompute
-                y = ops.causal_attention(q, k, v)
-            else:  # prefill: the whole cache, each query seeing up to its position
-                keys, values = self.kv_cache.write_prefill(input_pos, k, v)
-                y = ops.causal_attention(q, keys, values, q_positions=input_pos)
-            y = y.transpose(1, 2).reshape(B, T, C)
+        else:  # training (no cache) or a prefill (the whole cache, each query seeing up to its position)
+            keys, values = (k, v) if input_pos is None else self.kv_cache.write_prefill(input_pos, k, v)
+            y = ops.causal_attention(q, keys, values, q_positions=input_pos).transpose(1, 2).reshape(B, T, C)
         y = self.c_proj(y)
         return self.resid_dropout(y) if self.training else y  # eval: no dropout call per layer and step
 
