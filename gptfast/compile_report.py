@@ -115,10 +115,19 @@ def check_report(rows: list) -> None:
 
 
 def _nvidia_tool(name: str) -> str:
-    """Path of an NVIDIA tool (ptxas, cuobjdump) as triton resolves it, else its wheel's copy."""
+    """Path of an NVIDIA tool (ptxas, cuobjdump) as triton resolves it, else its wheel's copy.
+    ptxas is the one triton itself runs for sm_90 (triton 3.9 and later pick a newer ptxas
+    for sm_90+ than for older GPUs, matching the PTX version they emit there)."""
     try:
         import triton.knobs
 
+        if name == "ptxas":
+            try:
+                from triton.backends.nvidia.compiler import get_ptxas
+
+                return get_ptxas(TARGET[1]).path
+            except ImportError:  # an older triton without get_ptxas: one ptxas for every architecture
+                pass
         return getattr(triton.knobs.nvidia, name).path
     except Exception:  # older triton: fall back to the binaries shipped in the wheel
         import triton

@@ -83,7 +83,7 @@ def _int8_linear_kernel(
     scale = tl.load(SCALE + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     acc = acc * scale[:, None]
     if HAS_BIAS:
-        bias = tl.load(BIAS + offs_n, mask=n_mask & (split == 0), other=0.0).to(tl.float32)
+        bias = tl.load(BIAS + offs_n, mask=tl.where(split == 0, n_mask, False), other=0.0).to(tl.float32)
         acc = acc + bias[:, None]
     y_ptrs = Y + split * stride_ys + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None] * stride_yn
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])

@@ -151,7 +151,7 @@ def _skinny_linear_kernel(
         tl.debug_barrier()  # every thread's part of the tile is stored before the release below
         arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
         last = arrived == splits - 1
-        out_mask = out_mask & last
+        out_mask = tl.where(last, out_mask, False)  # (a tensor & a scalar bool is no bool mask in triton 3.9's interpreter)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for s in range(0, splits):
             acc += tl.load(PARTIAL + s * M * N + part, mask=out_mask, other=0.0, cache_modifier=".cg")
