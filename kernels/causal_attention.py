@@ -86,13 +86,15 @@ loads along D. Inputs may have any strides except along D, which must be 1 (the
 launcher copies otherwise).
 """
 import dataclasses
+import functools
+import types
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (cdiv, LOG2E, LaunchConfig, check_out, device_guard, div, empty, launch, padded_head_dim, pointer,
-                      sm_count, static_entry, TRITON_TYPE)
+from ._common import (cdiv, cuda_index, LOG2E, LaunchConfig, check_out, device_guard, div, empty, launch,
+                      padded_head_dim, pointer, sm_count, static_entry, TRITON_TYPE)
 from ._tuned import pick
 
 # ----------------------------------------------------------------------------- helpers
@@ -885,15 +887,19 @@ def _dot_flags(dtype: torch.dtype, device: torch.device):
 
 
 def _bht(t: torch.Tensor):
-    """Batch, head and time strides of a (B, H, T, D) tensor."""
-    return t.stride(0), t.stride(1), t.stride(2)
+    """Batch, head and time strides of a (B, H, T, D) tensor (one call for all: each
+    ``stride(i)`` call costs as much as the whole tuple)."""
+    return t.stride()[:3]
 
 
-def _tiles(cfg: LaunchConfig, head_dim: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """The tile constexprs and launch options of one kernel launch."""
+@functools.lru_cache(maxsize=256)
+def _tiles(cfg: LaunchConfig, head_dim: int, device: torch.device, dtype: torch.dtype) -> types.MappingProxyType:
+    """The tile constexprs and launch options of one kernel launch (cached: launches spread
+    the dict into keywords and never change it)."""
     dot_fp32, dot_precision = _dot_flags(dtype, device)
-    return dict(HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return types.MappingProxyType(dict(
+        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
 def variant_flags(kernel: str, cfg: LaunchConfig) -> dict:
@@ -912,13 +918,19 @@ def _tma_ready(*tensors) -> bool:
     rule), on a Hopper or later GPU or under the interpreter. Otherwise the launch takes
     the pointer loads of the same tiles."""
     t0 = tensors[0]
-    if t0.device.type == "cuda" and torch.cuda.get_device_capability(t0.device)[0] < 9:
+    if t0.device.type == "cuda" and _major_capability(cuda_index(t0.device)) < 9:
         return False
     for t in tensors:
         size = t.element_size()
         if t.data_ptr() % 16 or any((s * size) % 16 for s in _bht(t)):
             return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _major_capability(device_index: int) -> int:
+    """The compute capability's major number of a CUDA device (asked once: microseconds a call)."""
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 def _tma_allocator(size: int, alignment: int, stream):
@@ -981,22 +993,27 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
     Inputs are assumed validated (gptfast.ops.causal_attention does it). ``out``/``lse`` may be
     preallocated; ``config`` (a LaunchConfig) overrides the table's choice.
     """
-    q, k, v = _unit_stride_d(q), _unit_stride_d(k), _unit_stride_d(v)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = _unit_stride_d(q), _unit_stride_d(k), _unit_stride_d(v)
     batch, heads, q_len, head_dim = q.shape
-    out = check_out("causal_attention", "out", out, q.shape, q.dtype, q.device)
-    lse = check_out("causal_attention", "lse", lse, (batch, heads, q_len), torch.float32, q.device, contiguous=True)
-    cfg = config or forward_config(head_dim, q.dtype, q.device, q_len)
+    device, dtype = q.device, q.dtype
+    # (a fresh buffer skips check_out: every eager call pays for each Python call it makes)
+    out = empty(q.shape, dtype, device) if out is None else check_out(
+        "causal_attention", "out", out, q.shape, dtype, device)
+    lse = empty((batch, heads, q_len), torch.float32, device) if lse is None else check_out(
+        "causal_attention", "lse", lse, (batch, heads, q_len), torch.float32, device, contiguous=True)
+    cfg = config or forward_config(head_dim, dtype, device, q_len)
     flags = _use_tma(variant_flags("fwd", cfg), q, k, v, out)
     positions = _position_args(q, q_positions, key_start)
     grid = (batch * heads, cdiv(q_len, cfg.block_m))
     if flags["PERSISTENT"]:
-        grid = (persistent_programs(grid[0] * grid[1], cfg.variant, q.device),)
-    with device_guard(q.device):
+        grid = (persistent_programs(grid[0] * grid[1], cfg.variant, device),)
+    with device_guard(device):
         launch(_attn_fwd_kernel, grid,
             q, k, v, out, lse, positions.pop("Q_START"), positions.pop("KEY_START"),
             *_bht(q), *_bht(k), *_bht(v), *_bht(out),
             heads, heads // k.shape[1], q_len, q_offset, _position_stride(q_positions), scale * LOG2E, batch * heads,
-            **positions, **flags, **_tiles(cfg, head_dim, q.device, q.dtype),
+            **positions, **flags, **_tiles(cfg, head_dim, device, dtype),
         )
     return out, lse
 
@@ -1012,29 +1029,31 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
     Output buffers (and the fp32 ``delta`` scratch of shape (B, H, Tq)) may be preallocated;
     ``dkdv_cfg`` / ``dq_cfg`` (LaunchConfigs) override the table's choices.
     """
-    grad_out, q, k, v, out = (_unit_stride_d(t) for t in (grad_out, q, k, v, out))
+    if grad_out.stride(-1) != 1 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or out.stride(-1) != 1:
+        grad_out, q, k, v, out = (_unit_stride_d(t) for t in (grad_out, q, k, v, out))
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     lse = lse.contiguous()
-    op = "causal_attention"
-    dq = check_out(op, "dq", dq, q.shape, q.dtype, q.device)
-    dk = check_out(op, "dk", dk, k.shape, k.dtype, k.device)
-    dv = check_out(op, "dv", dv, v.shape, v.dtype, v.device)
-    delta = check_out(op, "delta", delta, (batch, heads, q_len), torch.float32, q.device, contiguous=True)
-    kv_cfg = dkdv_cfg or dkdv_config(head_dim, q.dtype, q.device, grouped=kv_heads != heads)
-    q_cfg = dq_cfg or dq_config(head_dim, q.dtype, q.device)
+    op, device, dtype = "causal_attention", q.device, q.dtype
+    dq = empty(q.shape, dtype, device) if dq is None else check_out(op, "dq", dq, q.shape, dtype, device)
+    dk = empty(k.shape, dtype, device) if dk is None else check_out(op, "dk", dk, k.shape, dtype, device)
+    dv = empty(v.shape, dtype, device) if dv is None else check_out(op, "dv", dv, v.shape, dtype, device)
+    delta = empty((batch, heads, q_len), torch.float32, device) if delta is None else check_out(
+        op, "delta", delta, (batch, heads, q_len), torch.float32, device, contiguous=True)
+    kv_cfg = dkdv_cfg or dkdv_config(head_dim, dtype, device, grouped=kv_heads != heads)
+    q_cfg = dq_cfg or dq_config(head_dim, dtype, device)
     kv_flags = _use_tma(variant_flags("dkdv", kv_cfg), q, grad_out)
     kv_grid = (batch * kv_heads, cdiv(kv_len, kv_cfg.block_n))
     if kv_flags["PERSISTENT"]:
-        kv_grid = (persistent_programs(kv_grid[0] * kv_grid[1], kv_cfg.variant, q.device),)
+        kv_grid = (persistent_programs(kv_grid[0] * kv_grid[1], kv_cfg.variant, device),)
     atomic = kv_flags["ATOMIC_DQ"]
     # The atomic variants sum dQ in fp32 (B * H, Tq, D), cleared by the delta kernel.
-    dq_acc = empty((batch * heads, q_len, head_dim), torch.float32, q.device) if atomic else delta
+    dq_acc = empty((batch * heads, q_len, head_dim), torch.float32, device) if atomic else delta
     positions = _position_args(q, q_positions, key_start)
     starts = (positions.pop("Q_START"), positions.pop("KEY_START"))
     pos_stride = _position_stride(q_positions)
     block_d = padded_head_dim(head_dim)
-    with device_guard(q.device):
+    with device_guard(device):
         launch(_attn_bwd_delta_kernel, (batch * heads, cdiv(q_len, DELTA_CONFIG.block_m)),
             out, grad_out, delta, dq_acc, *_bht(out), *_bht(grad_out), heads, q_len,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_CONFIG.block_m, ZERO_DQ=atomic,
@@ -1044,7 +1063,7 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
             q, k, v, grad_out, lse, delta, dk, dv, dq_acc, *starts,
             *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dk), *_bht(dv),
             kv_heads, heads // kv_heads, q_len, kv_len, q_offset, pos_stride, scale * LOG2E, scale, batch * kv_heads,
-            **positions, **kv_flags, **_tiles(kv_cfg, head_dim, q.device, q.dtype),
+            **positions, **kv_flags, **_tiles(kv_cfg, head_dim, device, dtype),
         )
         if atomic:
             launch(_attn_bwd_dq_convert_kernel, (batch * heads, cdiv(q_len, DELTA_CONFIG.block_m)),
@@ -1057,7 +1076,7 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
                 *_bht(q), *_bht(k), *_bht(v), *_bht(grad_out), *_bht(dq),
                 heads, heads // kv_heads, q_len, q_offset, pos_stride, scale * LOG2E, scale,
                 **positions, **_use_tma(variant_flags("dq", q_cfg), k, v),
-                **_tiles(q_cfg, head_dim, q.device, q.dtype),
+                **_tiles(q_cfg, head_dim, device, dtype),
             )
     return dq, dk, dv
 

@@ -68,6 +68,8 @@ errors where checking them is cheap.
 
 Launchers assume validated inputs; ``gptfast.ops.decode_attention`` is the public face.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -224,6 +226,7 @@ def _decode_reduce_kernel(
              out.to(OUT.dtype.element_ty), mask=d_mask)
 
 
+@functools.lru_cache(maxsize=None)
 def _builtin_split(head_dim: int, itemsize: int = 2) -> LaunchConfig:
     """64 keys per block (M of the first product: HGMMA needs >= 64), one warpgroup, and as
     many stages (up to 4) as fit in STAGE_BUDGET bytes of shared memory, so that
@@ -330,21 +333,23 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, key_start
     """
     batch, heads, head_dim = q.shape
     kv_heads, seq_len = k_cache.shape[1], k_cache.shape[2]
-    out = check_out("decode_attention", "out", out, (batch, heads, head_dim), q.dtype, q.device)
+    device, dtype = q.device, q.dtype
+    out = empty((batch, heads, head_dim), dtype, device) if out is None else check_out(
+        "decode_attention", "out", out, (batch, heads, head_dim), dtype, device)
     if out.numel() == 0:
         return out
-    cfg = config or split_config(head_dim, q.dtype, q.device)
+    cfg = config or split_config(head_dim, dtype, device)
     block_d, block_n = padded_head_dim(head_dim), block_n or cfg.block_n
     if num_splits is None:
-        num_splits = choose_num_splits(batch * kv_heads, seq_len, sm_count(q.device))
+        num_splits = choose_num_splits(batch * kv_heads, seq_len, sm_count(device))
     chunk, num_splits = split_plan(seq_len, num_splits, block_n)
     one_pass = num_splits == 1
 
     if one_pass:  # the split kernel writes `out` itself; the workspace arguments are unused
         o_part = lse_part = out
     else:
-        o_part, lse_part = allocate_workspace(batch * heads, num_splits, head_dim, q.device)
-    with device_guard(q.device):
+        o_part, lse_part = allocate_workspace(batch * heads, num_splits, head_dim, device)
+    with device_guard(device):
         launch(_decode_split_kernel, (batch * kv_heads, num_splits),
             q, k_cache, v_cache, cache_lens, q if key_start is None else key_start.contiguous(), o_part, lse_part,
             out, *q.stride(), *k_cache.stride(), *v_cache.stride(), cache_lens.stride(0), *out.stride(),

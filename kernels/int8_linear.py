@@ -27,6 +27,8 @@ product is compute-bound and the weight is read once per 128 rows.
 fp32 inputs multiply in IEEE fp32 (no TF32), so the result is as exact as F.linear's.
 Launchers assume validated inputs; ``gptfast.ops.int8_linear`` is the public face.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -96,11 +98,17 @@ def tile_config(m: int) -> LaunchConfig:
     steps of 128. Prefill: 128 x 128 tiles, K steps of 64, one split.
     """
     if m <= DECODE_MAX_ROWS:
-        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-        return LaunchConfig(num_warps=4, num_stages=3, block_m=block_m, block_n=64, block_k=128)
-    return LaunchConfig(num_warps=8, num_stages=3, block_m=128, block_n=128, block_k=64)
+        return _DECODE_TILES[16 if m <= 16 else (32 if m <= 32 else 64)]
+    return _PREFILL_TILE
 
 
+# Built once: a launcher call should not pay for building its config.
+_DECODE_TILES = {rows: LaunchConfig(num_warps=4, num_stages=3, block_m=rows, block_n=64, block_k=128)
+                 for rows in (16, 32, 64)}
+_PREFILL_TILE = LaunchConfig(num_warps=8, num_stages=3, block_m=128, block_n=128, block_k=64)
+
+
+@functools.lru_cache(maxsize=1024)
 def plan(m: int, n: int, k: int, cfg: LaunchConfig, sms: int = DEFAULT_NUM_SMS):
     """(k_per_split, split_k): K cut into chunks of whole BLOCK_K steps, so that about
     PROGRAMS_PER_SM * sms programs run (decode shapes only), each chunk at least
@@ -143,7 +151,10 @@ def int8_linear(x, weight, scale, bias=None, *, split_k=None, out=None):
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
-        out.copy_(y.sum(dim=0))
+        if out.dtype == torch.float32:
+            torch.sum(y, dim=0, out=out)  # one launch
+        else:  # (a 16-bit ``out=`` would round every partial to 16 bits before summing)
+            out.copy_(y.sum(dim=0))
     return out
 
 

@@ -322,7 +322,9 @@ def _wide_rows_aligned(t, n_cols: int):
 
 def _vector(t, n_cols: int):
     """A weight or bias as the kernels read it: contiguous (and aligned for wide rows)."""
-    return None if t is None else _wide_rows_aligned(t.contiguous(), n_cols)
+    if t is None:
+        return None
+    return t.contiguous() if n_cols <= MAX_HIDDEN_UNALIGNED else _wide_rows_aligned(t.contiguous(), n_cols)
 
 
 def _check_out(name: str, out, shape, dtype, device) -> torch.Tensor:
@@ -347,12 +349,17 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None,
     n_rows, n_cols = x.shape
     check_hidden_size(n_cols)
     dev = x.device
-    x, residual = _wide_rows_aligned(x, n_cols), _wide_rows_aligned(residual, n_cols)
+    if n_cols > MAX_HIDDEN_UNALIGNED:
+        x, residual = _wide_rows_aligned(x, n_cols), _wide_rows_aligned(residual, n_cols)
     weight, bias = _vector(weight, n_cols), _vector(bias, n_cols)
-    y = _check_out("out", out, (n_rows, n_cols), x.dtype, dev)
+    # (fresh buffers skip _check_out: an eager call pays for every Python call it makes)
+    y = empty((n_rows, n_cols), x.dtype, dev) if out is None else _check_out(
+        "out", out, (n_rows, n_cols), x.dtype, dev)
     h = None if residual is None else _check_out("h_out", h_out, (n_rows, n_cols), x.dtype, dev)
-    mean = _check_out("mean_out", mean_out, (n_rows,), torch.float32, dev)
-    rstd = _check_out("rstd_out", rstd_out, (n_rows,), torch.float32, dev)
+    mean = empty((n_rows,), torch.float32, dev) if mean_out is None else _check_out(
+        "mean_out", mean_out, (n_rows,), torch.float32, dev)
+    rstd = empty((n_rows,), torch.float32, dev) if rstd_out is None else _check_out(
+        "rstd_out", rstd_out, (n_rows,), torch.float32, dev)
     if n_rows == 0:
         return y, h, mean, rstd
 
@@ -387,9 +394,11 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, co
     check_hidden_size(n_cols)
     dev = h.device
     compute_dw = compute_dw and weight is not None
-    dy, h, dh_in = (_wide_rows_aligned(t, n_cols) for t in (dy, h, dh_in))
+    if n_cols > MAX_HIDDEN_UNALIGNED:
+        dy, h, dh_in = (_wide_rows_aligned(t, n_cols) for t in (dy, h, dh_in))
     weight = _vector(weight, n_cols)
-    dx = _check_out("dx_out", dx_out, (n_rows, n_cols), h.dtype, dev)
+    dx = empty((n_rows, n_cols), h.dtype, dev) if dx_out is None else _check_out(
+        "dx_out", dx_out, (n_rows, n_cols), h.dtype, dev)
     cfg = config or bwd_config(n_cols, h.dtype, dev)
     programs, rows_per_program = bwd_plan(n_rows, dev, cfg) if n_rows else (0, 1)
     # The dweight and dbias partials share one allocation.
@@ -409,9 +418,13 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, co
                 COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
                 BLOCK_ROWS=cfg.block_rows or 1, BLOCK_N=block_n_for(n_cols), num_warps=cfg.num_warps,
             )
-    # Second pass of the dweight/dbias reduction: sum the G float32 partial rows
-    # (with no rows at all, the sum over zero partials is the correct zero gradient).
-    # (separate sums: the registered op's outputs may not alias each other)
+    # Second pass of the dweight/dbias reduction: sum the G float32 partial rows (with no
+    # rows at all, the sum over zero partials is the correct zero gradient). Both at once
+    # when both are wanted in one dtype: one reduction (a launch fewer), the two gradients
+    # then being rows of one tensor.
+    if compute_dw and compute_db and dw_dtype == db_dtype:
+        sums = _as_dtype(partials.sum(1), dw_dtype)
+        return dx, sums[0], sums[1]
     dw = _as_dtype(dw_partial.sum(0), dw_dtype) if compute_dw else None
     db = _as_dtype(db_partial.sum(0), db_dtype) if compute_db else None
     return dx, dw, db

@@ -22,6 +22,8 @@ Statistics are float32 whatever the logits' dtype. Launchers assume validated in
 a 2-D logits matrix whose last dimension is contiguous, int64 targets, an int64
 one-element count and a float32 per-row loss output.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -75,6 +77,7 @@ def _cross_entropy_rows_kernel(
             tl.store(row_ptr + offs, grad.to(LOGITS.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=256)
 def launch_config(n_cols: int) -> LaunchConfig:
     """One program per row; a step of up to MAX_BLOCK_V logits (fewer for a small vocabulary)."""
     block_v = min(MAX_BLOCK_V, max(16, next_power_of_2(n_cols)))

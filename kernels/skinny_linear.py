@@ -44,6 +44,7 @@ depends on values). fp32 activations multiply in IEEE fp32 (no TF32), and their 
 and square root round to nearest (``_common.div`` / ``rsqrt``). Launchers assume
 validated inputs; ``gptfast.ops.skinny_linear`` is the public face.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -215,8 +216,19 @@ def block_m_for(m: int) -> int:
 def builtin_config(m: int, kind: str = "16bit") -> LaunchConfig:
     """64 output channels x the rows, K in steps of 128, 4 warps, 3 stages; fp32 activations
     (IEEE products on the CUDA cores, the weight tile held in registers) step K by 32."""
-    return LaunchConfig(num_warps=4, num_stages=3, block_m=block_m_for(m), block_n=64,
-                        block_k=32 if kind == "fp32" else 128)
+    return _builtin(block_m_for(m), kind == "fp32")
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin(block_m: int, fp32: bool) -> LaunchConfig:
+    return LaunchConfig(num_warps=4, num_stages=3, block_m=block_m, block_n=64, block_k=32 if fp32 else 128)
+
+
+@functools.lru_cache(maxsize=256)
+def _with_rows(tuned: LaunchConfig, block_m: int) -> LaunchConfig:
+    """A tuned (N, K) config with the row tile of the launch (built once per pair)."""
+    return LaunchConfig(num_warps=tuned.num_warps, num_stages=tuned.num_stages, block_m=block_m,
+                        block_n=tuned.block_n, block_k=tuned.block_k)
 
 
 def tile_config(m: int, n: int, k: int, kind: str, device: Optional[torch.device] = None) -> LaunchConfig:
@@ -226,8 +238,7 @@ def tile_config(m: int, n: int, k: int, kind: str, device: Optional[torch.device
     if device is None or device.type != "cuda":
         return builtin
     tuned = pick("skinny_linear.fwd", config_key(n, k, kind), builtin, device)
-    return LaunchConfig(num_warps=tuned.num_warps, num_stages=tuned.num_stages, block_m=builtin.block_m,
-                        block_n=tuned.block_n, block_k=tuned.block_k)
+    return builtin if tuned is builtin else _with_rows(tuned, builtin.block_m)
 
 
 def plan(m: int, n: int, k: int, cfg: LaunchConfig, sms: int = DEFAULT_NUM_SMS):

@@ -208,7 +208,8 @@ def test_overhead_suite_table(tmp_path, capsys):
     assert suites.BASELINES["overhead"] == overhead.TRIVIAL
     cases, skipped = suites.collect("overhead", torch.device("cpu"), quick=True)
     assert not skipped
-    assert {c.provider for c in cases} == {overhead.DISPATCH_ONLY, "torch", overhead.TRIVIAL}
+    assert {c.provider for c in cases} == {overhead.DISPATCH_ONLY, "torch", overhead.TRIVIAL, overhead.FLOOR}
+    assert {c.mode for c in cases if c.provider == overhead.FLOOR} == {"fwd+grad", "bwd"}
     assert {c.mode for c in cases} == {"fwd", "fwd+grad", "bwd"}
     assert {c.shape.split()[0] for c in cases} == {"layer_norm", "causal_attention", "decode_attention",
                                                    "int8_linear"}
@@ -218,7 +219,7 @@ def test_overhead_suite_table(tmp_path, capsys):
                      "--providers", f"{overhead.DISPATCH_ONLY},{overhead.TRIVIAL}", "--json", str(out)])
     assert code == 0
     text = capsys.readouterr().out
-    assert "gptfast dispatch only" in text and "vs x.add(1)" in text
+    assert "gptfast dispatch only" in text and "× x.add(1)" in text and "vs x.add(1)" not in text
     import json
 
     rows = json.loads(out.read_text())["rows"]

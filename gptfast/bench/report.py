@@ -143,6 +143,8 @@ def eager_cell(row: Row) -> str:
 def speedup_text(row: Row, vs: str = " vs ") -> str:
     """The speedup, or why there is none (an unstable timing: no ratio printed as a fact)."""
     if row.speedup is not None:
+        if row.op == "overhead":  # a cost in units of the trivial op's: "7.1× x.add(1)"
+            return f"{1 / row.speedup:.1f}× {row.baseline}"
         return f"{row.speedup:.2f}×{vs}{row.baseline}"
     return f"none: {row.speedup_note}" if row.speedup_note else ""
 

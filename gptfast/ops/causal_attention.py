@@ -57,7 +57,7 @@ def _validate(q, k, v, q_offset, q_positions=None, key_start=None) -> None:
             raise TypeError(f"causal_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"causal_attention: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
-    check_same_device_dtype("causal_attention", q=q, k=k, v=v)
+    check_same_device_dtype("causal_attention", ("q", "k", "v"), q, k, v)
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"causal_attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
     if k.shape != v.shape:

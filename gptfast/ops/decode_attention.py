@@ -67,7 +67,7 @@ def _validate(q, k_cache, v_cache, cache_lens, key_start=None) -> None:
         raise ValueError(f"{name}: head size {head_dim} is not supported (1 to {MAX_HEAD_DIM})")
     if k_cache.shape[2] < 1:
         raise ValueError(f"{name}: the cache has no positions (S = 0)")
-    check_same_device_dtype(name, q=q, k_cache=k_cache, v_cache=v_cache)
+    check_same_device_dtype(name, ("q", "k_cache", "v_cache"), q, k_cache, v_cache)
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name}: dtype {q.dtype} is not supported (float16, bfloat16, float32)")
     if cache_lens.device != q.device:
@@ -91,22 +91,33 @@ def _should_check_lens(cache_lens: torch.Tensor) -> bool:
 def _check_lens_values(cache_lens: torch.Tensor, seq_len: int) -> None:
     if cache_lens.numel() == 0 or not _should_check_lens(cache_lens):
         return
-    bad = (cache_lens < 1) | (cache_lens > seq_len)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"decode_attention: cache_lens[{row}] = {int(cache_lens[row])} is outside [1, {seq_len}] "
-            f"(the cache holds {seq_len} positions)"
-        )
+    values = cache_lens.tolist()  # one read (a few tensor ops would cost several times more per call)
+    if min(values) >= 1 and max(values) <= seq_len:
+        return
+    row = next(i for i, n in enumerate(values) if not 1 <= n <= seq_len)
+    raise ValueError(
+        f"decode_attention: cache_lens[{row}] = {values[row]} is outside [1, {seq_len}] "
+        f"(the cache holds {seq_len} positions)"
+    )
+
+
+_kernel_module = []
+
+
+def _kernel():
+    # Imported on first use so that the torch path never imports triton.
+    if not _kernel_module:
+        from gptfast.kernels import decode_attention as kernel
+
+        _kernel_module.append(kernel)
+    return _kernel_module[0]
 
 
 def _decode(q, k_cache, v_cache, cache_lens, scale: float, key_start=None):
     """The op's implementation (registered op and eager path alike)."""
     _check_lens_values(cache_lens, k_cache.shape[2])
     if use_triton(q):
-        from gptfast.kernels import decode_attention as kernel  # imports triton: only on this path
-
-        return kernel.decode_attention(q, k_cache, v_cache, cache_lens, scale, key_start=key_start)
+        return _kernel().decode_attention(q, k_cache, v_cache, cache_lens, scale, key_start=key_start)
     return torch_path.decode_attention(q, k_cache, v_cache, cache_lens, scale=scale, key_start=key_start)
 
 

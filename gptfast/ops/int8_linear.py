@@ -146,12 +146,22 @@ def _use_cpu_kernel(x2) -> bool:
             and cpu_kernel() is not None)
 
 
+_kernel_module = []
+
+
+def _kernel():
+    # Imported on first use so that the CPU paths never import triton.
+    if not _kernel_module:
+        from gptfast.kernels import int8_linear as kernel
+
+        _kernel_module.append(kernel)
+    return _kernel_module[0]
+
+
 def _linear(x2, weight, scale, bias):
     """The op's implementation (registered op and eager path alike)."""
     if use_triton(x2):
-        from gptfast.kernels import int8_linear as kernel  # imports triton: only on this path
-
-        return kernel.int8_linear(x2, weight, scale.contiguous(), None if bias is None else bias.contiguous())
+        return _kernel().int8_linear(x2, weight, scale.contiguous(), None if bias is None else bias.contiguous())
     if _use_cpu_kernel(x2):
         return _cpu_int8_linear(x2, weight, scale, bias)
     return torch_path.int8_linear(x2, weight, scale, bias)
@@ -183,11 +193,11 @@ def int8_linear(x, weight_int8, scale, bias=None):
     """
     _validate(x, weight_int8, scale, bias)
     n, k = weight_int8.shape
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
             x.requires_grad or scale.requires_grad or (bias is not None and bias.requires_grad))):
         # compiled: one opaque node; gradients asked for: the op's backward raises its clear error
         y = _int8_linear_op(x2, weight_int8, scale, bias)
     else:
         y = _linear(x2, weight_int8, scale, bias)
-    return y.view(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)

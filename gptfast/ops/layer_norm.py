@@ -113,11 +113,12 @@ def _backward(dy: Tensor, dh, h: Tensor, weight, mean: Tensor, rstd: Tensor, com
               compute_dbias: bool):
     """The fused backward, shared by the registered op and the eager path: dx (like h) and
     float32 dweight, dbias (None where not requested)."""
+    flat = h.dim() == 2  # statistics already (rows,), dx already shaped (views cost microseconds a call)
     dx, dw, db = _kernels().layer_norm_bwd(
-        _rows(dy), _rows(h), weight, mean.reshape(-1), rstd.reshape(-1), None if dh is None else _rows(dh),
-        compute_dw=compute_dweight, compute_db=compute_dbias,
+        _rows(dy), _rows(h), weight, mean if flat else mean.reshape(-1), rstd if flat else rstd.reshape(-1),
+        None if dh is None else _rows(dh), compute_dw=compute_dweight, compute_db=compute_dbias,
     )
-    return dx.view(h.shape), dw, db
+    return dx if flat else dx.view(h.shape), dw, db
 
 
 @torch.library.custom_op("gptfast::layer_norm_fwd", mutates_args=())
@@ -158,6 +159,8 @@ def _layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optiona
     def empty():  # a fresh one per output: outputs of a custom op may not alias each other
         return h.new_empty((0,), dtype=torch.float32)
 
+    if dw is not None and db is not None:  # the launcher returns both as rows of one tensor
+        db = db.clone()
     return dx, empty() if dw is None else dw, empty() if db is None else db
 
 

@@ -9,9 +9,13 @@ One repetition runs ``CALLS`` calls back to back (launches queued, no synchronis
 between them) and synchronises once at the end, so ``time_ms`` of a row is the time of
 ``CALLS`` calls: with ``CALLS = 1000`` it reads as **microseconds per call**.
 
-Providers: ``gptfast`` (the public op), ``torch`` (``F.layer_norm``, SDPA, ``F.linear``)
-and ``x.add(1)`` (a trivial torch op on 8 x 768, repeated under every key so that the
-speedup column of every row is ``x.add(1)``'s time over the row's time).
+Providers: ``gptfast`` (the public op), ``torch`` (``F.layer_norm``, SDPA, ``F.linear``),
+``x.add(1)`` (a trivial torch op on 8 x 768, repeated under every key: the speedup
+column of every row reads as the row's time in multiples of ``x.add(1)``'s) and, for the
+modes with gradients, ``autograd floor``: the same call made through an
+``autograd.Function`` that does nothing (its forward allocates the output, its backward
+hands back gradients made up front) on the same inputs. That is what autograd itself
+costs any op, fused or not: a backward row's dispatch minus the floor is what gptfast adds.
 
 - On CUDA the rows are the real figures: the target is gptfast within 2x of torch's host
   time (compare the ``gptfast`` and ``torch`` rows of one key).
@@ -39,6 +43,7 @@ from gptfast.bench.suites.common import is_gpu
 CALLS = 1000
 TRIVIAL = "x.add(1)"
 DISPATCH_ONLY = "gptfast dispatch only"
+FLOOR = "autograd floor"
 
 # (op, shape label, modes): the shapes of the issue's measurements.
 OPS = (
@@ -76,6 +81,20 @@ def _inputs(op: str, device, dtype):
     raise ValueError(f"unknown op {op!r}")
 
 
+class _NoOp(torch.autograd.Function):
+    """``apply(grads, *inputs)``: an output like ``inputs[0]`` (allocated, never written);
+    backward returns ``grads`` (the floor's gradients, made up front)."""
+
+    @staticmethod
+    def forward(ctx, grads, *inputs):
+        ctx.grads = grads
+        return inputs[0].new_empty(inputs[0].shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (None, *ctx.grads)
+
+
 def _loop(call, device, skip_launches: bool):
     """``CALLS`` calls of ``call()`` and one synchronisation."""
     def run(_):
@@ -97,10 +116,13 @@ def _build(op: str, provider: str, mode: str, dtype, device):
         x = torch.randn(8, 768, device=device, dtype=dtype)
         return _loop(lambda: x.add(1), device, False), [None]
     skip_launches = provider == DISPATCH_ONLY
-    if provider != "torch":
+    if provider not in ("torch", FLOOR):
         _require_fused(device)
     fused, plain, grad_tensors = _inputs(op, device, dtype)
     call = plain if provider == "torch" else fused
+    if provider == FLOOR:
+        floor_grads = tuple(torch.zeros_like(t) for t in grad_tensors)
+        call = partial(_NoOp.apply, floor_grads, *grad_tensors)
     if mode == "fwd":
         def forward():
             with torch.no_grad():
@@ -141,7 +163,7 @@ def cases(device, quick: bool = False) -> Tuple[List[Case], List[Skipped]]:
     out = []
     for op, shape, modes in OPS:
         for mode in modes:
-            for provider in providers:
+            for provider in providers + ((FLOOR,) if mode != "fwd" else ()):
                 out.append(Case(
                     op="overhead", provider=provider, mode=mode, shape=f"{op} {shape}", dtype=dtype_name(dtype),
                     build=partial(_build, op, provider, mode, dtype, device),
