@@ -798,17 +798,17 @@ PROGRAMS_PER_SM = {**{v: 2 if v.endswith("_x2") else 1 for v in _PERSISTENT},
                    "tma_atomic_dq_persistent": 1, "tma_atomic_dq_persistent_x2": 2}
 
 
-def _flags(variant, atomic: bool = False) -> dict:
+def _flags(variant, atomic: bool = False) -> types.MappingProxyType:
     """The constexpr flags a variant's name spells."""
     flags = {"USE_TMA": bool(variant) and variant.startswith("tma")}
     if atomic:
         flags["ATOMIC_DQ"] = bool(variant) and "atomic_dq" in variant
-    return {**flags, "PERSISTENT": variant in PROGRAMS_PER_SM}
+    return types.MappingProxyType({**flags, "PERSISTENT": variant in PROGRAMS_PER_SM})  # read-only: shared
 
 
 VARIANTS = {
     "fwd": {v: _flags(v) for v in (None, "tma", *_PERSISTENT)},
-    "dq": {None: {"USE_TMA": False}, "tma": {"USE_TMA": True}},
+    "dq": {v: types.MappingProxyType({"USE_TMA": v == "tma"}) for v in (None, "tma")},
     "dkdv": {v: _flags(v, atomic=True) for v in (None, "tma", "tma_atomic_dq", *PROGRAMS_PER_SM)},
 }
 
@@ -902,14 +902,15 @@ def _tiles(cfg: LaunchConfig, head_dim: int, device: torch.device, dtype: torch.
         DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
-def variant_flags(kernel: str, cfg: LaunchConfig) -> dict:
-    """The constexpr flags (USE_TMA, and ATOMIC_DQ for dkdv) of ``cfg.variant``; ValueError
-    for a variant the kernel does not have."""
+def variant_flags(kernel: str, cfg: LaunchConfig) -> types.MappingProxyType:
+    """The constexpr flags (USE_TMA, and ATOMIC_DQ for dkdv) of ``cfg.variant`` (a shared,
+    read-only mapping); ValueError for a variant the kernel does not have."""
     known = VARIANTS[kernel]
-    if cfg.variant not in known:
+    flags = known.get(cfg.variant)
+    if flags is None:
         raise ValueError(f"causal_attention.{kernel}: unknown variant {cfg.variant!r} "
                          f"(known: {sorted(v for v in known if v)} or None)")
-    return dict(known[cfg.variant])
+    return flags
 
 
 def _tma_ready(*tensors) -> bool:
@@ -970,12 +971,15 @@ def _position_stride(q_positions) -> int:
     return q_positions.stride(0) if q_positions is not None and q_positions.dim() == 2 else 0
 
 
+_POSITION_FLAGS = {(p, s): types.MappingProxyType(dict(Q_START_TENSOR=p, HAS_KEY_START=s))
+                   for p in (False, True) for s in (False, True)}
+
+
 def _position_args(q, q_positions, key_start):
-    """The kernels' Q_START / KEY_START pointers and their constexpr flags. An absent one is
-    replaced by q (never read: its flag is off)."""
-    return dict(Q_START=q if q_positions is None else q_positions,
-                KEY_START=q if key_start is None else key_start.contiguous(),
-                Q_START_TENSOR=q_positions is not None, HAS_KEY_START=key_start is not None)
+    """``(Q_START, KEY_START, flags)``: the kernels' position pointers and their constexpr
+    flags. An absent one is replaced by q (never read: its flag is off)."""
+    return (q if q_positions is None else q_positions, q if key_start is None else key_start.contiguous(),
+            _POSITION_FLAGS[q_positions is not None, key_start is not None])
 
 
 def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=None, key_start=None,
@@ -1004,13 +1008,13 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
         "causal_attention", "lse", lse, (batch, heads, q_len), torch.float32, device, contiguous=True)
     cfg = config or forward_config(head_dim, dtype, device, q_len)
     flags = _use_tma(variant_flags("fwd", cfg), q, k, v, out)
-    positions = _position_args(q, q_positions, key_start)
+    q_start, key_start_ptr, positions = _position_args(q, q_positions, key_start)
     grid = (batch * heads, cdiv(q_len, cfg.block_m))
     if flags["PERSISTENT"]:
         grid = (persistent_programs(grid[0] * grid[1], cfg.variant, device),)
     with device_guard(device):
         launch(_attn_fwd_kernel, grid,
-            q, k, v, out, lse, positions.pop("Q_START"), positions.pop("KEY_START"),
+            q, k, v, out, lse, q_start, key_start_ptr,
             *_bht(q), *_bht(k), *_bht(v), *_bht(out),
             heads, heads // k.shape[1], q_len, q_offset, _position_stride(q_positions), scale * LOG2E, batch * heads,
             **positions, **flags, **_tiles(cfg, head_dim, device, dtype),
@@ -1049,8 +1053,7 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
     atomic = kv_flags["ATOMIC_DQ"]
     # The atomic variants sum dQ in fp32 (B * H, Tq, D), cleared by the delta kernel.
     dq_acc = empty((batch * heads, q_len, head_dim), torch.float32, device) if atomic else delta
-    positions = _position_args(q, q_positions, key_start)
-    starts = (positions.pop("Q_START"), positions.pop("KEY_START"))
+    *starts, positions = _position_args(q, q_positions, key_start)
     pos_stride = _position_stride(q_positions)
     block_d = padded_head_dim(head_dim)
     with device_guard(device):
