@@ -1,4 +1,4 @@
-"""The H200 targets of issues 3-6, checked against measured rows.
+"""The H200 targets of the issues (3-6, 14, 20-23), checked against measured rows.
 
 Each target names the row(s) it reads; where those rows were not measured (a CPU run,
 a budget cut, an error) the status is "not measured", never a guess.
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from gptfast.bench.results import Row
+from gptfast.bench.suites import causal_attention as attention_suite  # its GPU grid's shapes
 
 MET, MISSED, NOT_MEASURED = "met", "missed", "not measured"
 
@@ -134,6 +135,89 @@ def _train_memory(rows, extra):
     return _at_most(fused.peak_mem_mb / plain.peak_mem_mb, 0.6, "{:.2f}× the torch backend's peak memory")
 
 
+# ---- issues 20-22 ---------------------------------------------------------------------------
+
+
+def _eager_host_time(rows, extra):
+    """Issue 20: every (op, mode) of the overhead suite, gptfast's host time over torch's."""
+    ratios = []
+    for r in _find(rows, op="overhead", provider="gptfast"):
+        torch_row = _one(rows, op="overhead", provider="torch", mode=r.mode, shape=r.shape)
+        if torch_row is not None:
+            ratios.append((r.time_ms / torch_row.time_ms, f"{r.shape.split()[0]} {r.mode}"))
+    if not ratios:
+        return "", NOT_MEASURED
+    worst, where = max(ratios)
+    return f"worst {worst:.2f}× torch's ({where}; {len(ratios)} calls)", MET if worst <= 2.0 else MISSED
+
+
+def _hf_vs_sdpa(mode):
+    def check(rows, extra):
+        found = [r for r in _find(rows, op="hf_gpt2", provider="gptfast", mode=mode)]
+        ratio = None if not found else _ratio(rows, "gptfast", "sdpa", op="hf_gpt2", mode=mode, shape=found[0].shape)
+        return _at_least(ratio, 1.0, "{:.2f}× SDPA")
+    return check
+
+
+def _train_fused_vs_torch(rows, extra):
+    ratio = _ratio(rows, "gptfast", "torch", op="train_step", shape=TRAIN_SHAPE)
+    return _at_least(ratio, 1.0, "{:.2f}× the torch backend")
+
+
+def _decode_rate(batch, goal):
+    def check(rows, extra):
+        r = _one(rows, op="decode", provider="gptfast", shape=f"gpt2-124M B={batch} new=256", dtype="bfloat16")
+        return _at_least(None if r is None else r.tokens_per_s, goal, "{:,.0f} tokens/s")
+    return check
+
+
+def _decode_vs_compile_at(goal):
+    def check(rows, extra):
+        ratio = _ratio(rows, "gptfast", "torch.compile", op="decode", shape="gpt2-124M B=1 new=256", dtype="bfloat16")
+        return _at_least(ratio, goal, "{:.2f}× torch.compile(reduce-overhead)")
+    return check
+
+
+def _int8_vs_bf16(goal):
+    def check(rows, extra):
+        ratio = _ratio(rows, "gptfast-int8", "gptfast", op="decode", shape="gpt2-124M B=1 new=256", dtype="bfloat16")
+        return _at_least(ratio, goal, "{:.2f}× bf16 decode")
+    return check
+
+
+LONG, SHORT = (2048, 4096, 8192, 16384), (512, 1024)
+
+
+def _attn_worst_vs_sdpa(mode, lengths, goal):
+    """Issue 22: the worst ratio over D64 and D128 at the given lengths (SDPA's default over gptfast's time)."""
+    def check(rows, extra):
+        ratios = []
+        for d in (64, 128):
+            for t in lengths:
+                shape = f"B={attention_suite.TOKENS // t},H={attention_suite.MODEL_WIDTH // d},T={t},D={d}"
+                ratio = _ratio(rows, "gptfast", "torch", op="causal_attention", mode=mode, shape=shape,
+                               dtype="bfloat16")
+                if ratio is not None:
+                    ratios.append((ratio, d, t))
+        if not ratios:
+            return "", NOT_MEASURED
+        worst, d, t = min(ratios)
+        return f"worst {worst:.2f}× SDPA (D={d}, T={t}; {len(ratios)} shapes)", MET if worst >= goal else MISSED
+    return check
+
+
+def _decode_fraction(grouped: bool, goal: float):
+    def check(rows, extra):
+        found = [r for r in _find(rows, op="decode_attention", provider="gptfast", dtype="bfloat16")
+                 if ",L=32768," in r.shape and ("H_kv=" in r.shape) == grouped]
+        if not found or any(r.fraction_of_peak is None for r in found):
+            return "", NOT_MEASURED
+        worst = min(found, key=lambda r: r.fraction_of_peak)
+        return f"worst {worst.fraction_of_peak:.0%} of copy bandwidth ({worst.shape})", \
+            MET if worst.fraction_of_peak >= goal else MISSED
+    return check
+
+
 TARGETS = [
     Target(3, "layernorm fwd ≥ 85% of copy bandwidth, hidden 4096", _ln_fraction("fwd", 4096, 0.85)),
     Target(3, "layernorm fwd ≥ 70% of copy bandwidth, hidden 768", _ln_fraction("fwd", 768, 0.70)),
@@ -151,6 +235,19 @@ TARGETS = [
     Target(23, "training GPT-2 124M T=1024 fused + compile MFU ≥ 40%", _train_compiled_mfu),
     Target(23, "training step fused + compile ≥ 1.15× torch.compile, same run", _train_vs_compile),
     Target(23, "training step fused + compile peak memory ≤ 0.6× torch backend", _train_memory),
+    Target(20, "each fused op's eager host time ≤ 2× its torch counterpart's (overhead suite)", _eager_host_time),
+    Target(20, "HF GPT-2 124M with gptfast ≥ 1.0× SDPA, fwd+bwd 8×1024", _hf_vs_sdpa("fwd+bwd")),
+    Target(20, "HF GPT-2 124M with gptfast ≥ 1.0× SDPA, generate 8×(128+128)", _hf_vs_sdpa("generate")),
+    Target(20, "fused training step ≥ 1.0× the torch backend's, same run", _train_fused_vs_torch),
+    Target(21, "decode GPT-2 124M B=1 ≥ 5,000 tokens/s", _decode_rate(1, 5000)),
+    Target(21, "decode B=1 ≥ 2.5× torch.compile(reduce-overhead), same run", _decode_vs_compile_at(2.5)),
+    Target(21, "decode GPT-2 124M B=8 ≥ 30,000 tokens/s", _decode_rate(8, 30000)),
+    Target(21, "int8 decode B=1 ≥ 1.3× bf16 decode, same run", _int8_vs_bf16(1.3)),
+    Target(22, "causal fwd ≥ 1.0× SDPA default, D64 and D128, T ≥ 2k", _attn_worst_vs_sdpa("fwd", LONG, 1.0)),
+    Target(22, "causal fwd ≥ 0.9× SDPA default, D64 and D128, T 512-1k", _attn_worst_vs_sdpa("fwd", SHORT, 0.9)),
+    Target(22, "causal bwd ≥ 0.9× SDPA default, D64 and D128, T ≥ 2k", _attn_worst_vs_sdpa("bwd", LONG, 0.9)),
+    Target(22, "grouped-query decode ≥ 80% of copy bandwidth at cache 32k", _decode_fraction(True, 0.80)),
+    Target(22, "multi-head decode ≥ 85% of copy bandwidth at cache 32k", _decode_fraction(False, 0.85)),
 ]
 
 
