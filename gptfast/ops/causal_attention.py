@@ -60,15 +60,16 @@ def _validate(q, k, v, q_offset, q_positions=None, key_start=None) -> None:
     check_same_device_dtype("causal_attention", ("q", "k", "v"), q, k, v)
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"causal_attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
-    if k.shape != v.shape:
-        raise ValueError(f"causal_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+    q_shape, k_shape = q.shape, k.shape  # (each .shape builds a new Size: read once, on every eager call)
+    if k_shape != v.shape:
+        raise ValueError(f"causal_attention: k and v must have the same shape, got {tuple(k_shape)} and {tuple(v.shape)}")
+    batch, heads, q_len, head_dim = q_shape
+    if batch != k_shape[0] or head_dim != k_shape[3]:
         raise ValueError(
-            f"causal_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch and head size "
+            f"causal_attention: q {tuple(q_shape)} and k/v {tuple(k_shape)} must agree on batch and head size "
             "(B, *, *, D)"
         )
-    validate_heads("causal_attention", q.shape[1], k.shape[1])
-    batch, heads, q_len, head_dim = q.shape
+    validate_heads("causal_attention", heads, k_shape[1])
     if batch == 0 or heads == 0 or q_len == 0 or head_dim == 0:
         raise ValueError(f"causal_attention: empty input, q has shape {tuple(q.shape)}")
     if head_dim > MAX_HEAD_DIM:
@@ -83,9 +84,9 @@ def _validate(q, k, v, q_offset, q_positions=None, key_start=None) -> None:
         if q_offset:
             raise ValueError("causal_attention: give q_offset or q_positions, not both")
         _validate_positions(q, k, q_positions)
-    elif k.shape[2] != q_offset + q_len:
+    elif k_shape[2] != q_offset + q_len:
         raise ValueError(
-            f"causal_attention: q_offset with the wrong T: keys length Tk={k.shape[2]} must equal "
+            f"causal_attention: q_offset with the wrong T: keys length Tk={k_shape[2]} must equal "
             f"q_offset ({q_offset}) + queries length Tq ({q_len})"
         )
 
