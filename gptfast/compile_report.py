@@ -13,8 +13,8 @@ dicts, built by ``gptfast.kernels._common.static_entry``::
 real launch with aligned values would; pointer arguments always are;
 ``"require_ptx"``: instructions the PTX must contain; and ``"require_sass"``: SASS opcodes the
 machine code must contain, e.g. ``UTMALDG`` / ``UTMASTG`` (tensor-memory copies) of a
-config that claims the copy engine, or ``ATOMG.E.ADD.F32`` (fp32 atomic adds) of one
-that claims atomics). Each is compiled for
+config that claims the copy engine, or ``ATOMG.E.ADD.F32|REDG.E.ADD.F32`` (fp32 atomic
+adds, either opcode) of one that claims atomics). Each is compiled for
 ``GPUTarget("cuda", 90, 32)`` from ``_common.ast_source(entry)``; the PTX goes through
 the ``ptxas`` shipped in triton's wheel (``-v -arch=sm_90a``) for registers and spills,
 shared memory comes from the compile metadata, and ``cuobjdump --dump-sass`` of the cubin
@@ -189,8 +189,11 @@ def count_opcodes(sass: str, opcodes) -> dict:
     """How many instructions of each opcode the SASS text holds. An opcode matches with
     further modifiers: ``ATOMG.E.ADD.F32`` counts ``ATOMG.E.ADD.F32x4.FTZ.RN.STRONG.GPU``,
     ``UTMALDG`` counts ``UTMALDG.2D``; not as part of a longer name (``RED`` does not count
-    ``REDUX``)."""
-    return {op: len(re.findall(rf"(?<![\w.]){re.escape(op)}(?![A-Z0-9_])", sass)) for op in opcodes}
+    ``REDUX``). ``A|B`` counts the instructions of either (one operation that compilers
+    emit as either opcode)."""
+    def count(op):
+        return sum(len(re.findall(rf"(?<![\w.]){re.escape(o)}(?![A-Z0-9_])", sass)) for o in op.split("|"))
+    return {op: count(op) for op in opcodes}
 
 
 def _count_sass(cubin: bytes, stem: str, opcodes) -> dict:

@@ -758,7 +758,7 @@ _CANDIDATE_TILES = {  # kernel -> BLOCK_D -> (block_m, block_n, warps, stages[, 
              128: ((32, 128, 8, 2), (16, 128, 8, 2), (32, 128, 8, 2, "tma"), (64, 64, 8, 2, "tma"),
                    (32, 128, 8, 2, "tma_atomic_dq"), (16, 128, 8, 2, "tma_atomic_dq"),
                    (64, 64, 8, 2, "tma_atomic_dq"),  # (32, 64, 4, 2, tma_atomic_dq) spills at D=128
-                   (64, 64, 8, 2, "tma_persistent"))},  # (32, 128, 8, 2, tma_persistent) spills
+                   (32, 64, 8, 2, "tma_persistent"))},  # 32 x 128 spills (triton 3.6), 64 x 64 (3.9)
     "dq": {64: ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2, "tma"), (128, 64, 8, 3, "tma"),
                 (128, 128, 8, 2, "tma"), (128, 32, 8, 3, "tma"), (64, 64, 4, 2, "tma"), (64, 128, 4, 2, "tma")),
            128: ((128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2, "tma"), (128, 64, 8, 2, "tma"),
@@ -1092,9 +1092,12 @@ _KERNELS = {"fwd": ("attention_fwd", _attn_fwd_kernel), "dkdv": ("attention_bwd_
 
 _FIXED_POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "Q_START": "*i64", "KEY_START": "*i64"}
 
+# An fp32 atomic add to global memory: ATOMG when its old value is used (triton 3.6 emits it
+# either way), REDG when not (triton 3.9 for the dQ sums); the report counts either.
+FP32_GLOBAL_ADD = "ATOMG.E.ADD.F32|REDG.E.ADD.F32"
 # What the SASS of a variant must show: the tensor-memory copies (TMA loads; the forward
 # also stores its output with one) and, for the atomic dQ, fp32 atomic adds to global memory.
-_VARIANT_SASS = {"USE_TMA": ("UTMALDG",), "ATOMIC_DQ": ("ATOMG.E.ADD.F32",), "PERSISTENT": ()}
+_VARIANT_SASS = {"USE_TMA": ("UTMALDG",), "ATOMIC_DQ": (FP32_GLOBAL_ADD,), "PERSISTENT": ()}
 # A persistent grid has no opcode of its own to claim.
 _VARIANT_SASS_FWD = {"USE_TMA": ("UTMALDG", "UTMASTG"), "PERSISTENT": ()}
 
@@ -1136,7 +1139,7 @@ def _entry(kernel: str, head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, su
 # Variants whose shipped tile spills get another one in the static report (and should in
 # the candidates): the persistent dK/dV loop at D=128 costs registers the 32 x 128 tile has
 # not got to spare.
-VARIANT_TILES = {("dkdv", 128, "tma_persistent"): LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
+VARIANT_TILES = {("dkdv", 128, "tma_persistent"): LaunchConfig(block_m=32, block_n=64, num_warps=8, num_stages=2),
                  ("dkdv", 128, "tma_atomic_dq_persistent"): LaunchConfig(block_m=16, block_n=128, num_warps=8,
                                                                          num_stages=2)}
 

@@ -59,7 +59,7 @@ def test_causal_attention_variants_claim_their_instructions():
     assert tma and all("UTMALDG" in e["require_sass"] for e in tma)
     assert all("UTMASTG" in e["require_sass"] for e in tma if e["name"].startswith("attention_fwd"))
     atomic = [e for e in entries if "atomic_dq" in e["name"]]
-    assert atomic and all("ATOMG.E.ADD.F32" in e["require_sass"] for e in atomic)
+    assert atomic and all(kernels.FP32_GLOBAL_ADD in e["require_sass"] for e in atomic)
     assert all(not e["require_sass"] for e in entries if "_tma" not in e["name"] and "atomic" not in e["name"])
     # Persistent grids of two programs per SM claim that two fit (the report checks it).
     two = [e for e in entries if "_persistent_x2" in e["name"]]
@@ -76,6 +76,10 @@ def test_count_opcodes_matches_whole_opcodes_with_modifiers():
     """
     assert report.count_opcodes(sass, ["ATOMG.E.ADD.F32", "UTMALDG", "RED", "ATOMG", "UTMASTG"]) == {
         "ATOMG.E.ADD.F32": 1, "UTMALDG": 1, "RED": 0, "ATOMG": 2, "UTMASTG": 0}
+    # Alternatives: the same fp32 add as ATOMG (old value used) or REDG (not used, triton 3.9).
+    red = sass + "        /*4f50*/   REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR6][R2.64], R5 ;\n"
+    assert report.count_opcodes(red, ["ATOMG.E.ADD.F32|REDG.E.ADD.F32", "REDG.E.ADD.F32", "RED"]) == {
+        "ATOMG.E.ADD.F32|REDG.E.ADD.F32": 2, "REDG.E.ADD.F32": 1, "RED": 0}
 
 
 def _row(**fields):
