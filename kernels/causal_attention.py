@@ -1001,11 +1001,8 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
         q, k, v = _unit_stride_d(q), _unit_stride_d(k), _unit_stride_d(v)
     batch, heads, q_len, head_dim = q.shape
     device, dtype = q.device, q.dtype
-    # (a fresh buffer skips check_out: every eager call pays for each Python call it makes)
-    out = empty(q.shape, dtype, device) if out is None else check_out(
-        "causal_attention", "out", out, q.shape, dtype, device)
-    lse = empty((batch, heads, q_len), torch.float32, device) if lse is None else check_out(
-        "causal_attention", "lse", lse, (batch, heads, q_len), torch.float32, device, contiguous=True)
+    out = check_out("causal_attention", "out", out, q.shape, dtype, device)
+    lse = check_out("causal_attention", "lse", lse, (batch, heads, q_len), torch.float32, device, contiguous=True)
     cfg = config or forward_config(head_dim, dtype, device, q_len)
     flags = _use_tma(variant_flags("fwd", cfg), q, k, v, out)
     q_start, key_start_ptr, positions = _position_args(q, q_positions, key_start)
@@ -1039,11 +1036,10 @@ def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int 
     kv_heads, kv_len = k.shape[1], k.shape[2]
     lse = lse.contiguous()
     op, device, dtype = "causal_attention", q.device, q.dtype
-    dq = empty(q.shape, dtype, device) if dq is None else check_out(op, "dq", dq, q.shape, dtype, device)
-    dk = empty(k.shape, dtype, device) if dk is None else check_out(op, "dk", dk, k.shape, dtype, device)
-    dv = empty(v.shape, dtype, device) if dv is None else check_out(op, "dv", dv, v.shape, dtype, device)
-    delta = empty((batch, heads, q_len), torch.float32, device) if delta is None else check_out(
-        op, "delta", delta, (batch, heads, q_len), torch.float32, device, contiguous=True)
+    dq = check_out(op, "dq", dq, q.shape, dtype, device)
+    dk = check_out(op, "dk", dk, k.shape, dtype, device)
+    dv = check_out(op, "dv", dv, v.shape, dtype, device)
+    delta = check_out(op, "delta", delta, (batch, heads, q_len), torch.float32, device, contiguous=True)
     kv_cfg = dkdv_cfg or dkdv_config(head_dim, dtype, device, grouped=kv_heads != heads)
     q_cfg = dq_cfg or dq_config(head_dim, dtype, device)
     kv_flags = _use_tma(variant_flags("dkdv", kv_cfg), q, grad_out)

@@ -334,8 +334,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float, *, key_start
     batch, heads, head_dim = q.shape
     kv_heads, seq_len = k_cache.shape[1], k_cache.shape[2]
     device, dtype = q.device, q.dtype
-    out = empty((batch, heads, head_dim), dtype, device) if out is None else check_out(
-        "decode_attention", "out", out, (batch, heads, head_dim), dtype, device)
+    out = check_out("decode_attention", "out", out, (batch, heads, head_dim), dtype, device)
     if out.numel() == 0:
         return out
     cfg = config or split_config(head_dim, dtype, device)

@@ -353,14 +353,10 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None,
     if n_cols > MAX_HIDDEN_UNALIGNED:
         x, residual = _wide_rows_aligned(x, n_cols), _wide_rows_aligned(residual, n_cols)
     weight, bias = _vector(weight, n_cols), _vector(bias, n_cols)
-    # (fresh buffers skip _check_out: an eager call pays for every Python call it makes)
-    y = empty((n_rows, n_cols), x.dtype, dev) if out is None else _check_out(
-        "out", out, (n_rows, n_cols), x.dtype, dev)
+    y = _check_out("out", out, (n_rows, n_cols), x.dtype, dev)
     h = None if residual is None else _check_out("h_out", h_out, (n_rows, n_cols), x.dtype, dev)
-    mean = empty((n_rows,), torch.float32, dev) if mean_out is None else _check_out(
-        "mean_out", mean_out, (n_rows,), torch.float32, dev)
-    rstd = empty((n_rows,), torch.float32, dev) if rstd_out is None else _check_out(
-        "rstd_out", rstd_out, (n_rows,), torch.float32, dev)
+    mean = _check_out("mean_out", mean_out, (n_rows,), torch.float32, dev)
+    rstd = _check_out("rstd_out", rstd_out, (n_rows,), torch.float32, dev)
     if n_rows == 0:
         return y, h, mean, rstd
 
@@ -398,8 +394,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, co
     if n_cols > MAX_HIDDEN_UNALIGNED:
         dy, h, dh_in = (_wide_rows_aligned(t, n_cols) for t in (dy, h, dh_in))
     weight = _vector(weight, n_cols)
-    dx = empty((n_rows, n_cols), h.dtype, dev) if dx_out is None else _check_out(
-        "dx_out", dx_out, (n_rows, n_cols), h.dtype, dev)
+    dx = _check_out("dx_out", dx_out, (n_rows, n_cols), h.dtype, dev)
     cfg = config or bwd_config(n_cols, h.dtype, dev)
     programs, rows_per_program = bwd_plan(n_rows, dev, cfg) if n_rows else (0, 1)
     # The dweight and dbias partials share one allocation.
