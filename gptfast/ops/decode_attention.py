@@ -104,12 +104,12 @@ def _check_lens_values(cache_lens: torch.Tensor, seq_len: int) -> None:
 _kernel_module = []
 
 
-def _kernel():
+def _kernels():
     # Imported on first use so that the torch path never imports triton.
     if not _kernel_module:
-        from gptfast.kernels import decode_attention as kernel
+        from gptfast.kernels import decode_attention as kernels
 
-        _kernel_module.append(kernel)
+        _kernel_module.append(kernels)
     return _kernel_module[0]
 
 
@@ -117,7 +117,7 @@ def _decode(q, k_cache, v_cache, cache_lens, scale: float, key_start=None):
     """The op's implementation (registered op and eager path alike)."""
     _check_lens_values(cache_lens, k_cache.shape[2])
     if use_triton(q):
-        return _kernel().decode_attention(q, k_cache, v_cache, cache_lens, scale, key_start=key_start)
+        return _kernels().decode_attention(q, k_cache, v_cache, cache_lens, scale, key_start=key_start)
     return torch_path.decode_attention(q, k_cache, v_cache, cache_lens, scale=scale, key_start=key_start)
 
 

@@ -149,19 +149,19 @@ def _use_cpu_kernel(x2) -> bool:
 _kernel_module = []
 
 
-def _kernel():
+def _kernels():
     # Imported on first use so that the CPU paths never import triton.
     if not _kernel_module:
-        from gptfast.kernels import int8_linear as kernel
+        from gptfast.kernels import int8_linear as kernels
 
-        _kernel_module.append(kernel)
+        _kernel_module.append(kernels)
     return _kernel_module[0]
 
 
 def _linear(x2, weight, scale, bias):
     """The op's implementation (registered op and eager path alike)."""
     if use_triton(x2):
-        return _kernel().int8_linear(x2, weight, scale.contiguous(), None if bias is None else bias.contiguous())
+        return _kernels().int8_linear(x2, weight, scale.contiguous(), None if bias is None else bias.contiguous())
     if _use_cpu_kernel(x2):
         return _cpu_int8_linear(x2, weight, scale, bias)
     return torch_path.int8_linear(x2, weight, scale, bias)
