@@ -323,9 +323,7 @@ def _wide_rows_aligned(t, n_cols: int):
 
 def _vector(t, n_cols: int):
     """A weight or bias as the kernels read it: contiguous (and aligned for wide rows)."""
-    if t is None:
-        return None
-    return t.contiguous() if n_cols <= MAX_HIDDEN_UNALIGNED else _wide_rows_aligned(t.contiguous(), n_cols)
+    return None if t is None else _wide_rows_aligned(t.contiguous(), n_cols)
 
 
 def _check_out(name: str, out, shape, dtype, device) -> torch.Tensor:
@@ -350,8 +348,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None,
     n_rows, n_cols = x.shape
     check_hidden_size(n_cols)
     dev = x.device
-    if n_cols > MAX_HIDDEN_UNALIGNED:
-        x, residual = _wide_rows_aligned(x, n_cols), _wide_rows_aligned(residual, n_cols)
+    x, residual = _wide_rows_aligned(x, n_cols), _wide_rows_aligned(residual, n_cols)
     weight, bias = _vector(weight, n_cols), _vector(bias, n_cols)
     y = _check_out("out", out, (n_rows, n_cols), x.dtype, dev)
     h = None if residual is None else _check_out("h_out", h_out, (n_rows, n_cols), x.dtype, dev)
@@ -391,8 +388,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dh_in=None, *, compute_dw=True, co
     check_hidden_size(n_cols)
     dev = h.device
     compute_dw = compute_dw and weight is not None
-    if n_cols > MAX_HIDDEN_UNALIGNED:
-        dy, h, dh_in = (_wide_rows_aligned(t, n_cols) for t in (dy, h, dh_in))
+    dy, h, dh_in = (_wide_rows_aligned(t, n_cols) for t in (dy, h, dh_in))
     weight = _vector(weight, n_cols)
     dx = _check_out("dx_out", dx_out, (n_rows, n_cols), h.dtype, dev)
     cfg = config or bwd_config(n_cols, h.dtype, dev)
