@@ -1,6 +1,7 @@
-"""Prepacked CPU linear layers (gptfast.generation.cpu_linear): fp32 for oneDNN, int8 for
-the C++ kernel (the same bits as the op's C++ path, through generate and a save/load round
-trip), and the prefill's ``logits_index``."""
+"""Prepacked CPU linear layers (gptfast.generation.cpu_linear) and their C++ kernels
+(csrc/cpu_linear.cpp): fp32 against F.linear and float64 by the error-ratio rule on every
+instruction set; int8 (the same bits as the op's C++ path, through generate and a
+save/load round trip); and the prefill's ``logits_index``."""
 import importlib
 
 import pytest
@@ -13,8 +14,9 @@ from gptfast.generation.generate import generate
 from gptfast.model import GPT
 from gptfast.generation.sampling_params import SamplingParams
 from gptfast.quantization import Int8Linear, load_quantized, quantize, save_quantized
+from gptfast.testing import assert_error_ratio
 
-needs_packing = pytest.mark.skipif(not cpu_linear.available(), reason="this PyTorch build has no oneDNN linear packing")
+needs_packing = pytest.mark.skipif(not cpu_linear.available(), reason="the gptfast C++ extension is not loaded")
 
 
 def tiny_model(vocab_size=97, seed=0):
@@ -35,6 +37,81 @@ def packed_modules(model):
 
 def plain_linears(model):
     return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+# ---- the fp32 kernel ----------------------------------------------------------------------
+
+
+def fp32_ops():
+    return torch.ops.gptfast_cpu.fp32_pack, torch.ops.gptfast_cpu.fp32_linear_packed
+
+
+@needs_packing
+def test_fp32_pack_layout():
+    """Blocks of 64 channels, K-major: packed[b, k, c] = w[64 b + c, k]; channels past N are 0."""
+    pack, _ = fp32_ops()
+    w = torch.randn(130, 7, generator=torch.Generator().manual_seed(0))
+    packed = pack(w)
+    assert packed.shape == (3, 7, 64) and packed.dtype == torch.float32
+    padded = torch.cat([w, torch.zeros(62, 7)])
+    assert torch.equal(packed, padded.view(3, 64, 7).transpose(1, 2))
+    assert torch.equal(pack(w.t().contiguous().t()), packed)  # a non-contiguous weight packs the same
+
+
+# Odd K and N (block tails), one K past a few hundred, and every row count 1..70: one
+# register tile, two, and many (the kernel serves up to CPU_KERNEL_MAX_ROWS = 64 rows in
+# generation; more rows only add tiles).
+@needs_packing
+@pytest.mark.parametrize("k,n", [(77, 33), (300, 130), (129, 65), (1, 64)])
+def test_fp32_kernel_every_isa_every_row_count(k, n):
+    pack, matmul = fp32_ops()
+    best = torch.ops.gptfast_cpu.int8_linear_best_isa()
+    gen = torch.Generator().manual_seed(k)
+    x_all, w, b = torch.randn(70, k, generator=gen), torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    packed = pack(w)
+    for m in range(1, 71):
+        x = x_all[:m]
+        for bias in (b, None):
+            plain = F.linear(x, w, bias)
+            exact = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+            for isa in range(best + 1):
+                out = matmul(x, packed, n, bias, isa)
+                assert out.shape == (m, n) and torch.isfinite(out).all()
+                assert_error_ratio(out, plain, exact, what=f"fp32 isa {isa} {m}x{k}x{n} bias={bias is not None}")
+
+
+@needs_packing
+def test_fp32_kernel_empty_shapes():
+    pack, matmul = fp32_ops()
+    w, b = torch.randn(5, 3), torch.randn(5)
+    assert matmul(torch.randn(0, 3), pack(w), 5, b).shape == (0, 5)
+    empty_k = pack(torch.randn(5, 0))
+    torch.testing.assert_close(matmul(torch.randn(2, 0), empty_k, 5, b), b.expand(2, 5))
+    assert torch.equal(matmul(torch.randn(2, 0), empty_k, 5, None), torch.zeros(2, 5))
+
+
+@needs_packing
+def test_fp32_kernel_rejects_mismatched_operands():
+    pack, matmul = fp32_ops()
+    x, w, b = torch.randn(2, 70), torch.randn(130, 70), torch.randn(130)
+    packed = pack(w)
+    with pytest.raises(RuntimeError, match="blocks of 64 channels"):
+        matmul(x, packed, 64, b[:64])
+    with pytest.raises(RuntimeError, match=r"x must be \(M, 70\)"):
+        matmul(x[:, :-1], packed, 130, b)
+    with pytest.raises(RuntimeError, match="made by fp32_pack"):
+        matmul(x, torch.ops.gptfast_cpu.int8_pack(w.to(torch.int8)), 130, b)
+    with pytest.raises(RuntimeError, match="bias must be contiguous float32"):
+        matmul(x, packed, 130, b[:-1])
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        matmul(x.double(), packed, 130, b)
+    with pytest.raises(RuntimeError, match="isa"):
+        matmul(x, packed, 130, b, 7)
+    with pytest.raises(RuntimeError, match="2-D float32"):
+        pack(w.double())
+
+
+# ---- the packed fp32 layers -----------------------------------------------------------------
 
 
 @needs_packing

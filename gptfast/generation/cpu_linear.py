@@ -1,36 +1,33 @@
-"""Prepacked CPU weights for decoding: each linear layer's weight packed once, fp32 for
-oneDNN, int8 for gptfast's C++ kernel.
+"""Prepacked CPU weights for decoding: each linear layer's weight packed once into the
+blocked layout of gptfast's C++ kernels (csrc/cpu_linear.cpp), fp32 or int8.
 
 A decode step on a CPU multiplies a few activation rows (the batch) by every weight
 matrix of the model, so it is bound by how fast the weights stream through the cores.
 ``F.linear`` hands MKL a row-major (out, in) weight, which it streams well below memory
-bandwidth; the same product on the weight packed once into oneDNN's blocked layout (as
-``torch.compile``'s CPU freezing does) streams it much closer to it. BENCHMARKS.md
-("Sampling loop (CPU)") measures generation with and without it.
+bandwidth beyond one row; oneDNN's blocked layout streams it better but not at the
+memory's speed. The C++ kernels read a weight packed into blocks of 64 output channels,
+one sequential region per thread, prefetched ahead, with every activation row of a tile
+multiplied into each line as it passes (BENCHMARKS.md, "Sampling loop (CPU)", measures them).
 
 ``packed_linears(model, enabled=None)`` is the context ``gptfast.generate`` enters on CPU
 float32 models: inside it, every ``nn.Linear`` submodule of ``model`` is swapped for a
-``PackedLinear`` holding it, which computes through the packed weight when called
-without autograd on a float32 CPU input (anything else takes ``F.linear`` as usual), and
-every weight-only int8 layer (``gptfast.nn.Int8Linear`` with float32 scales)
-for a ``PackedInt8Linear``: its (N, K) int8 weight reordered once into the C++ kernel's
-blocked layout (``torch.ops.gptfast_cpu.int8_pack``, csrc/int8_linear.cpp: blocks of 64
-output channels, one cache line per k, so each thread streams one sequential region),
-called straight through ``int8_linear_packed`` (no per-call packing, validation or
-custom-op dispatch) for float32 CPU inputs of up to ``CPU_KERNEL_MAX_ROWS`` rows; longer
-inputs and other dtypes take the layer's own forward (``gptfast.ops.int8_linear``). On
-exit the original modules are put back. The model knows nothing of this, and a quantized
-checkpoint keeps its public (N, K) layout: the packed copy lives only here. Packs are
-cached per layer across calls and rebuilt when the weight changes (an in-place update
-bumps its version; a new tensor has a new address; int8 packs are the op's own cache,
-``gptfast.ops.int8_linear.cpu_packed_weight``); ``release(model)`` frees them. The
-packed products round differently from ``F.linear`` and from the int8 op's torch path
-(another summation order): logits agree to float32 rounding, not bit for bit.
+``PackedLinear`` holding it, which computes through its packed fp32 weight
+(``torch.ops.gptfast_cpu.fp32_pack`` / ``fp32_linear_packed``) when called without
+autograd on a float32 CPU input of at most ``CPU_KERNEL_MAX_ROWS`` rows (anything else
+takes ``F.linear`` as usual), and every weight-only int8 layer (``gptfast.nn.Int8Linear``
+with float32 scales) for a ``PackedInt8Linear``: its (N, K) int8 weight reordered once
+(``torch.ops.gptfast_cpu.int8_pack``), called straight through ``int8_linear_packed`` (no
+per-call packing, validation or custom-op dispatch) for float32 CPU inputs of up to
+``CPU_KERNEL_MAX_ROWS`` rows; longer inputs and other dtypes take the layer's own forward
+(``gptfast.ops.int8_linear``). On exit the original modules are put back. The model knows
+nothing of this, and a checkpoint keeps its public (N, K) layout: the packed copy lives
+only here. Packs are cached per layer across calls and rebuilt when the weight changes
+(an in-place update bumps its version; a new tensor has a new address; int8 packs are the
+op's own cache, ``gptfast.ops.int8_linear.cpu_packed_weight``); ``release(model)`` frees
+them. The packed products sum in another order than ``F.linear``: logits agree to float32
+rounding, not bit for bit.
 
-The fp32 ops (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``) are
-PyTorch internals: they are probed once, and where they are missing or disagree with
-``F.linear`` no fp32 layer is packed. The int8 ops come with the gptfast extension; without
-it no int8 layer is packed.
+Both kinds come with the gptfast extension; without it nothing is packed.
 
 Switching it: the ``enabled`` argument (True / False). Left at None it takes the
 user-facing default, read from the environment once per call where it is resolved
@@ -48,35 +45,28 @@ import torch.nn.functional as F
 from torch import nn
 
 ENV_VAR = "GPTFAST_CPU_PACKED_LINEAR"
-# oneDNN picks its blocked layout for an expected number of rows; 64 serves decode
-# (1-8 rows) and prefill alike on the CPUs measured.
-ROWS_HINT = 64
 
 _packs = weakref.WeakKeyDictionary()  # nn.Linear -> (weight key, packed weight)
 _lock = threading.Lock()
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
-
-
-def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
 @functools.lru_cache(maxsize=None)
-def available() -> bool:
-    """Whether this PyTorch build packs linear weights for oneDNN and gets F.linear's answer."""
+def fp32_ops():
+    """``(fp32_pack, fp32_linear_packed)`` of the loaded gptfast extension, or None (no
+    extension, or one built before the fp32 kernel)."""
+    from gptfast.ops.int8_linear import cpu_kernel  # loads the extension (once)
+
+    if cpu_kernel() is None:
+        return None
     try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        gen = torch.Generator().manual_seed(0)
-        weight, bias = torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen)
-        x = torch.randn(3, 5, 24, generator=gen)
-        out = _packed_matmul(x, _pack(weight), bias)
-        return bool(torch.allclose(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5))
-    except Exception:  # an op missing or refusing these shapes: no packing on this build
-        return False
+        return torch.ops.gptfast_cpu.fp32_pack.default, torch.ops.gptfast_cpu.fp32_linear_packed.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def available() -> bool:
+    """Whether fp32 layers can be packed here (the gptfast extension is loaded)."""
+    return fp32_ops() is not None
 
 
 def default_enabled() -> bool:
@@ -115,11 +105,15 @@ def applies_to(model, enabled=None) -> bool:
 
 class PackedLinear(nn.Module):
     """An ``nn.Linear`` (held as ``linear``, its parameters unchanged) whose forward runs
-    through the packed weight when that applies: no autograd, a float32 CPU input."""
+    the C++ kernel on its packed weight when that applies: a float32 CPU input of at most
+    ``CPU_KERNEL_MAX_ROWS`` rows, outside autograd."""
 
-    def __init__(self, linear: nn.Linear, packed: torch.Tensor):
+    def __init__(self, linear: nn.Linear, packed: torch.Tensor, matmul):
+        from gptfast.ops.int8_linear import CPU_KERNEL_MAX_ROWS
+
         super().__init__()
-        self.linear, self.packed = linear, packed
+        self.linear, self.packed, self._matmul = linear, packed, matmul
+        self._k, self._n, self._max_rows = linear.in_features, linear.out_features, CPU_KERNEL_MAX_ROWS
 
     @property
     def weight(self):
@@ -130,10 +124,14 @@ class PackedLinear(nn.Module):
         return self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Kept lean: it runs for every layer of every decode step.
         m = self.linear
-        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
+        rows = x.numel() // self._k
+        if (torch.is_grad_enabled() or rows > self._max_rows or x.dtype != torch.float32 or not x.is_cpu
+                or m.weight.dtype != torch.float32):
             return F.linear(x, m.weight, m.bias)
-        return _packed_matmul(x, self.packed, m.bias)
+        y = self._matmul(x.reshape(rows, self._k).contiguous(), self.packed, self._n, m.bias)
+        return y.view(*x.shape[:-1], self._n)
 
 
 class PackedInt8Linear(nn.Module):
@@ -204,7 +202,11 @@ def _packed_for(module, weight: torch.Tensor, pack) -> torch.Tensor:
 def _wrapped(module):
     """The packed stand-in for ``module``, or None when it is not packed here."""
     if type(module) is nn.Linear:
-        return PackedLinear(module, _packed_for(module, module.weight, _pack)) if available() else None
+        ops = fp32_ops()
+        if ops is None or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
+            return None
+        pack, matmul = ops
+        return PackedLinear(module, _packed_for(module, module.weight, lambda w: pack(w.detach())), matmul)
     if _int8_packable(module):
         ops = int8_ops()
         if ops is not None:

@@ -13,7 +13,7 @@ Where it runs:
 - the Triton kernel (``gptfast.kernels.int8_linear``) on CUDA, or on CPU tensors under
   the Triton interpreter (TRITON_INTERPRET=1);
 - on other CPU float32 inputs, the C++ kernel of the gptfast extension
-  (``torch.ops.gptfast_cpu.int8_linear_packed``, csrc/int8_linear.cpp: AVX-512 / AVX2 /
+  (``torch.ops.gptfast_cpu.int8_linear_packed``, csrc/cpu_linear.cpp: AVX-512 / AVX2 /
   scalar, chosen at run time) for up to ``CPU_KERNEL_MAX_ROWS`` rows, when the
   extension is loaded; longer prompts are compute-bound and go to the torch path. The
   kernel reads the weight in a blocked layout (``cpu_packed_weight``): made on a weight's
@@ -102,7 +102,7 @@ def quantize_weight(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float
 
 def cpu_kernel():
     """``torch.ops.gptfast_cpu.int8_linear`` of the loaded gptfast extension, or None
-    (no extension, or one built before csrc/int8_linear.cpp). Looked up once."""
+    (no extension, or one built before csrc/cpu_linear.cpp). Looked up once."""
     if not _cpu_kernel:
         from gptfast.runtime.extension import load_extension  # builds or loads gptfast._C (and registers the op)
 
