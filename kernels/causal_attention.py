@@ -323,10 +323,12 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     """Grid (B * H, query blocks): one tile a program. With PERSISTENT a 1-D grid of a few
     programs per SM, each looping over tiles in ``_persistent_tile``'s order (the launcher
-    sizes it); ``batch_heads`` = B * H."""
+    sizes it); ``batch_heads`` = B * H. STORE_LSE: write the log-sum-exp (the backward
+    reads it; an inference forward does not)."""
     if PERSISTENT:
         q_blocks = tl.cdiv(q_len, BLOCK_M)
         for rnd in range(0, tl.cdiv(batch_heads * q_blocks, tl.num_programs(0))):
@@ -337,7 +339,7 @@ def _attn_fwd_kernel(
                                stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                                num_heads, group, q_len, q_offset, stride_pos_b, qk_scale,
                                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, Q_START_TENSOR, HAS_KEY_START,
-                               DOT_FP32, DOT_PRECISION, USE_TMA)
+                               DOT_FP32, DOT_PRECISION, USE_TMA, STORE_LSE)
     else:
         pid_bh, start_m = _grid_tile()
         _attn_fwd_tile(Q, K, V, O, LSE, Q_START, KEY_START, pid_bh, start_m,
@@ -345,7 +347,7 @@ def _attn_fwd_kernel(
                        stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                        num_heads, group, q_len, q_offset, stride_pos_b, qk_scale,
                        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, Q_START_TENSOR, HAS_KEY_START,
-                       DOT_FP32, DOT_PRECISION, USE_TMA)
+                       DOT_FP32, DOT_PRECISION, USE_TMA, STORE_LSE)
 
 
 @triton.jit
@@ -358,7 +360,7 @@ def _attn_fwd_tile(
     num_heads, group, q_len, q_offset, stride_pos_b, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_START_TENSOR: tl.constexpr, HAS_KEY_START: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """The forward of query block ``start_m`` of (batch, head) ``pid_bh``."""
     off_b, off_h, off_kvh, q_offset, key_start, kv_len, offs_m, q_pos = _query_tile(
@@ -394,7 +396,8 @@ def _attn_fwd_tile(
     else:
         lse = m_i + tl.log2(l_i)
     acc = div(acc, l_i[:, None], O.dtype.element_ty == tl.float32)
-    tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
+    if STORE_LSE:
+        tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
     o_base = O + off_b * stride_ob + off_h * stride_oh
     if USE_TMA:  # the copy engine clips the rows past q_len and the columns past HEAD_DIM
         _rows_source(o_base, q_len, stride_ot, BLOCK_M, HEAD_DIM, BLOCK_D, True).store(
@@ -983,10 +986,12 @@ def _position_args(q, q_positions, key_start):
 
 
 def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=None, key_start=None,
-                      out=None, lse=None, config=None):
+                      out=None, lse=None, config=None, store_lse=True):
     """Launch the forward kernel. Returns ``(out, lse)``: out (B, H, Tq, D) in q's dtype
     (contiguous), lse (B, H, Tq) fp32, the base-2 log-sum-exp of ``scale * log2(e) * q.k``
-    (+inf for a query that sees no key, i.e. before its row's ``key_start``).
+    (+inf for a query that sees no key, i.e. before its row's ``key_start``); lse is None
+    with ``store_lse=False`` (inference: no backward reads it, so it is neither allocated
+    nor written).
 
     k, v: (B, H_kv, Tk, D), H_kv dividing H. ``q_positions`` ((Tq,) consecutive integer
     positions on the device, or (B, Tq): each row's own) replaces ``q_offset`` by its (row's)
@@ -1002,7 +1007,8 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
     batch, heads, q_len, head_dim = q.shape
     device, dtype = q.device, q.dtype
     out = check_out("causal_attention", "out", out, q.shape, dtype, device)
-    lse = check_out("causal_attention", "lse", lse, (batch, heads, q_len), torch.float32, device, contiguous=True)
+    if store_lse:
+        lse = check_out("causal_attention", "lse", lse, (batch, heads, q_len), torch.float32, device, contiguous=True)
     cfg = config or forward_config(head_dim, dtype, device, q_len)
     flags = _use_tma(variant_flags("fwd", cfg), q, k, v, out)
     q_start, key_start_ptr, positions = _position_args(q, q_positions, key_start)
@@ -1011,12 +1017,12 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
         grid = (persistent_programs(grid[0] * grid[1], cfg.variant, device),)
     with device_guard(device):
         launch(_attn_fwd_kernel, grid,
-            q, k, v, out, lse, q_start, key_start_ptr,
+            q, k, v, out, lse if store_lse else out, q_start, key_start_ptr,
             *_bht(q), *_bht(k), *_bht(v), *_bht(out),
             heads, heads // k.shape[1], q_len, q_offset, _position_stride(q_positions), scale * LOG2E, batch * heads,
-            **positions, **flags, **_tiles(cfg, head_dim, device, dtype),
+            **positions, **flags, **_tiles(cfg, head_dim, device, dtype), STORE_LSE=store_lse,
         )
-    return out, lse
+    return out, lse if store_lse else None
 
 
 def attention_backward(grad_out, q, k, v, out, lse, scale: float, q_offset: int = 0, *, q_positions=None,
@@ -1114,6 +1120,8 @@ def _entry(kernel: str, head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, su
     tiles = _tiles(cfg, head_dim, torch.device("cuda"), dtype)
     constexprs = {k: tiles[k] for k in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "DOT_FP32", "DOT_PRECISION")}
     constexprs.update(Q_START_TENSOR=positions or row_positions, HAS_KEY_START=positions)
+    if kernel == "fwd":  # the training forward: it stores the log-sum-exp
+        constexprs["STORE_LSE"] = True
     flags = variant_flags(kernel, cfg)
     constexprs.update(flags)
     claims = _VARIANT_SASS_FWD if kernel == "fwd" else _VARIANT_SASS

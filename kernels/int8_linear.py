@@ -131,15 +131,17 @@ def int8_linear(x, weight, scale, bias=None, *, split_k=None, out=None):
     overrides the heuristic (tests use it to exercise several chunks on small shapes)."""
     m, k = x.shape
     n = weight.shape[0]
-    out = empty((m, n), x.dtype, x.device) if out is None else out
     if m == 0 or n == 0:
-        return out
+        return empty((m, n), x.dtype, x.device) if out is None else out
     cfg = tile_config(m)
     k_per_split, splits = plan(m, n, k, cfg, sm_count(x.device))
     if split_k is not None:
         k_per_split = cdiv(cdiv(max(k, 1), cfg.block_k), split_k) * cfg.block_k
         splits = cdiv(max(k, 1), k_per_split)
-    y = out if splits == 1 else empty((splits, m, n), torch.float32, x.device)
+    if splits == 1:
+        y = out = empty((m, n), x.dtype, x.device) if out is None else out
+    else:  # fp32 partial sums; the output comes from their sum (no buffer of its own unless given)
+        y = empty((splits, m, n), torch.float32, x.device)
     grid = (cdiv(n, cfg.block_n), cdiv(m, cfg.block_m), splits)
     launch(_int8_linear_kernel, grid,
         x, weight, scale, bias if bias is not None else scale, y,
@@ -151,10 +153,10 @@ def int8_linear(x, weight, scale, bias=None, *, split_k=None, out=None):
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
-        if out.dtype == torch.float32:
-            torch.sum(y, dim=0, out=out)  # one launch
-        else:  # (a 16-bit ``out=`` would round every partial to 16 bits before summing)
-            out.copy_(y.sum(dim=0))
+        if x.dtype == torch.float32:
+            out = torch.sum(y, dim=0) if out is None else torch.sum(y, dim=0, out=out)  # one launch
+        else:  # summed in fp32, then rounded once (a 16-bit sum would round every partial)
+            out = y.sum(dim=0).to(x.dtype) if out is None else out.copy_(y.sum(dim=0))
     return out
 
 

@@ -83,6 +83,7 @@ def _layer_norm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,  # also write h = x + residual and normalise h
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    STORE_STATS: tl.constexpr,  # write mean and rstd (for a backward; inference skips them)
     BLOCK_ROWS: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # next power of two >= n_cols
 ):
@@ -122,8 +123,9 @@ def _layer_norm_fwd_kernel(
     centered = tl.where(mask, shifted - shift_mean[:, None], 0.0)
     var = div(tl.sum(centered * centered, axis=1), n_cols, PRECISE)
     rstd = rsqrt(var + eps, PRECISE)
-    tl.store(MEAN + rows, pivot + shift_mean, mask=row_mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+    if STORE_STATS:
+        tl.store(MEAN + rows, pivot + shift_mean, mask=row_mask)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
 
     y = centered * rstd[:, None]
     if HAS_WEIGHT:
@@ -337,13 +339,15 @@ def _check_out(name: str, out, shape, dtype, device) -> torch.Tensor:
 
 
 def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None, mean_out=None, rstd_out=None,
-                   config=None):
+                   config=None, store_stats=True):
     """Forward of ``layer_norm(x (+ residual)) * weight + bias`` over the rows of a 2-D ``x``.
 
     Returns ``(y, h, mean, rstd)``: ``y`` and ``h`` in ``x.dtype`` (``h`` is None without
-    ``residual``), ``mean`` and ``rstd`` float32 of shape ``(n_rows,)``. Buffers passed
-    as ``out``/``h_out``/``mean_out``/``rstd_out`` are written in place; ``config`` (a
-    LaunchConfig with block_rows and num_warps) overrides ``fwd_config``.
+    ``residual``), ``mean`` and ``rstd`` float32 of shape ``(n_rows,)``, or None with
+    ``store_stats=False`` (inference: no backward will read them, so they are neither
+    allocated nor written). Buffers passed as ``out``/``h_out``/``mean_out``/``rstd_out``
+    are written in place; ``config`` (a LaunchConfig with block_rows and num_warps)
+    overrides ``fwd_config``.
     """
     n_rows, n_cols = x.shape
     check_hidden_size(n_cols)
@@ -352,8 +356,11 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None,
     weight, bias = _vector(weight, n_cols), _vector(bias, n_cols)
     y = _check_out("out", out, (n_rows, n_cols), x.dtype, dev)
     h = None if residual is None else _check_out("h_out", h_out, (n_rows, n_cols), x.dtype, dev)
-    mean = _check_out("mean_out", mean_out, (n_rows,), torch.float32, dev)
-    rstd = _check_out("rstd_out", rstd_out, (n_rows,), torch.float32, dev)
+    if store_stats:
+        mean = _check_out("mean_out", mean_out, (n_rows,), torch.float32, dev)
+        rstd = _check_out("rstd_out", rstd_out, (n_rows,), torch.float32, dev)
+    else:
+        mean = rstd = None
     if n_rows == 0:
         return y, h, mean, rstd
 
@@ -363,12 +370,13 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None,
     with device_guard(dev):
         launch(_layer_norm_fwd_kernel, grid,
             x, residual if residual is not None else x, y, h if h is not None else y,
-            weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
+            weight if weight is not None else x, bias if bias is not None else x,
+            mean if store_stats else y, rstd if store_stats else y,
             _row_stride(x), _row_stride(residual) if residual is not None else 0,
             _row_stride(y), _row_stride(h) if h is not None else 0,
             n_rows, n_cols, float(eps),
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_ROWS=cfg.block_rows, BLOCK_N=block_n_for(n_cols), num_warps=cfg.num_warps,
+            STORE_STATS=store_stats, BLOCK_ROWS=cfg.block_rows, BLOCK_N=block_n_for(n_cols), num_warps=cfg.num_warps,
         )
     return y, h, mean, rstd
 
@@ -446,7 +454,7 @@ def _entry(kind: str, n_cols: int, dtype: torch.dtype, cfg: LaunchConfig, aligne
     if kind == "fwd":
         fn = _layer_norm_fwd_kernel
         name = f"layer_norm_{'fwd_residual' if residual else 'fwd'}_N{block_n}_R{cfg.block_rows}_w{cfg.num_warps}"
-        constexprs = {"HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True,
+        constexprs = {"HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True, "STORE_STATS": True,
                       "BLOCK_ROWS": cfg.block_rows, "BLOCK_N": block_n}
     else:
         fn = _layer_norm_bwd_kernel

@@ -269,6 +269,21 @@ def test_grad_output_non_contiguous():
         assert_error_ratio(f, p, e, what="non-contiguous grad_out")
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_inference_forward_skips_the_log_sum_exp(padded):
+    """Without gradients the forward neither allocates nor writes the log-sum-exp, and
+    writes the same output bits as the training forward."""
+    q, k, v = _qkv(2, 2, 37, 32, torch.float32, q_offset=5)
+    key_start = torch.tensor([0, 9]) if padded else None
+    with poisoned_kernel_outputs():
+        out, lse = attention_kernels.attention_forward(q, k, v, 0.2, 5, key_start=key_start, store_lse=False)
+        want, want_lse = attention_kernels.attention_forward(q, k, v, 0.2, 5, key_start=key_start)
+        with torch.no_grad():
+            public = causal_attention(q, k, v, scale=0.2, q_offset=5, key_start=key_start)
+    assert lse is None and want_lse.shape == (2, 2, 37)
+    assert torch.equal(out, want) and torch.equal(public, want)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_shipped_gpu_tiles_under_interpreter(head_dim):
     """The sm_90 fp16/bf16 tile configurations (blocks of 32..128, unequal BLOCK_M and

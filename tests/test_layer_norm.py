@@ -301,6 +301,25 @@ def test_launchers_fill_prepoisoned_out_buffers():
         torch.testing.assert_close(got.double(), leaf.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_inference_forward_skips_the_statistics(residual):
+    """Without gradients the forward neither allocates nor writes mean and rstd, and
+    writes the same y (and h) bits as the forward that stores them."""
+    x, res = _randn(5, 3, 96, seed=17), (_randn(5, 3, 96, seed=18) if residual else None)
+    weight, bias = _params(96, torch.float32)
+    rows = x.reshape(-1, 96)
+    with poisoned_kernel_outputs():
+        y, h, mean, rstd = ln_kernels.layer_norm_fwd(rows, weight, bias, 1e-5, None if res is None else
+                                                     res.reshape(-1, 96), store_stats=False)
+        want = ln_kernels.layer_norm_fwd(rows, weight, bias, 1e-5, None if res is None else res.reshape(-1, 96))
+        with torch.no_grad():
+            public = layer_norm(x, weight, bias, residual=res)
+    assert mean is None and rstd is None
+    assert torch.equal(y, want[0]) and (h is None if res is None else torch.equal(h, want[1]))
+    public = (public,) if res is None else public
+    assert torch.equal(public[0], y.view(x.shape)) and (res is None or torch.equal(public[1], h.view(x.shape)))
+
+
 def test_launcher_rejects_wrong_out_buffer():
     x = _randn(3, 64, seed=16)
     with pytest.raises(ValueError, match="out must have shape"):

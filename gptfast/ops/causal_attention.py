@@ -209,6 +209,6 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] 
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return CausalAttentionFunction.apply(q, k, v, scale, q_offset, q_positions, key_start)
         return _kernels().attention_forward(q, k, v, scale, q_offset, q_positions=q_positions,
-                                            key_start=key_start)[0]
+                                            key_start=key_start, store_lse=False)[0]
     return torch_path.causal_attention(q, k, v, scale=scale, q_offset=q_offset, q_positions=q_positions,
                                        key_start=key_start)

@@ -49,8 +49,9 @@ def _kernels():
     return _kernel_module[0]
 
 
-def _validate(x, weight, bias, eps, residual) -> None:
-    """Raise a clear exception for anything layer_norm cannot take."""
+def _validate(x, weight, bias, eps, residual) -> bool:
+    """Raise a clear exception for anything layer_norm cannot take; return whether the
+    parameters given are all in the fused kernel's dtypes (not float64)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"layer_norm: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -59,6 +60,7 @@ def _validate(x, weight, bias, eps, residual) -> None:
         raise ValueError(f"layer_norm: x needs a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
     hidden = x.shape[-1]
     device = x.device
+    params_fit = True
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -66,6 +68,7 @@ def _validate(x, weight, bias, eps, residual) -> None:
             raise TypeError(f"layer_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"layer_norm: {name} has dtype {t.dtype}; use float16, bfloat16, float32 or float64")
+        params_fit = params_fit and t.dtype in KERNEL_DTYPES
         if t.shape != (hidden,):
             raise ValueError(
                 f"layer_norm: {name} must have shape ({hidden},) to match x's hidden size, got {tuple(t.shape)}"
@@ -83,6 +86,7 @@ def _validate(x, weight, bias, eps, residual) -> None:
             raise ValueError(f"layer_norm: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"layer_norm: eps must be a finite number >= 0, got {eps!r}")
+    return params_fit
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -98,15 +102,20 @@ def _stats_shape(x: Tensor):
 # ----------------------------------------------------------------------------- registered ops
 
 
-def _forward(x: Tensor, weight, bias, eps: float, residual=None):
+def _forward(x: Tensor, weight, bias, eps: float, residual=None, store_stats: bool = True):
     """The fused forward, shared by the registered ops and the eager path: y and h (None
-    without residual; contiguous, shaped and typed like x), float32 mean and rstd (x.shape[:-1])."""
+    without residual; contiguous, shaped and typed like x), float32 mean and rstd
+    (x.shape[:-1]; None without ``store_stats``, when no backward will need them)."""
     y, h, mean, rstd = _kernels().layer_norm_fwd(_rows(x), weight, bias, eps,
-                                                 residual=None if residual is None else _rows(residual))
+                                                 residual=None if residual is None else _rows(residual),
+                                                 store_stats=store_stats)
     if x.dim() == 2:  # already shaped (a view costs microseconds, paid per eager call)
         return y, h, mean, rstd
+    y, h = y.view(x.shape), None if h is None else h.view(x.shape)
+    if not store_stats:
+        return y, h, None, None
     stats = x.shape[:-1]
-    return y.view(x.shape), None if h is None else h.view(x.shape), mean.view(stats), rstd.view(stats)
+    return y, h, mean.view(stats), rstd.view(stats)
 
 
 def _backward(dy: Tensor, dh, h: Tensor, weight, mean: Tensor, rstd: Tensor, compute_dweight: bool,
@@ -281,9 +290,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     is not a multiple of 16; wider rows raise ValueError. Differentiable in x, residual,
     weight and bias.
     """
-    _validate(x, weight, bias, eps, residual)
+    params_fit = _validate(x, weight, bias, eps, residual)
     eps = float(eps)
-    params_fit = all(t is None or t.dtype in KERNEL_DTYPES for t in (weight, bias))
     if use_triton(x) and x.dtype in KERNEL_DTYPES and params_fit:
         _kernels().check_hidden_size(x.shape[-1])
         if torch.compiler.is_compiling():  # the registered ops: single opaque nodes for the compiler
@@ -293,7 +301,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
             return y, h
         if _needs_grad(x, residual, weight, bias):
             y, h = LayerNormFunction.apply(x, residual, weight, bias, eps)
-        else:
-            y, h, _, _ = _forward(x, weight, bias, eps, residual)
+        else:  # inference: no statistics
+            y, h, _, _ = _forward(x, weight, bias, eps, residual, store_stats=False)
         return y if residual is None else (y, h)
     return torch_path.layer_norm(x, weight, bias, eps, residual=residual)
