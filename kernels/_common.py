@@ -295,6 +295,11 @@ class LaunchConfig:
                 raise ValueError(f"LaunchConfig.{name} must be a positive int, got {value!r}")
             if name != "num_stages" and value & (value - 1):
                 raise ValueError(f"LaunchConfig.{name} must be a power of two, got {value}")
+        # Launchers key cached launch arguments by their config: hashed once, not per call.
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f) for f, _ in _SIZE_FIELDS) + (self.variant,)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def to_dict(self) -> dict:
         """The fields that are set (the JSON form of tuned tables)."""
