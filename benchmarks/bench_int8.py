@@ -8,7 +8,7 @@ agree exactly (and the mean length of the agreeing prefix).
 
 Speed: GPT-2 124M shapes with random weights, greedy, on the CPU, at batch 1, 8 and 64
 (``--batches``): decode tokens/s (all rows) of the int8 model and of gptfast's fp32 model
-(``gptfast.generate``, prepacked weights: oneDNN fp32, the C++ kernel's blocked int8) and
+(``gptfast.generate``, weights prepacked for the C++ kernels of csrc/cpu_linear.cpp, fp32 and int8) and
 of Hugging Face ``generate`` on a ``GPT2LMHeadModel`` built from the same config (no
 download). Decode time = time(prompt + N new tokens) - time(prompt + 1 new token), so
 prefill is left out; ``--runs`` runs, the three engines interleaved within each run, min /

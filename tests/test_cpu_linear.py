@@ -91,6 +91,15 @@ def test_fp32_kernel_empty_shapes():
 
 
 @needs_packing
+def test_a_layer_without_inputs_is_left_alone():
+    layer = torch.nn.Linear(0, 4)
+    wrapper = Wrapper(layer)
+    with torch.no_grad(), cpu_linear.packed_linears(wrapper):
+        assert wrapper.lm_head is layer
+        torch.testing.assert_close(wrapper.lm_head(torch.randn(3, 0)), layer.bias.expand(3, 4))
+
+
+@needs_packing
 def test_fp32_kernel_rejects_mismatched_operands():
     pack, matmul = fp32_ops()
     x, w, b = torch.randn(2, 70), torch.randn(130, 70), torch.randn(130)
@@ -354,3 +363,21 @@ def test_saved_and_loaded_int8_model_packs_the_same(tmp_path, native_int8):
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
     assert ([r.token_ids for r in generate(model, [[1, 2, 3]], params)]
             == [r.token_ids for r in generate(loaded, [[1, 2, 3]], params)])
+
+
+@needs_packing
+@needs_int8_packing
+def test_bench_cpu_linear_runs(tmp_path):
+    """benchmarks/bench_cpu_linear.py end to end on one block (its numbers are not judged)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_cpu_linear.py"), "--layers", "1",
+                           "--rows", "1,3", "--runs", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if "GB/s of weights" in line]
+    assert {line.split("|")[1].strip() for line in lines} >= {"gptfast fp32", "F.linear fp32", "gptfast int8"}
+    assert len(lines) % 2 == 0 and "read of 1 GiB" in done.stdout

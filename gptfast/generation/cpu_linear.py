@@ -201,6 +201,8 @@ def _packed_for(module, weight: torch.Tensor, pack) -> torch.Tensor:
 
 def _wrapped(module):
     """The packed stand-in for ``module``, or None when it is not packed here."""
+    if module.in_features == 0:  # nothing to stream (and no rows to count by in_features)
+        return None
     if type(module) is nn.Linear:
         ops = fp32_ops()
         if ops is None or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
