@@ -1131,13 +1131,12 @@ def _entry(kernel: str, head_dim: int, dtype: torch.dtype, cfg: LaunchConfig, su
     prefill over a cache); ``row_positions``: the launch with a (B, Tq) position tensor and
     no key starts (a speculative verify step), whose batch stride (Tq) is no multiple of 16."""
     name, fn = _KERNELS[kernel]
-    tiles = _tiles(cfg, head_dim, torch.device("cuda"), dtype)
-    constexprs = {k: tiles[k] for k in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "DOT_FP32", "DOT_PRECISION")}
-    constexprs.update(Q_START_TENSOR=positions or row_positions, HAS_KEY_START=positions)
-    if kernel == "fwd":  # the training forward: it stores the log-sum-exp
-        constexprs["STORE_LSE"] = True
     flags = variant_flags(kernel, cfg)
-    constexprs.update(flags)
+    # The launcher's own keywords (the forward as training runs it: storing the
+    # log-sum-exp), less the launch options.
+    launch_kwargs = _constexprs(kernel, cfg, head_dim, torch.device("cuda"), dtype, flags["USE_TMA"],
+                                positions or row_positions, positions, True if kernel == "fwd" else None)
+    constexprs = {k: v for k, v in launch_kwargs.items() if k not in ("num_warps", "num_stages")}
     claims = _VARIANT_SASS_FWD if kernel == "fwd" else _VARIANT_SASS
     require_sass = tuple(i for flag, on in flags.items() if on for i in claims[flag])
     if not gqa:  # a launch with one query head per kv head specialises group == 1 (Triton's JIT does)
