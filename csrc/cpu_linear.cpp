@@ -49,11 +49,14 @@
 // Registered with the dispatcher (not pybind11) in the gptfast_cpu namespace, reachable
 // once the extension module gptfast._C is imported:
 //   int8_pack(w) -> packed                       (N, K) int8 -> (ceil(N/64), K, 64) int8
-//   int8_linear_packed(x, packed, scale, bias, isa)
+//   int8_linear_packed(x, packed, scale, bias, isa, residual, gelu)
 //   int8_linear(x, w, scale, bias, isa)          packs w for this one call, then as above
 //   int8_linear_best_isa()                       the best isa (both weight kinds)
 //   fp32_pack(w) -> packed                       (N, K) fp32 -> (ceil(N/64), K, 64) fp32
-//   fp32_linear_packed(x, packed, n, bias, isa)  n = N (the packed blocks round it up)
+//   fp32_linear_packed(x, packed, n, bias, isa, residual, gelu)  n = N (the packed blocks round it up)
+// The packed ops' epilogue (a decode step's neighbours of the matmul, applied to each
+// block's outputs while they are in L1): gelu=True applies GPT-2's tanh GELU, and
+// `residual` ((M, N) fp32 contiguous, optional) is added last: y = gelu(x w^T + b) + res.
 // gptfast.ops.int8_linear is the public face of int8_linear (validation, dispatch);
 // gptfast.generation.cpu_linear calls the packed ops straight for generation.
 // The kernels assume what those callers check: x (M, K) fp32 contiguous, scale (N,) fp32,
@@ -67,15 +70,19 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "cpu_isa.h"
 
 namespace {
 
 using at::Tensor;
 
-constexpr int64_t kIsaAuto = -1, kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2;
+using gptfast_cpu::best_isa, gptfast_cpu::kIsaAuto, gptfast_cpu::kIsaAvx2, gptfast_cpu::kIsaAvx512,
+    gptfast_cpu::kIsaScalar;
 constexpr int64_t kBlockN = 64;    // output channels per packed block: one cache line per k
 // k values per slice. Every schedule sums a block's products slice by slice of k, each
 // slice into fresh registers, then adds the slice's sums to those of the slices before
@@ -109,6 +116,8 @@ struct Problem {
   const float* w32;    // packed (blocks, k, 64) fp32, or nullptr for int8 weights
   const float* scale;  // (n,) for int8 weights, nullptr for fp32
   const float* bias;   // (n,) or nullptr
+  const float* residual;  // (m, n) row-major, added last; or nullptr
+  bool gelu;           // GPT-2's tanh GELU on x @ w^T (* scale) + bias, before the residual
   float* y;            // (m, n) row-major
   int64_t m, k, n;
 };
@@ -129,8 +138,7 @@ struct Scalar {
   static Vec add(Vec a, Vec b) { return a + b; }
 };
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define GPTFAST_INT8_X86 1
+#ifdef GPTFAST_CPU_X86
 
 // AVX2 + FMA: 8 lanes, 16 registers: 2 rows x 4 accumulators + 4 weights + 1 broadcast.
 struct Avx2 {
@@ -166,18 +174,8 @@ struct Avx512 {
   __attribute__((target("avx512f"))) static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 };
 
-bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
-#else
-bool has_avx2() { return false; }
-bool has_avx512() { return false; }
 #endif
 
-int64_t best_isa() {
-  if (has_avx512()) return kIsaAvx512;
-  if (has_avx2()) return kIsaAvx2;
-  return kIsaScalar;
-}
 
 // ---- the register tile -------------------------------------------------------------------
 
@@ -228,8 +226,33 @@ inline void tile(const float* x, int64_t ldx, const void* w, int64_t kc, float* 
   }
 }
 
-// y[r0 + r][c] = acc[r][c] * scale[c] + bias[c] for the block's channels below n (no
-// scale for fp32 weights, no bias when there is none).
+// GPT-2's GELU, 0.5 a (1 + tanh(u)) with u = sqrt(2 / pi) (a + 0.044715 a^3), written as
+// a / (1 + exp(-2 u)) (the same function: 1 + tanh(u) = 2 / (1 + exp(-2 u))), with an
+// exp of its own: branch-free, so the epilogue's loop vectorises (libm's expf and tanhf
+// do not). exp(t) = 2^n exp(r), n = round(t log2 e), r = t - n ln 2 in [-ln2/2, ln2/2],
+// exp(r) by Cephes' degree-6 polynomial (about 1 ulp); t is clamped to +-88 first, so 2^n
+// stays a normal float (a huge -2u gives a / 1.6e38: 0 to float precision, as the GELU).
+inline float gelu_tanh(float a) {
+  const float u = 0.7978845608028654f * (a + 0.044715f * a * a * a);
+  const float t = std::min(std::max(-2.f * u, -88.f), 88.f);
+  const float n = std::nearbyint(t * 1.4426950408889634f);
+  const float r = (t - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 in two parts: r exact
+  float e = 1.9875691500e-4f;
+  e = e * r + 1.3981999507e-3f;
+  e = e * r + 8.3334519073e-3f;
+  e = e * r + 4.1665795894e-2f;
+  e = e * r + 1.6666665459e-1f;
+  e = e * r + 5.0000001201e-1f;
+  e = e * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return a / (1.f + e * two_n);
+}
+
+// y[r0 + r][c] = act(acc[r][c] * scale[c] + bias[c]) + residual[r0 + r][c] for the block's
+// channels below n (no scale for fp32 weights; no bias, activation or residual when the
+// call has none).
 inline void finish(const Problem& p, int64_t r0, int64_t rows, int64_t block, const float* acc) {
   const int64_t c_begin = block * kBlockN, width = std::min(kBlockN, p.n - c_begin);
   const float* scale = p.scale ? p.scale + c_begin : nullptr;
@@ -245,6 +268,13 @@ inline void finish(const Problem& p, int64_t r0, int64_t rows, int64_t block, co
       for (int64_t c = 0; c < width; ++c) y[c] = a[c] + bias[c];
     } else {
       std::memcpy(y, a, width * sizeof(float));
+    }
+    if (p.gelu) {
+      for (int64_t c = 0; c < width; ++c) y[c] = gelu_tanh(y[c]);
+    }
+    if (p.residual) {
+      const float* res = p.residual + (r0 + r) * p.n + c_begin;
+      for (int64_t c = 0; c < width; ++c) y[c] += res[c];
     }
   }
 }
@@ -318,7 +348,7 @@ void run_blocks(const Problem& p, int64_t b_begin, int64_t b_end) {
   }
 }
 
-#ifdef GPTFAST_INT8_X86
+#ifdef GPTFAST_CPU_X86
 __attribute__((target("avx2,fma"), flatten)) void run_blocks_avx2(const Problem& p, int64_t b0, int64_t b1) {
   run_blocks<Avx2>(p, b0, b1);
 }
@@ -328,7 +358,7 @@ __attribute__((target("avx512f"), flatten)) void run_blocks_avx512(const Problem
 #endif
 
 void run_blocks_isa(const Problem& p, int64_t isa, int64_t b0, int64_t b1) {
-#ifdef GPTFAST_INT8_X86
+#ifdef GPTFAST_CPU_X86
   if (isa == kIsaAvx512) return run_blocks_avx512(p, b0, b1);
   if (isa == kIsaAvx2) return run_blocks_avx2(p, b0, b1);
 #endif
@@ -384,6 +414,15 @@ void check_operands(const char* op, const Tensor& x, int64_t k, int64_t n, const
   }
 }
 
+void check_residual(const char* op, const c10::optional<Tensor>& residual, int64_t m, int64_t n) {
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->is_contiguous() && residual->device().is_cpu() &&
+                    residual->dim() == 2 && residual->size(0) == m && residual->size(1) == n,
+                op, ": residual must be a contiguous float32 CPU tensor of shape (", m, ", ", n, "), got ",
+                residual->scalar_type(), " ", residual->sizes());
+  }
+}
+
 void check_scale(const char* op, const Tensor& scale, int64_t n) {
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 1 && scale.numel() == n, op,
               ": scale must be contiguous float32 of shape (", n, ",)");
@@ -404,15 +443,24 @@ int64_t resolve_isa(const char* op, int64_t isa) {
   return isa;
 }
 
-// y = x @ w^T (* scale) (+ bias) over the packed weight p.w or p.w32 (the rest of p filled here).
-Tensor run(Problem p, const Tensor& x, int64_t n, const c10::optional<Tensor>& bias, int64_t isa) {
+// y = act(x @ w^T (* scale) (+ bias)) (+ residual) over the packed weight p.w or p.w32
+// (the rest of p filled here).
+Tensor run(Problem p, const Tensor& x, int64_t n, const c10::optional<Tensor>& bias, int64_t isa,
+           const c10::optional<Tensor>& residual, bool gelu) {
   const int64_t m = x.size(0), k = x.size(1);
   Tensor y = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return y;
   const bool has_bias = bias.has_value() && bias->defined();
-  if (k == 0) return has_bias ? bias->expand({m, n}).clone() : y.zero_();
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (k == 0) {  // no products: the epilogue of a zero sum
+    Tensor out = has_bias ? bias->expand({m, n}).clone() : y.zero_();
+    if (gelu) out = at::gelu(out, "tanh");
+    return has_residual ? out.add_(*residual) : out;
+  }
   p.x = x.data_ptr<float>();
   p.bias = has_bias ? bias->data_ptr<float>() : nullptr;
+  p.residual = has_residual ? residual->data_ptr<float>() : nullptr;
+  p.gelu = gelu;
   p.y = y.data_ptr<float>();
   p.m = m, p.k = k, p.n = n;
   // Grain: at least about 16 KiB of weights per task, so a small layer does not pay for
@@ -424,27 +472,29 @@ Tensor run(Problem p, const Tensor& x, int64_t n, const c10::optional<Tensor>& b
 }
 
 Tensor int8_linear_packed(const Tensor& x, const Tensor& packed, const Tensor& scale, const c10::optional<Tensor>& bias,
-                          int64_t isa) {
+                          int64_t isa, const c10::optional<Tensor>& residual, bool gelu) {
   const char* op = "int8_linear_packed";
   const int64_t n = scale.numel();
   check_packed(op, packed, at::kChar, "int8_pack", n);
   check_scale(op, scale, n);
   check_operands(op, x, packed.size(1), n, bias);
+  check_residual(op, residual, x.size(0), n);
   Problem p{};
   p.w = packed.data_ptr<int8_t>();
   p.scale = scale.data_ptr<float>();
-  return run(p, x, n, bias, resolve_isa(op, isa));
+  return run(p, x, n, bias, resolve_isa(op, isa), residual, gelu);
 }
 
 Tensor fp32_linear_packed(const Tensor& x, const Tensor& packed, int64_t n, const c10::optional<Tensor>& bias,
-                          int64_t isa) {
+                          int64_t isa, const c10::optional<Tensor>& residual, bool gelu) {
   const char* op = "fp32_linear_packed";
   TORCH_CHECK(n >= 0, op, ": n must be >= 0, got ", n);
   check_packed(op, packed, at::kFloat, "fp32_pack", n);
   check_operands(op, x, packed.size(1), n, bias);
+  check_residual(op, residual, x.size(0), n);
   Problem p{};
   p.w32 = packed.data_ptr<float>();
-  return run(p, x, n, bias, resolve_isa(op, isa));
+  return run(p, x, n, bias, resolve_isa(op, isa), residual, gelu);
 }
 
 Tensor int8_linear_cpu(const Tensor& x, const Tensor& w, const Tensor& scale, const c10::optional<Tensor>& bias,
@@ -454,7 +504,7 @@ Tensor int8_linear_cpu(const Tensor& x, const Tensor& w, const Tensor& scale, co
   check_operands("int8_linear_cpu", x, w.size(1), w.size(0), bias);
   check_scale("int8_linear_cpu", scale, w.size(0));
   resolve_isa("int8_linear_cpu", isa);
-  return int8_linear_packed(x, int8_pack(w), scale, bias, isa);
+  return int8_linear_packed(x, int8_pack(w), scale, bias, isa, c10::nullopt, false);
 }
 
 int64_t int8_linear_best_isa() { return best_isa(); }
@@ -464,10 +514,12 @@ int64_t int8_linear_best_isa() { return best_isa(); }
 TORCH_LIBRARY_FRAGMENT(gptfast_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias, int isa=-1) -> Tensor");
   m.def("int8_pack(Tensor w) -> Tensor");
-  m.def("int8_linear_packed(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int isa=-1) -> Tensor");
+  m.def("int8_linear_packed(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int isa=-1, Tensor? residual=None, "
+        "bool gelu=False) -> Tensor");
   m.def("int8_linear_best_isa() -> int", &int8_linear_best_isa);
   m.def("fp32_pack(Tensor w) -> Tensor");
-  m.def("fp32_linear_packed(Tensor x, Tensor packed, int n, Tensor? bias, int isa=-1) -> Tensor");
+  m.def("fp32_linear_packed(Tensor x, Tensor packed, int n, Tensor? bias, int isa=-1, Tensor? residual=None, "
+        "bool gelu=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {

@@ -28,6 +28,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from gptfast import ops as fused_ops
 from gptfast.backends import Backend
 from gptfast.checkpoints import hf_gpt2
 from gptfast.config import GPTConfig
@@ -86,14 +87,16 @@ class CausalSelfAttention(nn.Module):
         y = self.c_proj(y)
         return self.resid_dropout(y) if self.training else y  # eval: no dropout call per layer and step
 
-    def attend_rows(self, q, keys, values, input_pos, cache_lens=None):
-        """Decode (T = 1) / verify attention of q (B, H, T, D) over the rows' caches, as (B, T, C)."""
+    def attend_rows(self, q, keys, values, input_pos, cache_lens=None, ops=None):
+        """Decode (T = 1) / verify attention of q (B, H, T, D) over the rows' caches, as (B, T, C).
+        ``ops``: the module of attention functions (default: the backend's)."""
         B, H, T, D = q.shape
+        ops = self._backend.ops if ops is None else ops
         if T == 1:
             lens = input_pos[:, 0] + 1 if cache_lens is None else cache_lens
-            y = self._backend.ops.decode_attention(q[:, :, 0], keys, values, lens).unsqueeze(2)
+            y = ops.decode_attention(q[:, :, 0], keys, values, lens).unsqueeze(2)
         else:
-            y = self._backend.ops.causal_attention(q, keys, values, q_positions=input_pos)
+            y = ops.causal_attention(q, keys, values, q_positions=input_pos)
         return y.transpose(1, 2).reshape(B, T, H * D)
 
 
@@ -160,6 +163,11 @@ class GPT(nn.Module):
             self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
+        # Decode / verify steps take _decode_step also outside the fused backend: set while
+        # the linear layers run their own decode kernels (the CPU's packed layers, which
+        # gptfast.generate puts in place), so a step calls those kernels and gptfast.ops'
+        # decode attention a few times per layer rather than the modules' many small ops.
+        self.fused_decode = False
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -252,7 +260,8 @@ class GPT(nn.Module):
             pos_emb = self.pos_table[pos].to(self.transformer.wte.weight.dtype)
         h = self.transformer.wte(idx) + pos_emb
         h = self.transformer.drop(h) if self.training else h
-        if targets is None and input_pos is not None and input_pos.dim() == 2 and self._backend.name == "fused" \
+        if targets is None and input_pos is not None and input_pos.dim() == 2 \
+                and (self._backend.name == "fused" or self.fused_decode) \
                 and not (self.training and self.config.dropout > 0):  # a fused decode / verify step
             return self._decode_step(h, input_pos, logits_index)
         delta = None
@@ -279,7 +288,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             attn, mlp = block.attn, block.mlp
             q, keys, values = attn.kv_cache.project_rows(h, input_pos, attn.c_attn, block.ln_1)
-            y = attn.attend_rows(q.view(B, T, attn.n_head, -1).transpose(1, 2), keys, values, input_pos, cache_lens)
+            y = attn.attend_rows(q.view(B, T, attn.n_head, -1).transpose(1, 2), keys, values, input_pos, cache_lens,
+                                 ops=fused_ops)
             h = decode_linear(y, attn.c_proj, residual=h)
             h = decode_linear(decode_linear(h, mlp.c_fc, block.ln_2, activation="gelu"), mlp.c_proj, residual=h)
         if logits_index is not None:

@@ -4,7 +4,9 @@
 linear layers, and ``decode_linear`` / ``decode_linear_kv``, which run one linear layer
 (an ``nn.Linear`` or an ``Int8Linear``: the int8 weight and its scales go to the kernel
 as they are) of a decode step as one ``skinny_linear`` launch with its layer norm and
-epilogue fused in."""
+epilogue fused in. A layer whose class has ``decode(x, norm, activation, residual)`` and
+``decode_kv(x, norm, k_cache, v_cache, positions)`` methods (the CPU's packed layers,
+``gptfast.generation.cpu_linear``) runs those instead."""
 import numbers
 
 import torch
@@ -143,6 +145,9 @@ def decode_linear(x: Tensor, linear: nn.Module, norm=None, *, activation=None, r
     """``linear(norm(x))``, then ``activation`` and ``+ residual``, in one ``skinny_linear``
     launch (a decode or verify step's few rows). ``norm``: a layer norm module (its
     ``weight``, ``bias``, ``eps``) or None."""
+    own = getattr(type(linear), "decode", None)
+    if own is not None:  # a layer with its own decode kernel (the CPU's packed layers)
+        return own(linear, x, norm, activation, residual)
     weight, scale, bias = linear_operands(linear)
     return skinny_linear(x, weight, bias, scale=scale, activation=activation, residual=residual, **_norm_args(norm))
 
@@ -150,5 +155,8 @@ def decode_linear(x: Tensor, linear: nn.Module, norm=None, *, activation=None, r
 def decode_linear_kv(x: Tensor, linear: nn.Module, norm, k_cache: Tensor, v_cache: Tensor, positions: Tensor) -> Tensor:
     """The QKV projection ``linear(norm(x))`` writing its k and v columns into the caches at
     ``positions`` (B, T) inside its launch (``skinny_linear_kv``); returns q (B, T, Q)."""
+    own = getattr(type(linear), "decode_kv", None)
+    if own is not None:  # a layer with its own decode kernels: its projection and cache write
+        return own(linear, x, norm, k_cache, v_cache, positions)
     weight, scale, bias = linear_operands(linear)
     return skinny_linear_kv(x, weight, bias, k_cache, v_cache, positions, scale=scale, **_norm_args(norm))

@@ -17,6 +17,7 @@ from gptfast.quantization import Int8Linear, load_quantized, quantize, save_quan
 from gptfast.testing import assert_error_ratio
 
 needs_packing = pytest.mark.skipif(not cpu_linear.available(), reason="the gptfast C++ extension is not loaded")
+needs_int8_packing = pytest.mark.skipif(cpu_linear.int8_ops() is None, reason="the gptfast C++ extension is not loaded")
 
 
 def tiny_model(vocab_size=97, seed=0):
@@ -118,6 +119,210 @@ def test_fp32_kernel_rejects_mismatched_operands():
         matmul(x, packed, 130, b, 7)
     with pytest.raises(RuntimeError, match="2-D float32"):
         pack(w.double())
+
+
+# ---- the epilogue: GELU and residual ------------------------------------------------------------
+
+
+def _epilogue_reference(x, w, b, residual, gelu, scale=None):
+    """(float32 twin, float64 exact) of gelu(x w^T (* scale) + b) + residual."""
+    def compose(x, w, b, residual):
+        y = F.linear(x, w if scale is None else w * scale.to(w.dtype)[:, None], b)
+        y = F.gelu(y, approximate="tanh") if gelu else y
+        return y if residual is None else y + residual
+    dbl = (lambda t: None if t is None else t.double())
+    return compose(x, w, b, residual), compose(x.double(), w.double(), dbl(b), dbl(residual))
+
+
+@needs_packing
+@pytest.mark.parametrize("gelu", [True, False])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("m,k,n", [(1, 77, 33), (5, 300, 130), (8, 129, 65), (13, 64, 200)])
+def test_fp32_epilogue_every_isa(m, k, n, gelu, with_residual):
+    """gelu(x w^T + b) + residual in the kernel, against the torch composition and float64."""
+    pack, matmul = fp32_ops()
+    gen = torch.Generator().manual_seed(m * k + n)
+    x, w, b = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k ** 0.5, torch.randn(n, generator=gen)
+    residual = torch.randn(m, n, generator=gen) if with_residual else None
+    kept = None if residual is None else residual.clone()
+    plain, exact = _epilogue_reference(x, w, b, residual, gelu)
+    packed = pack(w)
+    for isa in range(torch.ops.gptfast_cpu.int8_linear_best_isa() + 1):
+        for bias, plain_b, exact_b in ((b, plain, exact), (None,) + _epilogue_reference(x, w, None, residual, gelu)):
+            out = matmul(x, packed, n, bias, isa, residual, gelu)
+            assert out.shape == (m, n) and torch.isfinite(out).all()
+            assert_error_ratio(out, plain_b, exact_b, what=f"isa {isa} {m}x{k}x{n} gelu={gelu} residual={with_residual}")
+    if residual is not None:
+        assert torch.equal(residual, kept)  # read, never written
+
+
+@needs_packing
+def test_kernel_gelu_across_its_range():
+    """The epilogue's GELU (its own exp) against float64 over [-30, 30], and at the extremes:
+    absolute error within a few times torch's float32 GELU's."""
+    pack, matmul = fp32_ops()
+    a = torch.cat([torch.linspace(-30, 30, 20001), torch.tensor([-1e30, -100.0, 0.0, 100.0, 1e30, 3e38])])
+    out = matmul(a[:, None].contiguous(), pack(torch.ones(1, 1)), 1, None, -1, None, True)[:, 0]
+    exact = F.gelu(a.double(), approximate="tanh")
+    plain = F.gelu(a, approximate="tanh")
+    assert torch.isfinite(out).all()
+    assert (out.double() - exact).abs().max() <= 4 * (plain.double() - exact).abs().max()
+    assert torch.equal(out[-6:], torch.tensor([0.0, 0.0, 0.0, 100.0, 1e30, 3e38])) or \
+        (out[-6:].double() - exact[-6:]).abs().max() <= 1e-5 * exact[-6:].abs().max()
+
+
+@needs_int8_packing
+@pytest.mark.parametrize("gelu", [True, False])
+@pytest.mark.parametrize("m", [1, 3, 8, 20])
+def test_int8_epilogue(m, gelu):
+    """The int8 kernel's epilogue (every schedule: 20 rows take the panel) against the
+    dequantising twin's composition and float64."""
+    from gptfast.ops.int8_linear import quantize_weight
+
+    gen = torch.Generator().manual_seed(m)
+    k, n = 300, 130
+    x, weight = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    b, residual = torch.randn(n, generator=gen), torch.randn(m, n, generator=gen)
+    w8, scale = quantize_weight(weight)
+    plain, exact = _epilogue_reference(x, w8.float(), b, residual, gelu, scale=scale)
+    packed = torch.ops.gptfast_cpu.int8_pack(w8)
+    for isa in range(torch.ops.gptfast_cpu.int8_linear_best_isa() + 1):
+        out = torch.ops.gptfast_cpu.int8_linear_packed(x, packed, scale, b, isa, residual, gelu)
+        assert_error_ratio(out, plain, exact, what=f"int8 isa {isa} m={m} gelu={gelu}")
+
+
+@needs_packing
+def test_epilogue_rejects_a_bad_residual():
+    pack, matmul = fp32_ops()
+    x, packed = torch.randn(2, 8), pack(torch.randn(5, 8))
+    for bad in (torch.randn(2, 4), torch.randn(3, 5), torch.randn(5, 2).t(), torch.randn(2, 5).double()):
+        with pytest.raises(RuntimeError, match="residual must be a contiguous float32 CPU tensor of shape"):
+            matmul(x, packed, 5, None, -1, bad, False)
+    w8 = torch.ops.gptfast_cpu.int8_pack(torch.ones(5, 8, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="residual must be"):
+        torch.ops.gptfast_cpu.int8_linear_packed(x, w8, torch.ones(5), None, -1, torch.randn(2, 4), True)
+
+
+# ---- the packed layers' decode step ------------------------------------------------------------
+
+
+@needs_packing
+@pytest.mark.parametrize("int8", [False, True])
+def test_packed_decode_equals_the_torch_composition(int8):
+    """``gptfast.nn.decode_linear`` on a packed layer (its ``decode``: layer norm, then the
+    kernel with GELU and residual as its epilogue) against the same steps in torch, on
+    2-D, 3-D and non-contiguous inputs and residuals; more rows than the kernel serves and
+    autograd take the torch ops."""
+    from gptfast.nn import decode_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80)
+    if int8:
+        layer = Int8Linear.from_linear(layer)
+    norm = torch.nn.LayerNorm(48)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    wrapper = Wrapper(layer)
+    with torch.no_grad(), cpu_linear.packed_linears(wrapper):
+        packed = wrapper.lm_head
+        assert type(packed) is (cpu_linear.PackedInt8Linear if int8 else cpu_linear.PackedLinear)
+        for shape in ((1, 48), (3, 1, 48), (2, 3, 48), (70, 48)):
+            x = torch.randn(*shape)
+            residual = torch.randn(*shape[:-1], 80)
+            strided_residual = torch.randn(80, *shape[:-1]).movedim(0, -1)
+            for norm_, activation, res in ((None, None, None), (norm, "gelu", None), (None, None, residual),
+                                           (norm, "gelu", strided_residual)):
+                out = decode_linear(x, packed, norm_, activation=activation, residual=res)
+                h = x if norm_ is None else F.layer_norm(x, (48,), norm.weight, norm.bias, norm.eps)
+                want = layer(h)
+                want = F.gelu(want, approximate="tanh") if activation else want
+                want = want if res is None else want + res
+                assert out.shape == want.shape
+                torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="activation must be None or 'gelu'"):
+            decode_linear(torch.randn(1, 48), packed, activation="relu")
+
+
+@needs_packing
+@pytest.mark.parametrize("int8", [False, True])
+def test_decode_steps_take_the_packed_layers_and_match_the_module_path(int8, monkeypatch):
+    """Inside packed_linears a GPT's decode and verify steps run ``_decode_step`` (the
+    packed layers' ``decode``): logits equal the module-by-module path's; the flag is put
+    back on exit."""
+    model = int8_model() if int8 else tiny_model()
+    kind = cpu_linear.PackedInt8Linear if int8 else cpu_linear.PackedLinear
+    calls = []
+    for method in ("decode", "decode_kv"):
+        original = getattr(kind, method)
+        monkeypatch.setattr(kind, method, lambda *args, _f=original: calls.append(1) or _f(*args))
+    prompt = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(1))
+    step = torch.randint(0, 97, (3, 1), generator=torch.Generator().manual_seed(2))
+    verify = torch.randint(0, 97, (3, 3), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for fused in (False, True):
+        model.setup_cache(3, 32)
+        with torch.no_grad(), cpu_linear.packed_linears(model):
+            assert model.fused_decode
+            model.fused_decode = fused
+            model(prompt, input_pos=torch.arange(5))
+            calls.clear()
+            a = model(step, input_pos=torch.full((3, 1), 5))
+            b = model(verify, input_pos=torch.arange(6, 9).expand(3, 3))
+            assert len(calls) == (2 * (2 * 4 + 1) if fused else 0)
+            outs.append((a, b))
+        assert model.fused_decode is False
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _qkv_and_caches(batch, tokens, kv_heads, head_dim, q_cols, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, tokens, q_cols + 2 * kv_heads * head_dim, generator=gen)
+    cache = torch.randn(batch + 1, kv_heads, 9, head_dim, generator=gen)
+    return qkv, cache, cache.clone() * 2
+
+
+@needs_packing
+@pytest.mark.parametrize("batch,tokens,kv_heads,head_dim,q_cols", [(1, 1, 2, 4, 8), (3, 1, 2, 4, 8), (3, 3, 1, 5, 20),
+                                                                    (2, 2, 3, 1, 6)])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_cpp_write_kv_equals_the_torch_path(batch, tokens, kv_heads, head_dim, q_cols, dtype):
+    """The C++ KV-cache write against ``torch_path.write_kv``: rows' own positions (clamped
+    into [0, S)), grouped-query widths, strided qkv and caches; every other slot untouched."""
+    from gptfast.ops import torch_path
+
+    write = torch.ops.gptfast_cpu.write_kv
+    positions = torch.tensor([[(7 * b + t * 3 - 2) for t in range(tokens)] for b in range(batch)], dtype=dtype)
+    positions[0, 0] = 40  # past the cache: clamped to its last slot
+    for strided in (False, True):
+        qkv, k_cache, v_cache = _qkv_and_caches(batch, tokens, kv_heads, head_dim, q_cols)
+        if strided:
+            qkv = torch.randn(qkv.shape[-1], batch, tokens).permute(1, 2, 0)
+            k_cache, v_cache = k_cache.transpose(2, 3).contiguous().transpose(2, 3), v_cache[..., :head_dim]
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        q = torch_path.write_kv(qkv, want_k, want_v, positions)
+        write(qkv, k_cache, v_cache, positions)
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+        assert q.shape == (batch, tokens, q_cols)
+
+
+@needs_packing
+def test_cpp_write_kv_rejects_bad_operands():
+    write = torch.ops.gptfast_cpu.write_kv
+    qkv, k_cache, v_cache = _qkv_and_caches(2, 1, 2, 4, 8)
+    positions = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="must be float32 CPU tensors"):
+        write(qkv.double(), k_cache, v_cache, positions)
+    with pytest.raises(RuntimeError, match="one shape"):
+        write(qkv, k_cache, v_cache[:, :1], positions)
+    with pytest.raises(RuntimeError, match="cannot hold"):
+        write(torch.randn(5, 1, 24), k_cache, v_cache, torch.zeros(5, 1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="not more than 2"):
+        write(qkv[..., :16], k_cache, v_cache, positions)
+    with pytest.raises(RuntimeError, match="int32 or int64"):
+        write(qkv, k_cache, v_cache, positions.float())
+    with pytest.raises(RuntimeError, match="positions must have shape"):
+        write(qkv, k_cache, v_cache, positions[:1])
 
 
 # ---- the packed fp32 layers -----------------------------------------------------------------
@@ -257,7 +462,6 @@ def test_logits_index_rejects_bad_input():
 
 # ---- int8 layers: packed once for the C++ kernel -----------------------------------------
 
-needs_int8_packing = pytest.mark.skipif(cpu_linear.int8_ops() is None, reason="the gptfast C++ extension is not loaded")
 
 
 @pytest.fixture

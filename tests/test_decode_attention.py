@@ -1,5 +1,6 @@
 """Decode attention (flash-decoding over a KV cache): the Triton kernel (interpreted on a
-CPU) and the torch path against the float64 reference, per-row cache lengths, forced
+CPU), the C++ CPU kernel (csrc/cpu_attention.cpp, on every instruction set this CPU has)
+and the torch path against the float64 reference, per-row cache lengths, forced
 splits, strided caches, stale garbage, poisoned buffers, bad inputs and torch.library
 registration (the sm_90 build of the shipped configurations: tests/test_compile_report.py)."""
 import importlib
@@ -45,6 +46,12 @@ def check_against_reference(out, q, k, v, cache_lens, scale=None, what=""):
     assert out.shape == q.shape and out.dtype == q.dtype
     plain = reference.decode_attention(q, k, v, cache_lens, scale=scale)
     assert_error_ratio(out, plain, exact(q, k, v, cache_lens, scale), what=what)
+
+
+def force_torch_path(monkeypatch):
+    """Route the op to the torch path: no Triton, and no C++ kernel (float32 on the CPU)."""
+    monkeypatch.setattr(decode_op, "use_triton", lambda t: False)
+    monkeypatch.setattr(decode_op, "_cpu_kernel", [None])
 
 
 def blank_stale_positions(cache, cache_lens, fill):
@@ -235,7 +242,7 @@ def test_one_pass_writes_the_output_directly(monkeypatch):
 
 def test_torch_path_grouped_query_and_key_start(monkeypatch):
     """The torch path (SDPA with enable_gqa and a mask) takes the same arguments."""
-    monkeypatch.setattr(decode_op, "use_triton", lambda t: False)
+    force_torch_path(monkeypatch)
     q, _, _, cache_lens = make_inputs(3, 4, 30, 32, [30, 12, 5], torch.float32, device="cpu")
     _, k, v, _ = make_inputs(3, 2, 30, 32, [30, 12, 5], torch.float32, device="cpu", seed=1)
     key_start = torch.tensor([3, 0, 5])
@@ -273,7 +280,7 @@ def test_kernel_clamps_out_of_range_lengths():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_torch_path(monkeypatch, dtype):
     """The fallback path (no Triton) meets the same contract, stale NaN included."""
-    monkeypatch.setattr(decode_op, "use_triton", lambda t: False)
+    force_torch_path(monkeypatch)
     q, k, v, cache_lens = make_inputs(3, 2, 21, 80, [1, 21, 8], dtype)
     out = decode_attention(q, blank_stale_positions(k, cache_lens, float("nan")),
                            blank_stale_positions(v, cache_lens, float("nan")), cache_lens)
@@ -284,7 +291,7 @@ def test_torch_path(monkeypatch, dtype):
 def test_torch_path_equal_lengths_reads_only_the_written_prefix(monkeypatch, lens, kv_heads):
     """Host-readable lengths all equal (batch 1 always): the torch path cuts the caches to
     that length and runs SDPA unmasked; stale NaN past it is never read (CPU)."""
-    monkeypatch.setattr(decode_op, "use_triton", lambda t: False)
+    force_torch_path(monkeypatch)
     q, _, _, cache_lens = make_inputs(len(lens), 4, 21, 48, lens, torch.float32, device="cpu")
     _, k, v, _ = make_inputs(len(lens), kv_heads, 21, 48, lens, torch.float32, device="cpu", seed=1)
     out = decode_attention(q, blank_stale_positions(k, cache_lens, float("nan")),
@@ -299,7 +306,7 @@ def test_empty_batch(monkeypatch, use_kernel):
     if use_kernel and not TRITON_ON_DEVICE:
         pytest.skip("Triton (interpreter) not available")
     if not use_kernel:
-        monkeypatch.setattr(decode_op, "use_triton", lambda t: False)
+        force_torch_path(monkeypatch)
     q, k, v, cache_lens = make_inputs(0, 2, 5, 16, [], torch.float32)
     assert decode_attention(q, k, v, cache_lens).shape == (0, 2, 16)
 
@@ -471,3 +478,222 @@ def test_builtin_configs_pipeline_within_shared_memory():
             assert cfg.num_stages >= 2 and cfg.num_stages * stage <= kernel.MAX_STAGE_BYTES, (head_dim, itemsize)
             if itemsize == 2 and head_dim <= 128:
                 assert cfg.block_n >= 64 and cfg.num_stages * stage <= kernel.STAGE_BUDGET, head_dim
+
+
+# ---- the C++ CPU kernel (csrc/cpu_attention.cpp) ------------------------------------------
+# Called straight (torch.ops.gptfast_cpu.decode_attention_isa on every instruction set this
+# CPU supports, and the plain op), so these run whatever TRITON_INTERPRET says; the public
+# op reaches it on the CPU for float32 once Triton is out of the way.
+
+
+@pytest.fixture
+def cpp_isas():
+    """The instruction sets of the C++ kernel this CPU runs (0 one lane, 1 AVX2, 2 AVX-512)."""
+    if decode_op.cpu_kernel() is None:
+        pytest.skip("the gptfast C++ extension (with csrc/cpu_attention.cpp) is not loaded")
+    return list(range(torch.ops.gptfast_cpu.decode_attention_best_isa() + 1))
+
+
+def cpp_decode(q, k, v, cache_lens, scale, key_start=None, isa=None):
+    if isa is None:
+        return torch.ops.gptfast_cpu.decode_attention(q, k, v, cache_lens, scale, key_start)
+    return torch.ops.gptfast_cpu.decode_attention_isa(q, k, v, cache_lens, scale, key_start, isa)
+
+
+def laid_out(t, layout):
+    """``t`` (contiguous) copied into a view of the given layout, NaN everywhere around it:
+    "contiguous"; "sliced" (a slice of a bigger buffer: the first rows of a longer cache, or
+    one part of a fused QKV projection); "permuted" (the caches stored (B, S, H, D), q stored
+    (B, D, H): transposed views); "strided" (last dim not unit-stride: the one-lane path)."""
+    nan = float("nan")
+    if layout == "contiguous":
+        return t.clone()
+    if layout == "sliced":
+        if t.dim() == 4:  # a cache: batch rows and positions of a longer one
+            b, h, s, d = t.shape
+            buf = torch.full((b + 2, h, s + 7, d), nan)
+            buf[:b, :, :s] = t
+            return buf[:b, :, :s]
+        b, h, d = t.shape  # q: the middle third of a (B, 3, H, D) projection
+        buf = torch.full((b, 3, h, d), nan)
+        buf[:, 1] = t
+        return buf[:, 1]
+    if layout == "permuted":
+        if t.dim() == 4:
+            b, h, s, d = t.shape
+            buf = torch.full((b, s + 3, h, d), nan)
+            buf[:, :s] = t.transpose(1, 2)
+            return buf[:, :s].transpose(1, 2)
+        buf = torch.full((t.shape[0], t.shape[2], t.shape[1]), nan)
+        buf.copy_(t.transpose(1, 2))
+        return buf.transpose(1, 2)
+    assert layout == "strided"
+    buf = torch.full((*t.shape, 2), nan)
+    buf[..., 0] = t
+    return buf[..., 0]
+
+
+def poison_unread(cache, cache_lens, key_start=None):
+    """In place (through the view): NaN at every position a row must not read, those at or
+    past its (clamped) length and those before its key_start."""
+    positions = torch.arange(cache.shape[2])[None, :]
+    unread = positions >= cache_lens.clamp(1, cache.shape[2])[:, None]
+    if key_start is not None:
+        unread |= positions < key_start[:, None]
+    cache.masked_fill_(unread[:, None, :, None], float("nan"))
+
+
+# (batch, heads, kv_heads, seq_len, head_dim, cache_lens, key_start, scale): B = 1 and > 1,
+# lengths 1 and S, S = 1, head sizes 32/64/80 (and 13: all of it the one-lane remainder),
+# grouped-query 12/4 and 12/1, key ranges (one empty: start == length; one negative), a
+# large scale (scores far apart: the exp's clamped tail).
+CPP_CASES = [
+    (1, 12, 12, 80, 64, [80], None, None),
+    (3, 12, 4, 37, 64, [1, 37, 20], None, None),
+    (2, 12, 1, 50, 80, [50, 9], None, 0.3),
+    (4, 2, 2, 1, 32, [1, 1, 1, 1], None, None),
+    (3, 4, 2, 45, 32, [45, 30, 10], [0, 29, 10], None),
+    (2, 3, 3, 24, 80, [24, 5], [-4, 3], None),
+    (2, 12, 4, 29, 13, [29, 2], None, None),
+    (2, 4, 4, 64, 64, [64, 40], None, 4.0),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "sliced", "permuted", "strided"])
+@pytest.mark.parametrize("lens_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("batch,heads,kv_heads,seq_len,head_dim,lens,starts,scale", CPP_CASES)
+def test_cpp_kernel_matches_float64_reference(cpp_isas, layout, lens_dtype, batch, heads, kv_heads, seq_len,
+                                              head_dim, lens, starts, scale):
+    gen = torch.Generator().manual_seed(head_dim + seq_len)
+    q = torch.randn(batch, heads, head_dim, generator=gen)
+    k = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen)
+    v = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen)
+    cache_lens = torch.tensor(lens, dtype=lens_dtype)
+    key_start = None if starts is None else torch.tensor(starts, dtype=lens_dtype)
+    plain = reference.decode_attention(q, k, v, cache_lens, scale=scale, key_start=key_start)
+    want = reference.decode_attention(q.double(), k.double(), v.double(), cache_lens, scale=scale,
+                                      key_start=key_start)
+    qv, kv, vv = laid_out(q, layout), laid_out(k, layout), laid_out(v, layout)
+    assert layout == "contiguous" or not (kv.is_contiguous() or vv.is_contiguous())
+    assert layout == "contiguous" or batch == 1 or not qv.is_contiguous()  # (batch 1: q's slice is contiguous)
+    for cache in (kv, vv):  # what a row must not read is NaN (around the views too)
+        poison_unread(cache, cache_lens, key_start)
+    used_scale = head_dim ** -0.5 if scale is None else scale
+    for isa in [None] + cpp_isas:
+        out = cpp_decode(qv, kv, vv, cache_lens, used_scale, key_start, isa)
+        assert out.shape == q.shape and out.dtype == torch.float32 and out.is_contiguous()
+        assert torch.isfinite(out).all(), f"isa {isa}: NaN from an unread position"
+        assert_error_ratio(out, plain, want, what=f"C++ decode isa {isa} {layout} D={head_dim} starts={starts}")
+        if key_start is not None:
+            empty = key_start.clamp(min=0) >= cache_lens
+            assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+
+
+def test_cpp_kernel_clamps_lengths_into_the_cache(cpp_isas):
+    """Lengths outside [1, S] (a direct call: the public op refuses them on the CPU) are
+    clamped, as the Triton kernel and the torch path do: 0 and negatives read position 0,
+    longer ones the whole cache, and nothing outside it is read."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(4, 2, 32, generator=gen)
+    buf_k = torch.full((4, 2, 30, 32), float("nan"))
+    buf_v = torch.full((4, 2, 30, 32), float("nan"))
+    k, v = buf_k[:, :, :24], buf_v[:, :, :24]  # NaN just past the cache
+    k.copy_(torch.randn(4, 2, 24, 32, generator=gen))
+    v.copy_(torch.randn(4, 2, 24, 32, generator=gen))
+    for dtype in (torch.int32, torch.int64):
+        lens = torch.tensor([0, -7, 24 + 9, 2**31 - 1], dtype=dtype)
+        clamped = lens.clamp(1, 24)
+        plain = reference.decode_attention(q, k, v, clamped, scale=0.2)
+        want = reference.decode_attention(q.double(), k.double(), v.double(), clamped, scale=0.2)
+        for isa in [None] + cpp_isas:
+            assert_error_ratio(cpp_decode(q, k, v, lens, 0.2, None, isa), plain, want, what=f"clamped {dtype}")
+
+
+def test_cpp_kernel_empty_batch_and_heads(cpp_isas):
+    q, k, v, cache_lens = make_inputs(0, 2, 5, 16, [], torch.float32, device="cpu")
+    assert cpp_decode(q, k, v, cache_lens, 0.25).shape == (0, 2, 16)
+    k = v = torch.zeros(2, 1, 5, 16)  # no query heads (0 is a multiple of the one kv head)
+    assert cpp_decode(torch.zeros(2, 0, 16), k, v, torch.tensor([5, 1]), 0.25).shape == (2, 0, 16)
+
+
+def test_public_op_runs_the_cpp_kernel_on_cpu_float32(monkeypatch, cpp_isas):
+    """Without Triton, the public op sends CPU float32 to the C++ kernel (once per call,
+    with the values check before it), other dtypes to the torch path, and everything to the
+    torch path when the extension is missing."""
+    monkeypatch.setattr(decode_op, "use_triton", lambda t: False)
+    real = decode_op.cpu_kernel()
+    calls = []
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(decode_op, "_cpu_kernel", [counting])
+    q, _, _, cache_lens = make_inputs(3, 4, 30, 64, [30, 12, 5], torch.float32, device="cpu")
+    _, k, v, _ = make_inputs(3, 2, 30, 64, [30, 12, 5], torch.float32, device="cpu", seed=1)
+    key_start = torch.tensor([3, 0, 5])
+    plain = reference.decode_attention(q, k, v, cache_lens, key_start=key_start)
+    want = reference.decode_attention(q.double(), k.double(), v.double(), cache_lens, key_start=key_start)
+    out = decode_attention(q, blank_stale_positions(k, cache_lens, float("nan")),
+                           blank_stale_positions(v, cache_lens, float("nan")), cache_lens, key_start=key_start)
+    assert len(calls) == 1 and calls[0][4] == 64 ** -0.5 and calls[0][5] is key_start
+    assert_error_ratio(out, plain, want, what="public op, C++ path")
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+    with torch.no_grad():
+        decode_attention(q, k, v, cache_lens, scale=0.5)
+    assert len(calls) == 2 and calls[1][4] == 0.5
+    with pytest.raises(ValueError, match=re.escape("cache_lens[1] = 31 is outside [1, 30]")):
+        decode_attention(q, k, v, torch.tensor([30, 31, 1]))
+    assert len(calls) == 2  # checked before the kernel
+    decode_attention(q.half(), k.half(), v.half(), cache_lens)  # not float32: the torch path
+    assert len(calls) == 2
+
+    monkeypatch.setattr(decode_op, "_cpu_kernel", [None])  # no extension: the torch path
+    fallback = decode_attention(q, k, v, cache_lens, key_start=key_start)
+    assert len(calls) == 2
+    assert_error_ratio(fallback, plain, want, what="public op, torch path")
+
+
+# (description, keyword overrides of the good call, message fragment)
+CPP_BAD_INPUTS = [
+    ("q float64", dict(q=torch.zeros(2, 3, 16, dtype=torch.float64)), "must be float32"),
+    ("cache float16", dict(k=torch.zeros(2, 3, 8, 16, dtype=torch.float16)), "must be float32"),
+    ("q not 3-d", dict(q=torch.zeros(2, 3, 1, 16)), "q must have shape (B, H, D)"),
+    ("cache not 4-d", dict(k=torch.zeros(2, 3, 16)), "must have shape (B, H_kv, S, D)"),
+    ("k/v shapes differ", dict(v=torch.zeros(2, 3, 9, 16)), "differ in shape"),
+    ("batch mismatch", dict(k=torch.zeros(3, 3, 8, 16), v=torch.zeros(3, 3, 8, 16)), "do not match q"),
+    ("head size mismatch", dict(k=torch.zeros(2, 3, 8, 32), v=torch.zeros(2, 3, 8, 32)), "do not match q"),
+    ("heads not dividing", dict(k=torch.zeros(2, 2, 8, 16), v=torch.zeros(2, 2, 8, 16)), "must divide the 3"),
+    ("empty cache", dict(k=torch.zeros(2, 3, 0, 16), v=torch.zeros(2, 3, 0, 16)), "S = 0"),
+    ("lens float", dict(lens=torch.tensor([8.0, 4.0])), "cache_lens must be int32 or int64"),
+    ("lens wrong shape", dict(lens=torch.ones(2, 1, dtype=torch.int32)), "cache_lens must have shape (2,)"),
+    ("lens wrong batch", dict(lens=torch.ones(3, dtype=torch.int32)), "cache_lens must have shape (2,)"),
+    ("key_start int8", dict(key_start=torch.zeros(2, dtype=torch.int8)), "key_start must be int32 or int64"),
+    ("key_start wrong batch", dict(key_start=torch.zeros(5, dtype=torch.int64)), "key_start must have shape (2,)"),
+    ("scale NaN", dict(scale=float("nan")), "scale must be finite"),
+    ("isa unknown", dict(isa=7), "isa 7 is not supported"),
+]
+
+
+@pytest.mark.parametrize("what,over,match", CPP_BAD_INPUTS, ids=[case[0] for case in CPP_BAD_INPUTS])
+def test_cpp_kernel_bad_inputs_raise(cpp_isas, what, over, match):
+    """Called straight, bad operands raise a RuntimeError (TORCH_CHECK), never crash."""
+    q, k, v, lens = make_inputs(2, 3, 8, 16, [8, 4], torch.float32, device="cpu")
+    args = dict(q=q, k=k, v=v, lens=lens, scale=0.25, key_start=None, isa=-1)
+    args.update(over)
+    with pytest.raises(RuntimeError, match=re.escape(match)):
+        torch.ops.gptfast_cpu.decode_attention_isa(args["q"], args["k"], args["v"], args["lens"], args["scale"],
+                                                   args["key_start"], args["isa"])
+    if "isa" not in over:
+        with pytest.raises(RuntimeError, match=re.escape(match)):
+            cpp_decode(args["q"], args["k"], args["v"], args["lens"], args["scale"], args["key_start"])
+
+
+def test_cpp_kernel_refuses_other_devices(cpp_isas):
+    """A tensor on another device (meta here) is refused with a RuntimeError too."""
+    q, k, v, lens = make_inputs(2, 3, 8, 16, [8, 4], torch.float32, device="cpu")
+    for args in ((q.to("meta"), k.to("meta"), v.to("meta"), lens.to("meta")), (q, k, v, lens.to("meta")),
+                 (q, k.to("meta"), v, lens)):
+        with pytest.raises(RuntimeError):
+            cpp_decode(*args, 0.25)

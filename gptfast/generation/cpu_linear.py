@@ -27,6 +27,17 @@ op's own cache, ``gptfast.ops.int8_linear.cpu_packed_weight``); ``release(model)
 them. The packed products sum in another order than ``F.linear``: logits agree to float32
 rounding, not bit for bit.
 
+A decode step is a few rows through every layer, so what surrounds the matmuls counts
+too. Both packed layers have a ``decode(x, norm, activation, residual)`` method, which
+``gptfast.nn.decode_linear`` calls: the layer norm (``F.layer_norm``), then the kernel
+with the GELU and the residual add as its epilogue (applied to each block of outputs while
+it is in L1: no extra pass, no extra op). While the layers are packed, a ``GPT``'s
+``fused_decode`` is set, so its decode and verify steps take ``GPT._decode_step`` instead
+of the modules' many small ops: per layer, layer norm + QKV + cache write (``decode_kv``,
+the write being the C++ ``write_kv`` of csrc/cpu_attention.cpp), attention through
+``gptfast.ops.decode_attention`` (its C++ kernel on the CPU), the output projection +
+residual, layer norm + MLP up-projection + GELU, down-projection + residual.
+
 Both kinds come with the gptfast extension; without it nothing is packed.
 
 Switching it: the ``enabled`` argument (True / False). Left at None it takes the
@@ -44,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptfast.ops import torch_path
+
 ENV_VAR = "GPTFAST_CPU_PACKED_LINEAR"
 
 _packs = weakref.WeakKeyDictionary()  # nn.Linear -> (weight key, packed weight)
@@ -54,14 +67,10 @@ _lock = threading.Lock()
 def fp32_ops():
     """``(fp32_pack, fp32_linear_packed)`` of the loaded gptfast extension, or None (no
     extension, or one built before the fp32 kernel)."""
-    from gptfast.ops.int8_linear import cpu_kernel  # loads the extension (once)
+    from gptfast.runtime.extension import cpu_op  # loads the extension
 
-    if cpu_kernel() is None:
-        return None
-    try:
-        return torch.ops.gptfast_cpu.fp32_pack.default, torch.ops.gptfast_cpu.fp32_linear_packed.default
-    except (AttributeError, RuntimeError):
-        return None
+    pack, matmul = cpu_op("fp32_pack"), cpu_op("fp32_linear_packed")
+    return None if pack is None or matmul is None else (pack.default, matmul.default)
 
 
 def available() -> bool:
@@ -103,6 +112,51 @@ def applies_to(model, enabled=None) -> bool:
     return available() or (any(_is_int8(m) for m in model.modules()) and int8_ops() is not None)
 
 
+def _decode(layer, x: torch.Tensor, norm=None, activation=None, residual=None) -> torch.Tensor:
+    """``act(layer(norm(x))) + residual``: a decode step's linear layer with its neighbours
+    (``gptfast.nn.decode_linear`` calls it for the packed layers). ``norm``: a layer norm
+    module (weight, bias, eps) or None; ``activation``: None or ``"gelu"`` (GPT-2's tanh
+    approximation); ``residual``: like the output, added last. Where the layer's kernel
+    serves x, the GELU and the residual are its epilogue; elsewhere they are torch ops."""
+    if activation not in (None, "gelu"):
+        raise ValueError(f"decode: activation must be None or 'gelu', got {activation!r}")
+    if norm is not None:
+        x = F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+    gelu = activation == "gelu"
+    rows = x.numel() // layer._k
+    if layer._serves(x, rows) and (residual is None or (residual.dtype == torch.float32 and residual.is_cpu)):
+        residual2 = None if residual is None else residual.reshape(rows, layer._n).contiguous()
+        y = layer._kernel(x.reshape(rows, layer._k).contiguous(), residual2, gelu)
+        return y.view(*x.shape[:-1], layer._n)
+    y = layer(x)
+    if gelu:
+        y = F.gelu(y, approximate="tanh")
+    return y if residual is None else y + residual
+
+
+@functools.lru_cache(maxsize=None)
+def _write_kv_op():
+    """``torch.ops.gptfast_cpu.write_kv`` of the loaded extension (csrc/cpu_attention.cpp), or None."""
+    from gptfast.runtime.extension import cpu_op
+
+    op = cpu_op("write_kv")
+    return None if op is None else op.default
+
+
+def _decode_kv(layer, x: torch.Tensor, norm, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+    """The QKV projection of a decode / verify step (``gptfast.nn.decode_linear_kv`` calls it
+    for the packed layers): ``layer(norm(x))``, its k and v columns written into the caches
+    at ``positions`` (B, T) (the C++ write for float32 CPU caches, else
+    ``torch_path.write_kv``, the same semantics); returns q (B, T, Q)."""
+    qkv = _decode(layer, x, norm)
+    write = _write_kv_op()
+    if write is None or k_cache.dtype != torch.float32 or not k_cache.is_cpu or qkv.dtype != torch.float32:
+        return torch_path.write_kv(qkv, k_cache, v_cache, positions)
+    write(qkv, k_cache, v_cache, positions)
+    return qkv[..., :qkv.shape[-1] - 2 * k_cache.shape[1] * k_cache.shape[3]]
+
+
 class PackedLinear(nn.Module):
     """An ``nn.Linear`` (held as ``linear``, its parameters unchanged) whose forward runs
     the C++ kernel on its packed weight when that applies: a float32 CPU input of at most
@@ -123,15 +177,23 @@ class PackedLinear(nn.Module):
     def bias(self):
         return self.linear.bias
 
+    def _serves(self, x: torch.Tensor, rows: int) -> bool:
+        """Whether the kernel computes this call: few float32 CPU rows, no autograd."""
+        return not (torch.is_grad_enabled() or rows > self._max_rows or x.dtype != torch.float32 or not x.is_cpu
+                    or self.linear.weight.dtype != torch.float32)
+
+    def _kernel(self, x2: torch.Tensor, residual2=None, gelu: bool = False) -> torch.Tensor:
+        return self._matmul(x2, self.packed, self._n, self.linear.bias, -1, residual2, gelu)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Kept lean: it runs for every layer of every decode step.
-        m = self.linear
         rows = x.numel() // self._k
-        if (torch.is_grad_enabled() or rows > self._max_rows or x.dtype != torch.float32 or not x.is_cpu
-                or m.weight.dtype != torch.float32):
+        if not self._serves(x, rows):
+            m = self.linear
             return F.linear(x, m.weight, m.bias)
-        y = self._matmul(x.reshape(rows, self._k).contiguous(), self.packed, self._n, m.bias)
-        return y.view(*x.shape[:-1], self._n)
+        return self._kernel(x.reshape(rows, self._k).contiguous()).view(*x.shape[:-1], self._n)
+
+    decode, decode_kv = _decode, _decode_kv
 
 
 class PackedInt8Linear(nn.Module):
@@ -159,15 +221,23 @@ class PackedInt8Linear(nn.Module):
     def bias(self):
         return self.linear.bias
 
+    def _serves(self, x: torch.Tensor, rows: int) -> bool:
+        """Whether the kernel computes this call: few float32 CPU rows that need no gradient."""
+        return not (rows > self._max_rows or x.dtype != torch.float32 or not x.is_cpu
+                    or (x.requires_grad and torch.is_grad_enabled()))
+
+    def _kernel(self, x2: torch.Tensor, residual2=None, gelu: bool = False) -> torch.Tensor:
+        buffers = self.linear._buffers
+        return self._matmul(x2, self.packed, buffers["scale"], buffers["bias"], -1, residual2, gelu)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Kept lean: it runs for every layer of every decode step.
         rows = x.numel() // self._k
-        if (rows > self._max_rows or x.dtype != torch.float32 or not x.is_cpu
-                or (x.requires_grad and torch.is_grad_enabled())):
+        if not self._serves(x, rows):
             return self.linear(x)  # the op: validation, the inference-only error, the torch path
-        buffers = self.linear._buffers
-        y = self._matmul(x.reshape(rows, self._k).contiguous(), self.packed, buffers["scale"], buffers["bias"])
-        return y.view(*x.shape[:-1], self._n)
+        return self._kernel(x.reshape(rows, self._k).contiguous()).view(*x.shape[:-1], self._n)
+
+    decode, decode_kv = _decode, _decode_kv
 
 
 def _is_int8(module) -> bool:
@@ -237,11 +307,16 @@ def packed_linears(model, enabled=None):
             if wrapped is not None:
                 setattr(parent, name, wrapped)
                 swapped.append((parent, name, linear))
+    fused_decode = getattr(model, "fused_decode", None)  # a GPT: its steps take the fused decode path
+    if swapped and fused_decode is not None:
+        model.fused_decode = True
     try:
         yield bool(swapped)
     finally:
         for parent, name, linear in swapped:
             setattr(parent, name, linear)
+        if swapped and fused_decode is not None:
+            model.fused_decode = fused_decode
 
 
 def release(model) -> None:

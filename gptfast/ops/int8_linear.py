@@ -104,15 +104,9 @@ def cpu_kernel():
     """``torch.ops.gptfast_cpu.int8_linear`` of the loaded gptfast extension, or None
     (no extension, or one built before csrc/cpu_linear.cpp). Looked up once."""
     if not _cpu_kernel:
-        from gptfast.runtime.extension import load_extension  # builds or loads gptfast._C (and registers the op)
+        from gptfast.runtime.extension import cpu_op  # builds or loads gptfast._C (and registers the op)
 
-        op = None
-        if load_extension() is not None:
-            try:
-                op = torch.ops.gptfast_cpu.int8_linear
-            except (AttributeError, RuntimeError):
-                op = None
-        _cpu_kernel.append(op)
+        _cpu_kernel.append(cpu_op("int8_linear"))
     return _cpu_kernel[0]
 
 

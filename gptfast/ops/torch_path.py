@@ -17,7 +17,7 @@ Same signatures as the fused ops and the reference twins:
 - ``skinny_linear(x, weight, bias=None, *, scale=None, ln_weight=None, ln_bias=None, eps=1e-5,
   activation=None, residual=None)``: ``F.layer_norm``, ``F.linear`` (int8 dequantised), GELU, add;
   ``skinny_linear_kv(...)``: the same projection, its k and v columns written into the caches
-  with one index write each.
+  with one index write each (``write_kv``, which the CPU's packed decode layers share).
 - ``linear_cross_entropy(hidden, weight, targets, ignore_index=-100)``: ``F.linear`` (all the
   logits), then ``F.cross_entropy`` in float32, summed and divided by the counted targets
   clamped to 1. The fused op's own fallback is its chunked loop with the per-row step in
@@ -172,15 +172,22 @@ def skinny_linear_kv(x: Tensor, weight: Tensor, bias: Optional[Tensor], k_cache:
     """x (B, T, K) projected to ``[q | k | v]``; k and v written into the (B_max, H_kv, S, D)
     caches at ``positions`` (B, T) (clamped into [0, S), as the kernel does); returns q."""
     y = skinny_linear(x, weight, bias, scale=scale, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps)
+    return write_kv(y, k_cache, v_cache, positions)
+
+
+def write_kv(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor) -> Tensor:
+    """The KV-cache write of a projection's ``[q | k | v]`` output qkv (B, T, N): its k and v
+    columns into the (B_max, H_kv, S, D) caches at ``positions`` (B, T) (clamped into [0, S),
+    as the kernel does); returns the q columns (B, T, Q), a view of qkv."""
     batch, tokens = positions.shape
     kv_heads, seq_len, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    q_cols = y.shape[-1] - 2 * kv_heads * head_dim
-    kv = y[..., q_cols:].view(batch, tokens, 2, kv_heads, head_dim)
-    rows = torch.arange(batch, device=x.device)[:, None]
+    q_cols = qkv.shape[-1] - 2 * kv_heads * head_dim
+    kv = qkv[..., q_cols:].view(batch, tokens, 2, kv_heads, head_dim)
+    rows = torch.arange(batch, device=qkv.device)[:, None]
     pos = positions.clamp(0, seq_len - 1)
     k_cache[rows, :, pos] = kv[:, :, 0]  # (B, T, H_kv, D) into (B, T) slots of (H_kv, D)
     v_cache[rows, :, pos] = kv[:, :, 1]
-    return y[..., :q_cols]
+    return qkv[..., :q_cols]
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean cross-entropy of ``F.linear(hidden, weight)`` over the targets that are not
     ``ignore_index`` (``cross_entropy`` of the whole logits)."""

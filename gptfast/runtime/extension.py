@@ -28,7 +28,7 @@ import torch
 
 from gptfast.runtime import paths
 
-EXTENSION_API_VERSION = 5  # must match kApiVersion in csrc/sampling.cpp
+EXTENSION_API_VERSION = 6  # must match kApiVersion in csrc/sampling.cpp
 # Compiler flags of every build; setup.py repeats them (a test keeps the two identical).
 # ISO C++ (not gnu++) keeps the compiler from fusing a * b + c into an FMA, which would
 # round differently from the twin; -fno-trapping-math lets branch-free loops with a
@@ -63,6 +63,11 @@ def source_files() -> list:
     return sorted(glob.glob(os.path.join(paths.source_dir("csrc"), "*.cpp")))
 
 
+def _inputs() -> list:
+    """Every file a build reads: the sources and the headers they include (csrc/*.h)."""
+    return source_files() + sorted(glob.glob(os.path.join(paths.source_dir("csrc"), "*.h")))
+
+
 def _prebuilt():
     """gptfast._C as built by setup.py, or (None, reason)."""
     try:
@@ -72,7 +77,7 @@ def _prebuilt():
     if getattr(module, "API_VERSION", None) != EXTENSION_API_VERSION:
         return None, f"gptfast._C is API version {getattr(module, 'API_VERSION', None)}, expected {EXTENSION_API_VERSION}"
     built = getattr(module, "__file__", None)
-    sources = source_files()
+    sources = _inputs()
     if built and sources and max(os.path.getmtime(s) for s in sources) > os.path.getmtime(built):
         return None, "gptfast._C is older than csrc/ (rebuild with pip install --no-build-isolation -e .)"
     return module, f"C++ extension gptfast._C ({built})"
@@ -81,7 +86,7 @@ def _prebuilt():
 def _jit_target(sources):
     """(module name, build directory) of a JIT build: keyed by sources, torch, Python, flags."""
     digest = hashlib.sha256()
-    for path in sources:
+    for path in sources + [h for h in _inputs() if h not in sources]:
         with open(path, "rb") as f:
             digest.update(f.read())
     digest.update(f"{torch.__version__} {sys.version} {EXTENSION_API_VERSION} {EXTENSION_CFLAGS} "
@@ -222,3 +227,14 @@ if __name__ == "__main__":
     status = extension_status(build=False)
     print(status)
     sys.exit(0 if status.startswith("C++ extension gptfast._C") else 1)
+
+
+def cpu_op(name: str):
+    """``torch.ops.gptfast_cpu.<name>`` (the op's overload packet), registered by the loaded
+    extension, or None: no extension here, or one without that op. Loads the extension."""
+    if load_extension() is None:
+        return None
+    try:
+        return getattr(torch.ops.gptfast_cpu, name)
+    except (AttributeError, RuntimeError):
+        return None
