@@ -9,15 +9,15 @@ stream ``h`` and the previous sublayer's output ``delta`` and computes
 ``y, h = layer_norm(delta, residual=h)``, i.e. ``h = h + delta; y = LN(h)`` in one pass.
 That is GPT-2's pre-LN block, reordered so every add rides along with a norm.
 
-Generation runs over a static KV cache allocated once (``setup_cache``): a forward with
-``input_pos`` of shape (T,) is a prefill of positions p..p+T-1 for every row; (B, 1) a
-decode step, one position per row; (B, T) a speculative verify step (each row's own T
-consecutive positions). On the fused backend the last two run ``GPT._decode_step``.
-Attention reads top-down: project, write the cache, attend, project. No step reads a
-position on the host (a prefill attends over the whole cache with each query masked at
-its position), so the steps compile with ``torch.compile(fullgraph=True)`` and the CUDA
-steps never wait on the device. Values (token ids, targets, positions) are checked only
-where that is free: CPU tensors outside ``torch.compile``; shapes always.
+Generation runs over a static KV cache allocated once (``setup_cache``): ``input_pos`` of
+shape (T,) prefills positions p..p+T-1 of every row; (B, 1) is a decode step, one position
+per row; (B, T) a speculative verify step (each row's own T consecutive positions). The
+last two run ``GPT._decode_step`` on the fused backend and while ``fused_decode`` is set
+(the CPU's packed layers, during ``gptfast.generate``). No step reads a position on the host
+(a prefill attends over the whole cache, each query masked at its position), so the steps
+compile with ``torch.compile(fullgraph=True)`` and CUDA steps never wait on the device.
+Values (token ids, targets, positions) are checked where that is free: CPU tensors outside
+``torch.compile``; shapes always.
 
 The backend (gptfast.backends) is one ``Backend`` object per model, which every layer
 reads. The model imports nothing above it: generation lives in ``gptfast.generate``.
@@ -52,9 +52,8 @@ class LayerNorm(nn.Module):
 
     def forward(self, x, residual=None):
         if residual is not None and x.dtype != residual.dtype:
-            # Under autocast a sublayer's output comes in the autocast dtype while the
-            # residual stream keeps the parameters' dtype: add in the stream's dtype, as
-            # the type promotion of `x + residual` would.
+            # Under autocast a sublayer's output comes in the autocast dtype while the residual
+            # stream keeps the parameters' dtype: add in the stream's dtype, as `x + residual` would.
             x = x.to(residual.dtype)
         return self._backend.ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
 
@@ -88,15 +87,13 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(y) if self.training else y  # eval: no dropout call per layer and step
 
     def attend_rows(self, q, keys, values, input_pos, cache_lens=None, ops=None):
-        """Decode (T = 1) / verify attention of q (B, H, T, D) over the rows' caches, as (B, T, C).
-        ``ops``: the module of attention functions (default: the backend's)."""
+        """Decode (T = 1) / verify attention of q (B, H, T, D) over the rows' caches, by ``ops`` (or the backend)."""
         B, H, T, D = q.shape
-        ops = self._backend.ops if ops is None else ops
         if T == 1:
             lens = input_pos[:, 0] + 1 if cache_lens is None else cache_lens
-            y = ops.decode_attention(q[:, :, 0], keys, values, lens).unsqueeze(2)
+            y = (ops or self._backend.ops).decode_attention(q[:, :, 0], keys, values, lens).unsqueeze(2)
         else:
-            y = ops.causal_attention(q, keys, values, q_positions=input_pos)
+            y = (ops or self._backend.ops).causal_attention(q, keys, values, q_positions=input_pos)
         return y.transpose(1, 2).reshape(B, T, H * D)
 
 
@@ -163,11 +160,7 @@ class GPT(nn.Module):
             self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
-        # Decode / verify steps take _decode_step also outside the fused backend: set while
-        # the linear layers run their own decode kernels (the CPU's packed layers, which
-        # gptfast.generate puts in place), so a step calls those kernels and gptfast.ops'
-        # decode attention a few times per layer rather than the modules' many small ops.
-        self.fused_decode = False
+        self.fused_decode = False  # decode / verify steps take _decode_step outside the fused backend too
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -176,12 +169,10 @@ class GPT(nn.Module):
 
     @staticmethod
     def _init_weights(module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     # ---- backend and cache -------------------------------------------------------
 
@@ -283,13 +274,12 @@ class GPT(nn.Module):
     def _decode_step(self, h, input_pos, logits_index):
         """Fused decode / verify, per block: LN + QKV + cache write, attention (1-2 launches), out-proj +
         residual, LN + up-proj + GELU, down-proj + residual (gptfast.nn.decode_linear); then LN + LM head."""
-        B, T, C = h.shape
+        (B, T, C), ops = h.shape, fused_ops  # gptfast.ops' attention whatever the backend (CPU: its C++ kernel)
         cache_lens = input_pos[:, 0] + 1 if T == 1 else None  # once for every layer
         for block in self.transformer.h:
             attn, mlp = block.attn, block.mlp
             q, keys, values = attn.kv_cache.project_rows(h, input_pos, attn.c_attn, block.ln_1)
-            y = attn.attend_rows(q.view(B, T, attn.n_head, -1).transpose(1, 2), keys, values, input_pos, cache_lens,
-                                 ops=fused_ops)
+            y = attn.attend_rows(q.view(B, T, attn.n_head, -1).transpose(1, 2), keys, values, input_pos, cache_lens, ops)
             h = decode_linear(y, attn.c_proj, residual=h)
             h = decode_linear(decode_linear(h, mlp.c_fc, block.ln_2, activation="gelu"), mlp.c_proj, residual=h)
         if logits_index is not None:

@@ -47,6 +47,8 @@ def test_the_fused_ops_fall_back_to_the_one_torch_path(monkeypatch, op, args):
     monkeypatch.setattr(torch_path, op, lambda *a, **k: calls.append(op) or real(*a, **k))
     if op != "layer_norm":  # float64 takes the torch path for layernorm; attention needs Triton off
         monkeypatch.setattr(importlib.import_module(f"gptfast.ops.{op}"), "use_triton", lambda t: False)
+    if op == "decode_attention":  # and its C++ CPU kernel off (no extension): the fall-back is under test
+        monkeypatch.setattr(importlib.import_module("gptfast.ops.decode_attention"), "_cpu_kernel", [None])
     out = getattr(gptfast.ops, op)(*args())
     assert calls == [op] and torch.isfinite(out).all()
 
