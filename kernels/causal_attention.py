@@ -1012,7 +1012,8 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
     output 0.
 
     Inputs are assumed validated (gptfast.ops.causal_attention does it). ``out``/``lse`` may be
-    preallocated; ``config`` (a LaunchConfig) overrides the table's choice.
+    preallocated (``lse`` with ``store_lse=False`` is refused: nothing would write it);
+    ``config`` (a LaunchConfig) overrides the table's choice.
     """
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = _unit_stride_d(q), _unit_stride_d(k), _unit_stride_d(v)
@@ -1021,6 +1022,8 @@ def attention_forward(q, k, v, scale: float, q_offset: int = 0, *, q_positions=N
     out = check_out("causal_attention", "out", out, q.shape, dtype, device)
     if store_lse:
         lse = check_out("causal_attention", "lse", lse, (batch, heads, q_len), torch.float32, device, contiguous=True)
+    elif lse is not None:  # a buffer that would silently stay unwritten
+        raise ValueError("causal_attention: lse was given with store_lse=False, which writes no log-sum-exp")
     cfg = config or forward_config(head_dim, dtype, device, q_len)
     flags = _use_tma(variant_flags("fwd", cfg), q, k, v, out)
     q_start, key_start_ptr = _position_pointers(q, q_positions, key_start)

@@ -346,7 +346,8 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None,
     ``residual``), ``mean`` and ``rstd`` float32 of shape ``(n_rows,)``, or None with
     ``store_stats=False`` (inference: no backward will read them, so they are neither
     allocated nor written). Buffers passed as ``out``/``h_out``/``mean_out``/``rstd_out``
-    are written in place; ``config`` (a LaunchConfig with block_rows and num_warps)
+    are written in place (``mean_out``/``rstd_out`` with ``store_stats=False`` are refused:
+    nothing would write them); ``config`` (a LaunchConfig with block_rows and num_warps)
     overrides ``fwd_config``.
     """
     n_rows, n_cols = x.shape
@@ -359,6 +360,8 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, *, out=None, h_out=None,
     if store_stats:
         mean = _check_out("mean_out", mean_out, (n_rows,), torch.float32, dev)
         rstd = _check_out("rstd_out", rstd_out, (n_rows,), torch.float32, dev)
+    elif mean_out is not None or rstd_out is not None:  # a buffer that would silently stay unwritten
+        raise ValueError("layer_norm: mean_out/rstd_out were given with store_stats=False, which writes no statistics")
     else:
         mean = rstd = None
     if n_rows == 0:

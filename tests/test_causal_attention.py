@@ -282,6 +282,8 @@ def test_inference_forward_skips_the_log_sum_exp(padded):
             public = causal_attention(q, k, v, scale=0.2, q_offset=5, key_start=key_start)
     assert lse is None and want_lse.shape == (2, 2, 37)
     assert torch.equal(out, want) and torch.equal(public, want)
+    with pytest.raises(ValueError, match="lse was given with store_lse=False"):  # it would stay unwritten
+        attention_kernels.attention_forward(q, k, v, 0.2, 5, lse=torch.empty_like(want_lse), store_lse=False)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -318,6 +318,10 @@ def test_inference_forward_skips_the_statistics(residual):
     assert torch.equal(y, want[0]) and (h is None if res is None else torch.equal(h, want[1]))
     public = (public,) if res is None else public
     assert torch.equal(public[0], y.view(x.shape)) and (res is None or torch.equal(public[1], h.view(x.shape)))
+    for buffer in ("mean_out", "rstd_out"):  # a statistics buffer would stay unwritten: refused
+        with pytest.raises(ValueError, match="with store_stats=False, which writes no statistics"):
+            ln_kernels.layer_norm_fwd(rows, weight, bias, 1e-5, store_stats=False,
+                                      **{buffer: torch.empty(rows.shape[0], device=rows.device)})
 
 
 def test_launcher_rejects_wrong_out_buffer():
