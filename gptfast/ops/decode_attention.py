@@ -11,7 +11,8 @@ read. Returns (B, H, D) in q's dtype. Head sizes up to 256; fp16, bf16, fp32.
 Runs the split-KV Triton kernel (``gptfast.kernels.decode_attention``) on CUDA or under the
 Triton interpreter; on the CPU, for float32, the C++ kernel of the gptfast extension
 (``torch.ops.gptfast_cpu.decode_attention``, csrc/cpu_attention.cpp: a direct loop over each
-row's valid positions, no mask; 3-4x faster than SDPA with its masks at GPT-2's decode shapes)
+row's valid positions, no mask: at decode shapes SDPA's masks and dispatch cost more than the
+arithmetic; BENCHMARKS.md, "Weight-only int8", measures the decode step it belongs to)
 when the extension is loaded (``cpu_kernel()``); otherwise the torch path
 (``gptfast.ops.torch_path.decode_attention``: SDPA with a mask built from cache_lens). The op
 is registered as ``torch.ops.gptfast.decode_attention`` with a fake implementation, so
