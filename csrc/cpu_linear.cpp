@@ -76,6 +76,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "cpu_math.h"
 
 namespace {
 
@@ -227,27 +228,14 @@ inline void tile(const float* x, int64_t ldx, const void* w, int64_t kc, float* 
 }
 
 // GPT-2's GELU, 0.5 a (1 + tanh(u)) with u = sqrt(2 / pi) (a + 0.044715 a^3), written as
-// a / (1 + exp(-2 u)) (the same function: 1 + tanh(u) = 2 / (1 + exp(-2 u))), with an
-// exp of its own: branch-free, so the epilogue's loop vectorises (libm's expf and tanhf
-// do not). exp(t) = 2^n exp(r), n = round(t log2 e), r = t - n ln 2 in [-ln2/2, ln2/2],
-// exp(r) by Cephes' degree-6 polynomial (about 1 ulp); t is clamped to +-88 first, so 2^n
-// stays a normal float (a huge -2u gives a / 1.6e38: 0 to float precision, as the GELU).
+// a / (1 + exp(-2 u)) (the same function: 1 + tanh(u) = 2 / (1 + exp(-2 u))) and, so that
+// only the exp of a non-positive number is needed (exp_nonpos: branch-free, so the
+// epilogue's loop vectorises; libm's expf and tanhf do not), with t = exp(-2 |u|) <= 1:
+// a / (1 + t) for u >= 0, and a t / (1 + t) for u < 0 (numerator and denominator times t).
 inline float gelu_tanh(float a) {
   const float u = 0.7978845608028654f * (a + 0.044715f * a * a * a);
-  const float t = std::min(std::max(-2.f * u, -88.f), 88.f);
-  const float n = std::nearbyint(t * 1.4426950408889634f);
-  const float r = (t - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 in two parts: r exact
-  float e = 1.9875691500e-4f;
-  e = e * r + 1.3981999507e-3f;
-  e = e * r + 8.3334519073e-3f;
-  e = e * r + 4.1665795894e-2f;
-  e = e * r + 1.6666665459e-1f;
-  e = e * r + 5.0000001201e-1f;
-  e = e * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return a / (1.f + e * two_n);
+  const float t = gptfast_cpu::exp_nonpos(-2.f * std::fabs(u));
+  return (u >= 0.f ? a : a * t) / (1.f + t);
 }
 
 // y[r0 + r][c] = act(acc[r][c] * scale[c] + bias[c]) + residual[r0 + r][c] for the block's

@@ -63,9 +63,9 @@ def source_files() -> list:
     return sorted(glob.glob(os.path.join(paths.source_dir("csrc"), "*.cpp")))
 
 
-def _inputs() -> list:
-    """Every file a build reads: the sources and the headers they include (csrc/*.h)."""
-    return source_files() + sorted(glob.glob(os.path.join(paths.source_dir("csrc"), "*.h")))
+def header_files() -> list:
+    """csrc/*.h, which the sources include: a build reads them too."""
+    return sorted(glob.glob(os.path.join(paths.source_dir("csrc"), "*.h")))
 
 
 def _prebuilt():
@@ -77,7 +77,7 @@ def _prebuilt():
     if getattr(module, "API_VERSION", None) != EXTENSION_API_VERSION:
         return None, f"gptfast._C is API version {getattr(module, 'API_VERSION', None)}, expected {EXTENSION_API_VERSION}"
     built = getattr(module, "__file__", None)
-    sources = _inputs()
+    sources = source_files() + header_files()
     if built and sources and max(os.path.getmtime(s) for s in sources) > os.path.getmtime(built):
         return None, "gptfast._C is older than csrc/ (rebuild with pip install --no-build-isolation -e .)"
     return module, f"C++ extension gptfast._C ({built})"
@@ -86,7 +86,7 @@ def _prebuilt():
 def _jit_target(sources):
     """(module name, build directory) of a JIT build: keyed by sources, torch, Python, flags."""
     digest = hashlib.sha256()
-    for path in sources + [h for h in _inputs() if h not in sources]:
+    for path in sources + header_files():
         with open(path, "rb") as f:
             digest.update(f.read())
     digest.update(f"{torch.__version__} {sys.version} {EXTENSION_API_VERSION} {EXTENSION_CFLAGS} "
@@ -223,12 +223,6 @@ def reset_extension_cache() -> None:
     _loaded = _Loaded()
 
 
-if __name__ == "__main__":
-    status = extension_status(build=False)
-    print(status)
-    sys.exit(0 if status.startswith("C++ extension gptfast._C") else 1)
-
-
 def cpu_op(name: str):
     """``torch.ops.gptfast_cpu.<name>`` (the op's overload packet), registered by the loaded
     extension, or None: no extension here, or one without that op. Loads the extension."""
@@ -238,3 +232,10 @@ def cpu_op(name: str):
         return getattr(torch.ops.gptfast_cpu, name)
     except (AttributeError, RuntimeError):
         return None
+
+
+if __name__ == "__main__":
+    status = extension_status(build=False)
+    print(status)
+    sys.exit(0 if status.startswith("C++ extension gptfast._C") else 1)
+
