@@ -13,8 +13,10 @@ of Hugging Face ``generate`` on a ``GPT2LMHeadModel`` built from the same config
 download). Decode time = time(prompt + N new tokens) - time(prompt + 1 new token), so
 prefill is left out; ``--runs`` runs, the three engines interleaved within each run, min /
 median / max, with the load average. At batch 1 it prints each gptfast engine's median as
-a percentage of its read-bandwidth limit: the bandwidth of a sum over 1 GiB divided by the
-linear weights' bytes per step.
+a percentage of two read-bandwidth limits, each a read rate divided by the linear weights'
+bytes per step: the rate of a sum over 1 GiB (memory), and that of a sum over a buffer of
+the weights' own size (where they fit the last-level cache, as GPT-2's 124 MB of int8
+weights may, they are read from it between steps, faster than from memory).
 
     PYTHONPATH=$PWD python benchmarks/bench_int8.py [--skip accuracy] [--new-tokens 64] [--runs 3] [--batches 1,8,64]
 """
@@ -79,9 +81,9 @@ def accuracy(args):
           f"({same / len(prompts):.0%}); mean agreeing prefix {sum(prefix) / len(prefix):.1f} tokens")
 
 
-def read_bandwidth(gib=1.0, repeats=5):
-    """Bytes/s of the best of ``repeats`` sums over a ``gib`` GiB float32 buffer (all torch threads)."""
-    buf = torch.ones(int(gib * 2**30) // 4)
+def read_bandwidth(nbytes=2**30, repeats=5):
+    """Bytes/s of the best of ``repeats`` sums over a float32 buffer of ``nbytes`` (all torch threads)."""
+    buf = torch.ones(int(nbytes) // 4)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -122,12 +124,16 @@ def speed(args):
                            n_layer=config.n_layer, n_head=config.n_head)
     hf = GPT2LMHeadModel(hf_config).eval()
     bandwidth = read_bandwidth()
-    limits = {"gptfast fp32": bandwidth / weight_bytes(fp32), "gptfast int8": bandwidth / weight_bytes(int8)}
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step: fp32 {weight_bytes(fp32) / 1e6:.0f} MB, "
-          f"int8 {weight_bytes(int8) / 1e6:.0f} MB; GPT-2 124M shapes, random weights, greedy, prompt {PROMPT_LEN}, "
+    sizes = {"gptfast fp32": weight_bytes(fp32), "gptfast int8": weight_bytes(int8)}
+    own = {name: read_bandwidth(size) for name, size in sizes.items()}
+    # tokens/s per row that reading the weights once per step at each rate allows
+    limits = {name: (bandwidth / size, own[name] / size) for name, size in sizes.items()}
+    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s over 1 GiB; over the weights' own size: "
+          + ", ".join(f"{name.split()[1]} ({sizes[name] / 1e6:.0f} MB) {own[name] / 1e9:.1f} GB/s" for name in sizes)
+          + f"; GPT-2 124M shapes, random weights, greedy, prompt {PROMPT_LEN}, "
           f"{args.new_tokens} new tokens, {args.runs} runs (engines interleaved within each run)")
     print(f"{'batch':>5} | {'engine':<16} | {'tok/s min':>9} {'median':>8} {'max':>8} | {'ms/step':>7} | "
-          f"{'% of read limit':>15} | load avg")
+          f"{'% of read limit (1 GiB / own size)':>34} | load avg")
     for batch in args.batches:
         prompts = [[int(t) for t in torch.randint(0, config.vocab_size, (PROMPT_LEN,))] for _ in range(batch)]
         ids = torch.tensor(prompts)
@@ -152,7 +158,11 @@ def speed(args):
         for name, r in rates.items():
             r = sorted(r)
             median = statistics.median(r)
-            limit = f"{100 * median / batch / limits[name]:14.0f}%" if name in limits and batch == 1 else f"{'':>15}"
+            if name in limits and batch == 1:
+                limit = " / ".join(f"{100 * median / batch / rate:.0f}%" for rate in limits[name])
+            else:
+                limit = ""
+            limit = f"{limit:>34}"
             print(f"{batch:>5} | {name:<16} | {r[0]:9.1f} {median:8.1f} {r[-1]:8.1f} | {1000 * batch / median:7.1f} | "
                   f"{limit} | {load:.2f}")
         med = {name: statistics.median(r) for name, r in rates.items()}

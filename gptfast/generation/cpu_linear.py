@@ -37,6 +37,8 @@ of the modules' many small ops: per layer, layer norm + QKV + cache write (``dec
 the write being the C++ ``write_kv`` of csrc/cpu_attention.cpp), attention through
 ``gptfast.ops.decode_attention`` (its C++ kernel on the CPU), the output projection +
 residual, layer norm + MLP up-projection + GELU, down-projection + residual.
+``gptfast.generate``'s decode loop calls the same kernels (the layers' ``kernel``) from
+the flat step of ``gptfast.generation.cpu_decode`` instead.
 
 Both kinds come with the gptfast extension; without it nothing is packed.
 
@@ -126,7 +128,7 @@ def _decode(layer, x: torch.Tensor, norm=None, activation=None, residual=None) -
     rows = x.numel() // layer._k
     if layer._serves(x, rows) and (residual is None or (residual.dtype == torch.float32 and residual.is_cpu)):
         residual2 = None if residual is None else residual.reshape(rows, layer._n).contiguous()
-        y = layer._kernel(x.reshape(rows, layer._k).contiguous(), residual2, gelu)
+        y = layer.kernel(x.reshape(rows, layer._k).contiguous(), residual2, gelu)
         return y.view(*x.shape[:-1], layer._n)
     y = layer(x)
     if gelu:
@@ -182,7 +184,9 @@ class PackedLinear(nn.Module):
         return not (torch.is_grad_enabled() or rows > self._max_rows or x.dtype != torch.float32 or not x.is_cpu
                     or self.linear.weight.dtype != torch.float32)
 
-    def _kernel(self, x2: torch.Tensor, residual2=None, gelu: bool = False) -> torch.Tensor:
+    def kernel(self, x2: torch.Tensor, residual2=None, gelu: bool = False) -> torch.Tensor:
+        """``gelu(x2 @ W^T + b) + residual2`` on the packed weight, for what ``_serves``:
+        x2 (M, K) float32 contiguous; residual2 (M, N) float32 contiguous or None."""
         return self._matmul(x2, self.packed, self._n, self.linear.bias, -1, residual2, gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +195,7 @@ class PackedLinear(nn.Module):
         if not self._serves(x, rows):
             m = self.linear
             return F.linear(x, m.weight, m.bias)
-        return self._kernel(x.reshape(rows, self._k).contiguous()).view(*x.shape[:-1], self._n)
+        return self.kernel(x.reshape(rows, self._k).contiguous()).view(*x.shape[:-1], self._n)
 
     decode, decode_kv = _decode, _decode_kv
 
@@ -226,7 +230,9 @@ class PackedInt8Linear(nn.Module):
         return not (rows > self._max_rows or x.dtype != torch.float32 or not x.is_cpu
                     or (x.requires_grad and torch.is_grad_enabled()))
 
-    def _kernel(self, x2: torch.Tensor, residual2=None, gelu: bool = False) -> torch.Tensor:
+    def kernel(self, x2: torch.Tensor, residual2=None, gelu: bool = False) -> torch.Tensor:
+        """``gelu(x2 @ (scale * W)^T + b) + residual2`` on the packed int8 weight (see
+        ``PackedLinear.kernel``)."""
         buffers = self.linear._buffers
         return self._matmul(x2, self.packed, buffers["scale"], buffers["bias"], -1, residual2, gelu)
 
@@ -235,7 +241,7 @@ class PackedInt8Linear(nn.Module):
         rows = x.numel() // self._k
         if not self._serves(x, rows):
             return self.linear(x)  # the op: validation, the inference-only error, the torch path
-        return self._kernel(x.reshape(rows, self._k).contiguous()).view(*x.shape[:-1], self._n)
+        return self.kernel(x.reshape(rows, self._k).contiguous()).view(*x.shape[:-1], self._n)
 
     decode, decode_kv = _decode, _decode_kv
 

@@ -24,7 +24,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from gptfast.generation import cpu_linear, speculative
+from gptfast.generation import cpu_decode, cpu_linear, speculative
 from gptfast.generation.cuda_graphs import GRAPHS
 from gptfast.generation.engines import get_engine
 from gptfast.generation.sampling_params import SamplingParams, build_sampling_tensors, new_decode_state, resolve_seeds, to_device
@@ -120,7 +120,8 @@ def _prefill(model, prompts, device):
 
 def _decode_step(model, engine, p, s, cuda_graph, steps):
     """(model_step, graph_replay, p, s) for ``steps`` decode steps: a replayed CUDA graph
-    (with its static p and s) when asked for (the default on CUDA), else the eager step."""
+    (with its static p and s) when asked for (the default on CUDA); on the CPU with packed
+    layers, the flat step of gptfast.generation.cpu_decode; else the model's eager step."""
     supported = GRAPHS.supports(s.tokens.device)
     if cuda_graph and not supported:
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {s.tokens.device}")
@@ -131,6 +132,9 @@ def _decode_step(model, engine, p, s, cuda_graph, steps):
         except Exception as e:  # capture is an optimisation: decode eagerly instead
             warnings.warn(f"gptfast: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly",
                           RuntimeWarning, stacklevel=3)
+    flat = cpu_decode.decode_step(model, s.tokens.shape[0]) if s.tokens.is_cpu and steps > 0 else None
+    if flat is not None:  # packed CPU layers: the same kernels without the model's per-call Python
+        return flat, False, p, s
     return (lambda tokens, positions: model(tokens, input_pos=positions)), False, p, s
 
 
