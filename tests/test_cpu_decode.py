@@ -73,6 +73,30 @@ def test_flat_steps_equal_the_models_decode_steps_bit_for_bit(cpp_attention, int
             assert torch.equal(mine.attn.kv_cache.v, theirs.attn.kv_cache.v)
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+@pytest.mark.parametrize("overrides", [{}, {"pos_embedding": "sinusoidal"}], ids=["gpt2", "sinusoidal"])
+def test_verify_and_draft_steps_equal_the_models_bit_for_bit(cpp_attention, int8, overrides):
+    """Several tokens per row at each row's own consecutive positions (a speculative verify
+    step: all logits; a draft step: each row's last position's, as ``logits_index`` picks)."""
+    model = model_of(int8, **overrides)
+    twin = copy.deepcopy(model)
+    with torch.no_grad(), cpu_linear.packed_linears(model), cpu_linear.packed_linears(twin):
+        prefilled(model, 3)
+        prefilled(twin, 3)
+        step = cpu_decode.decode_step(model, 3, steps=4)
+        positions = torch.tensor([[5], [2], [4]]) + torch.arange(4)
+        tokens = ids(3, 4, seed=3)
+        got, want = step(tokens, positions), twin(tokens, input_pos=positions)
+        assert got.shape == want.shape == (3, 4, VOCAB) and torch.equal(got, want)
+        tokens, positions = tokens[:, :2], positions[:, :2] + 4
+        got = step(tokens, positions, last=True)
+        want = twin(tokens, input_pos=positions, logits_index=torch.ones(3, dtype=torch.long))
+        assert got.shape == want.shape == (3, 1, VOCAB) and torch.equal(got, want)
+        for mine, theirs in zip(model.transformer.h, twin.transformer.h):
+            assert torch.equal(mine.attn.kv_cache.k, theirs.attn.kv_cache.k)
+            assert torch.equal(mine.attn.kv_cache.v, theirs.attn.kv_cache.v)
+
+
 def test_the_flat_step_leaves_rows_past_its_batch_alone():
     """A step for 2 rows of a 3-row cache writes only rows 0 and 1."""
     model = model_of()
@@ -106,6 +130,8 @@ def test_where_the_flat_step_does_not_apply_it_is_none():
         prefilled(wide, rows, prompt_len=2, max_seq_len=4)
         assert cpu_decode.decode_step(wide, rows) is None  # more rows than the packed kernels take
         assert cpu_decode.decode_step(wide, rows - 1) is not None
+        assert cpu_decode.decode_step(wide, 16, steps=4) is not None
+        assert cpu_decode.decode_step(wide, 16, steps=5) is None  # 80 rows of tokens
     double = model_of().double()
     with torch.no_grad(), cpu_linear.packed_linears(double):
         prefilled(double, 1)
@@ -132,3 +158,25 @@ def test_generate_decodes_through_the_flat_step_with_the_same_tokens(cpp_attenti
     monkeypatch.setattr(cpu_decode, "decode_step", lambda model, batch: None)
     through_the_model = [r.token_ids for r in generate(model, prompts, params)]
     assert flat == through_the_model and all(len(t) == params.max_new_tokens for t in flat)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=12, temperature=0.0),
+                                    SamplingParams(max_new_tokens=12, temperature=0.9, top_k=20, seed=5)],
+                         ids=["greedy", "sampled"])
+def test_speculative_decoding_takes_flat_steps_with_the_same_tokens(cpp_attention, monkeypatch, params):
+    """Draft and verify steps flat where they apply: the tokens of the model-called steps."""
+    model, draft = model_of(seed=0), model_of(seed=1, n_layer=1)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9]]
+    steps = []
+    made = cpu_decode.decode_step
+
+    def counting(model, batch, steps_per_row=1):
+        step = made(model, batch, steps_per_row)
+        return None if step is None else (lambda *args, **kw: steps.append(model is draft) or step(*args, **kw))
+
+    monkeypatch.setattr(cpu_decode, "decode_step", lambda model, batch, steps=1: counting(model, batch, steps))
+    flat = [r.token_ids for r in generate(model, prompts, params, draft_model=draft, num_draft_tokens=3)]
+    assert set(steps) == {True, False}  # the draft's steps and the target's verify steps ran flat
+    monkeypatch.setattr(cpu_decode, "decode_step", lambda model, batch, steps=1: None)
+    through_the_models = [r.token_ids for r in generate(model, prompts, params, draft_model=draft, num_draft_tokens=3)]
+    assert flat == through_the_models and all(len(t) == 12 for t in flat)

@@ -1,4 +1,4 @@
-"""The CPU decode step of ``gptfast.generate``: one flat loop over operands prepared once.
+"""The CPU's flat model steps for decoding: one loop over operands prepared once.
 
 While ``packed_linears`` holds a GPT's layers packed, a decode step through the model
 (``GPT._decode_step``) calls, per layer, eight kernels: layer norm, the QKV product, the
@@ -10,18 +10,23 @@ every argument, reshapes and views), costs more host time than the kernels at ba
 the gaps between products also slow the weight streams that follow them (BENCHMARKS.md,
 "Weight-only int8", measures both).
 
-``decode_step(model, batch)`` gathers each block's operands once (norm weights, the packed
-layers' kernels, its rows of the KV cache) and returns ``step(tokens, positions) -> logits``
-(B, 1, V) that calls the same kernels, in the same order and on the same operands as
-``GPT._decode_step``, with nothing between them but views: the logits are the same bit for
-bit (tests/test_cpu_decode.py). It is the CPU's counterpart of the replayed CUDA graph
-(gptfast.generation.cuda_graphs): made for one decode loop, whose inputs the sampler makes
-(in range by construction), it checks nothing per step beyond what the C++ ops check; the
-caches it holds are the model's at the time it was made.
+``decode_step(model, batch, steps=1)`` gathers each block's operands once (norm weights,
+the packed layers' kernels, its rows of the KV cache) and returns ``step(tokens, positions,
+last=False) -> logits`` that calls the same kernels, in the same order and on the same
+operands as ``GPT._decode_step``, with nothing between them but views: the logits are the
+same bit for bit (tests/test_cpu_decode.py). A row's T tokens sit at its own consecutive
+positions: T = 1 is a decode step (the C++ decode attention), T > 1 a speculative verify
+or draft step (attention as the model's CPU path runs it, ``torch_path.causal_attention``);
+``last`` keeps only each row's last position (a draft step's ``logits_index``). It is the
+CPU's counterpart of the replayed CUDA graph (gptfast.generation.cuda_graphs), serving
+``generate``'s decode loop and the speculative rounds (gptfast.generation.speculative):
+made for one loop, whose inputs the sampler makes (in range by construction), it checks
+nothing per step beyond what the C++ ops check; the caches it holds are the model's at the
+time it was made.
 
-It returns None, and the decode loop calls the model instead, unless: every linear layer
+It returns None, and the caller calls the model instead, unless: every linear layer
 of the blocks and the head is packed (``PackedLinear`` / ``PackedInt8Linear``, i.e. inside
-``packed_linears``), the batch fits their kernel (at most ``CPU_KERNEL_MAX_ROWS`` rows),
+``packed_linears``), ``batch * steps`` rows fit their kernel (at most ``CPU_KERNEL_MAX_ROWS``),
 the caches are float32 CPU tensors, the extension has the C++ attention and cache write,
 no gradient is recorded, and the model is not training with dropout.
 """
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 
 from gptfast.generation.cpu_linear import PackedInt8Linear, PackedLinear
 from gptfast.model import GPT
+from gptfast.ops import torch_path
 from gptfast.ops._validation import resolve_scale
 from gptfast.ops.int8_linear import CPU_KERNEL_MAX_ROWS
 from gptfast.runtime.extension import cpu_op
@@ -45,9 +51,10 @@ def _norm(norm) -> tuple:
     return norm.weight, norm.bias, norm.eps
 
 
-def decode_step(model, batch: int) -> Optional[Callable]:
-    """A flat decode step for ``batch`` rows of ``model`` (a GPT whose layers are packed and
-    whose cache a prefill wrote), or None where it does not apply (module docstring)."""
+def decode_step(model, batch: int, steps: int = 1) -> Optional[Callable]:
+    """A flat step for ``batch`` rows of ``model`` (a GPT whose layers are packed and whose
+    cache a prefill wrote), taking up to ``steps`` tokens per row, or None where it does
+    not apply (module docstring)."""
     if not isinstance(model, GPT):
         return None
     blocks, config = model.transformer.h, model.config
@@ -57,7 +64,7 @@ def decode_step(model, batch: int) -> Optional[Callable]:
     write, attention = cpu_op("write_kv"), cpu_op("decode_attention")
     if (write is None or attention is None or cache is None or torch.is_grad_enabled()
             or (model.training and config.dropout > 0) or not all(_packed(lin) for lin in linears)
-            or batch > CPU_KERNEL_MAX_ROWS or any(b.attn.kv_cache.rows_prefilled < batch for b in blocks)
+            or batch * steps > CPU_KERNEL_MAX_ROWS or any(b.attn.kv_cache.rows_prefilled < batch for b in blocks)
             or cache.k.dtype != torch.float32 or not cache.k.is_cpu):
         return None
     write, attention = write.default, attention.default
@@ -74,20 +81,30 @@ def decode_step(model, batch: int) -> Optional[Callable]:
     positions_table = model.transformer.wpe.weight if learned else model.pos_table
     shape = (width,)
 
-    def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 1, V) of ``tokens`` (B, 1) at ``positions`` (B, 1), each row's cache
-        written at its position."""
-        lens = positions[:, 0] + 1  # each row's cache length once the new token's key is written
-        pos = positions.view(-1)
+    def step(tokens: torch.Tensor, positions: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) of ``tokens`` (B, T) at ``positions`` (B, T), each row's T
+        consecutive positions (a decode step: T = 1; a verify step: T > 1), written into its
+        cache; ``last``: only each row's last position's, (B, 1, V) (a draft step)."""
+        t = tokens.shape[1]
+        rows = batch * t
+        if t == 1:
+            lens = positions[:, 0] + 1  # each row's cache length once the new token's key is written
+        pos = positions.reshape(-1)
         pos_emb = F.embedding(pos, positions_table) if learned else positions_table[pos]
-        h = F.embedding(tokens.view(-1), wte) + pos_emb
+        h = F.embedding(tokens.reshape(-1), wte) + pos_emb
         for (w1, b1, eps1), qkv_kernel, k_cache, v_cache, proj, (w2, b2, eps2), fc, fc_proj in layers:
             qkv = qkv_kernel(torch.layer_norm(h, shape, w1, b1, eps1))
-            write(qkv.view(batch, 1, -1), k_cache, v_cache, positions)
-            q = qkv[:, :width].view(batch, heads, head_dim)
-            h = proj(attention(q, k_cache, v_cache, lens, scale, None).view(batch, width), h)
+            write(qkv.view(batch, t, -1), k_cache, v_cache, positions)
+            if t == 1:
+                y = attention(qkv[:, :width].view(batch, heads, head_dim), k_cache, v_cache, lens, scale, None)
+            else:  # causal within the row's new tokens, over its cache (the model's CPU path: SDPA)
+                q = qkv[:, :width].view(batch, t, heads, head_dim).transpose(1, 2)
+                y = torch_path.causal_attention(q, k_cache, v_cache, scale, 0, positions).transpose(1, 2)
+            h = proj(y.reshape(rows, width), h)
             h = fc_proj(fc(torch.layer_norm(h, shape, w2, b2, eps2), None, True), h)
+        if last and t > 1:
+            h = h.view(batch, t, width)[:, -1]
         w, b, eps = final_norm
-        return head(torch.layer_norm(h, shape, w, b, eps)).view(batch, 1, -1)
+        return head(torch.layer_norm(h, shape, w, b, eps)).view(batch, 1 if last else t, -1)
 
     return step

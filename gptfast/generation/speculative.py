@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from gptfast.generation import cpu_decode
 from gptfast.generation.decode_state import SpeculativeState
 
 MAX_DRAFT_TOKENS = 16
@@ -92,6 +93,16 @@ def _eager_steps(model, draft_model):
     return draft_step, verify_step
 
 
+def _flat_steps(model, draft_model, batch: int, k: int, draft_step, verify_step):
+    """Each step as the flat step of gptfast.generation.cpu_decode where that applies (the
+    CPU's packed layers: the same logits without the model's per-call Python), else as given."""
+    flat_draft = cpu_decode.decode_step(draft_model, batch, steps=2)  # the first draft step feeds two tokens
+    flat_verify = cpu_decode.decode_step(model, batch, steps=k + 1)
+    if flat_draft is not None:
+        draft_step = lambda tokens, positions: flat_draft(tokens, positions, last=True)  # noqa: E731
+    return draft_step, verify_step if flat_verify is None else flat_verify
+
+
 def _capture(fn, tokens, positions):
     """A CUDA graph of ``fn(tokens, positions)`` on static copies of the inputs; returns the
     replaying step. Warm-up runs write cache slots that the real step rewrites before any
@@ -126,14 +137,15 @@ def _graphed_steps(draft_step, verify_step, s, k):
 
 
 def model_steps(model, draft_model, s, k: int, cuda_graph):
-    """The draft and verify steps: CUDA graphs when asked for (default on CUDA), else eager.
-    Capture is an optimisation: if it fails, a warning, and eager steps."""
+    """The draft and verify steps: CUDA graphs when asked for (default on CUDA), else eager
+    (on the CPU with packed layers, flat: ``_flat_steps``). Capture is an optimisation: if
+    it fails, a warning, and eager steps."""
     draft_step, verify_step = _eager_steps(model, draft_model)
     on_cuda = s.tokens.device.type == "cuda"
     if cuda_graph and not on_cuda:
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {s.tokens.device}")
     if cuda_graph is False or not on_cuda:
-        return draft_step, verify_step
+        return _flat_steps(model, draft_model, s.tokens.shape[0], k, draft_step, verify_step)
     try:
         return _graphed_steps(draft_step, verify_step, s, k)
     except Exception as e:  # decode eagerly instead
