@@ -73,12 +73,18 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = N
     when ``q_positions`` ((Tq,) integer tensor, or (B, Tq): each row's own) is given, at
     those positions: ``k``/``v`` may then be a whole static cache, each query seeing the
     keys at or before its position, and the keys past a row's last query (stale cache
-    slots) are never read (they are zeroed: a mask alone lets their NaN through). SDPA's
+    slots) are never read (they are zeroed: a mask alone lets their NaN through; where the
+    positions are host-readable the caches are cut after the last one first). SDPA's
     ``is_causal`` aligns its mask to the top-left corner, so an offset takes an explicit mask.
     ``key_start`` ((B,)): row b's keys before it are hidden and its queries before it output 0.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     gqa = dict(enable_gqa=True) if k.shape[1] != q.shape[1] else {}
+    if q_positions is not None and host_readable(q_positions) and host_readable(q):
+        # No query sees past the last position: cut the caches there (a CPU prefill or verify
+        # step then reads the positions written so far, not the whole preallocated cache).
+        last = min(max(int(q_positions.max()), 0) + 1, k.shape[2])
+        k, v = k[:, :, :last], v[:, :, :last]
     key_pos = torch.arange(k.shape[2], device=q.device)
     if q_positions is not None:
         rows = q_positions.reshape(-1, q.shape[2])  # (B or 1, Tq)
