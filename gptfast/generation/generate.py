@@ -132,8 +132,8 @@ def _decode_step(model, engine, p, s, cuda_graph, steps):
         except Exception as e:  # capture is an optimisation: decode eagerly instead
             warnings.warn(f"gptfast: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly",
                           RuntimeWarning, stacklevel=3)
-    flat = cpu_decode.decode_step(model, s.tokens.shape[0]) if s.tokens.is_cpu and steps > 0 else None
-    if flat is not None:  # packed CPU layers: the same kernels without the model's per-call Python
+    flat = cpu_decode.decode_step(model, s.tokens.shape[0])  # None unless the CPU's packed layers serve the steps
+    if flat is not None:  # the same kernels without the model's per-call Python
         return flat, False, p, s
     return (lambda tokens, positions: model(tokens, input_pos=positions)), False, p, s
 
