@@ -1,5 +1,7 @@
 // Decode attention on the CPU: one query per row over that row's part of a KV cache, the
-// attention of one generation step (gptfast.ops.decode_attention's float32 CPU path).
+// attention of one generation step (gptfast.ops.decode_attention's float32 CPU path), or
+// T queries per row at the row's T newest positions, causal among them: a speculative
+// verify step's (gptfast.ops.causal_attention's float32 CPU path with per-row q_positions).
 //
 // Why C++. At GPT-2's decode shapes (B = 1..8 rows, 12 heads of 64, a cache of ~50-100
 // positions) the arithmetic is small (B x 12 x 80 x 64 multiply-adds for q.K, as many for
@@ -24,11 +26,17 @@
 //   only, and outputs zeros when that range is empty. Positions outside a row's range are
 //   never read, so stale slots (NaN from an uninitialised cache, garbage) cannot leak in.
 //   Returns (B, H, D) float32, contiguous.
+//   q (B, H, T, D): the same with T queries per row, query i at position len_b - T + i, which
+//   reads positions key_start[b] .. len_b - T + i (zeros when that is empty): causal
+//   attention at consecutive positions ending at len_b - 1 (twin:
+//   gptfast.reference.functional.causal_attention with q_positions). Returns (B, H, T, D)
+//   float32 laid out (B, T, H, D) in memory (a transposed view), the layout of the rows the
+//   output projection reads next.
 // Math, in float32: s_j = scale * (q . k_j); m = max_j s_j; p_j = exp(s_j - m);
 // out = (sum_j p_j v_j) / (sum_j p_j). The tests hold it to the error-ratio rule against
 // the float64 twin (its error within 3x of the float32 twin's).
 //
-// Loops. One task is one (row, head) pair, in three passes over that row's range:
+// Loops. One task is one (row, head, query) triple, in three passes over that query's range:
 //   1. scores: s_j = scale * (q . k_j), one dot product per position, and their maximum;
 //   2. exp: p_j = exp(s_j - m) in place (exp_nonpos, csrc/cpu_math.h: a plain loop the compiler
 //      vectorises, ~1.4 ulp; std::exp is a scalar call per position);
@@ -47,8 +55,8 @@
 // first copied into a contiguous buffer (D floats), so its strides cost nothing after.
 // The row's scores live in a per-thread buffer of the longest row's range.
 //
-// Work split: at::parallel_for over the B x H (row, head) pairs (inline OpenMP, on once
-// the extension is compiled with -fopenmp, as gptfast.runtime.extension and setup.py do),
+// Work split: at::parallel_for over the B x H x T (row, head, query) tasks (inline OpenMP,
+// on once the extension is compiled with -fopenmp, as gptfast.runtime.extension and setup.py do),
 // with a grain of at least kGrainMacs multiply-adds per range of tasks, so a small problem
 // (batch 1, a short cache) stays on the calling thread instead of waking the others.
 //
@@ -88,7 +96,7 @@ using gptfast_cpu::best_isa, gptfast_cpu::exp_nonpos, gptfast_cpu::kIsaAuto, gpt
     gptfast_cpu::kIsaAvx512, gptfast_cpu::kIsaScalar;
 // Vectors of D accumulated at once in the p.V pass (4 x 16 = GPT-2's 64 in AVX-512).
 constexpr int kVecs = 4;
-// Multiply-adds (q.K and p.V together) up to which a range of (row, head) tasks is not
+// Multiply-adds (q.K and p.V together) up to which a range of tasks is not
 // split across threads: waking a second thread costs about as much as it saves on a small
 // problem. On the 2-core dev machine, batch 1, H = 12, D = 64: S = 32 (49k) took 5.5 us on
 // one thread and 6.5 on two, S = 80 (123k) 9.2 on one and 8.3 on two; batch 8 gains ~2.5x
@@ -101,11 +109,12 @@ struct Problem {
   const float* q;
   const float* k;
   const float* v;
-  float* out;                      // (B, H, D) contiguous
+  float* out;                      // (B, T, H, D) contiguous
   const int64_t* begin;            // (B,) first position each row reads
-  const int64_t* end;              // (B,) one past its last (begin == end: no position)
+  const int64_t* end;              // (B,) one past the last query's last (begin == end: no position)
   int64_t heads, group, head_dim;  // group = H / H_kv
-  int64_t q_sb, q_sh, q_sd;
+  int64_t tokens;                  // T: queries per row (head), at the row's last T positions
+  int64_t q_sb, q_sh, q_st, q_sd;
   int64_t k_sb, k_sh, k_ss, k_sd;
   int64_t v_sb, v_sh, v_ss, v_sd;
   float scale;
@@ -185,21 +194,24 @@ inline void weighted_sum(const float* p, const float* v, int64_t row, int64_t st
   for (int i = 0; i < NV; ++i) I::store(out + i * I::kLanes, acc[i]);
 }
 
-// Tasks [t0, t1) of the B x H (row, head) pairs; `scores` holds the longest row's range,
-// `qrow` D floats (the calling thread's buffers).
+// Tasks [t0, t1) of the B x H x T (row, head, query) triples, a (row, head)'s queries
+// adjacent (they read the same keys, still in cache); `scores` holds the longest row's
+// range, `qrow` D floats (the calling thread's buffers). Query i of T reads up to position
+// end - T + i of its row (causal among the row's new tokens).
 template <class I, bool kUnit>
 void attend(const Problem& p, int64_t t0, int64_t t1, float* scores, float* qrow) {
   constexpr int64_t L = I::kLanes;
-  const int64_t dim = p.head_dim;
+  const int64_t dim = p.head_dim, tokens = p.tokens;
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t b = t / p.heads, h = t % p.heads, hk = h / p.group;
-    float* out = p.out + t * dim;
-    const int64_t j0 = p.begin[b], n = p.end[b] - j0;
-    if (n <= 0) {  // nothing to attend to (key_start at or past the length): zeros
+    const int64_t bh = t / tokens, i = t % tokens;
+    const int64_t b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
+    float* out = p.out + ((b * tokens + i) * p.heads + h) * dim;
+    const int64_t j0 = p.begin[b], n = p.end[b] - (tokens - 1 - i) - j0;
+    if (n <= 0) {  // nothing to attend to (key_start past the query's position): zeros
       std::fill(out, out + dim, 0.f);
       continue;
     }
-    const float* q = p.q + b * p.q_sb + h * p.q_sh;
+    const float* q = p.q + b * p.q_sb + h * p.q_sh + i * p.q_st;
     for (int64_t d = 0; d < dim; ++d) qrow[d] = q[d * p.q_sd];
     const float* k = p.k + b * p.k_sb + hk * p.k_sh + j0 * p.k_ss;
     const float* v = p.v + b * p.v_sb + hk * p.v_sh + j0 * p.v_ss;
@@ -268,13 +280,14 @@ Tensor decode_attention_isa(const Tensor& q, const Tensor& k_cache, const Tensor
     TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": q, k_cache and v_cache must be float32, got ",
                 t->scalar_type());
   }
-  TORCH_CHECK(q.dim() == 3, op, ": q must have shape (B, H, D), got ", q.sizes());
+  TORCH_CHECK(q.dim() == 3 || q.dim() == 4, op, ": q must have shape (B, H, D) or (B, H, T, D), got ", q.sizes());
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, op,
               ": k_cache and v_cache must have shape (B, H_kv, S, D), got ", k_cache.sizes(), " and ",
               v_cache.sizes());
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), op, ": k_cache ", k_cache.sizes(), " and v_cache ",
               v_cache.sizes(), " differ in shape");
-  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const bool several = q.dim() == 4;  // T queries per row
+  const int64_t batch = q.size(0), heads = q.size(1), tokens = several ? q.size(2) : 1, dim = q.size(-1);
   const int64_t kv_heads = k_cache.size(1), seq_len = k_cache.size(2);
   TORCH_CHECK(k_cache.size(0) == batch && k_cache.size(3) == dim, op, ": caches of shape ", k_cache.sizes(),
               " do not match q of shape ", q.sizes(), ": expected (", batch, ", H_kv, S, ", dim, ")");
@@ -289,7 +302,10 @@ Tensor decode_attention_isa(const Tensor& q, const Tensor& k_cache, const Tensor
   if (isa == kIsaAuto) isa = best;
   TORCH_CHECK(isa >= kIsaScalar && isa <= best, op, ": isa ", isa, " is not supported on this CPU (best ", best, ")");
 
-  Tensor out = at::empty({batch, heads, dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  // (B, T, H, D) in memory: the rows' T tokens of H heads each, as the next product reads them.
+  const auto options = q.options().memory_format(at::MemoryFormat::Contiguous);
+  Tensor memory = several ? at::empty({batch, tokens, heads, dim}, options) : at::empty({batch, heads, dim}, options);
+  Tensor out = several ? memory.transpose(1, 2) : memory;
   if (out.numel() == 0) return out;
 
   // Each row's range of positions: [clamp(key_start, 0, len), len), len = clamp(cache_lens, 1, S).
@@ -303,17 +319,17 @@ Tensor decode_attention_isa(const Tensor& q, const Tensor& k_cache, const Tensor
 
   Problem p{};
   p.q = q.data_ptr<float>(), p.k = k_cache.data_ptr<float>(), p.v = v_cache.data_ptr<float>();
-  p.out = out.data_ptr<float>();
+  p.out = memory.data_ptr<float>();
   p.begin = begin.data(), p.end = end.data();
-  p.heads = heads, p.group = heads / kv_heads, p.head_dim = dim;
-  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sd = q.stride(2);
+  p.heads = heads, p.group = heads / kv_heads, p.head_dim = dim, p.tokens = tokens;
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_st = several ? q.stride(2) : 0, p.q_sd = q.stride(-1);
   p.k_sb = k_cache.stride(0), p.k_sh = k_cache.stride(1), p.k_ss = k_cache.stride(2), p.k_sd = k_cache.stride(3);
   p.v_sb = v_cache.stride(0), p.v_sh = v_cache.stride(1), p.v_ss = v_cache.stride(2), p.v_sd = v_cache.stride(3);
   p.scale = static_cast<float>(scale);
   const bool unit = (p.k_sd == 1 || dim == 1) && (p.v_sd == 1 || dim == 1);
 
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 2 * longest * dim));
-  at::parallel_for(0, batch * heads, grain, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, batch * heads * tokens, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> buffer(longest + dim);
     attend_isa(p, isa, unit, t0, t1, buffer.data(), buffer.data() + longest);
   });

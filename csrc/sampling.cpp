@@ -36,7 +36,7 @@ using at::Tensor;
 namespace {
 
 // Bumped whenever the Python <-> C++ interface changes; the loader rejects a stale build.
-constexpr int64_t kApiVersion = 6;
+constexpr int64_t kApiVersion = 7;
 
 // ---- counter-based noise (see the twin's mix32 / row_keys / uniform_noise) -------------
 

@@ -537,6 +537,45 @@ def test_torch_path_per_row_positions(monkeypatch):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_cpu_inference_with_positions_runs_the_cpp_kernel(monkeypatch):
+    """Without Triton, float32 CPU inference with q_positions (a verify step: a few queries
+    per row at its newest positions) runs the C++ decode-attention kernel on each row's T
+    newest queries, once per call: per-row and shared positions, grouped-query heads, key
+    ranges, NaN past every row's last query, by the error-ratio rule against the float64
+    twin. With gradients, float16 or no extension it is the torch path."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    decode_op = importlib.import_module("gptfast.ops.decode_attention")
+    real = decode_op.cpu_kernel()
+    if real is None:
+        pytest.skip("the gptfast C++ extension (with csrc/cpu_attention.cpp) is not loaded")
+    calls = []
+    monkeypatch.setattr(decode_op, "_cpu_kernel", [lambda *args: calls.append(args) or real(*args)])
+    q, k, v, positions = _row_positions_over_a_stale_cache([0, 11, 30], 4, 2, 5, 40, 16, torch.float64, 61)
+    q, k, v, positions = q.cpu(), k.cpu(), v.cpu(), positions.cpu()
+    key_start = torch.tensor([0, 13, 2])
+    shared = torch.arange(20, 25)
+    for kwargs in (dict(q_positions=positions), dict(q_positions=positions, key_start=key_start),
+                   dict(q_positions=shared)):
+        kk, vv = (k, v)
+        if kwargs["q_positions"] is shared:  # every row at 20..24: a 25-position cache, written throughout
+            kk, vv = k[:, :, :25].nan_to_num(), v[:, :, :25].nan_to_num()
+        n = len(calls)
+        got = causal_attention(q.float(), kk.float(), vv.float(), **kwargs)
+        assert len(calls) == n + 1, "the C++ kernel must serve this call"
+        assert torch.isfinite(got).all()
+        plain = reference.causal_attention(q.float(), kk.float(), vv.float(), **kwargs)
+        want = reference.causal_attention(q, kk, vv, **kwargs)
+        assert_error_ratio(got, plain, want, what=f"C++ verify attention {sorted(kwargs)}")
+        if "key_start" in kwargs:  # row 1's queries before position 13 see nothing
+            assert not got[1, :, :2].any()
+    n = len(calls)
+    causal_attention(q.float().requires_grad_(), k.float(), v.float(), q_positions=positions).sum().backward()
+    causal_attention(q.half(), k.half(), v.half(), q_positions=positions)
+    monkeypatch.setattr(decode_op, "_cpu_kernel", [None])
+    causal_attention(q.float(), k.float(), v.float(), q_positions=positions)
+    assert len(calls) == n  # the torch path served all three
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -589,6 +589,63 @@ def test_cpp_kernel_matches_float64_reference(cpp_isas, layout, lens_dtype, batc
             assert torch.equal(out[empty], torch.zeros_like(out[empty]))
 
 
+# (batch, heads, kv_heads, seq_len, head_dim, T, cache_lens, key_start): T queries per row at
+# its T newest positions (a verify step): T = 2 and 5, batch 1 and ragged, grouped-query,
+# a row whose cache holds exactly T, key ranges hiding some of a row's queries (they output 0).
+CPP_MULTI_CASES = [
+    (1, 4, 4, 40, 64, 5, [23], None),
+    (3, 12, 4, 37, 64, 2, [2, 37, 20], None),
+    (2, 6, 2, 30, 80, 5, [30, 5], None),
+    (3, 4, 2, 45, 13, 4, [45, 30, 12], [0, 28, 10]),
+    (2, 2, 1, 16, 32, 3, [16, 9], [-2, 8]),
+]
+
+
+@pytest.mark.parametrize("layout", ["qkv", "contiguous", "strided"])
+@pytest.mark.parametrize("batch,heads,kv_heads,seq_len,head_dim,tokens,lens,starts", CPP_MULTI_CASES)
+def test_cpp_kernel_several_queries_per_row(cpp_isas, layout, batch, heads, kv_heads, seq_len, head_dim, tokens,
+                                            lens, starts):
+    """q (B, H, T, D): each row's T queries at its T newest positions, causal among them: the
+    float64 causal-attention twin with those q_positions, by the error-ratio rule; unread
+    cache positions are NaN; the output is (B, H, T, D) over (B, T, H, D) memory."""
+    gen = torch.Generator().manual_seed(head_dim + tokens)
+    q = torch.randn(batch, heads, tokens, head_dim, generator=gen)
+    k = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen)
+    v = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen)
+    cache_lens = torch.tensor(lens)
+    key_start = None if starts is None else torch.tensor(starts)
+    positions = cache_lens[:, None] - tokens + torch.arange(tokens)  # (B, T)
+    plain = reference.causal_attention(q, k, v, q_positions=positions, key_start=key_start)
+    want = reference.causal_attention(q.double(), k.double(), v.double(), q_positions=positions,
+                                      key_start=key_start)
+    if layout == "qkv":  # the query columns of a (B, T, 3 * H * D) projection, as a verify step has them
+        qkv = torch.full((batch, tokens, 3, heads, head_dim), float("nan"))
+        qkv[:, :, 1] = q.transpose(1, 2)
+        qv = qkv[:, :, 1].transpose(1, 2)
+    else:
+        qv = laid_out(q, layout) if layout == "contiguous" else laid_out(q.reshape(batch, heads * tokens, head_dim),
+                                                                         layout).view(batch, heads, tokens, head_dim)
+    kv, vv = laid_out(k, "sliced"), laid_out(v, "permuted")
+    for cache in (kv, vv):
+        poison_unread(cache, cache_lens, key_start)
+    for isa in [None] + cpp_isas:
+        out = cpp_decode(qv, kv, vv, cache_lens, head_dim ** -0.5, key_start, isa)
+        assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+        assert torch.isfinite(out).all(), f"isa {isa}: NaN from an unread position"
+        assert_error_ratio(out, plain, want, what=f"C++ T={tokens} isa {isa} {layout} starts={starts}")
+        if key_start is not None:  # queries before their row's key_start see nothing
+            hidden = positions < key_start[:, None].clamp(min=0)
+            assert torch.equal(out.transpose(1, 2)[hidden], torch.zeros_like(out.transpose(1, 2)[hidden]))
+
+
+def test_cpp_kernel_one_query_as_four_dims_is_the_decode_step(cpp_isas):
+    """T = 1 given as (B, H, 1, D) is the (B, H, D) decode step, bit for bit."""
+    q, k, v, cache_lens = make_inputs(3, 4, 20, 64, [20, 3, 11], torch.float32, device="cpu")
+    for isa in [None] + cpp_isas:
+        one = cpp_decode(q, k, v, cache_lens, 0.125, None, isa)
+        assert torch.equal(cpp_decode(q[:, :, None], k, v, cache_lens, 0.125, None, isa)[:, :, 0], one)
+
+
 def test_cpp_kernel_clamps_lengths_into_the_cache(cpp_isas):
     """Lengths outside [1, S] (a direct call: the public op refuses them on the CPU) are
     clamped, as the Triton kernel and the torch path do: 0 and negatives read position 0,
@@ -659,7 +716,7 @@ def test_public_op_runs_the_cpp_kernel_on_cpu_float32(monkeypatch, cpp_isas):
 CPP_BAD_INPUTS = [
     ("q float64", dict(q=torch.zeros(2, 3, 16, dtype=torch.float64)), "must be float32"),
     ("cache float16", dict(k=torch.zeros(2, 3, 8, 16, dtype=torch.float16)), "must be float32"),
-    ("q not 3-d", dict(q=torch.zeros(2, 3, 1, 16)), "q must have shape (B, H, D)"),
+    ("q 2-d", dict(q=torch.zeros(2, 16)), "q must have shape (B, H, D) or (B, H, T, D)"),
     ("cache not 4-d", dict(k=torch.zeros(2, 3, 16)), "must have shape (B, H_kv, S, D)"),
     ("k/v shapes differ", dict(v=torch.zeros(2, 3, 9, 16)), "differ in shape"),
     ("batch mismatch", dict(k=torch.zeros(3, 3, 8, 16), v=torch.zeros(3, 3, 8, 16)), "do not match q"),

@@ -15,8 +15,8 @@ the packed layers' kernels, its rows of the KV cache) and returns ``step(tokens,
 last=False) -> logits`` that calls the same kernels, in the same order and on the same
 operands as ``GPT._decode_step``, with nothing between them but views: the logits are the
 same bit for bit (tests/test_cpu_decode.py). A row's T tokens sit at its own consecutive
-positions: T = 1 is a decode step (the C++ decode attention), T > 1 a speculative verify
-or draft step (attention as the model's CPU path runs it, ``torch_path.causal_attention``);
+positions: T = 1 is a decode step, T > 1 a speculative verify or draft step (the C++
+decode attention either way: it takes a row's T newest queries, causal among them);
 ``last`` keeps only each row's last position (a draft step's ``logits_index``). It is the
 CPU's counterpart of the replayed CUDA graph (gptfast.generation.cuda_graphs), serving
 ``generate``'s decode loop and the speculative rounds (gptfast.generation.speculative):
@@ -37,7 +37,6 @@ import torch.nn.functional as F
 
 from gptfast.generation.cpu_linear import PackedInt8Linear, PackedLinear
 from gptfast.model import GPT
-from gptfast.ops import torch_path
 from gptfast.ops._validation import resolve_scale
 from gptfast.ops.int8_linear import CPU_KERNEL_MAX_ROWS
 from gptfast.runtime.extension import cpu_op
@@ -72,10 +71,10 @@ def decode_step(model, batch: int, steps: int = 1) -> Optional[Callable]:
     width = heads * head_dim
     scale = resolve_scale("decode_attention", None, head_dim)
     layers = tuple(
-        (_norm(b.ln_1), b.attn.c_attn.kernel, b.attn.kv_cache.k[:batch], b.attn.kv_cache.v[:batch],
-         b.attn.c_proj.kernel, _norm(b.ln_2), b.mlp.c_fc.kernel, b.mlp.c_proj.kernel)
+        (_norm(b.ln_1), b.attn.c_attn.bound_kernel(), b.attn.kv_cache.k[:batch], b.attn.kv_cache.v[:batch],
+         b.attn.c_proj.bound_kernel(), _norm(b.ln_2), b.mlp.c_fc.bound_kernel(), b.mlp.c_proj.bound_kernel())
         for b in blocks)
-    final_norm, head = _norm(model.transformer.ln_f), model.lm_head.kernel
+    final_norm, head = _norm(model.transformer.ln_f), model.lm_head.bound_kernel()
     wte = model.transformer.wte.weight
     learned = config.pos_embedding == "learned"
     positions_table = model.transformer.wpe.weight if learned else model.pos_table
@@ -87,20 +86,16 @@ def decode_step(model, batch: int, steps: int = 1) -> Optional[Callable]:
         cache; ``last``: only each row's last position's, (B, 1, V) (a draft step)."""
         t = tokens.shape[1]
         rows = batch * t
-        if t == 1:
-            lens = positions[:, 0] + 1  # each row's cache length once the new token's key is written
+        lens = positions[:, -1] + 1  # each row's cache length once its new tokens' keys are written
         pos = positions.reshape(-1)
         pos_emb = F.embedding(pos, positions_table) if learned else positions_table[pos]
         h = F.embedding(tokens.reshape(-1), wte) + pos_emb
         for (w1, b1, eps1), qkv_kernel, k_cache, v_cache, proj, (w2, b2, eps2), fc, fc_proj in layers:
             qkv = qkv_kernel(torch.layer_norm(h, shape, w1, b1, eps1))
             write(qkv.view(batch, t, -1), k_cache, v_cache, positions)
-            if t == 1:
-                y = attention(qkv[:, :width].view(batch, heads, head_dim), k_cache, v_cache, lens, scale, None)
-            else:  # causal within the row's new tokens, over its cache (the model's CPU path: SDPA)
-                q = qkv[:, :width].view(batch, t, heads, head_dim).transpose(1, 2)
-                y = torch_path.causal_attention(q, k_cache, v_cache, scale, 0, positions).transpose(1, 2)
-            h = proj(y.reshape(rows, width), h)
+            q = qkv[:, :width].view(batch, t, heads, head_dim).transpose(1, 2)
+            y = attention(q, k_cache, v_cache, lens, scale, None)  # (B, H, T, D) over (B, T, H, D) memory
+            h = proj(y.transpose(1, 2).reshape(rows, width), h)
             h = fc_proj(fc(torch.layer_norm(h, shape, w2, b2, eps2), None, True), h)
         if last and t > 1:
             h = h.view(batch, t, width)[:, -1]

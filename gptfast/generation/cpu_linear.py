@@ -168,7 +168,7 @@ class PackedLinear(nn.Module):
         from gptfast.ops.int8_linear import CPU_KERNEL_MAX_ROWS
 
         super().__init__()
-        self.linear, self.packed, self._matmul = linear, packed, matmul
+        self.linear, self.packed, self._matmul = linear, packed, getattr(matmul, "default", matmul)
         self._k, self._n, self._max_rows = linear.in_features, linear.out_features, CPU_KERNEL_MAX_ROWS
 
     @property
@@ -188,6 +188,12 @@ class PackedLinear(nn.Module):
         """``gelu(x2 @ W^T + b) + residual2`` on the packed weight, for what ``_serves``:
         x2 (M, K) float32 contiguous; residual2 (M, N) float32 contiguous or None."""
         return self._matmul(x2, self.packed, self._n, self.linear.bias, -1, residual2, gelu)
+
+    def bound_kernel(self):
+        """``kernel`` with its operands looked up now, not per call (a flat decode step's,
+        gptfast.generation.cpu_decode, made for one generate call)."""
+        matmul, packed, n, bias = self._matmul, self.packed, self._n, self.linear.bias
+        return lambda x2, residual2=None, gelu=False: matmul(x2, packed, n, bias, -1, residual2, gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Kept lean: it runs for every layer of every decode step.
@@ -235,6 +241,11 @@ class PackedInt8Linear(nn.Module):
         ``PackedLinear.kernel``)."""
         buffers = self.linear._buffers
         return self._matmul(x2, self.packed, buffers["scale"], buffers["bias"], -1, residual2, gelu)
+
+    def bound_kernel(self):
+        """``kernel`` with its operands looked up now (see ``PackedLinear.bound_kernel``)."""
+        matmul, packed, scale, bias = self._matmul, self.packed, self.linear.scale, self.linear.bias
+        return lambda x2, residual2=None, gelu=False: matmul(x2, packed, scale, bias, -1, residual2, gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Kept lean: it runs for every layer of every decode step.

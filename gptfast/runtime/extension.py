@@ -28,7 +28,7 @@ import torch
 
 from gptfast.runtime import paths
 
-EXTENSION_API_VERSION = 6  # must match kApiVersion in csrc/sampling.cpp
+EXTENSION_API_VERSION = 7  # must match kApiVersion in csrc/sampling.cpp
 # Compiler flags of every build; setup.py repeats them (a test keeps the two identical).
 # ISO C++ (not gnu++) keeps the compiler from fusing a * b + c into an FMA, which would
 # round differently from the twin; -fno-trapping-math lets branch-free loops with a
