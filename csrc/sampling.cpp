@@ -332,12 +332,17 @@ bool all_on_cpu_contiguous(std::initializer_list<Tensor> tensors) {
   return true;
 }
 
-bool cpu_fast_path_applies(const Tensor& logits, const Params& p, const State& s) {
-  return logits.device().is_cpu() &&
-         all_on_cpu_contiguous({p.greedy, p.temperature, p.top_k, p.repetition_penalty, p.presence_penalty,
+// Every tensor the CPU loops read or write through raw pointers (the speculative round's
+// fast path shares this list).
+bool params_and_state_on_cpu(const Params& p, const State& s) {
+  return all_on_cpu_contiguous({p.greedy, p.temperature, p.top_k, p.repetition_penalty, p.presence_penalty,
                                 p.frequency_penalty, p.min_new_tokens, p.max_new_tokens, p.logit_bias, p.stop_mask,
                                 s.tokens, s.positions, s.step, s.generated, s.finished, s.finish_reason, s.bad_step,
                                 s.out_tokens, s.counts, s.prompt_seen});
+}
+
+bool cpu_fast_path_applies(const Tensor& logits, const Params& p, const State& s) {
+  return logits.device().is_cpu() && params_and_state_on_cpu(p, s);
 }
 
 // torch.max(dim)'s index on one row: the first position holding the maximum (ties, and
@@ -422,6 +427,9 @@ inline int64_t argmax_row(const float* x, int64_t n) {
 #endif
   return argmax_row_scalar(x, n);
 }
+
+// The twin's "bad logits" test on a row's maximum: NaN, or -inf (every token masked).
+inline bool is_bad_max(float m) { return std::isnan(m) || m == -std::numeric_limits<float>::infinity(); }
 
 // The first chunk start c = from, from + 8, ... (c + 8 <= n) whose eight logits hold one
 // that passes `threshold`: above it or NaN (kAboveOrNaN), or at least it (kAtLeast);
@@ -641,7 +649,7 @@ std::pair<Tensor, Tensor> choose_tokens_cpu(const Tensor& logits, const Params& 
         const int64_t index = argmax_row(xr, vocab);
         const float m = xr[index];  // torch.max's value: the first maximum's own bits
         greedy_tokens.data_ptr<int64_t>()[b] = index;
-        bad.data_ptr<bool>()[b] = std::isnan(m) || m == -std::numeric_limits<float>::infinity();
+        bad.data_ptr<bool>()[b] = is_bad_max(m);
         if (p.all_greedy || (row_topk && greedy_rows[b])) continue;  // greedy rows need no candidates
         if (row_topk) {
           topk_fallback[b] = !unique_topk_row(xr, vocab, k, m, temperature[b], cand.data_ptr<float>() + b * k,
@@ -999,6 +1007,175 @@ void speculative_round(const Params& p, State& s, SpecState& spec, const py::fun
   commit(logits, block, n_accepted, bad, p, s, spec);
 }
 
+// ---- speculative round, CPU fast path (every row greedy) ---------------------------------
+//
+// With every row greedy and no logprobs, a round's bookkeeping is a few argmaxes and
+// integer updates per row, yet as ATen ops above it is some 150-200 dispatches of tiny
+// tensors: about half a millisecond a round, a quarter of a small model's generate on
+// the CPU. On CPU state the same round runs here as loops over raw pointers, with the
+// plain decode's helpers (process_row_cpu, argmax_row) and, per row, the arithmetic of
+// propose / accept / emitted / commit, so every state tensor comes out bit for bit as
+// the ATen path leaves it. Only the model steps' inputs are still built with ATen ops.
+
+bool speculative_fast_path_applies(const Params& p, const State& s, const SpecState& spec) {
+  return p.all_greedy && p.num_logprobs < 0 && params_and_state_on_cpu(p, s) &&
+         all_on_cpu_contiguous({spec.prev_tokens, spec.drafted, spec.accepted});
+}
+
+// A model step's logits (B, T, V), T >= t_min, as a contiguous CPU tensor (any float dtype).
+Tensor cpu_step_logits(const Tensor& logits, int64_t batch, int64_t t_min, int64_t vocab, const char* step) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.is_floating_point() && logits.dim() == 3 &&
+                  logits.size(0) == batch && logits.size(1) >= t_min && logits.size(2) == vocab,
+              "speculative_loop: ", step, " must return CPU float logits (", batch, ", >= ", t_min, ", ", vocab,
+              ") on CPU state, got ", logits.scalar_type(), " ", logits.sizes(), " on ", logits.device());
+  return logits.contiguous();
+}
+
+struct GreedyPick {
+  int64_t token;
+  bool bad;  // the twin's _bad: the row's maximum is NaN or -inf
+};
+
+// The greedy pick on one row of logits: steps 1-4 at output index `step` (into the
+// scratch row x), then torch.max's argmax.
+template <typename scalar_t>
+GreedyPick greedy_pick(const scalar_t* in, float* x, int64_t b, int64_t vocab, const Params& p, const State& view,
+                       int64_t step) {
+  process_row_cpu<scalar_t>(in, x, b, vocab, p, view, step);
+  const int64_t token = argmax_row(x, vocab);
+  return {token, is_bad_max(x[token])};
+}
+
+inline void count_token(const Tensor& counts, int64_t b, int64_t vocab, int64_t token) {
+  if (counts.defined()) counts.data_ptr<int32_t>()[b * vocab + token] += 1;
+}
+
+// propose for greedy rows: the drafts as a (k, B) tensor, so that draft j is a contiguous
+// (B, 1) input for draft step j + 1. Every row drafts, finished or not, and its drafts
+// count in the look-ahead counts, as in the ATen path (the draft's inputs are the same).
+Tensor propose_cpu(const Params& p, const State& s, const SpecState& spec, const py::function& draft_step,
+                   int64_t k) {
+  const int64_t batch = s.tokens.size(0), vocab = p.table.size(0);
+  State view = s;  // lookahead's: counts with the earlier drafts, step generated + j per row
+  view.counts = s.counts.defined() ? s.counts.clone() : Tensor();
+  const int64_t* generated = s.generated.data_ptr<int64_t>();
+  Tensor drafts = at::empty({k, batch}, s.tokens.options());
+  Tensor tokens = at::cat({spec.prev_tokens, s.tokens}, 1);
+  Tensor positions = at::cat({s.positions.sub(1), s.positions}, 1);
+  for (int64_t j = 0; j < k; ++j) {
+    Tensor logits = cpu_step_logits(draft_step(tokens, positions).cast<Tensor>(), batch, 1, vocab, "draft_step");
+    const int64_t t = logits.size(1);
+    int64_t* out = drafts.data_ptr<int64_t>() + j * batch;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "propose_cpu", [&] {
+      const scalar_t* last = logits.data_ptr<scalar_t>() + (t - 1) * vocab;  // row b's: + b * t * vocab
+      at::parallel_for(0, batch, row_grain(vocab), [&](int64_t begin, int64_t end) {
+        std::vector<float> x(vocab);
+        for (int64_t b = begin; b < end; ++b) {  // (the draft's bad flags matter to sampled rows only)
+          out[b] = greedy_pick(last + b * t * vocab, x.data(), b, vocab, p, view, generated[b] + j).token;
+          count_token(view.counts, b, vocab, out[b]);
+        }
+      });
+    });
+    tokens = drafts.select(0, j).unsqueeze(1);
+    positions = s.positions.add(j + 1);
+  }
+  return drafts;
+}
+
+// accept for one greedy row on its verify logits (k + 1, V): block[j] = the target's
+// pick at index j, for j = 0 .. n_accepted (the accepted drafts equal it, then the
+// correction or bonus token), bad[j] likewise; returns n_accepted. It stops at the first
+// mismatch: indices past n_accepted never reach the state (a row keeps at most
+// n_accepted + 1 tokens).
+template <typename scalar_t>
+int64_t accept_row(const scalar_t* logits, const int64_t* drafts, int64_t b, int64_t batch, int64_t k,
+                   const Params& p, const State& view, float* x, int64_t* block, char* bad) {
+  const int64_t vocab = p.table.size(0), generated = view.generated.data_ptr<int64_t>()[b];
+  for (int64_t j = 0;; ++j) {
+    const GreedyPick pick = greedy_pick(logits + j * vocab, x, b, vocab, p, view, generated + j);
+    block[j] = pick.token;
+    bad[j] = pick.bad;
+    if (j == k || drafts[j * batch + b] != block[j]) return j;
+    count_token(view.counts, b, vocab, block[j]);  // the accepted draft, for index j + 1
+  }
+}
+
+// emitted and commit for one running row: block[0 .. n_accepted], bad likewise.
+void commit_row(const int64_t* block, const char* bad, int64_t n_accepted, int64_t b, int64_t k, const Params& p,
+                State& s, SpecState& spec) {
+  const int64_t vocab = p.table.size(0), width = s.out_tokens.size(1);
+  const int64_t max_new = p.max_new_tokens.data_ptr<int64_t>()[b];
+  int64_t& generated = s.generated.data_ptr<int64_t>()[b];
+  int64_t n = n_accepted + 1;  // emitted: cut after the first stop token, then at max_new_tokens
+  bool hit_stop = false;
+  const bool* stop = ptr_or_null<bool>(p.stop_mask, true);
+  for (int64_t i = 0; stop != nullptr && i < n; ++i) {
+    if (stop[b * vocab + block[i]]) {
+      n = i + 1;
+      hit_stop = true;
+      break;
+    }
+  }
+  const int64_t room = max_new - generated;
+  hit_stop = hit_stop && n <= room;
+  n = std::min(n, room);
+  int64_t& bad_step = s.bad_step.data_ptr<int64_t>()[b];
+  for (int64_t i = 0; i < n && bad_step < 0; ++i) {
+    if (bad[i]) bad_step = generated + i;
+  }
+  for (int64_t i = 0; i < n; ++i) {  // a later index wins a clamped column, as put's order gives
+    s.out_tokens.data_ptr<int64_t>()[b * width + std::min(generated + i, width - 1)] = block[i];
+    count_token(s.counts, b, vocab, block[i]);
+  }
+  int64_t& token = s.tokens.data_ptr<int64_t>()[b];
+  int64_t& prev = spec.prev_tokens.data_ptr<int64_t>()[b];
+  if (n >= 2) prev = block[n - 2];
+  if (n == 1) prev = token;
+  if (n >= 1) token = block[n - 1];
+  generated += n;
+  s.positions.data_ptr<int64_t>()[b] += n;
+  const bool done = generated >= max_new;
+  if (done) s.finish_reason.data_ptr<int64_t>()[b] = kFinishLength;
+  if (hit_stop) s.finish_reason.data_ptr<int64_t>()[b] = kFinishStopToken;  // a stop wins over the length
+  if (done || hit_stop) s.finished.data_ptr<bool>()[b] = true;
+  spec.drafted.data_ptr<int64_t>()[b] += k;
+  spec.accepted.data_ptr<int64_t>()[b] += n_accepted;
+}
+
+// accept and commit, row by row (rows share nothing); a finished row emits nothing, and
+// commit leaves its state as it is.
+void accept_commit_cpu(const Tensor& logits, const Tensor& drafts, const Params& p, State& s, SpecState& spec,
+                       int64_t k) {
+  const int64_t batch = s.tokens.size(0), vocab = p.table.size(0);
+  State view = s;  // lookahead's counts: a fresh copy, with the accepted drafts
+  view.counts = s.counts.defined() ? s.counts.clone() : Tensor();
+  const bool* finished = s.finished.data_ptr<bool>();
+  const int64_t* draft_p = drafts.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "accept_commit_cpu", [&] {
+    const scalar_t* base = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, row_grain(vocab * (k + 1)), [&](int64_t begin, int64_t end) {
+      std::vector<float> x(vocab);
+      std::vector<int64_t> block(k + 1);
+      std::vector<char> bad(k + 1);
+      for (int64_t b = begin; b < end; ++b) {
+        if (finished[b]) continue;
+        const scalar_t* rows = base + b * (k + 1) * vocab;
+        const int64_t n = accept_row(rows, draft_p, b, batch, k, p, view, x.data(), block.data(), bad.data());
+        commit_row(block.data(), bad.data(), n, b, k, p, s, spec);
+      }
+    });
+  });
+}
+
+void speculative_round_cpu(const Params& p, State& s, SpecState& spec, const py::function& draft_step,
+                           const py::function& verify_step, int64_t k) {
+  Tensor drafts = propose_cpu(p, s, spec, draft_step, k);
+  Tensor positions = s.positions.add(at::arange(k + 1, s.positions.options()));
+  Tensor logits = verify_step(at::cat({s.tokens, drafts.t()}, 1), positions).cast<Tensor>();
+  const int64_t batch = s.tokens.size(0), vocab = p.table.size(0);
+  accept_commit_cpu(cpu_step_logits(logits, batch, k + 1, vocab, "verify_step"), drafts, p, s, spec, k);
+}
+
 // The speculative loop: rounds, with a host sync every `sync_rounds` rounds (and when it
 // ends); on_sync gets an upper bound on any row's token count. On CPU state it also syncs
 // as soon as every row is done or a row's logits went bad, as decode_loop does.
@@ -1013,9 +1190,14 @@ int64_t speculative_loop(py::handle params, py::handle state, py::handle spec_st
   SpecState spec = SpecState::from(spec_state);
   check_consistent(p, s);
   const bool host_reads_are_free = all_on_cpu_contiguous({s.finished, s.bad_step});
+  const bool fast = !force_aten && speculative_fast_path_applies(p, s, spec);
   const int64_t width = s.out_tokens.size(1);
   for (int64_t i = 0; i < num_rounds; ++i) {
-    speculative_round(p, s, spec, draft_step, verify_step, k, force_aten);
+    if (fast) {
+      speculative_round_cpu(p, s, spec, draft_step, verify_step, k);
+    } else {
+      speculative_round(p, s, spec, draft_step, verify_step, k, force_aten);
+    }
     const int64_t bound = std::min(width, first_step + (i + 1) * (k + 1));
     bool sync = (i + 1) % sync_rounds == 0 || i + 1 == num_rounds;
     if (!sync && host_reads_are_free) sync = any_row_needs_the_host(s);

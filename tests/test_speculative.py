@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from gptfast import GPT, GPTConfig, SamplingParams, generate
+from gptfast.generation import generate as generate_module
+from gptfast.generation.engines import CppEngine
+from gptfast.generation.streaming import InvalidLogitsError
 from gptfast.runtime import extension
 from gptfast.generation.decode_state import SamplingTensors
 from gptfast.reference.speculative_round import filtered_z
@@ -85,6 +88,82 @@ def test_greedy_stops_mid_block_and_keeps_processors(models, engine):
                 assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
                 ids = [[[t for t, _ in row] for row in r.top_logprobs] for r in (a, b)]
                 assert ids[0] == ids[1]
+
+
+class _Recording(CppEngine):
+    """The C++ engine (CPU fast paths, or the ATen path with ``force_aten``) keeping the
+    state tensors the speculative loop leaves."""
+
+    def speculative_loop(self, p, s, spec, *args):
+        try:
+            return super().speculative_loop(p, s, spec, *args)
+        finally:  # (also when a sync raises: bad logits)
+            self.final = {name: getattr(state, name).clone() for state, names in (
+                (s, ("out_tokens", "finished", "finish_reason", "bad_step", "generated", "positions", "tokens",
+                     "counts")),
+                (spec, ("prev_tokens", "drafted", "accepted"))) for name in names if getattr(state, name) is not None}
+
+
+def _speculate(monkeypatch, engine, target, draft, prompts, params, k):
+    monkeypatch.setattr(generate_module, "get_engine", lambda name: engine)
+    return generate(target, prompts, params, engine="cpp", draft_model=draft, num_draft_tokens=k)
+
+
+def _greedy_settings(stop, bias):
+    """One greedy row of each kind the CPU round handles: plain, stop tokens (with and
+    without min_new_tokens), penalties, logit bias, and lengths that end mid-block."""
+    return [SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=(stop,)),
+            SamplingParams(max_new_tokens=23, temperature=0, stop_token_ids=(stop,), min_new_tokens=11),
+            SamplingParams(max_new_tokens=17, temperature=0, repetition_penalty=1.6),
+            SamplingParams(max_new_tokens=21, temperature=0, presence_penalty=0.7, frequency_penalty=0.4,
+                           logit_bias={bias: -50.0}),
+            SamplingParams(max_new_tokens=5, temperature=0, penalize_prompt=False, repetition_penalty=1.2)]
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_cpu_greedy_round_equals_the_aten_round(models, monkeypatch, batch):
+    """Every row greedy, no logprobs: on CPU state the C++ loop runs its rounds as loops over
+    rows (the CPU fast path); every state tensor it leaves, and every result, equals what
+    the ATen round (the path CUDA runs) leaves: ragged prompts, stops inside a block,
+    min_new_tokens, penalties, logit bias, rows ending at different rounds, k = 1 to 8."""
+    if not _have_cpp():
+        pytest.skip("C++ extension unavailable")
+    target, draft = models
+    prompts = _prompts(batch, seed=21)
+    base = generate(target, prompts, SamplingParams(max_new_tokens=24, temperature=0), engine="python")
+    settings = _greedy_settings(base[0].token_ids[6], base[-1].token_ids[2])
+    for k in (1, 3, 8):
+        params = settings[:batch] if batch > 1 else settings[k % len(settings)]
+        fast, aten = _Recording(extension.load_extension()), _Recording(extension.load_extension(), force_aten=True)
+        got = _speculate(monkeypatch, fast, target, draft, prompts, params, k)
+        want = _speculate(monkeypatch, aten, target, draft, prompts, params, k)
+        assert fast.final.keys() == aten.final.keys()
+        for name in aten.final:
+            assert torch.equal(fast.final[name], aten.final[name]), (k, name)
+        _same(want, got)
+        assert [r.accepted_draft_tokens for r in got] == [r.accepted_draft_tokens for r in want]
+    assert any(r.finish_reason == "stop" for r in got) or batch == 1
+
+
+def test_cpu_greedy_round_records_bad_logits(monkeypatch):
+    """A row whose logits turn NaN inside a verified block: the CPU round and the ATen round
+    record the same first bad step and state, and generate names it (InvalidLogitsError),
+    on models whose logits are fixed by construction."""
+    if not _have_cpp():
+        pytest.skip("C++ extension unavailable")
+    target, draft = _fixed_pair()
+    target.table[6, 3] = float("nan")  # the logits at position 6 choose generated token 6 (prompt [0])
+    params = [SamplingParams(max_new_tokens=10, temperature=0), SamplingParams(max_new_tokens=3, temperature=0)]
+    finals = []
+    for force_aten in (False, True):
+        engine = _Recording(extension.load_extension(), force_aten=force_aten)
+        with pytest.raises(InvalidLogitsError, match="row 0: .* at generated token 6"):
+            _speculate(monkeypatch, engine, target, draft, [[0], [1, 2]], params, 3)
+        finals.append(engine.final)
+    fast, aten = finals
+    assert int(aten["bad_step"][0]) == 6
+    for name in aten:
+        assert torch.equal(fast[name], aten[name]), name
 
 
 def test_verify_step_matches_prefill(models):

@@ -40,7 +40,7 @@ class CppEngine:
 
     def speculative_loop(self, p, s, spec, draft_step, verify_step, on_sync, num_rounds, sync_rounds, k, first_step):
         return self.module.speculative_loop(p, s, spec, draft_step, verify_step, on_sync, num_rounds, sync_rounds, k,
-                                            first_step)
+                                            first_step, self.force_aten)
 
 
 class PythonEngine:
