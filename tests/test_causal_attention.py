@@ -571,9 +571,13 @@ def test_cpu_inference_with_positions_runs_the_cpp_kernel(monkeypatch):
     n = len(calls)
     causal_attention(q.float().requires_grad_(), k.float(), v.float(), q_positions=positions).sum().backward()
     causal_attention(q.half(), k.half(), v.half(), q_positions=positions)
+    many = attention_op.CPU_KERNEL_MAX_QUERIES + 1  # a prefill's many queries: SDPA's blocked products
+    long_q = torch.randn(1, 4, many, 16)
+    long_kv = torch.randn(1, 2, many + 3, 16)
+    causal_attention(long_q, long_kv, long_kv, q_positions=torch.arange(3, many + 3))
     monkeypatch.setattr(decode_op, "_cpu_kernel", [None])
     causal_attention(q.float(), k.float(), v.float(), q_positions=positions)
-    assert len(calls) == n  # the torch path served all three
+    assert len(calls) == n  # the torch path served all four
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -12,6 +12,7 @@ from gptfast.generation.generate import generate
 from gptfast.generation.sampling_params import SamplingParams
 from gptfast.model import GPT
 from gptfast.ops import _dispatch
+from gptfast.ops.causal_attention import CPU_KERNEL_MAX_QUERIES
 from gptfast.ops.int8_linear import CPU_KERNEL_MAX_ROWS
 from gptfast.quantization import quantize
 from gptfast.runtime.extension import cpu_op
@@ -132,6 +133,8 @@ def test_where_the_flat_step_does_not_apply_it_is_none():
         assert cpu_decode.decode_step(wide, rows - 1) is not None
         assert cpu_decode.decode_step(wide, 16, steps=4) is not None
         assert cpu_decode.decode_step(wide, 16, steps=5) is None  # 80 rows of tokens
+        assert cpu_decode.decode_step(wide, 1, steps=CPU_KERNEL_MAX_QUERIES) is not None
+        assert cpu_decode.decode_step(wide, 1, steps=CPU_KERNEL_MAX_QUERIES + 1) is None  # a prefill's share
     double = model_of().double()
     with torch.no_grad(), cpu_linear.packed_linears(double):
         prefilled(double, 1)

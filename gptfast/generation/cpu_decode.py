@@ -27,8 +27,9 @@ time it was made.
 It returns None, and the caller calls the model instead, unless: every linear layer
 of the blocks and the head is packed (``PackedLinear`` / ``PackedInt8Linear``, i.e. inside
 ``packed_linears``), ``batch * steps`` rows fit their kernel (at most ``CPU_KERNEL_MAX_ROWS``),
-the caches are float32 CPU tensors, the extension has the C++ attention and cache write,
-no gradient is recorded, and the model is not training with dropout.
+``steps`` queries per row fit the attention kernel (at most ``CPU_KERNEL_MAX_QUERIES``, as in
+the model's own verify step), the caches are float32 CPU tensors, the extension has the C++
+attention and cache write, no gradient is recorded, and the model is not training with dropout.
 """
 from typing import Callable, Optional
 
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from gptfast.generation.cpu_linear import PackedInt8Linear, PackedLinear
 from gptfast.model import GPT
 from gptfast.ops._validation import resolve_scale
+from gptfast.ops.causal_attention import CPU_KERNEL_MAX_QUERIES
 from gptfast.ops.int8_linear import CPU_KERNEL_MAX_ROWS
 from gptfast.runtime.extension import cpu_op
 
@@ -63,7 +65,7 @@ def decode_step(model, batch: int, steps: int = 1) -> Optional[Callable]:
     write, attention = cpu_op("write_kv"), cpu_op("decode_attention")
     if (write is None or attention is None or cache is None or torch.is_grad_enabled()
             or (model.training and config.dropout > 0) or not all(_packed(lin) for lin in linears)
-            or batch * steps > CPU_KERNEL_MAX_ROWS or any(b.attn.kv_cache.rows_prefilled < batch for b in blocks)
+            or batch * steps > CPU_KERNEL_MAX_ROWS or steps > CPU_KERNEL_MAX_QUERIES or any(b.attn.kv_cache.rows_prefilled < batch for b in blocks)
             or cache.k.dtype != torch.float32 or not cache.k.is_cpu):
         return None
     write, attention = write.default, attention.default

@@ -17,9 +17,10 @@ On CUDA (or on the CPU under ``TRITON_INTERPRET=1``) it runs the Triton kernels 
 with fake (meta) implementations and an autograd formula tying the two together, so
 ``torch.compile(fullgraph=True)`` sees single opaque ops and training works. Elsewhere it
 runs ``gptfast.ops.torch_path.causal_attention`` (SDPA), except for the few queries per row of
-a speculative verify step on the CPU (float32, ``q_positions`` given, no gradient, eager): the
-C++ decode-attention kernel takes a row's T newest queries (csrc/cpu_attention.cpp), without
-the masks, copies and zeroing SDPA needs there.
+a speculative verify step on the CPU (float32, ``q_positions`` given, at most
+``CPU_KERNEL_MAX_QUERIES`` of them, no gradient, eager): the C++ decode-attention kernel takes
+a row's T newest queries (csrc/cpu_attention.cpp), without the masks, copies and zeroing SDPA
+needs there.
 
 Eager calls (outside ``torch.compile``) skip the registered ops, whose dispatch costs
 several times a torch op's host time: the launcher directly when no gradient is needed,
@@ -37,6 +38,11 @@ from gptfast.ops.decode_attention import cpu_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+# Queries per row up to which the CPU's C++ kernel serves a float32 inference call with
+# q_positions: it computes one query at a time, which beats SDPA's masked path for a verify
+# step's few queries and loses to its blocked products for a prefill (BENCHMARKS.md, the
+# speculative-decoding section, gives the crossover measured here).
+CPU_KERNEL_MAX_QUERIES = 24
 
 
 def _validate_positions(q, k, q_positions) -> None:
@@ -214,7 +220,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] 
             return CausalAttentionFunction.apply(q, k, v, scale, q_offset, q_positions, key_start)
         return _kernels().attention_forward(q, k, v, scale, q_offset, q_positions=q_positions,
                                             key_start=key_start, store_lse=False)[0]
-    if q_positions is not None and q.is_cpu and q.dtype == torch.float32 and not torch.compiler.is_compiling() \
+    if q_positions is not None and q.is_cpu and q.dtype == torch.float32 and q.shape[2] <= CPU_KERNEL_MAX_QUERIES \
+            and not torch.compiler.is_compiling() \
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         op = cpu_kernel()
         if op is not None:  # the positions are consecutive, so each row's last one fixes them all
