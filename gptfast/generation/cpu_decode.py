@@ -65,7 +65,8 @@ def decode_step(model, batch: int, steps: int = 1) -> Optional[Callable]:
     write, attention = cpu_op("write_kv"), cpu_op("decode_attention")
     if (write is None or attention is None or cache is None or torch.is_grad_enabled()
             or (model.training and config.dropout > 0) or not all(_packed(lin) for lin in linears)
-            or batch * steps > CPU_KERNEL_MAX_ROWS or steps > CPU_KERNEL_MAX_QUERIES or any(b.attn.kv_cache.rows_prefilled < batch for b in blocks)
+            or batch * steps > CPU_KERNEL_MAX_ROWS or steps > CPU_KERNEL_MAX_QUERIES
+            or any(b.attn.kv_cache.rows_prefilled < batch for b in blocks)
             or cache.k.dtype != torch.float32 or not cache.k.is_cpu):
         return None
     write, attention = write.default, attention.default

@@ -184,6 +184,14 @@ class CausalAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+def _cpu_kernel_serves(q, k, v) -> bool:
+    """Whether the CPU's C++ kernel may take a call with q_positions: float32 CPU inference
+    (eager, no gradient) of at most CPU_KERNEL_MAX_QUERIES queries per row."""
+    return (q.is_cpu and q.dtype == torch.float32 and q.shape[2] <= CPU_KERNEL_MAX_QUERIES
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+
+
 # ----------------------------------------------------------------------------- public function
 
 
@@ -220,9 +228,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] 
             return CausalAttentionFunction.apply(q, k, v, scale, q_offset, q_positions, key_start)
         return _kernels().attention_forward(q, k, v, scale, q_offset, q_positions=q_positions,
                                             key_start=key_start, store_lse=False)[0]
-    if q_positions is not None and q.is_cpu and q.dtype == torch.float32 and q.shape[2] <= CPU_KERNEL_MAX_QUERIES \
-            and not torch.compiler.is_compiling() \
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    if q_positions is not None and _cpu_kernel_serves(q, k, v):
         op = cpu_kernel()
         if op is not None:  # the positions are consecutive, so each row's last one fixes them all
             return op(q, k, v, (q_positions[..., -1] + 1).expand(q.shape[0]), scale, key_start)
