@@ -795,6 +795,8 @@ int64_t decode_loop(py::handle params, py::handle state, py::function model_step
 // verifies them in one forward, the acceptance rule keeps a prefix plus one token, and the
 // state advances. Every step is the twin's sequence of ATen ops, so both pick the same
 // tokens; the noise comes from the same counter-based hash (CPU fast path or ATen: same bits).
+// On CPU state with every row greedy, the round's CPU fast path (after speculative_round)
+// does the same in loops.
 
 constexpr int64_t kStreamDraft = 1, kStreamAccept = 2, kStreamResidual = 3;
 constexpr int64_t kSaltStream = 0x2C1B3C6DLL;

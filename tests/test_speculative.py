@@ -2,6 +2,7 @@
 speculative_loop): greedy output equals plain greedy output token for token; sampled
 tokens follow the target's processed distribution (chi-square on models whose logits
 are fixed by construction); the C++ loop and the twin give identical tokens; bad input."""
+import contextlib
 import math
 
 import pytest
@@ -344,3 +345,194 @@ def test_cuda_graph_needs_cuda(models):
     target, draft = models
     with pytest.raises(ValueError, match="cuda_graph=True needs"):
         generate(target, _prompts(1), SamplingParams(max_new_tokens=4), draft_model=draft, cuda_graph=True)
+
+
+# ---- the C++ round's CPU fast path (every row greedy) against its ATen path -------------
+#
+# The fast path runs when every row is greedy, no logprobs are asked for and the state
+# is on the CPU; force_aten=True runs the general (CUDA's) path on the same CPU tensors.
+# The steps are stand-ins whose logits are a table lookup by (row, position, token), so
+# each row's logits at an index follow from what it was fed there: the draft's table is
+# the target's plus noise, which makes some drafts accepted and others not.
+
+FV = 67  # >= 64: argmax_row's vectorised path, and not a multiple of 8: its scalar tail
+FAST_FIELDS = ("tokens", "positions", "step", "generated", "finished", "finish_reason", "bad_step", "out_tokens",
+               "counts", "prompt_seen", "out_logprobs", "out_top_ids", "out_top_logprobs")
+SPEC_FIELDS = ("prev_tokens", "drafted", "accepted")
+
+
+def _tables(seed=0, rows=4, positions=64, noise=0.5, bad=False):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(rows, positions, FV, FV, generator=g) * 2
+    draft = target + torch.randn(rows, positions, FV, FV, generator=g) * noise
+    if bad:  # row 2: a NaN logit at position 12 (the target's and the draft's); row 3: all -inf at 15
+        target[2, 12, :, 5] = draft[2, 12, :, 5] = math.nan
+        target[3, 15] = -math.inf
+    return target, draft
+
+
+def _table_steps(target, draft, draft_dtype=torch.float32, verify_dtype=torch.float32, strided=False):
+    """draft_step / verify_step ((B, T) tokens and positions) on the tables; the verify
+    logits can come back in another dtype and as a non-contiguous tensor."""
+    def lookup(table, tokens, positions):
+        rows = torch.arange(tokens.shape[0])[:, None] % table.shape[0]
+        return table[rows, positions, tokens]  # (B, T, V)
+
+    def draft_step(tokens, positions):
+        return lookup(draft, tokens, positions)[:, -1:].to(draft_dtype)
+
+    def verify_step(tokens, positions):
+        out = lookup(target, tokens, positions).to(verify_dtype)
+        return out.transpose(0, 1).contiguous().transpose(0, 1) if strided else out
+
+    return draft_step, verify_step
+
+
+def _run_rounds(engine, params, prompts, k, steps, eos=None, around_loop=None):
+    """generate()'s speculative path on the stand-in steps: the first token by the twin's
+    sample step, then engine.speculative_loop (inside the context ``around_loop``);
+    returns (state, speculative state)."""
+    from gptfast.generation.sampling_params import new_decode_state, resolve_seeds
+    from gptfast.generation.speculative import new_speculative_state
+    from gptfast.reference import sampler as twin
+
+    p = build_sampling_tensors(params, FV, resolve_seeds(params), "cpu", eos)  # the twin's token table
+    s = new_decode_state(prompts, params, p, FV, "cpu")
+    spec = new_speculative_state(s.tokens)
+    draft_step, verify_step = steps
+    twin.sample_step(verify_step(s.tokens, s.positions)[:, -1], p, s)
+    max_new = max(q.max_new_tokens for q in params)
+    with around_loop or contextlib.nullcontext():
+        engine.speculative_loop(p, s, spec, draft_step, verify_step, lambda bound: bool(s.finished.all()),
+                                max_new - 1, 2, k, 1)
+    return s, spec
+
+
+def _assert_same_states(a, b, what):
+    (s1, spec1), (s2, spec2) = a, b
+    for obj1, obj2, names in ((s1, s2, FAST_FIELDS), (spec1, spec2, SPEC_FIELDS)):
+        for name in names:
+            x, y = getattr(obj1, name), getattr(obj2, name)
+            assert (x is None and y is None) or torch.equal(x, y), (what, name, x, y)
+
+
+@pytest.fixture(scope="module")
+def cpp_engines():
+    if not _have_cpp():
+        pytest.skip("C++ extension unavailable")
+    from gptfast.generation.engines import CppEngine
+
+    module = extension.load_extension()
+    return CppEngine(module), CppEngine(module, force_aten=True)
+
+
+def _fast_equals_aten(cpp_engines, params, prompts, k, steps, eos=None):
+    fast, aten = (_run_rounds(e, params, prompts, k, steps, eos) for e in cpp_engines)
+    _assert_same_states(fast, aten, (k, params))
+    return fast
+
+
+RAGGED = [[3, 9], [1, 4, 7, 2, 8, 8, 0, 5, 6], [11, 12, 13, 14], [2, 60, 33, 4, 50, 1]]
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_greedy_fast_round_equals_aten_batch1(cpp_engines, k):
+    target, draft = _tables(seed=k)
+    for noise in (0.0, 0.5, 3.0):  # the draft is the target; close to it; far from it
+        steps = _table_steps(target, target + (draft - target) * noise / 0.5)
+        for max_new in (1, 2, 5, 23):
+            s, spec = _fast_equals_aten(cpp_engines, [SamplingParams(max_new_tokens=max_new, temperature=0)],
+                                        [[7, 3, 9]], k, steps)
+            assert int(s.generated[0]) == max_new and int(s.finish_reason[0]) == 2
+        drafted, accepted = int(spec.drafted[0]), int(spec.accepted[0])
+        assert accepted == drafted > 0 if noise == 0 else 0 <= accepted < drafted
+
+
+def _greedy_outputs(cpp_engines, prompts, k, steps):
+    params = [SamplingParams(max_new_tokens=24, temperature=0)] * len(prompts)
+    s, _ = _run_rounds(cpp_engines[1], params, prompts, k, steps)
+    return s.out_tokens.tolist()
+
+
+def _last_token_stops(outputs, shortest=6):
+    """Per row, (m, t): t is the row's m-th output token and none before it, so that with
+    max_new_tokens=m a stop on t ends the row at its length limit (the stop wins)."""
+    return [next((m, row[m - 1]) for m in range(shortest, 25) if row[m - 1] not in row[:m - 1]) for row in outputs]
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_greedy_fast_round_equals_aten_ragged(cpp_engines, k):
+    """A ragged batch of 4: stop tokens mid-block, max_new_tokens mid-block (rows finish in
+    different rounds), penalties, logit bias, min_new_tokens, an end-of-text id."""
+    steps = _table_steps(*_tables(seed=10 + k))
+    outputs = _greedy_outputs(cpp_engines, RAGGED, k, steps)
+    stop = [row[6] for row in outputs]  # stops that come mid-output
+    at_limit = _last_token_stops(outputs)
+    settings = [
+        [dict(max_new_tokens=m) for m in (5, 24, 13, 20)],
+        [dict(max_new_tokens=24, stop_token_ids=(t,)) for t in stop],
+        [dict(max_new_tokens=24, stop_token_ids=(stop[0],), min_new_tokens=12),
+         dict(max_new_tokens=17, repetition_penalty=1.7),
+         dict(max_new_tokens=24, repetition_penalty=0.6, penalize_prompt=False, stop_token_ids=(stop[2],)),
+         dict(max_new_tokens=22, presence_penalty=0.8, frequency_penalty=0.5, min_new_tokens=3)],
+        [dict(max_new_tokens=24, logit_bias={stop[1]: 4.0, 3: -math.inf}),
+         dict(max_new_tokens=9, frequency_penalty=-0.3, logit_bias={stop[0]: -2.5}),
+         dict(max_new_tokens=24, repetition_penalty=1.3, presence_penalty=-0.4, stop_token_ids=(stop[2], stop[3])),
+         dict(max_new_tokens=24, min_new_tokens=24, stop_token_ids=(stop[3],))],
+        # Row 0: a stop token favoured by far, allowed from index 10 on (a draft index of
+        # the round that crosses it); the others: a stop on their last allowed token.
+        [dict(max_new_tokens=24, min_new_tokens=10, stop_token_ids=(5,), logit_bias={5: 50.0}, ignore_eos=True)]
+        + [dict(max_new_tokens=m, stop_token_ids=(t,), ignore_eos=True) for m, t in at_limit[1:]],
+    ]
+    reasons, stopped_early = set(), 0
+    for rows in settings:
+        params = [SamplingParams(temperature=0, **row) for row in rows]
+        s, spec = _fast_equals_aten(cpp_engines, params, RAGGED, k, steps, eos=stop[1])
+        reasons |= set(s.finish_reason.tolist())
+        stopped_early += sum(int(g) < q.max_new_tokens for g, q in zip(s.generated, params))
+        assert bool(s.finished.all()) and bool((spec.accepted <= spec.drafted).all())
+    assert s.generated.tolist() == [11] + [m for m, _ in at_limit[1:]] and s.finish_reason.tolist() == [1] * 4
+    assert reasons == {1, 2} and stopped_early > 0
+
+
+def test_greedy_fast_round_equals_aten_on_bad_logits_and_dtypes(cpp_engines):
+    """NaN and all -inf logits (bad_step), draft logits in bfloat16, verify logits in
+    float64 and non-contiguous: each step's logits as the ATen path reads them."""
+    target, draft = _tables(seed=3, bad=True)
+    params = [SamplingParams(max_new_tokens=20, temperature=0, repetition_penalty=1.2)] * 4
+    for k in (2, 5):
+        for kinds in (dict(), dict(draft_dtype=torch.bfloat16, verify_dtype=torch.float64, strided=True),
+                      dict(draft_dtype=torch.float16, verify_dtype=torch.bfloat16)):
+            s, _ = _fast_equals_aten(cpp_engines, params, RAGGED, k, _table_steps(target, draft, **kinds))
+            if not kinds:
+                assert int(s.bad_step[0]) < 0 and int(s.bad_step[2]) >= 0 and int(s.bad_step[3]) >= 0
+
+
+def test_round_without_the_fast_path_equals_twin(cpp_engines):
+    """Where the fast path's preconditions fail (logprobs asked for, a sampled row), the C++
+    loop still gives the twin's state, and its greedy rows the tokens without them."""
+    from gptfast.generation.engines import PythonEngine
+
+    steps = _table_steps(*_tables(seed=5))
+    greedy = [SamplingParams(max_new_tokens=16, temperature=0, repetition_penalty=1.2)] * 4
+    plain, _ = _run_rounds(cpp_engines[0], greedy, RAGGED, 3, steps)
+    for change in (dict(logprobs=2), dict(temperature=0.8, seed=9)):
+        params = greedy[:2] + [greedy[2].replace(**change)] + greedy[3:]
+        twin = _run_rounds(PythonEngine(), params, RAGGED, 3, steps)
+        for engine in cpp_engines:
+            _assert_same_states(_run_rounds(engine, params, RAGGED, 3, steps), twin, change)
+        rows = [0, 1, 3] if "temperature" in change else [0, 1, 2, 3]
+        assert torch.equal(twin[0].out_tokens[rows], plain.out_tokens[rows])
+
+
+def test_greedy_rounds_take_the_fast_path(cpp_engines):
+    """The observable difference: the fast path picks tokens with its own loops, the ATen
+    path with torch.max, once per draft step and verify index (the profiler's op names)."""
+    steps = _table_steps(*_tables(seed=6))
+    params = [SamplingParams(max_new_tokens=12, temperature=0, repetition_penalty=1.2)] * 4
+    calls = []
+    for engine in cpp_engines:
+        prof = torch.profiler.profile()
+        _run_rounds(engine, params, RAGGED, 3, steps, around_loop=prof)
+        calls.append(sum(event.name == "aten::max" for event in prof.events()))
+    assert calls[0] == 0 and calls[1] >= 7
